@@ -1,0 +1,11 @@
+"""fastattn_icl: fused attention kernels for in-context-learning research in Hugging Face models.
+
+Importing the package needs neither a GPU, nor Triton, nor the compiled extension, and touches no
+CUDA state. It registers the ``"fastattn_icl"`` attention implementation with transformers when
+transformers is installed.
+"""
+
+from fastattn_icl.ops import attention, attention_with_lse, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_with_lse", "use_backend", "__version__"]

@@ -1,0 +1,90 @@
+"""Plain-PyTorch backend of the attention op: the CPU path until a faster CPU kernel exists.
+
+Flash-style contract, same as the Triton kernels: the forward returns ``o`` and the natural-log
+``lse`` (``-inf`` on rows with no visible key, whose output is 0); the backward recomputes ``P``
+from ``lse``. Work is done in float32 over query chunks so memory stays ``O(chunk · Tk)`` per head,
+not ``O(Tq · Tk)``. This is an implementation, not the oracle: tests compare it with
+``fastattn_icl.reference`` like every other backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMENTS = 1 << 24  # scores per chunk, summed over batch and heads
+
+
+def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
+    return max(1, min(Tq, _CHUNK_ELEMENTS // max(1, B * H * Tk)))
+
+
+def _visible(rows: torch.Tensor, Tq: int, Tk: int, causal: bool, kpm: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``[B or 1, 1, 1, len(rows), Tk]``: which keys each query row in ``rows`` may see."""
+    cols = torch.arange(Tk, device=rows.device)
+    vis = torch.ones(rows.numel(), Tk, dtype=torch.bool, device=rows.device)
+    if causal:
+        vis = cols[None, :] <= rows[:, None] + (Tk - Tq)
+    vis = vis[None, None, None]
+    if kpm is not None:
+        vis = vis & kpm[:, None, None, None, :]
+    return vis
+
+
+def _grouped(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """``[B, H, T, D]`` -> float32 ``[B, Hkv, G, T, D]`` (query heads grouped by their kv head)."""
+    B, H, T, D = x.shape
+    return x.float().reshape(B, Hkv, H // Hkv, T, D)
+
+
+def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    qg = _grouped(q, Hkv)
+    kf = k.float()[:, :, None]
+    vf = v.float()[:, :, None]
+    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device)
+    o_bhtd = out.transpose(1, 2)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    step = _rows_per_chunk(B, H, Tq, Tk)
+    for r0 in range(0, Tq, step):
+        rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
+        s = torch.matmul(qg[:, :, :, rows], kf.transpose(-1, -2)) * scale
+        vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+        s = s.masked_fill(~vis, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - row_lse.masked_fill(torch.isinf(row_lse), 0.0)[..., None])
+        o = torch.matmul(p, vf)
+        o_bhtd[:, :, r0 : r0 + rows.numel()] = o.reshape(B, H, rows.numel(), D).to(q.dtype)
+        lse[:, :, r0 : r0 + rows.numel()] = row_lse.reshape(B, H, rows.numel())
+    return o_bhtd, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: float):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    qg, dog, og = _grouped(q, Hkv), _grouped(do, Hkv), _grouped(o, Hkv)
+    kf = k.float()[:, :, None]
+    vf = v.float()[:, :, None]
+    lse_g = lse.reshape(B, Hkv, H // Hkv, Tq)
+    delta = (dog * og).sum(-1)
+    dq = torch.empty_like(qg)
+    dk = torch.zeros(B, Hkv, Tk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    step = _rows_per_chunk(B, H, Tq, Tk)
+    for r0 in range(0, Tq, step):
+        rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
+        q_c, do_c = qg[:, :, :, rows], dog[:, :, :, rows]
+        s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale
+        vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+        row_lse = lse_g[:, :, :, rows].masked_fill(torch.isinf(lse_g[:, :, :, rows]), float("inf"))
+        p = torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0)
+        dv += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
+        dp = torch.matmul(do_c, vf.transpose(-1, -2))
+        ds = p * (dp - delta[:, :, :, rows, None])
+        dq[:, :, :, rows] = torch.matmul(ds, kf) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
+    return (
+        dq.reshape(B, H, Tq, D).to(q.dtype),
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+    )

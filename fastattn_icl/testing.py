@@ -1,0 +1,58 @@
+"""Tolerance rule shared by tests and benchmarks (DESIGN.md).
+
+One oracle, two precisions: the kernel's error against a float64 oracle may be at most ``factor``
+times the error of the same-dtype oracle against the float64 oracle, plus a small epsilon term
+(``factor`` = 2 for outputs, 3 for gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FWD_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+EPS = 1e-5
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference, NaN-aware: any NaN in ``x`` (where ``ref`` is finite) gives inf."""
+    x64, ref64 = x.detach().double().cpu(), ref.detach().double().cpu()
+    if x64.shape != ref64.shape:
+        raise ValueError(f"shape mismatch: {tuple(x64.shape)} vs reference {tuple(ref64.shape)}")
+    if x64.numel() == 0:
+        return 0.0
+    diff = (x64 - ref64).abs()
+    if torch.isnan(diff).any():
+        return float("inf")
+    return float(diff.max())
+
+
+def tolerance(same_dtype_ref: torch.Tensor, ref64: torch.Tensor, *, factor: float, eps: float = EPS) -> float:
+    scale = max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1.0
+    return factor * max_error(same_dtype_ref, ref64) + eps * scale
+
+
+def check_close(
+    name: str,
+    out: torch.Tensor,
+    same_dtype_ref: torch.Tensor,
+    ref64: torch.Tensor,
+    *,
+    factor: float = FWD_FACTOR,
+    eps: float = EPS,
+) -> tuple[float, float]:
+    """Raise ``AssertionError`` if ``out`` breaks the rule; return ``(error, tolerance)``."""
+    err = max_error(out, ref64)
+    tol = tolerance(same_dtype_ref, ref64, factor=factor, eps=eps)
+    if not err <= tol:
+        ref_err = max_error(same_dtype_ref, ref64)
+        raise AssertionError(
+            f"{name}: max error {err:.3e} > tolerance {tol:.3e} "
+            f"({factor}x same-dtype reference error {ref_err:.3e} + eps)"
+        )
+    return err, tol
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh output with NaN so an element the kernel never writes fails the comparison."""
+    return t.fill_(float("nan"))
