@@ -1,0 +1,172 @@
+"""The base-attention oracle (SPEC §1) against PyTorch SDPA, and its mask conventions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn_icl.reference import attention, attention_probs, attention_scores, visible_mask
+
+
+def _qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, generator=g, dtype=torch.float64).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _padding(B, Tk, seed=0):
+    """Left padding of a different length per batch row (row 0 unpadded)."""
+    kpm = torch.ones(B, Tk, dtype=torch.bool)
+    for b in range(1, B):
+        kpm[b, : min(Tk - 1, 2 * b + seed)] = False
+    return kpm
+
+
+def _sdpa(q, k, v, mask, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+SHAPES = [
+    # B, H, Hkv, Tq, Tk, D
+    (1, 1, 1, 1, 1, 8),
+    (2, 2, 2, 17, 17, 16),
+    (2, 4, 1, 17, 17, 8),  # GQA 4:1
+    (2, 4, 2, 5, 17, 8),  # bottom-right causal chunk, Tq < Tk
+    (1, 2, 1, 1, 63, 16),  # decode row
+    (2, 3, 3, 13, 7, 4),  # Tq > Tk: the first rows see nothing under causal
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pad", [False, True])
+def test_matches_sdpa_with_explicit_mask(shape, causal, pad):
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v = _qkv(*shape)
+    kpm = _padding(B, Tk) if pad else None
+    out, lse = attention(q, k, v, causal=causal, key_padding_mask=kpm, return_lse=True)
+    mask = visible_mask(Tq, Tk, causal=causal, key_padding_mask=kpm).expand(B, 1, Tq, Tk)
+    ref = _sdpa(q, k, v, mask)
+    rows = mask.any(-1).expand(B, H, Tq)  # rows with at least one visible key
+    assert out.shape == (B, H, Tq, D) and out.dtype == q.dtype
+    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-12, atol=1e-12)
+    assert torch.all(out[~rows] == 0)
+    s = attention_scores(q, k, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=0, atol=0)
+    assert torch.all(torch.isneginf(lse[~rows])) and torch.all(torch.isfinite(lse[rows]))
+
+
+@pytest.mark.parametrize("T", [1, 17, 63])
+def test_square_causal_matches_is_causal(T):
+    q, k, v = _qkv(2, 3, 3, T, T, 16, seed=T)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_gqa_reads_kv_head_h_over_group():
+    q, k, v = _qkv(2, 8, 2, 9, 9, 8)
+    out = attention(q, k, v)
+    for h in range(8):
+        sub = attention(q[:, h : h + 1], k[:, h // 4 : h // 4 + 1], v[:, h // 4 : h // 4 + 1])
+        torch.testing.assert_close(out[:, h : h + 1], sub, rtol=0, atol=0)
+
+
+def test_custom_scale():
+    q, k, v = _qkv(1, 2, 1, 6, 6, 8)
+    mask = visible_mask(6, 6, causal=True)
+    torch.testing.assert_close(attention(q, k, v, scale=0.3), _sdpa(q, k, v, mask, scale=0.3))
+
+
+def test_visible_mask_bottom_right_by_hand():
+    expected = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(visible_mask(2, 4, causal=True)[0, 0], expected)
+    assert torch.equal(visible_mask(3, 2, causal=True)[0, 0], torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.bool))
+    kpm = torch.tensor([[False, True, True, True]])
+    got = visible_mask(2, 4, causal=True, key_padding_mask=kpm)
+    assert got.shape == (1, 1, 2, 4) and torch.equal(got[0, 0], expected & kpm)
+    assert visible_mask(2, 4, causal=False).all()
+
+
+def test_fully_masked_row_is_zero_not_nan_with_finite_grads():
+    q, k, v = _qkv(2, 2, 1, 4, 6, 8, requires_grad=True)
+    kpm = torch.ones(2, 6, dtype=torch.bool)
+    kpm[1] = False  # batch row 1: no visible key at all
+    kpm[0, :3] = False  # causal row 0 of batch 0 sees keys 0..2: all padded
+    out, lse = attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+    assert not torch.isnan(out).any()
+    assert torch.all(out[1] == 0) and torch.all(out[0, :, 0] == 0)
+    assert torch.all(torch.isneginf(lse[1])) and torch.all(torch.isneginf(lse[0, :, 0]))
+    p = attention_probs(q, k, key_padding_mask=kpm)
+    assert torch.all(p[1] == 0)
+    torch.testing.assert_close(p[0, :, 1:].sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[1] == 0)
+
+
+def test_scores_are_scaled_logits_with_minus_inf_masks():
+    q, k, _ = _qkv(1, 2, 1, 3, 5, 4)
+    kpm = torch.tensor([[True, False, True, True, True]])
+    s = attention_scores(q, k, causal=True, key_padding_mask=kpm, scale=0.5)
+    raw = 0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    vis = visible_mask(3, 5, causal=True, key_padding_mask=kpm).expand_as(s)
+    torch.testing.assert_close(s[vis], raw[vis], rtol=0, atol=0)
+    assert torch.all(torch.isneginf(s[~vis]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_keeps_dtype_and_is_close(dtype):
+    q, k, v = _qkv(2, 4, 2, 17, 17, 16)
+    out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref = attention(q, k, v)
+    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_fp64(causal):
+    q, k, v = _qkv(2, 4, 2, 4, 6, 3, requires_grad=True)
+    kpm = _padding(2, 6)
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: attention(q_, k_, v_, causal=causal, key_padding_mask=kpm), (q, k, v)
+    )
+
+
+def test_backward_matches_sdpa():
+    q, k, v = _qkv(2, 4, 1, 9, 12, 8, requires_grad=True)
+    do = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    mask = visible_mask(9, 12, causal=True)
+    g_ref = torch.autograd.grad(_sdpa(q, k, v, mask), (q, k, v), do)
+    g = torch.autograd.grad(attention(q, k, v), (q, k, v), do)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_input_gets_typed_errors():
+    q, k, v = _qkv(1, 4, 2, 3, 3, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, k[:, :1].expand(1, 3, 3, 8), v[:, :1].expand(1, 3, 3, 8))
+    with pytest.raises(ValueError, match="4 dims"):
+        attention(q[0], k, v)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q.float(), k, v)
+    with pytest.raises(TypeError):
+        attention(q.long(), k.long(), v.long())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        attention(q.tolist(), k, v)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="batch"):
+        attention(q, torch.cat([k, k]), torch.cat([v, v]))
+    with pytest.raises(ValueError, match="v must have shape"):
+        attention(q, k, v[:, :, :2])
+    with pytest.raises(TypeError, match="bool"):
+        attention(q, k, v, key_padding_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention(q, k, v, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, k, v, scale=-1.0)
+    with pytest.raises(TypeError, match="int"):
+        visible_mask(2.0, 3, causal=True)
