@@ -1,0 +1,277 @@
+"""The fused base attention op against the oracle (SPEC.md §1), forward and all input gradients.
+
+On a machine without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest),
+so these cases are small; the bf16 and long-sequence cases run on CUDA behind the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.reference.attention import attention as attention_ref
+from fastattn_icl.testing import GRAD_FACTOR, check_close, poison_
+
+CPU_DTYPES = [torch.float32, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, H, Hkv, Tq, Tk, D, dtype, device=DEVICE, pad=False, seed=0, layout="bhtd"):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(heads, T):
+        if layout == "bthd":  # a [B, T, H, D] tensor seen through a transpose, as HF models hold it
+            return torch.randn(B, T, heads, D, generator=g).transpose(1, 2)
+        return torch.randn(B, heads, T, D, generator=g)
+
+    q, k, v = make(H, Tq), make(Hkv, Tk), make(Hkv, Tk)
+    kpm = None
+    if pad:
+        kpm = torch.rand(B, Tk, generator=g) > 0.3
+        kpm[0, :] = True  # one row unpadded, the others with holes anywhere
+        kpm = kpm.to(device)
+    do = torch.randn(B, H, Tq, D, generator=g)
+    to = dict(device=device, dtype=dtype)
+    return q.to(**to), k.to(**to), v.to(**to), do.to(**to), kpm
+
+
+def _grads(fn, q, k, v, do, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+def _check_against_oracle(backend, q, k, v, do, kpm, causal, scale=None):
+    def ours(q_, k_, v_):
+        return fastattn_icl.attention(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=kpm,
+                                      backend=backend)
+
+    def oracle(q_, k_, v_):
+        return attention_ref(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=kpm)
+
+    got = _grads(ours, q, k, v, do)
+    same = _grads(oracle, q, k, v, do)
+    high_dtype = torch.float64 if q.device.type == "cpu" else torch.float32
+    high = _grads(oracle, q, k, v, do, dtype=high_dtype)
+    for name, g, s, h, factor in zip(("out", "dq", "dk", "dv"), got, same, high, (2.0, *[GRAD_FACTOR] * 3)):
+        assert g.shape == h.shape and g.dtype == q.dtype, name
+        check_close(name, g, s, h, factor=factor)
+
+
+SHAPES = [
+    # B, H, Hkv, Tq, Tk, D
+    (1, 2, 2, 1, 1, 16),
+    (2, 2, 2, 17, 17, 16),
+    (1, 2, 1, 63, 63, 32),
+    (1, 1, 1, 129, 129, 64),
+    (2, 4, 1, 17, 63, 16),  # GQA 4:1, a chunk of queries over a longer cache
+    (1, 4, 2, 1, 129, 64),  # one decode step
+    (1, 2, 2, 40, 17, 16),  # Tq > Tk: early rows see no key under bottom-right causal
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_matches_oracle(backend, shape, causal, dtype):
+    q, k, v, do, kpm = _inputs(*shape, dtype)
+    _check_against_oracle(backend, q, k, v, do, kpm, causal)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 33, 33, 16), (2, 4, 1, 17, 50, 32)], ids=str)
+def test_key_padding(backend, causal, shape):
+    q, k, v, do, kpm = _inputs(*shape, torch.float32, pad=True, seed=3)
+    kpm[1, :] = False  # a batch row with every key padded: its output is 0, never NaN
+    _check_against_oracle(backend, q, k, v, do, kpm, causal)
+    out = fastattn_icl.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
+    assert torch.all(out[1] == 0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_head_dims(head_dim):
+    q, k, v, do, kpm = _inputs(1, 2, 1, 33, 33, head_dim, torch.float16, seed=head_dim)
+    _check_against_oracle("triton", q, k, v, do, kpm, True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bthd_strided_views(backend):
+    q, k, v, do, kpm = _inputs(2, 4, 2, 31, 31, 32, torch.float32, layout="bthd", seed=5)
+    assert not q.is_contiguous()
+    _check_against_oracle(backend, q, k, v, do, kpm, True, scale=0.3)
+
+
+def test_output_layout_is_bthd():
+    q, k, v, _, _ = _inputs(2, 4, 2, 9, 9, 16, torch.float32)
+    out = fastattn_icl.attention(q, k, v, backend="triton")
+    assert out.shape == (2, 4, 9, 16) and out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_output_element_is_written(causal):
+    """Poison the kernel's outputs with NaN: an element it never writes fails the comparison."""
+    if DEVICE == "cpu" and resolve_backend("triton", torch.device("cpu")) != "triton":
+        pytest.fail("the Triton interpreter should be on in tests without a GPU")
+    from fastattn_icl._triton import attention as kernels
+
+    B, H, Hkv, Tq, Tk, D = 2, 4, 2, 37, 45, 80
+    q, k, v, do, kpm = _inputs(B, H, Hkv, Tq, Tk, D, torch.float32, pad=True, seed=7)
+    scale = D**-0.5
+    out = poison_(torch.empty(B, Tq, H, D, device=DEVICE)).transpose(1, 2)
+    lse = poison_(torch.empty(B, H, Tq, device=DEVICE))
+    kernels.attention_fwd(q, k, v, kpm, causal, scale, out=out, lse=lse)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal,
+                                     key_padding_mask=kpm, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    grads = [poison_(torch.empty_like(t)) for t in (q, k, v)]
+    kernels.attention_bwd(do, q, k, v, out, lse, kpm, causal, scale, dq=grads[0], dk=grads[1], dv=grads[2])
+    for g in grads:
+        assert not torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_rows_give_zero_not_nan(backend):
+    q, k, v, do, _ = _inputs(1, 2, 2, 20, 8, 16, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = fastattn_icl.attention(*leaves, causal=True, backend=backend)  # rows 0..11 see no key
+    assert torch.all(out[:, :, :12] == 0)
+    out.backward(do)
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.all(q.grad[:, :, :12] == 0)
+
+
+def test_gqa_never_repeats_kv_memory():
+    """Gradients land on the kv heads exactly as if K/V were repeated: sum over the query group."""
+    q, k, v, do, _ = _inputs(1, 8, 2, 17, 17, 16, torch.float32, seed=11)
+    got = _grads(lambda a, b, c: fastattn_icl.attention(a, b, c, backend="triton"), q, k, v, do)
+    rep = _grads(
+        lambda a, b, c: fastattn_icl.attention(a, b.repeat_interleave(4, 1), c.repeat_interleave(4, 1),
+                                               backend="triton"),
+        q, k, v, do,
+    )
+    for a, b in zip(got, rep):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    q, k, v, do, kpm = _inputs(1, 2, 1, 9, 9, 16, torch.float32, pad=True)
+
+    def f(q_, k_, v_):
+        return fastattn_icl.attention(q_, k_, v_, key_padding_mask=kpm) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = _grads(compiled, q, k, v, do)
+    b = _grads(f, q, k, v, do)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_opcheck_forward_and_backward():
+    q, k, v, do, kpm = _inputs(1, 2, 1, 9, 12, 16, torch.float32, pad=True)
+    fwd = torch.ops.fastattn_icl.attention_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, kpm, True, 0.25, "torch"))
+    q.requires_grad_(True)
+    torch.library.opcheck(fwd, (q, k, v, kpm, True, 0.25, "torch"), test_utils=("test_autograd_registration",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def _ok(**over):
+    base = dict(q=torch.randn(1, 4, 5, 16), k=torch.randn(1, 2, 5, 16), v=torch.randn(1, 2, 5, 16))
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    "inputs, err, match",
+    [
+        (_ok(q=torch.randn(4, 5, 16)), ValueError, "4 dims"),
+        (_ok(k=torch.randn(1, 3, 5, 16), v=torch.randn(1, 3, 5, 16)), ValueError, "multiple of k/v heads"),
+        (_ok(v=torch.randn(1, 2, 6, 16)), ValueError, "shape of k"),
+        (_ok(k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16)), ValueError, "batch size 1"),
+        (_ok(k=torch.randn(1, 2, 5, 32), v=torch.randn(1, 2, 5, 32)), ValueError, "head_dim 16"),
+        (_ok(q=torch.randn(1, 4, 5, 16).half()), TypeError, "one dtype"),
+        (_ok(q=torch.randn(1, 4, 5, 16).double(), k=torch.randn(1, 2, 5, 16).double(),
+             v=torch.randn(1, 2, 5, 16).double()), TypeError, "float16, bfloat16 or float32"),
+        (_ok(q=torch.randn(1, 4, 5, 12), k=torch.randn(1, 2, 5, 12), v=torch.randn(1, 2, 5, 12)),
+         ValueError, "multiple of 8"),
+        (_ok(q=torch.randn(1, 4, 5, 264), k=torch.randn(1, 2, 5, 264), v=torch.randn(1, 2, 5, 264)),
+         ValueError, "between 8 and 256"),
+        (_ok(q=[1.0]), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_tensors(inputs, err, match):
+    with pytest.raises(err, match=match):
+        fastattn_icl.attention(**inputs)
+
+
+@pytest.mark.parametrize(
+    "kpm, err, match",
+    [
+        (torch.ones(1, 5), TypeError, "torch.bool"),
+        (torch.ones(1, 6, dtype=torch.bool), ValueError, r"shape \[B=1, Tk=5\]"),
+        (torch.ones(5, dtype=torch.bool), ValueError, r"shape \[B=1, Tk=5\]"),
+    ],
+)
+def test_bad_padding_mask(kpm, err, match):
+    with pytest.raises(err, match=match):
+        fastattn_icl.attention(**_ok(), key_padding_mask=kpm)
+
+
+def test_bad_scale_and_backend():
+    with pytest.raises(ValueError, match="scale"):
+        fastattn_icl.attention(**_ok(), scale=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastattn_icl.attention(**_ok(), backend="cuda")
+    with pytest.raises(TypeError, match="causal"):
+        fastattn_icl.attention(**_ok(), causal=1)
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: bf16, long sequences, torch.compile with inductor
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 2, 1024, 1024, 128), (1, 4, 4, 2047, 2047, 64), (1, 2, 1, 8192, 8192, 128),
+     (1, 4, 1, 300, 4096, 256), (2, 4, 4, 1000, 1000, 80), (2, 4, 4, 777, 777, 96)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_matches_oracle(dtype, shape, causal):
+    q, k, v, do, kpm = _inputs(*shape, dtype, device="cuda", pad=shape[3] < 2048, seed=sum(shape))
+    _check_against_oracle("triton", q, k, v, do, kpm, causal)
+
+
+@pytest.mark.gpu
+def test_cuda_torch_compile_inductor_fullgraph():
+    q, k, v, do, _ = _inputs(2, 8, 2, 256, 256, 64, torch.bfloat16, device="cuda")
+
+    def f(q_, k_, v_):
+        return fastattn_icl.attention(q_, k_, v_).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    loss = compiled(*leaves)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in leaves)

@@ -1,0 +1,449 @@
+"""Flash attention forward and backward in Triton: the one kernel family every ICL method extends.
+
+Math (per batch ``b``, query head ``h``, kv head ``h // N_REP``)::
+
+    S = scale · Q Kᵀ            masked to -inf where not visible
+    P = softmax(S)              lse = logsumexp(S) per row (natural log, saved for the backward)
+    O = P V
+
+Visibility: bottom-right causal (row ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``) when
+``IS_CAUSAL``, and the key-padding mask ``[B, Tk]`` (nonzero = keep) when ``HAS_PADDING``. A row that
+sees no key returns 0 and ``lse = -inf``; no NaN is ever produced.
+
+Backward (``D = rowsum(dO ∘ O)``)::
+
+    dV = Pᵀ dO      dP = dO Vᵀ      dS = P ∘ (dP - D)      dQ = scale · dS K      dK = scale · dSᵀ Q
+
+``_attn_bwd_dkdv_kernel`` owns one block of keys of one kv head and loops over the ``N_REP`` query
+heads that read it, so GQA needs neither repeated K/V nor atomics; ``_attn_bwd_dq_kernel`` owns one
+block of query rows. Only ``q, k, v, o, lse`` are saved; ``P`` is recomputed per tile.
+
+Constraints: fp16, bf16 or fp32 inputs (fp32 accumulation always; fp32 dots use IEEE precision, not
+tf32, so fp32 results are fp32-accurate); head dim 8..256, padded to a power of two ``BLOCK_D`` with
+masked loads; any sequence lengths; arbitrary strides on every tensor.
+
+Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
+``HAS_PADDING`` now; the ICL methods (anchor re-weighting, isolation, saliency, momentum epilogue)
+are added as further flags of these same kernels.
+
+Caveat: under ``TRITON_INTERPRET=1`` a ``tl.dot`` on bf16 operands is wrong (triton 3.9), so bf16 is
+only exercised on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _visible(rows, cols, Tq, Tk, IS_CAUSAL: tl.constexpr):
+    # bool, broadcast of rows x cols (either orientation): in bounds and causally visible
+    vis = cols < Tk
+    if IS_CAUSAL:
+        vis = vis & (cols <= rows + (Tk - Tq))
+    return vis
+
+
+@triton.jit
+def _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk):
+    # [BLOCK_N] bool from the key-padding mask (nonzero = keep)
+    keep = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < Tk, other=0)
+    return keep != 0
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, lo, hi,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn,
+                    Tq, Tk, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MASK_BLOCK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASK_BLOCK:
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, IS_CAUSAL),
+                         s, float("-inf"))
+        if HAS_PADDING:
+            keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
+            s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_ob, stride_oh, stride_om, stride_od,
+                     stride_kpmb, stride_kpmn,
+                     H, N_REP, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // N_REP
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key blocks [0, full_end) are visible to every row of this block and lie inside Tk: no mask.
+    # Key blocks [full_end, hi) need the causal / bounds mask.
+    if IS_CAUSAL:
+        first_row_limit = pid_m * BLOCK_M + (Tk - Tq) + 1
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + (Tk - Tq))
+        hi = tl.maximum(hi, 0)
+        full_end = tl.maximum(tl.minimum(first_row_limit, Tk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Tk
+        full_end = Tk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, 0, full_end,
+                                    stride_kn, stride_kd, stride_vn, stride_vd,
+                                    stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, False,
+                                    DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, full_end, hi,
+                                    stride_kn, stride_kd, stride_vn, stride_vd,
+                                    stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, True,
+                                    DOT_PRECISION)
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < Tq
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA,
+                                stride_ob, stride_oh, stride_om, stride_od,
+                                stride_dob, stride_doh, stride_dom, stride_dod,
+                                H, Tq,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, offs_d,
+                   stride_om, stride_od, Tq, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d,
+                    stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
+    # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+                          stride_qb, stride_qh, stride_qm, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_dob, stride_doh, stride_dom, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                          stride_kpmb, stride_kpmn,
+                          H, HKV, N_REP, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // HKV
+    hk = pid_bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, offs_d,
+                   stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, offs_d,
+                   stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if HAS_PADDING:
+        keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
+
+    if IS_CAUSAL:
+        # first query row that can see key pid_n * BLOCK_N: i >= j - (Tk - Tq)
+        lo = tl.maximum(pid_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, N_REP):
+        h = hk * N_REP + g
+        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row_base = (b * H + h).to(tl.int64) * Tq
+        for start_m in range(lo, Tq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_tile(Qh, offs_m, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
+            do = _load_tile(DOh, offs_m, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
+            lse, delta = _row_stats(LSE, DELTA, row_base, offs_m, Tq)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            vis_t = _visible(offs_m[None, :], offs_n[:, None], Tq, Tk, IS_CAUSAL)
+            vis_t = vis_t & (offs_m[None, :] < Tq)
+            if HAS_PADDING:
+                vis_t = vis_t & keep[:, None]
+            p_t = tl.where(vis_t, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+    d_ok = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=d_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                        stride_kpmb, stride_kpmn,
+                        H, N_REP, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // N_REP
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
+                   stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d,
+                    stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
+    lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * Tq, offs_m, Tq)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Tk, (pid_m + 1) * BLOCK_M + (Tk - Tq)), 0)
+    else:
+        hi = Tk
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, True)
+        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, True)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(s - lse[:, None])
+        vis = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, IS_CAUSAL)
+        if HAS_PADDING:
+            vis = vis & _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :]
+        p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and padded head dim, for 2-byte
+# inputs; fp32 inputs use the smaller half of each list (twice the shared memory per tile). On CUDA
+# the autotuner times them once per key (head dim, flags, power-of-two length buckets) and skips any
+# that does not fit the chip; under the interpreter the first one runs.
+_CANDIDATES = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+    },
+    "dkdv": {
+        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
+        128: [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
+        256: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
+    },
+    "dq": {
+        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+        128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+        256: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
+    },
+}
+_INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths at small T
+_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PADDING", "DOT_PRECISION", "TQ_BUCKET", "TK_BUCKET"]
+_KERNELS = {}
+_tuned = {}
+
+
+def _candidates(kind: str, block_d: int, elem_size: int):
+    cands = _CANDIDATES[kind][min(max(block_d, 64), 256)]
+    if elem_size >= 4:
+        cands = cands[len(cands) // 2:]
+    return cands
+
+
+def _kernel(kind: str, q: torch.Tensor):
+    """The kernel to launch and whether its block sizes come from the autotuner."""
+    jit_fn = _KERNELS[kind]
+    if q.device.type != "cuda":
+        return jit_fn, False
+    key = (kind, _block_d(q.shape[-1]), q.element_size())
+    if key not in _tuned:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in _candidates(kind, key[1], key[2])
+        ]
+        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(jit_fn)
+    return _tuned[key], True
+
+
+def _bucket(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _launch(kind: str, q: torch.Tensor, grid_dim, *args, **meta):
+    """Launch kernel ``kind``; ``grid_dim(BLOCK_M, BLOCK_N)`` gives the grid for a block config."""
+    kernel, tuned = _kernel(kind, q)
+    if tuned:
+        kernel[lambda m: grid_dim(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+    else:
+        bm, bn = _INTERPRETER_BLOCKS
+        kernel[grid_dim(bm, bn)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kpm_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
+    if key_padding_mask is None:
+        return q, 0, 0  # never read: HAS_PADDING is False
+    kpm = key_padding_mask.view(torch.uint8)
+    return kpm, kpm.stride(0), kpm.stride(1)
+
+
+def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, out=None, lse=None):
+    """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
+    ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    if Tq == 0:
+        return out, lse
+    kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
+    _launch(
+        "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+        q, k, v, out, lse, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn,
+        H, H // Hkv, Tq, Tk, scale * LOG2E, _bucket(Tq), _bucket(Tk),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: float, *,
+                  dq=None, dk=None, dv=None):
+    """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v``;
+    they may be given (tests pass NaN-filled ones)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if Tk == 0:
+        return dq.zero_(), dk, dv
+    if Tq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    BLOCK_D = _block_d(D)
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
+    )
+    kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
+    flags = dict(
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    _launch(
+        "dkdv", q, lambda bm, bn: (triton.cdiv(Tk, bn), B * Hkv),
+        q, k, v, do, dk, dv, lse, delta, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_kpmb, s_kpmn,
+        H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
+    )
+    _launch(
+        "dq", q, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+        q, k, v, do, dq, lse, delta, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_kpmb, s_kpmn,
+        H, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
+    )
+    return dq, dk, dv
+
+
+_KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
