@@ -10,7 +10,6 @@ import glob
 import os
 
 from setuptools import find_packages, setup
-
 from torch.utils import cpp_extension
 
 
@@ -23,13 +22,15 @@ def _extension():
         and cpp_extension.CUDA_HOME is not None
         and __import__("torch").version.cuda is not None
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's build helper adds the standard its own headers need (C++17 on older torch,
+    # C++20 on recent releases, whose headers compile as C++17 only by compiler leniency).
+    cxx_flags = ["-O3"]
     if with_cuda:
         return cpp_extension.CUDAExtension(
             "fastattn_icl._C",
             sources + cuda_sources,
             define_macros=[("FASTATTN_ICL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         )
     return cpp_extension.CppExtension("fastattn_icl._C", sources, extra_compile_args={"cxx": cxx_flags})
 

@@ -1,9 +1,46 @@
-// Module init of fastattn_icl._C. The ops themselves register through TORCH_LIBRARY in their own files.
+// fastattn_icl._C: the operator schemas of the `fastattn_icl` namespace, and the module init.
+//
+// Kernels register per backend in their own files (TORCH_LIBRARY_IMPL(fastattn_icl, CPU / CUDA, m));
+// fake (meta) kernels and autograd formulas are registered from Python, in the module named by
+// m.set_python_module below, which torch imports by itself when it first needs them (for example
+// under torch.compile when only fastattn_icl._C was imported).
+//
+// On TORCH_LIBRARY next to the Python ops: fastattn_icl/ops/attention.py defines more ops of this
+// namespace with torch.library.custom_op, which always opens a FRAGMENT library. The dispatcher
+// allows exactly one DEF library (TORCH_LIBRARY) per namespace and any number of fragments, in any
+// order, so this block coexists with those ops whichever is imported first (tests/csrc checks both
+// orders). Nobody may open a Python torch.library.Library("fastattn_icl", "DEF"): that would clash
+// with this block. Schemas of further C++ ops go in this block; if one ever has to live elsewhere,
+// use TORCH_LIBRARY_FRAGMENT(fastattn_icl, m) there (a second TORCH_LIBRARY would fail at load).
 #include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn_icl, m) {
+  m.set_python_module("fastattn_icl.ops.gather");
+  // keys[l], values[l]: [B, Hkv, T, D]; index: int64 [B, M] -> K, V: [L, B, Hkv, M, D] (contiguous),
+  // K[l, b, h, m] = keys[l][b, h, index[b, m]].
+  m.def("gather_kv(Tensor[] keys, Tensor[] values, Tensor index) -> (Tensor, Tensor)");
+}
 
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fastattn_icl's compiled ops (registered in torch.ops.fastattn_icl)",
+      -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef FASTATTN_ICL_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  // Whether this build compiled the CUDA kernels (csrc/cuda/*.cu); read by fastattn_icl._ext.
+  if (PyModule_AddObject(module, "WITH_CUDA", PyBool_FromLong(with_cuda)) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
