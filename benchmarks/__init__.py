@@ -1,0 +1,1 @@
+"""Benchmarks of fastattn_icl's ops against the eager reference and PyTorch SDPA (see README.md)."""

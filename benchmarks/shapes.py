@@ -1,0 +1,233 @@
+"""Named attention shape sets for the benchmarks.
+
+Four sets:
+
+* ``acceptance``: the issue's targets, bf16, ``d = 128``, causal, ``T`` in 1k, 2k, 4k, 8k, 16k with
+  ``B · T = 16k`` tokens (``B = 16384 // T``) and ``H = 16`` heads. ``H = 16`` at ``d = 128`` is
+  model dim 2048, the setting of the FlashAttention benchmark that the published H100 figures in
+  SPEC.md ("hd 128, 16k tokens") come from, so our TFLOP/s can be compared with them.
+* ``papers``: the papers' models at the prompt lengths of 1, 2, 4, 8 and 16 demonstrations, bf16,
+  batch 1 (the authors' code runs batch 1; ``--batch`` in ``benchmarks.run`` changes it):
+  GPT2-XL (H 25, d 64), GPT-J (H 16, d 256), Llama-7B-like (H 32, d 128), GQA (H 32 / Hkv 8, d 128).
+* ``cpu``: float32 shapes small enough for a 2-core CPU (``make bench`` without a GPU): the same
+  head geometries at short prompts.
+* ``tiny``: one tiny shape for the smoke test.
+
+Prompt geometry (SPEC.md, "Reference figures for benchmarks"), the rule that turns a number of
+demonstrations into tokens, :func:`prompt_tokens`::
+
+    text_tokens = ceil(words_per_input · TOKENS_PER_WORD)            # TOKENS_PER_WORD = 1.3
+    T(n) = n · (text_tokens + DEMO_TEMPLATE_TOKENS) + (text_tokens + QUERY_TEMPLATE_TOKENS)
+
+A demonstration is ``"<Input prefix>: <text>\\n<Answer prefix>: <label>\\n"``: prefix word + colon
+(2 tokens), the newline, answer prefix + colon (2), one label token and the trailing newline, so
+``DEMO_TEMPLATE_TOKENS = 7``; the test input has no label and no trailing newline
+(``QUERY_TEMPLATE_TOKENS = 5``). 1.3 tokens per word is the usual GPT-2 BPE rate on English text.
+Average input lengths in words: SST-2 20, TREC 10, AGNews 40, EmoC 15. The ``papers`` set uses
+AGNews, the longest inputs (the compression paper's largest speed-up), e.g. 16 demonstrations are
+1001 tokens; SST-2 at one demonstration per class (n = 2) is 97 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+TOKENS_PER_WORD = 1.3
+DEMO_TEMPLATE_TOKENS = 7
+QUERY_TEMPLATE_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    words_per_input: int
+    classes: int
+
+
+DATASETS = {
+    "sst2": Dataset("SST-2", 20, 2),
+    "trec": Dataset("TREC", 10, 6),
+    "agnews": Dataset("AGNews", 40, 4),
+    "emoc": Dataset("EmoC", 15, 4),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+MODELS = {
+    "gpt2-xl": Model("GPT2-XL", 25, 25, 64),
+    "gpt-j": Model("GPT-J", 16, 16, 256),
+    "llama-7b": Model("Llama-7B-like", 32, 32, 128),
+    "llama-gqa": Model("GQA 32/8", 32, 8, 128),
+}
+
+DEMONSTRATIONS = (1, 2, 4, 8, 16)
+ACCEPTANCE_TOKENS = 16384
+ACCEPTANCE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+
+
+def prompt_tokens(dataset: str, demonstrations: int) -> int:
+    """Tokens in a prompt of ``demonstrations`` labelled examples of ``dataset`` plus the test input."""
+    if demonstrations < 0:
+        raise ValueError(f"demonstrations must be >= 0, got {demonstrations}")
+    text = math.ceil(DATASETS[dataset].words_per_input * TOKENS_PER_WORD)
+    return demonstrations * (text + DEMO_TEMPLATE_TOKENS) + text + QUERY_TEMPLATE_TOKENS
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One benchmark case of ``attention(q [B, H, Tq, D], k/v [B, Hkv, Tk, D])``."""
+
+    name: str
+    group: str
+    B: int
+    H: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+    causal: bool = True
+    dtype: str = "bf16"
+    note: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        heads = f"H{self.H}" if self.H == self.Hkv else f"H{self.H}/{self.Hkv}"
+        length = f"T{self.Tq}" if self.Tq == self.Tk else f"Tq{self.Tq} Tk{self.Tk}"
+        return f"B{self.B} {heads} {length} d{self.D} {self.dtype} {'causal' if self.causal else 'full'}"
+
+    def flops(self, mode: str) -> float:
+        return attention_flops(self.B, self.H, self.Tq, self.Tk, self.D, causal=self.causal, mode=mode)
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, *, causal: bool, mode: str) -> float:
+    """FLOP model of SPEC.md (FlashAttention convention).
+
+    Forward ``4·B·H·Tq·Tk·D`` (two matmuls of ``2·Tq·Tk·D``), halved when causal and square;
+    backward 2.5x the forward; forward + backward 3.5x.
+    """
+    fwd = 4.0 * B * H * Tq * Tk * D
+    if causal and Tq == Tk:
+        fwd /= 2.0
+    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+    if mode not in factor:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return fwd * factor[mode]
+
+
+def model_shape(
+    name: str, group: str, model: str, T: int, *, B: int = 1, Tq: int | None = None, dtype: str = "bf16", note: str = ""
+) -> AttnShape:
+    """A self-attention case with ``model``'s head geometry (``Tq`` < ``T``: a chunk over a cache)."""
+    m = MODELS[model]
+    return AttnShape(name, group, B, m.heads, m.kv_heads, T if Tq is None else Tq, T, m.head_dim, True, dtype, note)
+
+
+def acceptance_set() -> list[AttnShape]:
+    return [
+        AttnShape(
+            f"acceptance-T{T}",
+            "acceptance",
+            B=ACCEPTANCE_TOKENS // T,
+            H=16,
+            Hkv=16,
+            Tq=T,
+            Tk=T,
+            D=128,
+            note="B·T = 16k, H 16, d 128 (FlashAttention benchmark setting)",
+        )
+        for T in ACCEPTANCE_LENGTHS
+    ]
+
+
+def papers_set(
+    *, batch: int = 1, dataset: str = "agnews", dtype: str = "bf16", models=tuple(MODELS)
+) -> list[AttnShape]:
+    return [
+        model_shape(
+            f"{key}-{dataset}-{n}demo",
+            "papers",
+            key,
+            prompt_tokens(dataset, n),
+            B=batch,
+            dtype=dtype,
+            note=f"{MODELS[key].name}, {n} {DATASETS[dataset].name} demonstration(s)",
+        )
+        for key in models
+        for n in DEMONSTRATIONS
+    ]
+
+
+def cpu_set() -> list[AttnShape]:
+    sst2_per_class = prompt_tokens("sst2", DATASETS["sst2"].classes)
+    ag1, ag4 = prompt_tokens("agnews", 1), prompt_tokens("agnews", 4)
+    return [
+        model_shape(
+            "cpu-gpt2-xl-sst2-2demo",
+            "cpu",
+            "gpt2-xl",
+            sst2_per_class,
+            dtype="fp32",
+            note="GPT2-XL, SST-2 one demonstration per class (the anchors paper's setting)",
+        ),
+        model_shape("cpu-gpt2-xl-agnews-4demo", "cpu", "gpt2-xl", ag4, dtype="fp32", note="GPT2-XL, 4 AGNews demos"),
+        model_shape("cpu-gpt-j-agnews-1demo", "cpu", "gpt-j", ag1, dtype="fp32", note="GPT-J (d 256), 1 AGNews demo"),
+        model_shape(
+            "cpu-llama-gqa-agnews-1demo", "cpu", "llama-gqa", ag1, dtype="fp32", note="GQA 32/8, 1 AGNews demo"
+        ),
+        model_shape(
+            "cpu-llama-7b-chunk-over-cache",
+            "cpu",
+            "llama-7b",
+            ag4,
+            Tq=64,
+            dtype="fp32",
+            note="64 new query rows over a 4-demo cache (bottom-right causal, Tq < Tk)",
+        ),
+    ]
+
+
+def tiny_set() -> list[AttnShape]:
+    return [AttnShape("tiny-gqa", "tiny", 2, 4, 2, 17, 17, 16, dtype="fp32", note="smoke test")]
+
+
+SETS = {
+    "acceptance": acceptance_set,
+    "papers": papers_set,
+    "cpu": cpu_set,
+    "tiny": tiny_set,
+}
+
+
+def get_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AttnShape]:
+    """Shapes of set ``name``; ``default`` is acceptance + papers on a GPU and ``cpu`` otherwise,
+    ``all`` is every GPU set (plus the CPU set without a GPU)."""
+    papers = (lambda: papers_set(batch=batch)) if batch is not None else papers_set
+    if name == "default":
+        return acceptance_set() + papers() if cuda else cpu_set()
+    if name == "all":
+        return acceptance_set() + papers() + ([] if cuda else cpu_set())
+    if name == "papers":
+        return papers()
+    if name not in SETS:
+        raise ValueError(f"unknown shape set {name!r}; choose from {('default', 'all', *SETS)}")
+    return SETS[name]()
