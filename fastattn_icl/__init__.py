@@ -5,6 +5,7 @@ CUDA state. It registers the ``"fastattn_icl"`` attention implementation with tr
 transformers is installed.
 """
 
+from fastattn_icl import integrations  # noqa: F401  (registers "fastattn_icl" with transformers, lazily)
 from fastattn_icl.ops import attention, attention_with_lse, use_backend
 
 __version__ = "0.1.0"

@@ -1,0 +1,406 @@
+"""The Hugging Face seam: ``attn_implementation="fastattn_icl"`` for decoder models.
+
+Two functions are registered under the name ``"fastattn_icl"`` (see :func:`register`):
+
+- :func:`fastattn_icl_mask` with ``transformers.masking_utils.AttentionMaskInterface``. transformers
+  calls it once per forward (from ``create_causal_mask`` / ``create_sliding_window_causal_mask``)
+  with ``(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, ...)``.
+  It never builds an O(T²) mask: it returns ``None`` (plain causal attention over all keys) or a bool
+  key-padding mask ``[B, n]``, True = keep, over the key positions ``kv_offset .. kv_offset + n - 1``.
+  ``n < kv_length`` happens only with static caches, whose trailing slots are not yet written: the
+  attention function then drops those keys. A mask pattern that is not plain causal raises
+  ``NotImplementedError`` naming the feature (binding sliding window, chunked attention, packed
+  sequences, ``or_mask_function`` / ``and_mask_function`` overlays, bidirectional attention); a
+  sliding window that cannot bind (window > every query-key distance) is plain causal and allowed.
+- :func:`fastattn_icl_attention_forward` with ``transformers.AttentionInterface``. It receives
+  ``query [B, H, Tq, D]``, ``key``/``value [B, Hkv, Tk, D]`` (GQA not repeated) and the mask above,
+  and returns ``(out [B, Tq, H, D] contiguous, weights)``. Causal unless ``is_causal=False`` is passed
+  or the module has ``is_causal = False``; ``scaling`` is honoured exactly (``None``: ``D ** -0.5``).
+
+Errors instead of silent fallbacks: a 4D (custom or pre-built) attention mask, attention dropout > 0
+in training, logit soft-capping, attention sinks, additive position bias, varlen ``cu_seq_lens``.
+
+``output_attentions=True`` returns real attention weights ``[B, H, Tq, Tk]``: they are recomputed in
+plain PyTorch from the same ``q``, ``k``, mask and scale (O(Tq·Tk) memory per head, as eager; only
+when asked for, and differentiable). Query rows that see no key (left padding) get all-zero weights
+where eager spreads them uniformly.
+
+Registration happens when ``fastattn_icl`` is imported, without importing transformers or Triton and
+without touching CUDA: :func:`install_import_hook` registers at once if transformers' modules are
+already imported, and otherwise as soon as they are.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import inspect
+import sys
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from fastattn_icl.integrations.controller import find_controller
+from fastattn_icl.ops import attention
+
+ATTN_IMPLEMENTATION = "fastattn_icl"
+
+# kwargs some models pass to the attention function whose meaning this seam does not implement
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping (softcap)",
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias (position_bias)",
+    "cu_seq_lens_q": "packed variable-length sequences (cu_seq_lens_q)",
+    "cu_seq_lens_k": "packed variable-length sequences (cu_seq_lens_k)",
+}
+
+# method state names the seam consumes; any other state set on the controller is an error here
+_CONSUMED_STATE: frozenset[str] = frozenset()
+
+# (substring of a mask function's qualified name, feature it stands for), most specific first
+_MASK_FEATURES = (
+    ("packed_sequence", "packed sequences (several sequences in one row, detected from position_ids)"),
+    ("chunked_overlay", "chunked attention"),
+    ("blockwise_overlay", "block-wise bidirectional attention (block_sequence_ids)"),
+    ("sliding_window_bidirectional", "bidirectional sliding-window attention"),
+    ("sliding_window_overlay", "sliding-window attention combined with other mask functions"),
+    ("bidirectional_mask_function", "bidirectional (non-causal) attention"),
+)
+
+_HINT = "use attn_implementation='eager' or 'sdpa' for this model or input"
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _mask_combination(fn: Callable) -> tuple[str, tuple] | None:
+    """``("and_mask" | "or_mask", parts)`` for functions built by ``masking_utils.and_masks`` /
+    ``or_masks``, else ``None``."""
+    name = getattr(fn, "__name__", "")
+    if name not in ("and_mask", "or_mask") or getattr(fn, "__closure__", None) is None:
+        return None
+    parts = inspect.getclosurevars(fn).nonlocals.get("mask_functions")
+    return (name, parts) if isinstance(parts, tuple) else None
+
+
+def _leaf_names(fn: Callable) -> list[str]:
+    combined = _mask_combination(fn)
+    if combined is None:
+        return [getattr(fn, "__qualname__", repr(fn))]
+    return [name for part in combined[1] for name in _leaf_names(part)]
+
+
+def _sliding_window_of(fn: Callable, causal_fn: Callable) -> int | None:
+    """The window ``W`` if ``fn`` is exactly ``sliding_window_causal_mask_function(W)``, else None."""
+    combined = _mask_combination(fn)
+    if combined is None or combined[0] != "and_mask" or len(combined[1]) != 2:
+        return None
+    overlay, causal = combined[1]
+    if causal is not causal_fn or not getattr(overlay, "__qualname__", "").startswith("sliding_window_overlay"):
+        return None
+    window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+    return int(window) if isinstance(window, int) else None
+
+
+def _unsupported_mask_feature(mask_function: Callable) -> str:
+    leaves = _leaf_names(mask_function)
+    for key, feature in _MASK_FEATURES:
+        if any(key in leaf for leaf in leaves):
+            return feature
+    custom = [leaf for leaf in leaves if "causal_mask_function" not in leaf] or leaves
+    return f"a custom mask function (or_mask_function / and_mask_function: {', '.join(custom)})"
+
+
+def _check_mask_function(mask_function: Callable, q_offset: int, q_end: int, kv_offset: int) -> None:
+    """Raise unless ``mask_function`` is plain causal over these positions."""
+    from transformers import masking_utils
+
+    if mask_function is masking_utils.causal_mask_function:
+        return
+    window = _sliding_window_of(mask_function, masking_utils.causal_mask_function)
+    if window is not None:
+        # kv_idx > q_idx - window for every visible pair iff the largest distance stays below window
+        largest_distance = q_end - 1 - kv_offset
+        if largest_distance < window:
+            return
+        raise NotImplementedError(
+            f"fastattn_icl: sliding-window attention binds here (window {window}, query positions "
+            f"{q_offset}..{q_end - 1} over keys from position {kv_offset}); the seam computes full causal "
+            f"attention only: keep sequences within the window or {_HINT}"
+        )
+    feature = _unsupported_mask_feature(mask_function)
+    raise NotImplementedError(f"fastattn_icl: {feature} is not supported by the attention seam; {_HINT}")
+
+
+def fastattn_icl_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` entry of the seam (see the module docstring).
+
+    Args:
+        batch_size, q_length, kv_length: sizes of the coming attention call.
+        q_offset, kv_offset: absolute positions of the first query and first key.
+        mask_function: transformers' mask pattern; only the plain causal one (or a sliding window
+            that cannot bind) is accepted.
+        attention_mask: optional 2D ``[B, >= kv_offset + kv_length]`` padding mask (True/1 = keep).
+
+    Returns:
+        ``None`` when every key is visible (plain causal attention), else a bool ``[B, n]`` key-padding
+        mask over key positions ``kv_offset .. kv_offset + n - 1``.
+    """
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function as mask_function
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    q_end = q_offset + q_length
+    _check_mask_function(mask_function, q_offset, q_end, kv_offset)
+    # keys at or after q_end are never visible to a causal query: only static caches have them
+    visible = q_end - kv_offset
+    if visible > kv_length:
+        raise NotImplementedError(
+            f"fastattn_icl: queries at positions {q_offset}..{q_end - 1} end after the keys "
+            f"({kv_offset}..{kv_offset + kv_length - 1}); bottom-right causal alignment does not hold"
+        )
+    if attention_mask is None:
+        if visible == kv_length:
+            return None
+        return torch.ones(batch_size, visible, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    if attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"fastattn_icl: expected a 2D padding mask [B, T], got shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(torch.bool)
+    stop = kv_offset + visible
+    if mask.shape[1] < stop:
+        # transformers pads a short mask with False (keys it does not cover are masked)
+        mask = torch.nn.functional.pad(mask, (0, stop - mask.shape[1]), value=False)
+    mask = mask[:, kv_offset:stop]
+    if mask.shape[0] != batch_size:
+        mask = mask.expand(batch_size, -1)
+    if visible == kv_length and not _is_tracing() and bool(mask.all()):
+        return None
+    return mask.contiguous()
+
+
+def _key_padding_mask(attention_mask: Any, tk: int, device: torch.device) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        raise NotImplementedError(
+            f"fastattn_icl: the attention seam takes a 2D padding mask [B, T] (True/1 = keep) and builds "
+            f"causality itself; a 4D (custom or pre-built) attention mask {shape} is not supported: {_HINT}"
+        )
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(
+            f"fastattn_icl: expected a bool key-padding mask [B, Tk={tk}] from the fastattn_icl mask "
+            f"interface, got dtype {attention_mask.dtype}"
+        )
+    if attention_mask.shape[1] > tk:
+        raise ValueError(
+            f"fastattn_icl: key-padding mask covers {attention_mask.shape[1]} keys but only {tk} were given"
+        )
+    return attention_mask.to(device, non_blocking=True)  # layers may sit on other devices than the mask
+
+
+def _attentions_requested(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller asked for attention weights: ``output_attentions`` in the kwargs (most
+    models), or transformers' output recorder collecting ``"attentions"`` (GPT-2 pops the flag)."""
+    if kwargs.get("output_attentions"):
+        return True
+    recorder = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(recorder, "_active_collector", None)
+    if collector is None:
+        return False
+    collected = collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """``softmax(scale · q kᵀ + mask)`` as ``[B, H, Tq, Tk]``; rows that see no key are 0."""
+    B, H, Tq, D = query.shape
+    Hkv, Tk = key.shape[1], key.shape[2]
+    qg = query.float().reshape(B, Hkv, H // Hkv, Tq, D)
+    scores = torch.matmul(qg, key.float()[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, Tq, Tk]
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
+    if causal:
+        rows = torch.arange(Tq, device=query.device)[:, None]
+        visible = torch.arange(Tk, device=query.device)[None, :] <= rows + (Tk - Tq)
+    visible = visible[None, None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, None, :]
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    weights = torch.softmax(scores, dim=-1) * visible
+    return weights.reshape(B, H, Tq, Tk).to(query.dtype)
+
+
+def fastattn_icl_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``AttentionInterface`` entry of the seam.
+
+    Args:
+        module: the calling attention module (``layer_idx`` selects method state, ``is_causal`` and
+            ``training`` are read).
+        query: ``[B, H, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (grouped-query, not repeated).
+        attention_mask: ``None`` or the bool key-padding mask ``[B, n <= Tk]`` made by
+            :func:`fastattn_icl_mask` (True = keep; keys past ``n`` are unwritten static-cache slots).
+        scaling: logit scale, used as given (``None``: ``D ** -0.5``).
+        dropout: must be 0 while training (attention dropout is not implemented).
+
+    Returns:
+        ``(out, weights)``: ``out [B, Tq, H, D]`` contiguous; ``weights [B, H, Tq, Tk]`` when attention
+        weights were requested, else ``None``.
+    """
+    for name, feature in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"fastattn_icl: {feature} is not supported by the attention seam; {_HINT}")
+    if dropout and module.training:
+        raise NotImplementedError(
+            f"fastattn_icl: attention dropout ({dropout}) is not implemented; call model.eval() or set the "
+            "config's attention dropout (attn_pdrop / attention_dropout) to 0.0 for training"
+        )
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    key_padding_mask = _key_padding_mask(attention_mask, key.shape[2], query.device)
+    if key_padding_mask is not None and key_padding_mask.shape[1] < key.shape[2]:
+        n = key_padding_mask.shape[1]
+        key, value = key[:, :, :n], value[:, :, :n]
+    window = kwargs.get("sliding_window")
+    if window is not None and is_causal and key.shape[2] > window:
+        raise NotImplementedError(
+            f"fastattn_icl: sliding-window attention binds here (window {window}, {key.shape[2]} keys); "
+            f"the seam computes full causal attention only: keep sequences within the window or {_HINT}"
+        )
+    layer_idx = getattr(module, "layer_idx", None)
+    controller = find_controller(module)
+    if controller is not None and not controller.is_neutral(layer_idx):
+        unknown = sorted(set(controller.layer_state(layer_idx)) - _CONSUMED_STATE)
+        if unknown:
+            raise NotImplementedError(
+                f"fastattn_icl: method state {unknown} is set for layer {layer_idx} but the attention seam "
+                "does not implement it"
+            )
+    out = attention(query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask)
+    weights = None
+    if _attentions_requested(kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        weights = _attention_weights(query, key, key_padding_mask, bool(is_causal), scale)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _register_attention(modeling_utils: ModuleType) -> None:
+    modeling_utils.AttentionInterface.register(ATTN_IMPLEMENTATION, fastattn_icl_attention_forward)
+
+
+def _register_mask(masking_utils: ModuleType) -> None:
+    masking_utils.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastattn_icl_mask)
+
+
+_REGISTRARS: dict[str, Callable[[ModuleType], None]] = {
+    "transformers.modeling_utils": _register_attention,
+    "transformers.masking_utils": _register_mask,
+}
+
+
+def register() -> None:
+    """Register ``"fastattn_icl"`` with transformers now (imports transformers' modeling code)."""
+    import transformers.masking_utils
+    import transformers.modeling_utils
+
+    _register_attention(transformers.modeling_utils)
+    _register_mask(transformers.masking_utils)
+
+
+def _run_registrar(name: str, module: ModuleType) -> None:
+    try:
+        _REGISTRARS[name](module)
+    except Exception as exc:  # never break importing transformers
+        warnings.warn(f"fastattn_icl could not register its attention with {name}: {exc!r}", stacklevel=2)
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    """Delegates to the real loader, then runs the registrar on the freshly executed module."""
+
+    def __init__(self, loader: importlib.abc.Loader, name: str, finder: _RegisterOnImport):
+        self._loader, self._name, self._finder = loader, name, finder
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._finder.done(self._name)
+        _run_registrar(self._name, module)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the loader of transformers' modeling/masking modules so the seam is
+    registered right after they are imported, and removes itself once both are."""
+
+    def __init__(self, names: set[str]):
+        self.pending = set(names)
+
+    def done(self, name: str) -> None:
+        self.pending.discard(name)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.pending:
+            return None
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderThenRegister(spec.loader, fullname, self)
+        return spec
+
+
+def install_import_hook() -> None:
+    """Register with transformers' modules that are already imported, and arrange for the others to be
+    registered when they are imported. Imports nothing from transformers itself."""
+    if "transformers" not in sys.modules and importlib.util.find_spec("transformers") is None:
+        return
+    pending = set()
+    for name in _REGISTRARS:
+        module = sys.modules.get(name)
+        if module is not None:
+            _run_registrar(name, module)
+        else:
+            pending.add(name)
+    if pending and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport(pending))

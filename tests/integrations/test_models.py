@@ -1,0 +1,395 @@
+"""``attn_implementation="fastattn_icl"`` against ``"eager"`` on tiny random-weight models of each
+routed family: logits and parameter gradients, with and without left padding, for a prefill and for
+a prefill followed by cached decode steps, on the PyTorch and the Triton backend.
+
+Tolerance (float32): logits and attention weights ``max |fastattn - eager| <= 1e-4 * max |eager| + 1e-6``
+per compared tensor (the logits of one step); a parameter's gradient
+``max |g - g_eager| <= 1e-4 * max(max |g_eager|, 1e-3 * G)`` with ``G`` the largest gradient entry
+of the model: the floor covers gradients that are zero in exact arithmetic and pure rounding noise
+in both implementations (key-projection biases: softmax ignores a per-row constant). Observed
+errors are about 1e-6 relative. Only non-padded positions are compared: eager spreads a fully masked
+(left-pad) query row uniformly over the keys, the seam returns 0 there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+import fastattn_icl
+from fastattn_icl.integrations import ATTN_IMPLEMENTATION
+
+RTOL, ATOL = 1e-4, 1e-6
+VOCAB = 100
+PREFILL, DECODE_STEPS = 8, 8  # at most 16 positions: the Triton interpreter is slow
+PAD = 3  # left-padding of the second row
+
+_LLAMA_LIKE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+
+FAMILIES = {
+    "gpt2": lambda layers, **kw: GPT2Config(
+        **{
+            "n_embd": 64,
+            "n_layer": layers,
+            "n_head": 4,
+            "vocab_size": VOCAB,
+            "n_positions": 64,
+            "attn_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "scale_attn_by_inverse_layer_idx": True,  # per-layer scaling: checks that `scaling` is honoured
+            "initializer_range": 0.1,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            **kw,
+        }
+    ),
+    "llama": lambda layers, **kw: LlamaConfig(**_LLAMA_LIKE, num_hidden_layers=layers, **kw),
+    "qwen2": lambda layers, **kw: Qwen2Config(**_LLAMA_LIKE, num_hidden_layers=layers, **kw),
+    # a window that never binds on these lengths: the sliding-window mask path reduces to causal
+    "mistral": lambda layers, **kw: MistralConfig(
+        **_LLAMA_LIKE, num_hidden_layers=layers, **{"sliding_window": 32, **kw}
+    ),
+    "gpt_neox": lambda layers, **kw: GPTNeoXConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=1,
+        **kw,
+    ),
+    "opt": lambda layers, **kw: OPTConfig(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        init_std=0.1,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        **kw,
+    ),
+}
+
+BACKENDS = ["torch", "triton"]
+# Triton runs on the GPU when there is one, else on CPU under the interpreter (set by tests/conftest.py),
+# which costs about 0.2 s per kernel launch: one layer keeps the folder fast there
+DEVICES = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+LAYERS = {"torch": 2, "triton": 2 if torch.cuda.is_available() else 1}
+
+
+def tiny_model(family: str, attn_implementation: str = "eager", layers: int = 2, seed: int = 0, **overrides):
+    config = FAMILIES[family](layers, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval()
+
+
+def make_inputs(batch: int, length: int, padded: bool, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        mask[1, :PAD] = 0
+        ids[1, :PAD] = 2
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    err = (actual - expected).abs().max().item()
+    bound = RTOL * expected.abs().max().item() + ATOL
+    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def run_prefill(model, ids, mask):
+    """Loss over non-padded positions and their logits."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.device)
+    keep = mask.bool()
+    (logits[keep] * weights[keep]).sum().backward()
+    return logits.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_decode(model, ids, mask, tokens):
+    """Prefill then one token per step on the model's own cache; the loss sums every step's logits, so
+    the gradients flow through the cached keys and values."""
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(7)
+    out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+    keep = mask.bool()
+    step_logits = [out.logits[keep]]
+    past = out.past_key_values
+    for step in range(tokens.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            tokens[:, step : step + 1],
+            attention_mask=mask,
+            position_ids=positions(mask)[:, -1:],
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        step_logits.append(out.logits[:, -1])
+    loss = sum((logits * torch.randn(logits.shape, generator=gen).to(logits.device)).sum() for logits in step_logits)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [logits.detach() for logits in step_logits], grads
+
+
+@pytest.fixture
+def seam_calls(monkeypatch):
+    """Layer indices of every call of the registered attention function (proves the seam ran)."""
+    from transformers import AttentionInterface
+
+    seam = AttentionInterface._global_mapping[ATTN_IMPLEMENTATION]
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return seam(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, counting)
+    return calls
+
+
+def compare_grads(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    model_scale = max(g.abs().max().item() for g in expected.values())
+    for name, ref in expected.items():
+        err = (actual[name] - ref).abs().max().item()
+        bound = RTOL * max(ref.abs().max().item(), 1e-3 * model_scale)
+        assert err <= bound, f"grad of {name}: max abs error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefill_matches_eager(family, padded, backend, seam_calls):
+    device = DEVICES[backend]
+    model = tiny_model(family, layers=LAYERS[backend]).to(device)
+    ids, mask = (t.to(device) for t in make_inputs(2, PREFILL + DECODE_STEPS, padded))
+    ref_logits, ref_grads = run_prefill(model, ids, mask)
+    assert ref_logits.abs().max() > 0.5, "random weights too small for a meaningful comparison"
+    fastattn_icl.integrations.enable(model)
+    with fastattn_icl.use_backend(backend):
+        logits, grads = run_prefill(model, ids, mask)
+    assert seam_calls == list(range(LAYERS[backend]))
+    assert_close(logits, ref_logits, "logits")
+    compare_grads(grads, ref_grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_decode_matches_eager(family, padded, backend, seam_calls):
+    device = DEVICES[backend]
+    model = tiny_model(family, layers=LAYERS[backend]).to(device)
+    ids, mask = (t.to(device) for t in make_inputs(2, PREFILL, padded))
+    tokens = torch.randint(3, VOCAB, (2, DECODE_STEPS), generator=torch.Generator().manual_seed(3)).to(device)
+    ref_steps, ref_grads = run_decode(model, ids, mask, tokens)
+    fastattn_icl.integrations.enable(model)
+    with fastattn_icl.use_backend(backend):
+        steps, grads = run_decode(model, ids, mask, tokens)
+    assert seam_calls == list(range(LAYERS[backend])) * (DECODE_STEPS + 1)
+    for i, (logits, ref) in enumerate(zip(steps, ref_steps)):
+        assert_close(logits, ref, f"logits of step {i}")
+    compare_grads(grads, ref_grads)
+
+
+def test_from_config_and_set_attn_implementation_route_through_the_seam(seam_calls):
+    ids, mask = make_inputs(2, 6, padded=True)
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    model(ids, attention_mask=mask)
+    assert seam_calls == [0, 1]
+    model.set_attn_implementation("eager")
+    model(ids, attention_mask=mask)
+    assert seam_calls == [0, 1]
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model(ids, attention_mask=mask)
+    assert seam_calls == [0, 1, 0, 1]
+
+
+def test_revert_to_eager_restores_eager_behaviour():
+    model = tiny_model("gpt2")
+    ids, mask = make_inputs(2, 10, padded=True)
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        with fastattn_icl.integrations.enabled(model):
+            assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+            during = model(ids, attention_mask=mask).logits
+        assert model.config._attn_implementation == "eager"
+        after = model(ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    keep = mask.bool()
+    assert_close(during[keep], before[keep], "logits")
+
+    previous = fastattn_icl.integrations.enable(model)
+    assert previous == "eager"
+    fastattn_icl.integrations.disable(model, previous)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, before)
+
+
+def test_enabled_restores_on_exception():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with pytest.raises(RuntimeError, match="boom"):
+        with fastattn_icl.integrations.enabled(model):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_save_and_load_with_the_seam(tmp_path):
+    model = tiny_model("qwen2")
+    ids, mask = make_inputs(2, 10, padded=True)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    fastattn_icl.integrations.get_controller(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    assert loaded.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        out = loaded(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert_close(out[keep], ref[keep], "logits after from_pretrained")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_output_attentions_returns_weights(family):
+    """GPT-2 pops ``output_attentions`` before its attention call, Llama passes it on: both get weights."""
+    model = tiny_model(family)
+    ids, mask = make_inputs(2, 10, padded=True)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_attentions=True).attentions
+        fastattn_icl.integrations.enable(model)
+        out = model(ids, attention_mask=mask, output_attentions=True).attentions
+        plain = model(ids, attention_mask=mask)
+    assert plain.attentions is None
+    assert len(out) == len(ref) == 2
+    keep = mask.bool()
+    for weights, ref_weights in zip(out, ref):
+        assert weights.shape == ref_weights.shape == (2, 4, 10, 10)
+        assert_close(weights.transpose(1, 2)[keep], ref_weights.transpose(1, 2)[keep], "attention weights")
+    assert torch.all(out[0][1, :, :PAD] == 0), "rows of left-pad queries see no key: all-zero weights"
+
+
+def test_4d_custom_mask_raises():
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, _ = make_inputs(2, 6, padded=False)
+    mask_4d = torch.zeros(2, 1, 6, 6)
+    with pytest.raises(NotImplementedError, match="4D"):
+        model(ids, attention_mask=mask_4d)
+
+
+def test_sliding_window_binds_raises_and_boundary_matches_eager():
+    ids, mask = make_inputs(2, 9, padded=False)
+    eager = tiny_model("mistral", sliding_window=8)
+    seam = tiny_model("mistral", attn_implementation=ATTN_IMPLEMENTATION, sliding_window=8)
+    with torch.no_grad():
+        # 8 positions under a window of 8: every distance (<= 7) is inside the window, plain causal
+        assert_close(seam(ids[:, :8]).logits, eager(ids[:, :8]).logits, "logits at the window boundary")
+        # 9 positions: the first key leaves the window of the last query, eager differs from causal
+        with pytest.raises(NotImplementedError, match="sliding-window attention binds"):
+            seam(ids)
+
+
+def test_sliding_window_decode_within_window_matches_eager():
+    model = tiny_model("mistral", sliding_window=PREFILL + DECODE_STEPS)
+    ids, mask = make_inputs(2, PREFILL, padded=True)
+    tokens = torch.randint(3, VOCAB, (2, DECODE_STEPS), generator=torch.Generator().manual_seed(3))
+    ref_steps, ref_grads = run_decode(model, ids, mask, tokens)
+    fastattn_icl.integrations.enable(model)
+    steps, grads = run_decode(model, ids, mask, tokens)
+    for i, (logits, ref) in enumerate(zip(steps, ref_steps)):
+        assert_close(logits, ref, f"logits of step {i}")
+    compare_grads(grads, ref_grads)
+
+
+def test_packed_sequences_raise():
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, _ = make_inputs(1, 6, padded=False)
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=packed_positions, use_cache=False)
+
+
+def test_attention_dropout_in_training_raises():
+    model = tiny_model("gpt2", attn_implementation=ATTN_IMPLEMENTATION, attn_pdrop=0.1)
+    ids, mask = make_inputs(2, 6, padded=False)
+    model(ids, attention_mask=mask)  # eval: no dropout, fine
+    model.train()
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        model(ids, attention_mask=mask)
+    no_dropout = tiny_model("gpt2", attn_implementation=ATTN_IMPLEMENTATION).train()
+    no_dropout(ids, attention_mask=mask).logits.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_cache_generate_matches_eager(backend, monkeypatch):
+    """A static cache hands the attention all ``max_cache_len`` slots: the unwritten ones are dropped."""
+    device = DEVICES[backend]
+    model = tiny_model("llama", layers=LAYERS[backend]).to(device)
+    ids, mask = (t.to(device) for t in make_inputs(2, 6, padded=True))
+    kwargs = dict(
+        max_new_tokens=4,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=2,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    ref = model.generate(ids, attention_mask=mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    seam = AttentionInterface._global_mapping[ATTN_IMPLEMENTATION]
+    shapes = []
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        shapes.append((None if attention_mask is None else attention_mask.shape[1], key.shape[2]))
+        return seam(module, query, key, value, attention_mask, **kw)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, spy)
+    fastattn_icl.integrations.enable(model)
+    with fastattn_icl.use_backend(backend):
+        out = model.generate(ids, attention_mask=mask, **kwargs)
+    assert any(n is not None and n < tk for n, tk in shapes), "the static cache's unwritten slots were not cut"
+    assert torch.equal(out.sequences, ref.sequences)
+    for score, ref_score in zip(out.scores, ref.scores):
+        assert_close(score, ref_score, "generation scores")
