@@ -18,9 +18,11 @@ Backward (``D = rowsum(dO ∘ O)``)::
 heads that read it, so GQA needs neither repeated K/V nor atomics; ``_attn_bwd_dq_kernel`` owns one
 block of query rows. Only ``q, k, v, o, lse`` are saved; ``P`` is recomputed per tile.
 
-Constraints: fp16, bf16 or fp32 inputs (fp32 accumulation always; fp32 dots use IEEE precision, not
-tf32, so fp32 results are fp32-accurate); head dim 8..256, padded to a power of two ``BLOCK_D`` with
-masked loads; any sequence lengths; arbitrary strides on every tensor.
+Constraints: fp16, bf16 or fp32 inputs (fp32 accumulation always; fp32 dots use tf32x3 on a GPU, three
+tf32 passes with close to fp32 accuracy, never plain tf32); head dim 8..256, padded to a power of two
+``BLOCK_D`` with masked loads; any sequence lengths; arbitrary strides on every tensor (row offsets are
+taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch x heads is not capped
+at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
 ``HAS_PADDING`` now; the ICL methods (anchor re-weighting, isolation, saliency, momentum epilogue)
@@ -41,11 +43,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr,
+def _load_rows(base, row0, n_rows, stride_r, stride_d, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    # [BLOCK_R, BLOCK_D] tile of rows row0 .. row0 + BLOCK_R; the row offset is taken in int64 once so
+    # tile-local offsets stay int32 even when T · stride_r passes 2^31
+    ptr = base + tl.cast(row0, tl.int64) * stride_r
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
     ptrs = ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
     if MASK_ROWS:
-        return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        return tl.load(ptrs, mask=(offs_r[:, None] < n_rows - row0) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
         return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
@@ -53,19 +60,50 @@ def _load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _visible(rows, cols, Tq, Tk, IS_CAUSAL: tl.constexpr):
-    # bool, broadcast of rows x cols (either orientation): in bounds and causally visible
-    vis = cols < Tk
-    if IS_CAUSAL:
-        vis = vis & (cols <= rows + (Tk - Tq))
-    return vis
+def _store_rows(base, row0, n_rows, stride_r, stride_d, x, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    ptr = base + tl.cast(row0, tl.int64) * stride_r
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+             mask=(offs_r[:, None] < n_rows - row0) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _causal_visible(rows, cols, Tq, Tk):
+    # bool, broadcast of rows x cols (either orientation): bottom-right aligned causal visibility
+    return cols <= rows + (Tk - Tq)
 
 
 @triton.jit
 def _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk):
-    # [BLOCK_N] bool from the key-padding mask (nonzero = keep)
-    keep = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < Tk, other=0)
+    # [BLOCK_N] bool from the key-padding mask (nonzero = keep); keys past Tk are not kept
+    keep = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < Tk, other=0)
     return keep != 0
+
+
+@triton.jit
+def _causal_bounds(row0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # For query rows row0 .. row0 + BLOCK_M: key blocks [0, full_end) are inside Tk and visible to every
+    # row (no mask needed); blocks [full_end, hi) need the causal / bounds mask; keys >= hi are unseen.
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Tk, row0 + BLOCK_M + (Tk - Tq)), 0)
+        full_end = tl.maximum(tl.minimum(row0 + (Tk - Tq) + 1, Tk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Tk
+        full_end = Tk // BLOCK_N * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _block_ids(n_blocks, HEAVY_FIRST: tl.constexpr):
+    # one flat grid axis (the y/z axes cap at 65535 programs): (block, batch·head) with the block index
+    # varying fastest, so programs of one head run together and share its K/V in L2
+    pid = tl.program_id(0)
+    blk = pid % n_blocks
+    if HEAVY_FIRST:  # causal: the last query blocks see the most keys; start them first
+        blk = n_blocks - 1 - blk
+    return blk, pid // n_blocks
 
 
 @triton.jit
@@ -75,18 +113,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, lo, hi,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MASK_BLOCK: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, MASK_BLOCK)
-        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        k = _load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        v = _load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASK_BLOCK:
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, IS_CAUSAL),
-                         s, float("-inf"))
+            vis = offs_n[None, :] < Tk
+            if IS_CAUSAL:
+                vis = vis & _causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk)
+            s = tl.where(vis, s, float("-inf"))
         if HAS_PADDING:
-            keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
-            s = tl.where(keep[None, :], s, float("-inf"))
+            s = tl.where(_key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -110,8 +148,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // N_REP
@@ -120,24 +157,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, row0, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # Key blocks [0, full_end) are visible to every row of this block and lie inside Tk: no mask.
-    # Key blocks [full_end, hi) need the causal / bounds mask.
-    if IS_CAUSAL:
-        first_row_limit = pid_m * BLOCK_M + (Tk - Tq) + 1
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + (Tk - Tq))
-        hi = tl.maximum(hi, 0)
-        full_end = tl.maximum(tl.minimum(first_row_limit, Tk), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Tk
-        full_end = Tk // BLOCK_N * BLOCK_N
+    full_end, hi = _causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, 0, full_end,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
@@ -152,10 +179,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_ok = offs_m < Tq
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    _store_rows(O, row0, Tq, stride_om, stride_od, o, BLOCK_M, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
 @triton.jit
@@ -164,27 +189,50 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
                                 stride_dob, stride_doh, stride_dom, stride_dod,
                                 H, Tq,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), False)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, offs_d,
-                   stride_om, stride_od, Tq, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d,
-                    stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
+    row0 = pid_m * BLOCK_M
+    o = _load_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, row0, Tq,
+                   stride_om, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, row0, Tq,
+                    stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
 @triton.jit
 def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
-    # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0
+    # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0.
+    # Rows past Tq read 0: their q and dO tiles are 0, so they contribute exactly 0.
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     return lse, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, lo, hi,
+                         stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         CAUSAL_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Keys past Tk and padded keys are not masked here: each only feeds its own row of dk / dv, which
+    # the caller drops (past Tk) or zeroes (padded), so the per-iteration mask is unnecessary.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Qh, start_m, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
+        do = _load_rows(DOh, start_m, Tq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
+        lse, delta = _row_stats(LSE, DELTA, row_base, offs_m, Tq)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(_causal_visible(offs_m[None, :], offs_n[:, None], Tq, Tk), p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -201,53 +249,74 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_n, pid_bhk = _block_ids(tl.cdiv(Tk, BLOCK_N), False)  # causal: block 0 sees the most rows
     b = pid_bhk // HKV
     hk = pid_bhk % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, offs_d,
-                   stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, offs_d,
-                   stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, True)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, n0, Tk,
+                   stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, n0, Tk,
+                   stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if HAS_PADDING:
-        keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
 
+    # Row blocks [lo, mid) need the causal mask, [mid, full_end) need no mask at all, and
+    # [max(mid, full_end), Tq) only bounds-checked loads. lo: first row that sees key n0;
+    # mid: first row block whose rows all see key n0 + BLOCK_N - 1.
     if IS_CAUSAL:
-        # first query row that can see key pid_n * BLOCK_N: i >= j - (Tk - Tq)
-        lo = tl.maximum(pid_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+        lo = tl.maximum(n0 - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.maximum(mid, lo), tl.maximum(Tq, lo))
     else:
         lo = 0
+        mid = 0
+    full_end = tl.maximum(Tq // BLOCK_M * BLOCK_M, mid)
     for g in range(0, N_REP):
         h = hk * N_REP + g
         Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row_base = (b * H + h).to(tl.int64) * Tq
-        for start_m in range(lo, Tq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(Qh, offs_m, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
-            do = _load_tile(DOh, offs_m, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
-            lse, delta = _row_stats(LSE, DELTA, row_base, offs_m, Tq)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            p_t = tl.math.exp2(s_t - lse[None, :])
-            vis_t = _visible(offs_m[None, :], offs_n[:, None], Tq, Tk, IS_CAUSAL)
-            vis_t = vis_t & (offs_m[None, :] < Tq)
-            if HAS_PADDING:
-                vis_t = vis_t & keep[:, None]
-            p_t = tl.where(vis_t, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    dk = dk * sm_scale
-    d_ok = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=d_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=d_ok)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, lo, mid,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, True, True, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, mid, full_end,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, False, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, full_end, Tq,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, True, DOT_PRECISION)
+    if HAS_PADDING:
+        keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    _store_rows(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, n0, Tk, stride_dkn, stride_dkd,
+                dk * sm_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, n0, Tk, stride_dvn, stride_dvd,
+                dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, lo, hi,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MASK_BLOCK: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    # Keys past Tk load as 0 and so add 0 to dq: only the causal and padding masks matter here.
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        v = _load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_BLOCK and IS_CAUSAL:
+            p = tl.where(_causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk), p, 0.0)
+        if HAS_PADDING:
+            p = tl.where(_key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -263,42 +332,29 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // N_REP
     K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
-                   stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d,
-                    stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D, True)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, row0, Tq,
+                   stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, row0, Tq,
+                    stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * Tq, offs_m, Tq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Tk, (pid_m + 1) * BLOCK_M + (Tk - Tq)), 0)
-    else:
-        hi = Tk
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D, True)
-        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D, True)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(s - lse[:, None])
-        vis = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, IS_CAUSAL)
-        if HAS_PADDING:
-            vis = vis & _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :]
-        p = tl.where(vis, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
+    full_end, hi = _causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, 0, full_end,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, False, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, full_end, hi,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, True, DOT_PRECISION)
+    _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, row0, Tq, stride_dqm, stride_dqd,
+                dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,18 +373,18 @@ def _block_d(head_dim: int) -> int:
 _CANDIDATES = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        256: [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
     },
     "dkdv": {
         64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
-        128: [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
-        256: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
+        128: [(32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
+        256: [(32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
     },
     "dq": {
         64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
         128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
-        256: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
     },
 }
 _INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths at small T
@@ -373,8 +429,12 @@ def _launch(kind: str, q: torch.Tensor, grid_dim, *args, **meta):
         kernel[grid_dim(bm, bn)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(q: torch.Tensor) -> str:
+    # fp32 on a GPU: tf32x3 (three tf32 passes on the tensor cores, close to fp32 accuracy); plain IEEE
+    # fp32 dots run on the FMA units and spill at useful tile sizes. The interpreter computes in fp32.
+    if q.dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32x3" if q.device.type == "cuda" else "ieee"
 
 
 def _kpm_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
@@ -397,12 +457,12 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, out=
         return out, lse
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
     _launch(
-        "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+        "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
         q, k, v, out, lse, kpm,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn,
         H, H // Hkv, Tq, Tk, scale * LOG2E, _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q),
     )
     return out, lse
 
@@ -423,22 +483,22 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: fl
     BLOCK_D = _block_d(D)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block), B * H)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block) * B * H,)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
     )
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
     flags = dict(
         HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q),
     )
     _launch(
-        "dkdv", q, lambda bm, bn: (triton.cdiv(Tk, bn), B * Hkv),
+        "dkdv", q, lambda bm, bn: (triton.cdiv(Tk, bn) * B * Hkv,),
         q, k, v, do, dk, dv, lse, delta, kpm,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_kpmb, s_kpmn,
         H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
     )
     _launch(
-        "dq", q, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+        "dq", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
         q, k, v, do, dq, lse, delta, kpm,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_kpmb, s_kpmn,
         H, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,

@@ -147,6 +147,16 @@ def test_empty_rows_give_zero_not_nan(backend):
     assert torch.all(q.grad[:, :, :12] == 0)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_keys_with_huge_logits_stay_out(causal):
+    """A padded key whose logit dwarfs every visible one must not leak into any output or gradient
+    (the backward does not mask padded keys per tile, it zeroes their dk/dv rows at the end)."""
+    q, k, v, do, kpm = _inputs(2, 2, 1, 40, 40, 16, torch.float32, pad=True, seed=13)
+    kpm[:, 5] = False
+    k[:, :, 5] = 60.0 * q[:, 0].mean(1, keepdim=True).sign()  # logit far above the rest: exp2 overflows
+    _check_against_oracle("triton", q, k, v, do, kpm, causal)
+
+
 def test_gqa_never_repeats_kv_memory():
     """Gradients land on the kv heads exactly as if K/V were repeated: sum over the query group."""
     q, k, v, do, _ = _inputs(1, 8, 2, 17, 17, 16, torch.float32, seed=11)
@@ -261,6 +271,13 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
 def test_cuda_matches_oracle(dtype, shape, causal):
     q, k, v, do, kpm = _inputs(*shape, dtype, device="cuda", pad=shape[3] < 2048, seed=sum(shape))
     _check_against_oracle("triton", q, k, v, do, kpm, causal)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_times_heads_beyond_grid_y_limit():
+    """B·H = 70400 programs per query block: more than CUDA's 65535 cap on grid axes y and z."""
+    q, k, v, do, _ = _inputs(2200, 32, 8, 1, 24, 64, torch.float16, device="cuda")
+    _check_against_oracle("triton", q, k, v, do, None, True)
 
 
 @pytest.mark.gpu
