@@ -34,12 +34,16 @@ only exercised on a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant
+ISOLATION_LOG2 = tl.constexpr(ISOLATION_VALUE * LOG2E)  # the same logit in the kernels' log2 units
 
 
 @triton.jit
@@ -107,12 +111,32 @@ def _block_ids(n_blocks, HEAVY_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, lo, hi,
+def _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS: tl.constexpr,
+                  HAS_ISOLATION: tl.constexpr):
+    # per query row: re-weighted? (row >= reweight_from[b]) and the isolation column limit (keys j < limit
+    # of an isolated row are overwritten); both are placeholders when their feature is off
+    rw = offs_m < 0
+    iso_lim = offs_m * 0
+    if HAS_ANCHORS:
+        rw = (offs_m >= tl.load(ROW_FROM + b)) & (offs_m < Tq)
+    if HAS_ISOLATION:
+        iso_lim = tl.load(ISO + b.to(tl.int64) * stride_isob + offs_m, mask=offs_m < Tq, other=0)
+    return rw, iso_lim
+
+
+@triton.jit
+def _key_weights(LOGWh, offs_n, Tk):
+    # [BLOCK_N] post-softmax weights exp(logw) of the keys (1 for keys that are not anchors)
+    return tl.math.exp2(tl.load(LOGWh + offs_n, mask=offs_n < Tk, other=0.0) * 1.4426950408889634)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, lo, hi,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn,
                     Tq, Tk, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MASK_BLOCK: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr,
+                    HAS_ISOLATION: tl.constexpr, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
@@ -125,28 +149,33 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, lo, hi,
             s = tl.where(vis, s, float("-inf"))
         if HAS_PADDING:
             s = tl.where(_key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :], s, float("-inf"))
+        if HAS_ISOLATION:  # overwrite (not add) after scaling and masking; a masked key stays masked
+            s = tl.where((offs_n[None, :] < iso_lim[:, None]) & (s != float("-inf")), ISOLATION_LOG2, s)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator stays unweighted
+        if HAS_ANCHORS:  # post-softmax re-weighting of the numerator only
+            p = p * tl.where(rw[:, None], _key_weights(LOGWh, offs_n, Tk)[None, :], 1.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_om, stride_od,
-                     stride_kpmb, stride_kpmn,
+                     stride_kpmb, stride_kpmn, stride_isob,
                      H, N_REP, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                     HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
@@ -156,25 +185,27 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    LOGWh = LOGW + pid_bh.to(tl.int64) * Tk  # [B, H, Tk] contiguous; only read with HAS_ANCHORS
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, row0, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    rw, iso_lim = _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, 0, full_end,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 0, full_end,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, False,
-                                    DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, b, offs_m, full_end, hi,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS,
+                                    HAS_ISOLATION, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, full_end, hi,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, True,
-                                    DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS,
+                                    HAS_ISOLATION, True, DOT_PRECISION)
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -189,6 +220,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
                                 stride_dob, stride_doh, stride_dom, stride_dod,
                                 H, Tq,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # D = rowsum(dO ∘ O) with the (re-weighted) output O
     pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), False)
     b = pid_bh // H
     h = pid_bh % H
@@ -213,41 +245,56 @@ def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, lo, hi,
-                         stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+def _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base, offs_n, lo, hi,
+                         stride_qm, stride_qd, stride_dom, stride_dod, stride_isob, Tq, Tk, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                          CAUSAL_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Keys past Tk and padded keys are not masked here: each only feeds its own row of dk / dv, which
-    # the caller drops (past Tk) or zeroes (padded), so the per-iteration mask is unnecessary.
+    # Keys past Tk and padded keys are not masked here: each only feeds its own row of dk / dv / dlogw,
+    # which the caller drops (past Tk) or zeroes (padded), so the per-iteration mask is unnecessary.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Qh, start_m, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
         do = _load_rows(DOh, start_m, Tq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
         lse, delta = _row_stats(LSE, DELTA, row_base, offs_m, Tq)
+        rw, iso_lim = _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if HAS_ISOLATION:
+            iso_t = offs_n[:, None] < iso_lim[None, :]
+            s_t = tl.where(iso_t, ISOLATION_LOG2, s_t)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(_causal_visible(offs_m[None, :], offs_n[:, None], Tq, Tk), p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_ANCHORS:
+            w_t = tl.where(rw[None, :], wk[:, None], 1.0)
+            pw_t = p_t * w_t
+            dlw += tl.sum(tl.where(rw[None, :], pw_t * dp_t, 0.0), 1)
+            ds_t = p_t * (w_t * dp_t - delta[None, :])
+        else:
+            pw_t = p_t
+            ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_ISOLATION:  # the overwritten logits are constants: no gradient flows through them
+            ds_t = tl.where(iso_t, 0.0, ds_t)
+        dv += tl.dot(pw_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
+    return dk, dv, dlw
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LOGW, DLOGW, ROW_FROM, ISO,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
                           stride_dob, stride_doh, stride_dom, stride_dod,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                          stride_kpmb, stride_kpmn,
+                          stride_kpmb, stride_kpmn, stride_isob,
                           H, HKV, N_REP, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                          HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     pid_n, pid_bhk = _block_ids(tl.cdiv(Tk, BLOCK_N), False)  # causal: block 0 sees the most rows
     b = pid_bhk // HKV
@@ -260,6 +307,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
                    stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    keep = offs_n < Tk
+    if HAS_PADDING:
+        keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
 
     # Row blocks [lo, mid) need the causal mask, [mid, full_end) need no mask at all, and
     # [max(mid, full_end), Tq) only bounds-checked loads. lo: first row that sees key n0;
@@ -277,17 +327,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
         Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row_base = (b * H + h).to(tl.int64) * Tq
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, lo, mid,
-                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, True, True, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, mid, full_end,
-                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, False, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE, DELTA, row_base, offs_n, full_end, Tq,
-                                      stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, True, DOT_PRECISION)
+        dlw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        wk = dlw + 1.0
+        if HAS_ANCHORS:
+            wk = _key_weights(LOGW + (b * H + h).to(tl.int64) * Tk, offs_n, Tk)
+        dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
+                                           offs_n, lo, mid, stride_qm, stride_qd, stride_dom, stride_dod,
+                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                           HAS_ANCHORS, HAS_ISOLATION, True, True, DOT_PRECISION)
+        dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
+                                           offs_n, mid, full_end, stride_qm, stride_qd, stride_dom, stride_dod,
+                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                           HAS_ANCHORS, HAS_ISOLATION, False, False, DOT_PRECISION)
+        dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
+                                           offs_n, full_end, Tq, stride_qm, stride_qd, stride_dom, stride_dod,
+                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                           HAS_ANCHORS, HAS_ISOLATION, False, True, DOT_PRECISION)
+        if HAS_ANCHORS:
+            tl.store(DLOGW + (b * H + h).to(tl.int64) * Tk + offs_n, tl.where(keep, dlw, 0.0), mask=offs_n < Tk)
     if HAS_PADDING:
-        keep = _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     _store_rows(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, n0, Tk, stride_dkn, stride_dkd,
@@ -297,40 +355,49 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, lo, hi,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, lo, hi,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MASK_BLOCK: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr,
+                       HAS_ISOLATION: tl.constexpr, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Keys past Tk load as 0 and so add 0 to dq: only the causal and padding masks matter here.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
         v = _load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_ISOLATION:
+            iso = offs_n[None, :] < iso_lim[:, None]
+            s = tl.where(iso, ISOLATION_LOG2, s)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_BLOCK and IS_CAUSAL:
             p = tl.where(_causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk), p, 0.0)
         if HAS_PADDING:
             p = tl.where(_key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        if HAS_ANCHORS:
+            ds = p * (tl.where(rw[:, None], _key_weights(LOGWh, offs_n, Tk)[None, :], 1.0) * dp - delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
+        if HAS_ISOLATION:
+            ds = tl.where(iso, 0.0, ds)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM,
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_dob, stride_doh, stride_dom, stride_dod,
                         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                        stride_kpmb, stride_kpmn,
+                        stride_kpmb, stride_kpmn, stride_isob,
                         H, N_REP, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                        HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
@@ -338,6 +405,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM,
     hk = h // N_REP
     K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    LOGWh = LOGW + pid_bh.to(tl.int64) * Tk
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, row0, Tq,
@@ -345,14 +413,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM,
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, row0, Tq,
                     stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * Tq, offs_m, Tq)
+    rw, iso_lim = _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, 0, full_end,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, 0, full_end,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, False, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, b, offs_m, full_end, hi,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS, HAS_ISOLATION, False,
+                            DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, full_end, hi,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, True, DOT_PRECISION)
+                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS, HAS_ISOLATION, True,
+                            DOT_PRECISION)
     _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, row0, Tq, stride_dqm, stride_dqd,
                 dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
@@ -437,16 +508,41 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if q.device.type == "cuda" else "ieee"
 
 
+@functools.cache
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Stands in for an absent optional input (its flag is off, so it is never read). It has the dtype
+    # of the real input so the autotuner, which keys on argument dtypes, picks the same block config
+    # with a method's feature on or off: that keeps neutral knobs (beta = 0) bit-identical to base.
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
 def _kpm_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
     if key_padding_mask is None:
-        return q, 0, 0  # never read: HAS_PADDING is False
+        return _placeholder(q.device, torch.uint8), 0, 0
     kpm = key_padding_mask.view(torch.uint8)
     return kpm, kpm.stride(0), kpm.stride(1)
 
 
-def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, out=None, lse=None):
+def _method_args(key_log_weights, reweight_from, isolation_limit, q: torch.Tensor):
+    """Pointers of the optional method inputs (a placeholder stands in for an absent one) and flags.
+
+    ``key_log_weights``: float32 ``[B, H, Tk]`` contiguous (0 = not an anchor), ``reweight_from``:
+    int32 ``[B]``, ``isolation_limit``: int32 ``[B, Tq]`` (row stride read, unit column stride).
+    """
+    has_anchors = key_log_weights is not None
+    has_isolation = isolation_limit is not None
+    logw = key_log_weights if has_anchors else _placeholder(q.device, torch.float32)
+    row_from = reweight_from if has_anchors else _placeholder(q.device, torch.int32)
+    iso = isolation_limit if has_isolation else _placeholder(q.device, torch.int32)
+    stride_isob = isolation_limit.stride(0) if has_isolation else 0
+    return (logw, row_from, iso, stride_isob), dict(HAS_ANCHORS=has_anchors, HAS_ISOLATION=has_isolation)
+
+
+def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
+                  scale: float, *, out=None, lse=None):
     """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
-    ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones)."""
+    ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones).
+    Method inputs (``None`` = feature off): see :func:`_method_args`."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if out is None:
@@ -456,30 +552,32 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, out=
     if Tq == 0:
         return out, lse
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
+    (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
     _launch(
         "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
-        q, k, v, out, lse, kpm,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn,
+        q, k, v, out, lse, kpm, logw, row_from, iso,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob,
         H, H // Hkv, Tq, Tk, scale * LOG2E, _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        DOT_PRECISION=_dot_precision(q),
+        DOT_PRECISION=_dot_precision(q), **method_flags,
     )
     return out, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: float, *,
-                  dq=None, dk=None, dv=None):
-    """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v``;
-    they may be given (tests pass NaN-filled ones)."""
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+                  causal: bool, scale: float, *, dq=None, dk=None, dv=None):
+    """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v`` (they may
+    be given: tests pass NaN-filled ones) and ``dlogw [B, H, Tk]`` float32 (``None`` without anchors)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
+    dlogw = None if key_log_weights is None else torch.zeros(B, H, Tk, dtype=torch.float32, device=q.device)
     if Tk == 0:
-        return dq.zero_(), dk, dv
+        return dq.zero_(), dk, dv, dlogw
     if Tq == 0:
-        return dq, dk.zero_(), dv.zero_()
+        return dq, dk.zero_(), dv.zero_(), dlogw
     BLOCK_D = _block_d(D)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     pre_block = 64
@@ -487,23 +585,24 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: fl
         o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
     )
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
+    (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
     flags = dict(
         HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        DOT_PRECISION=_dot_precision(q),
+        DOT_PRECISION=_dot_precision(q), **method_flags,
     )
     _launch(
         "dkdv", q, lambda bm, bn: (triton.cdiv(Tk, bn) * B * Hkv,),
-        q, k, v, do, dk, dv, lse, delta, kpm,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_kpmb, s_kpmn,
+        q, k, v, do, dk, dv, lse, delta, kpm, logw, logw if dlogw is None else dlogw, row_from, iso,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_kpmb, s_kpmn, s_isob,
         H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
     )
     _launch(
         "dq", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
-        q, k, v, do, dq, lse, delta, kpm,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_kpmb, s_kpmn,
+        q, k, v, do, dq, lse, delta, kpm, logw, row_from, iso,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_kpmb, s_kpmn, s_isob,
         H, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dlogw
 
 
 _KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # scores per chunk, summed over batch and heads
+ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant
 
 
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
@@ -36,7 +37,22 @@ def _grouped(x: torch.Tensor, Hkv: int) -> torch.Tensor:
     return x.float().reshape(B, Hkv, H // Hkv, T, D)
 
 
-def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float):
+def _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit, device):
+    """Per chunk of query rows: the isolated entries ``[B, 1, 1, n, Tk]`` (or None) and the post-softmax
+    weights ``[B, Hkv, G, n, Tk]`` with the re-weighted-row mask ``[B, 1, 1, n, 1]`` (or None, None)."""
+    iso = weights = rw = None
+    if isolation_limit is not None:
+        cols = torch.arange(Tk, device=device)
+        iso = (cols[None, None, :] < isolation_limit[:, rows].long()[:, :, None])[:, None, None]
+    if key_log_weights is not None:
+        rw = (rows[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
+        w = key_log_weights.exp().reshape(B, Hkv, H // Hkv, 1, Tk)
+        weights = torch.where(rw, w, torch.ones((), device=device))
+    return iso, weights, rw
+
+
+def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
+                  scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     qg = _grouped(q, Hkv)
@@ -51,15 +67,22 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float):
         s = torch.matmul(qg[:, :, :, rows], kf.transpose(-1, -2)) * scale
         vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
         s = s.masked_fill(~vis, float("-inf"))
+        iso, weights, _ = _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+                                          q.device)
+        if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
+            s = s.masked_fill(iso & vis, ISOLATION_VALUE)
         row_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - row_lse.masked_fill(torch.isinf(row_lse), 0.0)[..., None])
+        if weights is not None:  # numerator only: the denominator (lse) stays unweighted
+            p = p * weights
         o = torch.matmul(p, vf)
         o_bhtd[:, :, r0 : r0 + rows.numel()] = o.reshape(B, H, rows.numel(), D).to(q.dtype)
         lse[:, :, r0 : r0 + rows.numel()] = row_lse.reshape(B, H, rows.numel())
     return o_bhtd, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: float):
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+                  causal: bool, scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     qg, dog, og = _grouped(q, Hkv), _grouped(do, Hkv), _grouped(o, Hkv)
@@ -70,21 +93,37 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal: bool, scale: fl
     dq = torch.empty_like(qg)
     dk = torch.zeros(B, Hkv, Tk, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
+    dlogw = None
+    if key_log_weights is not None:
+        dlogw = torch.zeros(B, Hkv, H // Hkv, Tk, dtype=torch.float32, device=q.device)
     step = _rows_per_chunk(B, H, Tq, Tk)
     for r0 in range(0, Tq, step):
         rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
         q_c, do_c = qg[:, :, :, rows], dog[:, :, :, rows]
         s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale
         vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+        iso, weights, rw = _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+                                           q.device)
+        if iso is not None:
+            s = s.masked_fill(iso, ISOLATION_VALUE)
         row_lse = lse_g[:, :, :, rows].masked_fill(torch.isinf(lse_g[:, :, :, rows]), float("inf"))
         p = torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0)
-        dv += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
         dp = torch.matmul(do_c, vf.transpose(-1, -2))
-        ds = p * (dp - delta[:, :, :, rows, None])
+        if weights is not None:
+            pw = p * weights
+            dlogw += (pw * dp).masked_fill(~rw, 0.0).sum(3)
+            ds = p * (weights * dp - delta[:, :, :, rows, None])
+        else:
+            pw = p
+            ds = p * (dp - delta[:, :, :, rows, None])
+        if iso is not None:  # the overwritten logits are constants
+            ds = ds.masked_fill(iso, 0.0)
+        dv += torch.matmul(pw.transpose(-1, -2), do_c).sum(2)
         dq[:, :, :, rows] = torch.matmul(ds, kf) * scale
         dk += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
     return (
         dq.reshape(B, H, Tq, D).to(q.dtype),
         dk.to(k.dtype),
         dv.to(v.dtype),
+        None if dlogw is None else dlogw.reshape(B, H, Tk),
     )

@@ -11,6 +11,7 @@ import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
 from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
 
 
 def _impl(backend: str):
@@ -27,15 +28,20 @@ def _attention_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    key_log_weights: torch.Tensor | None,
+    reweight_from: torch.Tensor | None,
+    isolation_limit: torch.Tensor | None,
     causal: bool,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).attention_fwd(q, k, v, key_padding_mask, causal, scale)
+    return _impl(backend).attention_fwd(
+        q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale
+    )
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, backend):
+def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend):
     B, H, Tq, D = q.shape
     out = q.new_empty(B, Tq, H, D).transpose(1, 2)
     lse = q.new_empty(B, H, Tq, dtype=torch.float32)
@@ -51,35 +57,63 @@ def _attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    key_log_weights: torch.Tensor | None,
+    reweight_from: torch.Tensor | None,
+    isolation_limit: torch.Tensor | None,
     causal: bool,
     scale: float,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl(backend).attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dlogw = _impl(backend).attention_bwd(
+        grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+        causal, scale,
+    )
+    return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dlogw is None else dlogw)
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal,
+      scale, backend):
+    dlogw = q.new_empty(0, dtype=torch.float32) if key_log_weights is None else torch.empty_like(key_log_weights)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dlogw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, backend = inputs
+    q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
-        grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, ctx.backend
+    q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit = ctx.saved_tensors
+    dq, dk, dv, dlogw = _attention_bwd(
+        grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+        ctx.causal, ctx.scale, ctx.backend,
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, (None if key_log_weights is None else dlogw), None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anchor_positions=None,
+           anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0):
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    check_key_padding_mask(key_padding_mask, B, Tk, q.device)
+    scale = check_scale(scale, D)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    logw = row_from = limit = None
+    if beta is not None:
+        logw = anchor_key_log_weights(beta, anchor_positions, anchor_classes, B, H, Tk)
+        row_from = reweight_start(reweight_from, B, Tq, q.device)
+    if isolation_rows is not None:
+        limit = isolation_limit(isolation_rows, isolation_window, B, Tq, Tk, q.device)
+    return _attention_fwd(
+        q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, resolve_backend(backend, q.device)
+    )
 
 
 def attention_with_lse(
@@ -90,16 +124,14 @@ def attention_with_lse(
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    isolation_rows: torch.Tensor | None = None,
+    isolation_window: int = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`attention`, also returning ``lse [B, H, Tq]`` (float32, natural log, ``-inf`` on
     rows that see no key)."""
-    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
-    check_key_padding_mask(key_padding_mask, B, Tk, q.device)
-    scale = check_scale(scale, D)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return _attention_fwd(q, k, v, key_padding_mask, causal, scale, resolve_backend(backend, q.device))
+    return _fused(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
+                  isolation_rows=isolation_rows, isolation_window=isolation_window)
 
 
 def attention(
@@ -110,6 +142,8 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    isolation_rows: torch.Tensor | None = None,
+    isolation_window: int = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``softmax(scale · q kᵀ + mask) v``, fused and memory-linear in ``T``.
@@ -123,6 +157,10 @@ def attention(
             so a chunk of queries over a longer cache is correct.
         scale: logit scale, default ``D ** -0.5``.
         key_padding_mask: optional bool ``[B, Tk]``, True = keep.
+        isolation_rows: optional integer ``[B, R]`` absolute positions ``p`` (``-1`` = unused) whose
+            information flow is cut (SPEC §3): for query rows at positions ``p .. p + isolation_window``
+            the logits of keys ``0 .. p - 1`` are overwritten with ``-1e4`` after scaling and masking
+            (a masked key stays masked).
         backend: ``"auto"`` (default: Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``;
             see :mod:`fastattn_icl.ops.backend`.
 
@@ -132,6 +170,52 @@ def attention(
         accumulate in fp32. Differentiable w.r.t. ``q``, ``k``, ``v``.
     """
     out, _ = attention_with_lse(
-        q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend
+        q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, isolation_rows=isolation_rows,
+        isolation_window=isolation_window, backend=backend,
+    )
+    return out
+
+
+def anchor_reweight_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    anchor_positions: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    *,
+    reweight_from: int | torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    isolation_rows: torch.Tensor | None = None,
+    isolation_window: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention with the anchor re-weighting of SPEC §2, fused: post-softmax, numerator only.
+
+    ``P̂[b, h, i, p] = exp(beta[.., h, c]) · P[b, h, i, p]`` for anchor key ``p`` of class ``c`` and the
+    re-weighted query rows ``i``; the softmax denominator stays unweighted (no renormalisation) and
+    ``O = P̂ V``. With ``beta = 0`` the result is bit-for-bit :func:`attention`'s.
+
+    Args:
+        q, k, v, causal, scale, key_padding_mask, isolation_rows, isolation_window, backend: as in
+            :func:`attention`.
+        beta: ``[H, C]`` or ``[B, H, C]`` floating; differentiable (its gradient comes from the fused
+            backward).
+        anchor_positions: integer ``[B, A]`` key positions of the label words, ``-1`` = unused slot (rows
+            may have different numbers of anchors); at least one, none repeated within a row.
+        anchor_classes: integer ``[B, A]`` class id in ``[0, C)`` of each anchor.
+        reweight_from: the first re-weighted query row: ``None`` = only the last row ``Tq - 1`` (the
+            paper's setting), an int, or an integer tensor ``[B]``; every row from it on is re-weighted
+            (so decoded tokens keep the re-weighting).
+
+    Returns:
+        ``[B, H, Tq, D]`` as :func:`attention`. Differentiable w.r.t. ``q``, ``k``, ``v`` and ``beta``.
+    """
+    out, _ = _fused(
+        q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend, beta=beta,
+        anchor_positions=anchor_positions, anchor_classes=anchor_classes, reweight_from=reweight_from,
+        isolation_rows=isolation_rows, isolation_window=isolation_window,
     )
     return out

@@ -114,6 +114,8 @@ def anchor_reweight_attention(
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    isolation_rows: torch.Tensor | None = None,
+    isolation_window: int = 0,
 ) -> torch.Tensor:
     """Attention with anchor re-weighting after the softmax, not renormalised (SPEC §2).
 
@@ -128,6 +130,8 @@ def anchor_reweight_attention(
             = only the last row ``Tq - 1``, an int, or an integer tensor ``[B]``.
         causal: bottom-right causal mask (row ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``).
         key_padding_mask: bool ``[B, Tk]``, True = keep.
+        isolation_rows, isolation_window: the SPEC §3 knockout applied to the logits first (see
+            :func:`fastattn_icl.reference.attention.attention_scores`); ``None`` = none.
 
     Returns ``O [B, H, Tq, Dv]`` in the input dtype: ``O = P̂ V`` with
     ``P̂[b, h, i, p] = exp(β[b, h, c]) · P[b, h, i, p]`` for re-weighted rows ``i`` and anchors ``p``
@@ -137,7 +141,10 @@ def anchor_reweight_attention(
     beta = _check_beta(beta, B, H, q.device)
     pos, cls, _ = _check_anchors(anchor_positions, anchor_classes, B, Tk, beta.shape[-1], q.device)
     rows = reweighted_rows(reweight_from, B, Tq, q.device)  # [B, Tq]
-    s = attention_scores(q, k, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    s = attention_scores(
+        q, k, causal=causal, scale=scale, key_padding_mask=key_padding_mask, isolation_rows=isolation_rows,
+        isolation_window=isolation_window,
+    )
     p, _ = softmax_rows(s)  # [B, H, Tq, Tk], acc dtype
     logw = anchor_log_weights(beta.to(p.dtype), pos, cls, Tk)  # [B, H, Tk]
     logw = torch.where(rows[:, None, :, None], logw[:, :, None, :], torch.zeros((), dtype=p.dtype))

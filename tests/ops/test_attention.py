@@ -123,14 +123,15 @@ def test_every_output_element_is_written(causal):
     scale = D**-0.5
     out = poison_(torch.empty(B, Tq, H, D, device=DEVICE)).transpose(1, 2)
     lse = poison_(torch.empty(B, H, Tq, device=DEVICE))
-    kernels.attention_fwd(q, k, v, kpm, causal, scale, out=out, lse=lse)
+    kernels.attention_fwd(q, k, v, kpm, None, None, None, causal, scale, out=out, lse=lse)
     ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal,
                                      key_padding_mask=kpm, return_lse=True)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
     grads = [poison_(torch.empty_like(t)) for t in (q, k, v)]
-    kernels.attention_bwd(do, q, k, v, out, lse, kpm, causal, scale, dq=grads[0], dk=grads[1], dv=grads[2])
+    kernels.attention_bwd(do, q, k, v, out, lse, kpm, None, None, None, causal, scale,
+                          dq=grads[0], dk=grads[1], dv=grads[2])
     for g in grads:
         assert not torch.isnan(g).any()
 
@@ -185,9 +186,10 @@ def test_torch_compile_fullgraph_traces_the_op():
 def test_opcheck_forward_and_backward():
     q, k, v, do, kpm = _inputs(1, 2, 1, 9, 12, 16, torch.float32, pad=True)
     fwd = torch.ops.fastattn_icl.attention_fwd.default
-    torch.library.opcheck(fwd, (q, k, v, kpm, True, 0.25, "torch"))
+    args = (q, k, v, kpm, None, None, None, True, 0.25, "torch")
+    torch.library.opcheck(fwd, args)
     q.requires_grad_(True)
-    torch.library.opcheck(fwd, (q, k, v, kpm, True, 0.25, "torch"), test_utils=("test_autograd_registration",))
+    torch.library.opcheck(fwd, args, test_utils=("test_autograd_registration",))
 
 
 # ------------------------------------------------------------------------------------------------

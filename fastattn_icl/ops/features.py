@@ -1,0 +1,126 @@
+"""Method arguments -> the fused kernel's dense inputs, with the checks users' input needs.
+
+The kernels take per-key and per-row tables rather than lists, so one code path serves every method:
+
+- anchor re-weighting (SPEC §2) -> ``key_log_weights [B, H, Tk]`` float32, ``β[b, h, c]`` at each anchor
+  position of class ``c`` and 0 elsewhere, built with differentiable ops so autograd carries the kernel's
+  ``d key_log_weights`` back to ``β``; plus ``reweight_from [B]`` int32, the first re-weighted query row.
+- isolation (SPEC §3) -> ``isolation_limit [B, Tq]`` int32: query row ``i`` (absolute position
+  ``i + Tk - Tq``) has keys ``j < limit[b, i]`` overwritten with ``-1e4``; ``limit`` is the largest
+  isolated position ``p`` with ``p <= i + Tk - Tq <= p + window`` (0 = row not isolated).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _index_tensor(name: str, t, dims: int, layout: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor {layout}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor {layout}, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (as q), got {t.device}")
+    return t.long()
+
+
+def anchor_key_log_weights(
+    beta: torch.Tensor,
+    anchor_positions: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    B: int,
+    H: int,
+    Tk: int,
+) -> torch.Tensor:
+    """``[B, H, Tk]`` float32 log-weights: ``beta[b, h, anchor_classes[b, a]]`` at ``anchor_positions[b, a]``.
+
+    Args:
+        beta: ``[H, C]`` or ``[B, H, C]`` floating (one weight per head and class; all occurrences of
+            class ``c``'s label word share it).
+        anchor_positions: integer ``[B, A]`` key positions in ``[0, Tk)``, ``-1`` = unused slot; no
+            position twice in a row.
+        anchor_classes: integer ``[B, A]`` class ids in ``[0, C)`` for the used slots.
+    """
+    if not isinstance(beta, torch.Tensor) or not beta.is_floating_point():
+        raise TypeError(f"beta must be a floating tensor [H={H}, C] or [B={B}, H={H}, C], got {beta!r:.60}")
+    device = beta.device
+    if beta.dim() == 2 and beta.shape[0] == H:
+        beta = beta[None].expand(B, H, beta.shape[1])
+    elif not (beta.dim() == 3 and tuple(beta.shape[:2]) == (B, H)):
+        raise ValueError(f"beta must have shape [H={H}, C] or [B={B}, H={H}, C], got {tuple(beta.shape)}")
+    C = beta.shape[-1]
+    if C == 0:
+        raise ValueError("beta must have at least one class (C >= 1)")
+    pos = _index_tensor("anchor_positions", anchor_positions, 2, f"[B={B}, A] (-1 = unused)", device)
+    cls = _index_tensor("anchor_classes", anchor_classes, 2, f"[B={B}, A] in [0, C={C})", device)
+    if pos.shape[0] != B or tuple(cls.shape) != tuple(pos.shape):
+        raise ValueError(
+            f"anchor_positions and anchor_classes must both have shape [B={B}, A], got "
+            f"{tuple(pos.shape)} and {tuple(cls.shape)}"
+        )
+    used = pos >= 0
+    if pos.shape[1] == 0 or not bool(used.any()):
+        raise ValueError("anchor_positions is empty: give at least one anchor position (use -1 only for padding)")
+    if bool((pos < -1).any()) or bool((pos >= Tk).any()):
+        bad = pos[(pos < -1) | (pos >= Tk)][0].item()
+        raise ValueError(f"anchor_positions must be key positions in [0, Tk={Tk}) or -1 (unused), got {bad}")
+    if bool((used & ((cls < 0) | (cls >= C))).any()):
+        raise ValueError(f"anchor_classes must be in [0, C={C}) (C = beta.shape[-1]) for every used anchor")
+    srt = pos.sort(dim=1).values
+    if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+        raise ValueError("anchor_positions must not repeat a position within a batch row")
+    # unused slots scatter into an extra column Tk that is dropped
+    slot = torch.where(used, pos, Tk)
+    values = torch.gather(beta.float(), 2, cls.clamp(0, C - 1)[:, None, :].expand(B, H, -1))  # [B, H, A]
+    table = torch.zeros(B, H, Tk + 1, dtype=torch.float32, device=device)
+    table = table.scatter(2, slot[:, None, :].expand(B, H, -1), values)
+    return table[:, :, :Tk].contiguous()
+
+
+def reweight_start(reweight_from, B: int, Tq: int, device: torch.device) -> torch.Tensor:
+    """``[B]`` int32 first re-weighted query row: ``None`` = the last row only, an int, or ``[B]``."""
+    if reweight_from is None:
+        return torch.full((B,), max(Tq - 1, 0), dtype=torch.int32, device=device)
+    if isinstance(reweight_from, bool):
+        raise TypeError("reweight_from must be None, an int or an integer tensor [B], got bool")
+    if isinstance(reweight_from, int):
+        start = torch.full((B,), reweight_from, dtype=torch.long, device=device)
+    else:
+        start = _index_tensor("reweight_from", reweight_from, 1, f"[B={B}]", device)
+        if start.shape[0] != B:
+            raise ValueError(f"reweight_from must have shape [B={B}], got {tuple(start.shape)}")
+    if bool(((start < 0) | (start >= Tq)).any()):
+        raise ValueError(f"reweight_from must be a query row in [0, Tq={Tq}), got {start.tolist()}")
+    return start.to(torch.int32)
+
+
+def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
+    """``[B, Tq]`` int32 per-row column limit of SPEC §3 isolation (see the module docstring).
+
+    Args:
+        isolation_rows: integer ``[B, R]`` absolute positions ``p`` to isolate, ``-1`` = unused slot.
+        window: rows ``p .. p + window`` are isolated; ``p + window`` must stay inside the sequence.
+    """
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"isolation_window must be an int >= 0, got {type(window).__name__}")
+    if window < 0:
+        raise ValueError(f"isolation_window must be >= 0, got {window}")
+    rows = _index_tensor("isolation_rows", isolation_rows, 2, f"[B={B}, R] (-1 = unused)", device)
+    if rows.shape[0] != B:
+        raise ValueError(f"isolation_rows must have shape [B={B}, R] (-1 = unused), got {tuple(rows.shape)}")
+    used = rows >= 0
+    if bool((rows < -1).any()) or bool((rows >= Tk).any()):
+        raise ValueError(f"isolation_rows entries must be positions in [0, Tk={Tk}) or -1 (unused)")
+    if bool((used & (rows + window > Tk - 1)).any()):
+        raise ValueError(
+            f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
+        )
+    if rows.shape[1] == 0:
+        return torch.zeros(B, Tq, dtype=torch.int32, device=device)
+    absolute = torch.arange(Tq, device=device) + (Tk - Tq)  # [Tq]
+    p = rows[:, None, :]  # [B, 1, R]
+    covered = used[:, None, :] & (absolute[None, :, None] >= p) & (absolute[None, :, None] <= p + window)
+    return torch.where(covered, p, 0).amax(dim=2).clamp(min=0).to(torch.int32)
