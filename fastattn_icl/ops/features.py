@@ -27,6 +27,11 @@ def _index_tensor(name: str, t, dims: int, layout: str, device: torch.device) ->
     return t.long()
 
 
+def _any_each(*conditions: torch.Tensor) -> list[bool]:
+    """``[c.any() for c in conditions]`` with a single device-to-host copy."""
+    return torch.stack([c.any() for c in conditions]).tolist()
+
+
 def anchor_key_log_weights(
     beta: torch.Tensor,
     anchor_positions: torch.Tensor,
@@ -62,15 +67,22 @@ def anchor_key_log_weights(
             f"{tuple(pos.shape)} and {tuple(cls.shape)}"
         )
     used = pos >= 0
-    if pos.shape[1] == 0 or not bool(used.any()):
+    srt = pos.sort(dim=1).values
+    # every check reduced on the device and read back once: one host sync, not one per check
+    failed = _any_each(
+        ~used.any() if pos.shape[1] else torch.ones((), dtype=torch.bool, device=device),
+        (pos < -1) | (pos >= Tk),
+        used & ((cls < 0) | (cls >= C)),
+        (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0),
+    )
+    if failed[0]:
         raise ValueError("anchor_positions is empty: give at least one anchor position (use -1 only for padding)")
-    if bool((pos < -1).any()) or bool((pos >= Tk).any()):
+    if failed[1]:
         bad = pos[(pos < -1) | (pos >= Tk)][0].item()
         raise ValueError(f"anchor_positions must be key positions in [0, Tk={Tk}) or -1 (unused), got {bad}")
-    if bool((used & ((cls < 0) | (cls >= C))).any()):
+    if failed[2]:
         raise ValueError(f"anchor_classes must be in [0, C={C}) (C = beta.shape[-1]) for every used anchor")
-    srt = pos.sort(dim=1).values
-    if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+    if failed[3]:
         raise ValueError("anchor_positions must not repeat a position within a batch row")
     # unused slots scatter into an extra column Tk that is dropped
     slot = torch.where(used, pos, Tk)
@@ -86,12 +98,13 @@ def reweight_start(reweight_from, B: int, Tq: int, device: torch.device) -> torc
         return torch.full((B,), max(Tq - 1, 0), dtype=torch.int32, device=device)
     if isinstance(reweight_from, bool):
         raise TypeError("reweight_from must be None, an int or an integer tensor [B], got bool")
-    if isinstance(reweight_from, int):
-        start = torch.full((B,), reweight_from, dtype=torch.long, device=device)
-    else:
-        start = _index_tensor("reweight_from", reweight_from, 1, f"[B={B}]", device)
-        if start.shape[0] != B:
-            raise ValueError(f"reweight_from must have shape [B={B}], got {tuple(start.shape)}")
+    if isinstance(reweight_from, int):  # checked on the host: no device sync
+        if not 0 <= reweight_from < Tq:
+            raise ValueError(f"reweight_from must be a query row in [0, Tq={Tq}), got {reweight_from}")
+        return torch.full((B,), reweight_from, dtype=torch.int32, device=device)
+    start = _index_tensor("reweight_from", reweight_from, 1, f"[B={B}]", device)
+    if start.shape[0] != B:
+        raise ValueError(f"reweight_from must have shape [B={B}], got {tuple(start.shape)}")
     if bool(((start < 0) | (start >= Tq)).any()):
         raise ValueError(f"reweight_from must be a query row in [0, Tq={Tq}), got {start.tolist()}")
     return start.to(torch.int32)
@@ -112,9 +125,10 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
     if rows.shape[0] != B:
         raise ValueError(f"isolation_rows must have shape [B={B}, R] (-1 = unused), got {tuple(rows.shape)}")
     used = rows >= 0
-    if bool((rows < -1).any()) or bool((rows >= Tk).any()):
+    out_of_range, past_end = _any_each((rows < -1) | (rows >= Tk), used & (rows + window > Tk - 1))
+    if out_of_range:
         raise ValueError(f"isolation_rows entries must be positions in [0, Tk={Tk}) or -1 (unused)")
-    if bool((used & (rows + window > Tk - 1)).any()):
+    if past_end:
         raise ValueError(
             f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
         )
