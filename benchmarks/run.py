@@ -1,16 +1,22 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--set default|acceptance|papers|cpu|all] [--modes fwd bwd fwd+bwd]
-                             [--providers fastattn_icl eager sdpa] [--batch N] [--threads N]
+    python -m benchmarks.run [--bench all|attention|anchors]
+                             [--set default|acceptance|papers|anchors|cpu|all|tiny] [--modes fwd bwd fwd+bwd]
+                             [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
                              [--rep-ms MS] [--device cuda|cpu] [--out benchmarks/results]
 
-``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise.
+``--bench all`` (the default) runs the base attention benchmark, then the anchor re-weighting and
+isolation benchmark (``benchmarks/bench_anchors.py``).
+``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
+(for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
+set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
 A CPU run uses one torch thread unless ``--threads`` says otherwise: with two or more, another
 process on a small machine stalls every parallel region and times jump by 10-100x, while one thread
 keeps the ratios between providers steady.
 
-Writes ``<out>/<device-slug>.json`` and ``.md`` and prints one line per measured row, then the targets
-(on a GPU) and where the results went.
+Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-slug>-anchors.json``/``.md``
+and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), and prints one line per measured row,
+then the targets and where the results went.
 """
 
 from __future__ import annotations
@@ -20,17 +26,30 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention
+from benchmarks import bench_anchors, bench_attention
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
-from benchmarks.shapes import MODES, get_set
+from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_set
+
+BENCHES = ("all", "attention", "anchors")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--set", default="default", choices=("default", "acceptance", "papers", "cpu", "all", "tiny"))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--providers", nargs="+", default=None, help="subset of fastattn_icl, eager, sdpa")
-    ap.add_argument("--batch", type=int, default=None, help="batch size of the papers set (default 1)")
+    ap.add_argument("--bench", default="all", choices=BENCHES, help="which benchmark (default: all of them)")
+    ap.add_argument(
+        "--set", default="default", choices=("default", "acceptance", "papers", "anchors", "cpu", "all", "tiny")
+    )
+    ap.add_argument(
+        "--modes", nargs="+", default=None, choices=MODES, help="default: all three (attention), fwd fwd+bwd (anchors)"
+    )
+    ap.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="subset of fastattn_icl, eager, sdpa (attention) and fastattn_icl-anchors, fastattn_icl-isolation, "
+        "fastattn_icl, eager (anchors)",
+    )
+    ap.add_argument("--batch", type=int, default=None, help="batch size of the papers and anchors sets (default 1)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
     ap.add_argument(
@@ -49,26 +68,72 @@ def main(argv=None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    cases = get_set(args.set, cuda=device.type == "cuda", batch=args.batch)
-    providers = bench_attention.providers()
     if args.providers:
-        unknown = set(args.providers) - {p.name for p in providers}
+        known = {p.name for p in bench_attention.providers()}
+        known |= {p.name for f in bench_anchors.FEATURES for p in bench_anchors.providers(f)}
+        unknown = set(args.providers) - known
         if unknown:
-            raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {[p.name for p in providers]}")
-        providers = [p for p in providers if p.name in args.providers]
+            raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {sorted(known)}")
     timing = TimingConfig()
     if args.rep_ms is not None:
         timing.cuda_rep_ms = timing.cpu_rep_ms = args.rep_ms
+    if args.bench in ("all", "attention"):
+        if args.set == "anchors":
+            print("benchmarks: attention: set 'anchors' has no attention cases, skipped")
+        else:
+            run_attention(args, device, timing)
+    if args.bench in ("all", "anchors"):
+        run_anchors(args, device, timing)
+    return 0
+
+
+def run_attention(args, device: torch.device, timing: TimingConfig) -> None:
+    cases = get_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    providers = bench_attention.providers()
+    if args.providers:
+        providers = [p for p in providers if p.name in args.providers]
+        if not providers:
+            print("benchmarks: attention: none of --providers is one of its providers, skipped")
+            return
+    modes = args.modes or list(MODES)
     suite = bench_attention.suite(device)
-    print(f"benchmarks: attention on {device}, set {args.set!r} ({len(cases)} shapes), modes {args.modes}")
+    print(f"benchmarks: attention on {device}, set {args.set!r} ({len(cases)} shapes), modes {modes}")
     for note in suite.notes:
         print(f"  note: {note}")
-    results = run_suite(suite, cases, providers, args.modes, device, timing=timing, set_name=args.set)
+    results = run_suite(suite, cases, providers, modes, device, timing=timing, set_name=args.set)
     for t in results["targets"]:
         print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
     json_path, md_path = write_results(results, args.out)
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
-    return 0
+
+
+# ---- anchor re-weighting and isolation (benchmarks/bench_anchors.py) ---------------------------------
+
+
+def run_anchors(args, device: torch.device, timing: TimingConfig) -> None:
+    cases = get_anchor_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    if not cases:
+        print(f"benchmarks: anchors: set {args.set!r} has no anchor / isolation cases, skipped")
+        return
+    modes = args.modes or list(ANCHOR_MODES)
+    for feature in bench_anchors.FEATURES:
+        fcases = [c for c in cases if c.feature == feature]
+        names = {p.name for p in bench_anchors.providers(feature)}
+        if not fcases or (args.providers and not names & set(args.providers)):
+            continue
+        print(f"benchmarks: {feature} on {device}, set {args.set!r} ({len(fcases)} shapes), modes {modes}")
+        for note in bench_anchors.platform_notes(device):
+            print(f"  note: {note}")
+        results = bench_anchors.run_feature(
+            feature, fcases, modes, device, timing=timing, set_name=args.set, provider_names=args.providers
+        )
+        for t in results["targets"]:
+            if t["result"] == "not evaluated":
+                print(f"TARGET not evaluated: no CUDA -- {t['target']}")
+            else:
+                print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+        json_path, md_path = bench_anchors.write_results(results, feature, args.out)
+        print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

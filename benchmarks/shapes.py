@@ -231,3 +231,159 @@ def get_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AttnShap
     if name not in SETS:
         raise ValueError(f"unknown shape set {name!r}; choose from {('default', 'all', *SETS)}")
     return SETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Anchor re-weighting (SPEC §2) and isolation (SPEC §3) cases, for ``benchmarks/bench_anchors.py``.
+#
+# ICL prompt geometry: ``ANCHOR_DEMONSTRATIONS`` demonstrations (4 classes x 4 demonstrations = 16
+# label words) followed by the test input. The prompt of ``T`` tokens is cut into 17 equal segments
+# (``seg = T // 17``): demonstration ``i`` fills ``[i·seg, (i+1)·seg)`` and ends with
+# ``"<label>\n"``, so its label word (the anchor) sits at ``(i+1)·seg - 2``; the test input fills
+# ``[16·seg, T)``. Classes cycle 0, 1, 2, 3, 0, ... (balanced). The 16 anchors are spread over the
+# whole prompt, as in the papers' prompts, at any ``T``.
+# --------------------------------------------------------------------------------------------------
+
+ANCHOR_CLASSES = 4
+ANCHOR_DEMOS_PER_CLASS = 4
+ANCHOR_DEMONSTRATIONS = ANCHOR_CLASSES * ANCHOR_DEMOS_PER_CLASS
+ANCHOR_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+ANCHOR_MODES = ("fwd", "fwd+bwd")
+# feature variant -> what it does
+ANCHOR_VARIANTS = {
+    "anchors-last": "anchor re-weighting of the last query row only (the paper's setting)",
+    "anchors-from": "anchor re-weighting of every query row from the first label word on (worst case)",
+    "isolation": "isolation of the label-word rows, window 0 (SPEC §3)",
+}
+
+
+def icl_anchor_layout(
+    T: int, demonstrations: int = ANCHOR_DEMONSTRATIONS, classes: int = ANCHOR_CLASSES
+) -> tuple[list[int], list[int], int]:
+    """``(label positions, their classes, first token of the test input)`` of a ``T``-token prompt."""
+    seg = T // (demonstrations + 1)
+    if seg < 3:
+        raise ValueError(f"T = {T} is too short for {demonstrations} demonstrations (need >= 3 tokens each)")
+    positions = [(i + 1) * seg - 2 for i in range(demonstrations)]
+    return positions, [i % classes for i in range(demonstrations)], demonstrations * seg
+
+
+@dataclass(frozen=True)
+class AnchorShape(AttnShape):
+    """An :class:`AttnShape` (self-attention, ``Tq == Tk``) with an anchor / isolation variant."""
+
+    variant: str = "anchors-last"
+    demonstrations: int = ANCHOR_DEMONSTRATIONS
+    classes: int = ANCHOR_CLASSES
+
+    @property
+    def feature(self) -> str:
+        """``"anchors"`` or ``"isolation"``."""
+        return "isolation" if self.variant == "isolation" else "anchors"
+
+    def layout(self) -> tuple[list[int], list[int], int]:
+        return icl_anchor_layout(self.Tk, self.demonstrations, self.classes)
+
+    @property
+    def reweight_from(self) -> int | None:
+        """``None`` (last row) for ``anchors-last``; the first label word's row for ``anchors-from``."""
+        if self.variant == "anchors-from":
+            return self.layout()[0][0] + (self.Tq - self.Tk)
+        return None
+
+    @property
+    def label(self) -> str:
+        what = {
+            "anchors-last": f"{self.demonstrations} anchors/{self.classes} classes, last row",
+            "anchors-from": f"{self.demonstrations} anchors/{self.classes} classes, rows >= {self.reweight_from}",
+            "isolation": f"{self.demonstrations} isolated rows, window 0",
+        }[self.variant]
+        return f"{super().label}, {what}"
+
+
+def anchor_shape(variant: str, model: str, T: int, *, B: int = 1, dtype: str = "bf16", group: str = "anchors"):
+    if variant not in ANCHOR_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(ANCHOR_VARIANTS)}, got {variant!r}")
+    m = MODELS[model]
+    return AnchorShape(
+        f"{variant}-{model}-T{T}",
+        group,
+        B,
+        m.heads,
+        m.kv_heads,
+        T,
+        T,
+        m.head_dim,
+        True,
+        dtype,
+        f"{m.name}, {ANCHOR_VARIANTS[variant]}",
+        variant=variant,
+    )
+
+
+ANCHOR_MODELS = ("gpt2-xl", "llama-7b")
+
+
+def anchors_gpu_set(*, batch: int = 1) -> list[AnchorShape]:
+    """bf16, GPT2-XL (H 25, d 64) and Llama-7B-like (H 32, d 128), T = 256 ... 16k, every variant."""
+    return [
+        anchor_shape(variant, model, T, B=batch)
+        for variant in ANCHOR_VARIANTS
+        for model in ANCHOR_MODELS
+        for T in ANCHOR_LENGTHS
+    ]
+
+
+ANCHOR_CPU_LENGTHS = (256,)
+
+
+def anchors_cpu_set(*, batch: int = 1) -> list[AnchorShape]:
+    """fp32, both head geometries at T = 256: small enough for ``make bench`` on a 2-core CPU."""
+    return [
+        anchor_shape(variant, model, T, B=batch, dtype="fp32", group="anchors-cpu")
+        for variant in ANCHOR_VARIANTS
+        for model in ANCHOR_MODELS
+        for T in ANCHOR_CPU_LENGTHS
+    ]
+
+
+def anchors_tiny_set() -> list[AnchorShape]:
+    """One tiny case per variant for the smoke test (B 2, H 4, T 40, d 16, fp32, 2 classes x 2
+    demonstrations)."""
+    return [
+        AnchorShape(
+            f"tiny-{v}",
+            "tiny",
+            2,
+            4,
+            4,
+            40,
+            40,
+            16,
+            dtype="fp32",
+            note="smoke test",
+            variant=v,
+            demonstrations=4,
+            classes=2,
+        )
+        for v in ANCHOR_VARIANTS
+    ]
+
+
+def get_anchor_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
+    """Anchor / isolation cases of shape set ``name`` (the names of ``benchmarks.run --set``):
+    ``default`` and ``all`` are the GPU set on a GPU and the CPU set otherwise, ``anchors`` always
+    the GPU set, ``cpu`` the CPU set, ``tiny`` the smoke test's; the attention-only sets
+    (``acceptance``, ``papers``) have no anchor cases (``[]``)."""
+    kw = {} if batch is None else {"batch": batch}
+    if name in ("default", "all"):
+        return anchors_gpu_set(**kw) if cuda else anchors_cpu_set(**kw)
+    if name == "anchors":
+        return anchors_gpu_set(**kw)
+    if name == "cpu":
+        return anchors_cpu_set(**kw)
+    if name == "tiny":
+        return anchors_tiny_set()
+    if name in ("acceptance", "papers"):
+        return []
+    raise ValueError(f"unknown shape set {name!r}")

@@ -206,3 +206,175 @@ def test_harness_on_cuda():
         assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
     assert "FLASH_ATTENTION" in results["providers"][2]["description"]
     assert "Triton" in results["providers"][0]["description"]
+
+
+# ---- anchor re-weighting and isolation benchmark (benchmarks/bench_anchors.py) ----------------------
+
+from benchmarks import bench_anchors  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks.shapes import (  # noqa: E402
+    ANCHOR_VARIANTS,
+    anchor_shape,
+    anchors_cpu_set,
+    anchors_gpu_set,
+    anchors_tiny_set,
+    get_anchor_set,
+    icl_anchor_layout,
+)
+
+
+def test_anchor_layout_and_sets():
+    positions, classes, query_start = icl_anchor_layout(2048)
+    seg = 2048 // 17
+    assert len(positions) == 16 and positions == sorted(positions) and positions[-1] < query_start < 2048
+    assert positions == [(i + 1) * seg - 2 for i in range(16)]
+    assert sorted(classes) == [c for c in range(4) for _ in range(4)]  # 4 classes x 4 demonstrations
+    last, start = anchor_shape("anchors-last", "llama-7b", 2048), anchor_shape("anchors-from", "gpt2-xl", 2048)
+    assert last.reweight_from is None and start.reweight_from == positions[0]
+    assert last.feature == "anchors" and anchor_shape("isolation", "gpt2-xl", 256).feature == "isolation"
+    gpu = anchors_gpu_set()
+    assert {(s.H, s.D) for s in gpu} == {(25, 64), (32, 128)}
+    assert {s.Tq for s in gpu} == {256, 512, 1024, 2048, 4096, 8192, 16384}
+    assert {s.variant for s in gpu} == set(ANCHOR_VARIANTS) and all(s.dtype == "bf16" for s in gpu)
+    cpu = anchors_cpu_set()
+    assert cpu and all(s.dtype == "fp32" and s.Tq <= 512 for s in cpu)
+    assert get_anchor_set("default", cuda=True) == gpu and get_anchor_set("default", cuda=False) == cpu
+    assert get_anchor_set("acceptance", cuda=True) == [] and len(get_anchor_set("tiny", cuda=False)) == 3
+    assert all(s.B == 4 for s in get_anchor_set("anchors", cuda=False, batch=4))
+
+
+@pytest.fixture
+def no_gc(monkeypatch):
+    """The harness's ``free_memory`` runs ``gc.collect`` (~0.3 s each on CPU, dozens of calls); a CPU
+    smoke test has nothing to free."""
+    from benchmarks import harness
+
+    monkeypatch.setattr(harness, "free_memory", lambda device: None)
+
+
+def test_anchors_bench_cli_smoke(tmp_path, capsys, no_gc):
+    # the CLI end to end on the tiny set: both features, three providers, fwd and fwd+bwd, files written
+    # one torch thread, as a CPU benchmark run uses (2 threads on a loaded 2-core machine stall)
+    threads = torch.get_num_threads()
+    argv = ["--bench", "anchors", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "TARGET not evaluated: no CUDA" in printed
+    for feature in bench_anchors.FEATURES:
+        data = json.loads((tmp_path / f"cpu-{feature}.json").read_text())
+        md = (tmp_path / f"cpu-{feature}.md").read_text()
+        names = [p["name"] for p in data["providers"]]
+        assert names == [bench_anchors.ON[feature], "fastattn_icl", "eager"]
+        cases = [c for c in anchors_tiny_set() if c.feature == feature]
+        assert len(data["rows"]) == len(cases) * 3 * 2
+        for r in data["rows"]:
+            assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+            assert r["median_ms"] > 0
+        on = [r for r in data["rows"] if r["provider"] == names[0]]
+        assert all(r["speedup_vs"]["fastattn_icl"] and r["speedup_vs"]["eager"] for r in on)
+        grads = {r["mode"]: set(r["check"]["errors"]) for r in on}
+        extra = {"dbeta"} if feature == "anchors" else set()
+        assert grads == {"fwd": {"out"}, "fwd+bwd": {"out", "dq", "dk", "dv"} | extra}
+        # the feature-off provider is checked against base attention, not against the feature's oracle
+        off = [r for r in data["rows"] if r["provider"] == "fastattn_icl" and r["mode"] == "fwd+bwd"]
+        assert all(set(r["check"]["errors"]) == {"out", "dq", "dk", "dv"} for r in off)
+        assert data["targets"] and all(t["result"] == "not evaluated" for t in data["targets"])
+        assert "**not evaluated**" in md and "vs fastattn_icl" in md and "no CUDA" in md
+
+
+def test_anchors_incorrect_feature_speedup_is_refused(monkeypatch, no_gc):
+    def broken(case, q, k, v, beta):
+        return bench_anchors._eager_anchors(case, q, k, v, beta * 1.5)
+
+    monkeypatch.setattr(bench_anchors, "_ours_anchors", broken)
+    case = [c for c in anchors_tiny_set() if c.variant == "anchors-last"]
+    res = bench_anchors.run_feature("anchors", case, ["fwd"], CPU, timing=FAST, progress=None)
+    bad = _by(res, "fastattn_icl-anchors", "fwd")
+    assert bad["status"] == STATUS_INCORRECT
+    assert bad["speedup_text"] == {"fastattn_icl": "n/a (check failed)", "eager": "n/a (check failed)"}
+    assert _by(res, "fastattn_icl", "fwd")["status"] == STATUS_OK
+
+
+def _anchor_row(case, provider, mode, status, ms):
+    return {
+        "case": case.name,
+        "group": case.group,
+        "params": case.params(),
+        "provider": provider,
+        "mode": mode,
+        "status": status,
+        "median_ms": ms,
+    }
+
+
+def test_anchor_gpu_targets_from_synthetic_rows():
+    rows = []
+    for T in (256, 2048, 16384):
+        case = anchor_shape("anchors-last", "gpt2-xl", T)
+        # feature on: +5% fwd (passes); fwd+bwd +20% at T 256 only (fails); eager 12x / 8x at 2k, OOM at 16k
+        for mode, on, eager in (("fwd", 1.05, 12.0), ("fwd+bwd", 1.20 if T == 256 else 1.0, 8.0)):
+            rows.append(_anchor_row(case, "fastattn_icl-anchors", mode, STATUS_OK, on))
+            rows.append(_anchor_row(case, "fastattn_icl", mode, STATUS_OK, 1.0))
+            if T == 16384:
+                rows.append(_anchor_row(case, "eager", mode, STATUS_OOM, None))
+            else:
+                rows.append(_anchor_row(case, "eager", mode, STATUS_OK, eager))
+    from benchmarks.harness import add_speedups
+
+    add_speedups(rows, ["fastattn_icl-anchors", "fastattn_icl", "eager"])
+    got = {t["target"]: t for t in bench_anchors.targets_for(rows, "anchors")}
+    assert got["anchors-last fwd: overhead vs feature off <= 10% (every T)"]["result"] == "PASS"
+    fb = got["anchors-last fwd+bwd: overhead vs feature off <= 10% (every T)"]
+    assert fb["result"] == "FAIL" and "gpt2-xl T256: +20.0%" in fb["detail"]
+    assert got["anchors-last fwd: >= 10x eager at T = 2048"]["result"] == "PASS"
+    assert got["anchors-last fwd+bwd: >= 10x eager at T = 2048"]["result"] == "FAIL"
+    long = got["anchors-last: runs at T = 16384 (eager's status alongside, OOM expected)"]
+    assert long["result"] == "PASS" and "eager oom" in long["detail"]
+    # an incorrect kernel misses every target it is part of
+    for r in rows:
+        if r["provider"] == "fastattn_icl-anchors" and r["params"]["Tq"] == 16384:
+            r["status"] = STATUS_INCORRECT
+    add_speedups(rows, ["fastattn_icl-anchors", "fastattn_icl", "eager"])
+    got = {t["target"]: t for t in bench_anchors.targets_for(rows, "anchors")}
+    assert got["anchors-last: runs at T = 16384 (eager's status alongside, OOM expected)"]["result"] == "FAIL"
+    assert got["anchors-last fwd: overhead vs feature off <= 10% (every T)"]["result"] == "FAIL"
+    off = bench_anchors.targets_for(rows, "anchors", evaluated=False)
+    assert all(t["result"] == "not evaluated" and t["detail"].startswith("no CUDA") for t in off)
+
+
+@pytest.mark.gpu
+def test_anchors_bench_on_cuda():
+    from benchmarks.shapes import AnchorShape
+
+    cuda = torch.device("cuda")
+    for variant in ANCHOR_VARIANTS:
+        case = AnchorShape(f"gpu-{variant}", "tiny", 2, 4, 4, 256, 256, 64, dtype="bf16", variant=variant)
+        res = bench_anchors.run_feature(case.feature, [case], ["fwd", "fwd+bwd"], cuda, progress=None)
+        assert "Triton" in res["providers"][0]["description"]
+        for row in res["rows"]:
+            assert row["status"] == STATUS_OK, row
+            assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
+        assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
+
+
+def test_anchors_sliced_check_on_large_shapes(monkeypatch, no_gc):
+    # large shapes (every GPU case from T = 1k) are checked on one head; beta [H, C] is shared by the
+    # batch, so every batch row of that head (a one-row slice would get dbeta wrong); force that path
+    from benchmarks.shapes import AnchorShape
+
+    monkeypatch.setattr(bench_attention, "FULL_CHECK_SCORES", 1)
+    case = AnchorShape("slice", "tiny", 3, 4, 4, 40, 40, 16, dtype="fp32", variant="anchors-from", demonstrations=4)
+    res = bench_anchors.run_feature(
+        "anchors", [case], ["fwd+bwd"], CPU, timing=FAST, progress=None, provider_names=["fastattn_icl-anchors"]
+    )
+    (row,) = res["rows"]
+    assert row["status"] == STATUS_OK, row
+    assert row["check"]["scope"] == "every batch row (beta is shared), kv head 3 (query heads 3..3)"
+    assert set(row["check"]["errors"]) == {"out", "dq", "dk", "dv", "dbeta"}
+    iso = AnchorShape("slice-iso", "tiny", 3, 4, 4, 40, 40, 16, dtype="fp32", variant="isolation", demonstrations=4)
+    res = bench_anchors.run_feature("isolation", [iso], ["fwd+bwd"], CPU, timing=FAST, progress=None)
+    for row in res["rows"]:
+        assert row["status"] == STATUS_OK and row["check"]["scope"] == "batch 2, kv head 3 (query heads 3..3)", row
