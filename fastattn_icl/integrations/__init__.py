@@ -20,17 +20,20 @@ from collections.abc import Iterator
 
 import torch
 
-from fastattn_icl.integrations.controller import ICLController, get_controller
+from fastattn_icl.integrations.controller import AnchorState, ICLController, IsolationState, get_controller
 from fastattn_icl.integrations.transformers import ATTN_IMPLEMENTATION, install_import_hook, register
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "AnchorState",
     "ICLController",
+    "IsolationState",
     "disable",
     "enable",
     "enabled",
     "get_controller",
     "register",
+    "routed",
 ]
 
 
@@ -81,6 +84,18 @@ def enabled(model: torch.nn.Module) -> Iterator[ICLController]:
         yield get_controller(model)
     finally:
         disable(model, previous)
+
+
+@contextlib.contextmanager
+def routed(model: torch.nn.Module) -> Iterator[ICLController]:
+    """Like :func:`enabled`, but leaves a model that already runs ``"fastattn_icl"`` untouched (the method
+    workflows use it so they work on models loaded with ``attn_implementation="fastattn_icl"`` as well as
+    on eager/sdpa ones)."""
+    if _implementation(model) == ATTN_IMPLEMENTATION:
+        yield get_controller(model)
+        return
+    with enabled(model) as controller:
+        yield controller
 
 
 install_import_hook()

@@ -19,11 +19,52 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 CONTROLLER_ATTR = "_fastattn_icl_controller"
+
+
+@dataclass(frozen=True)
+class AnchorState:
+    """Controller state ``anchors`` (SPEC §2): where the label words are and which rows are re-weighted.
+
+    Used together with the state ``beta``: a floating tensor indexed by layer first, ``[L, H, C]`` (or
+    ``[L, B, H, C]``); layer ``l`` uses ``beta[l]``.
+
+    Attributes:
+        positions: integer ``[B, A]`` absolute key positions of the label words (with left padding or a
+            KV cache: the index into the layer's key sequence), ``-1`` = unused slot. ``B = 1`` is
+            broadcast over the batch. Positions not yet in the key sequence (a chunk before them) are
+            ignored for that chunk.
+        classes: integer ``[B, A]`` class of each anchor, in ``[0, C)``.
+        reweight_from: which query rows are re-weighted. ``None``: the last query row of every attention
+            call (the paper's setting for a prompt; in cached decoding, each new single-token step).
+            An int or an integer tensor ``[B]``: an absolute position; every query at that position or
+            later is re-weighted, so a chunk whose queries all come before it is not re-weighted and a
+            chunk that starts after it is re-weighted from its first row.
+    """
+
+    positions: torch.Tensor
+    classes: torch.Tensor
+    reweight_from: int | torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class IsolationState:
+    """Controller state ``isolation`` (SPEC §3): cut the information flow into some positions.
+
+    Attributes:
+        rows: integer ``[B, R]`` absolute key positions ``p`` (``-1`` = unused; ``B = 1`` broadcasts):
+            queries at positions ``p .. p + window`` get their logits towards keys ``0 .. p - 1``
+            overwritten with ``-1e4``.
+        window: int >= 0.
+    """
+
+    rows: torch.Tensor
+    window: int = 0
 
 
 class ICLController:

@@ -17,12 +17,21 @@ Two functions are registered under the name ``"fastattn_icl"`` (see :func:`regis
   and returns ``(out [B, Tq, H, D] contiguous, weights)``. Causal unless ``is_causal=False`` is passed
   or the module has ``is_causal = False``; ``scaling`` is honoured exactly (``None``: ``D ** -0.5``).
 
+Method state (see :mod:`fastattn_icl.integrations.controller`), looked up per layer through
+``module.layer_idx``: ``anchors`` (:class:`AnchorState`) with ``beta`` (``[L, H, C]``, layer ``l`` uses
+``beta[l]``) runs :func:`fastattn_icl.anchor_reweight_attention`; ``isolation`` (:class:`IsolationState`)
+passes ``isolation_rows`` to the kernel. Positions in the state are absolute key positions; a call over a
+chunk of ``Tq`` queries and ``Tk`` keys (cached decoding) puts query row ``i`` at position ``i + Tk - Tq``,
+so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
+clamped to the chunk: a chunk entirely before it is not re-weighted (per batch row). Label words or
+isolated positions that are not keys yet (``>= Tk``) are ignored in that call. Any other state name raises.
+
 Errors instead of silent fallbacks: a 4D (custom or pre-built) attention mask, attention dropout > 0
 in training, logit soft-capping, attention sinks, additive position bias, varlen ``cu_seq_lens``.
 
 ``output_attentions=True`` returns real attention weights ``[B, H, Tq, Tk]``: they are recomputed in
-plain PyTorch from the same ``q``, ``k``, mask and scale (O(Tq·Tk) memory per head, as eager; only
-when asked for, and differentiable). Query rows that see no key (left padding) get all-zero weights
+plain PyTorch from the same ``q``, ``k``, mask, scale and method state (O(Tq·Tk) memory per head, as
+eager; only when asked for, and differentiable). Query rows that see no key (left padding) get all-zero weights
 where eager spreads them uniformly.
 
 Registration happens when ``fastattn_icl`` is imported, without importing transformers or Triton and
@@ -43,8 +52,9 @@ from typing import Any
 
 import torch
 
-from fastattn_icl.integrations.controller import find_controller
-from fastattn_icl.ops import attention
+from fastattn_icl.integrations.controller import AnchorState, IsolationState, find_controller
+from fastattn_icl.ops import anchor_reweight_attention, attention
+from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
 
@@ -59,7 +69,7 @@ _UNSUPPORTED_KWARGS = {
 }
 
 # method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset()
+_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation"})
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -233,8 +243,12 @@ def _attention_weights(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
+    method: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """``softmax(scale · q kᵀ + mask)`` as ``[B, H, Tq, Tk]``; rows that see no key are 0."""
+    """``softmax(scale · q kᵀ + mask) [B, H, Tq, Tk]``; rows that see no key are 0. With method state, the
+    weights the kernel used: isolated logits overwritten with ``-1e4`` before the softmax, anchor columns of
+    the re-weighted rows multiplied by ``exp(β)`` after it (SPEC §2/§3)."""
+    method = method or {}
     B, H, Tq, D = query.shape
     Hkv, Tk = key.shape[1], key.shape[2]
     qg = query.float().reshape(B, Hkv, H // Hkv, Tq, D)
@@ -247,8 +261,121 @@ def _attention_weights(
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, None, :]
     scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    if "isolation_rows" in method:
+        limit = isolation_limit(method["isolation_rows"], method["isolation_window"], B, Tq, Tk, query.device)
+        isolated = torch.arange(Tk, device=query.device)[None, None, :] < limit[:, :, None]  # [B, Tq, Tk]
+        scores = scores.masked_fill(isolated[:, None, None] & visible, -1e4)  # masking wins
     weights = torch.softmax(scores, dim=-1) * visible
+    if "beta" in method:
+        logw = anchor_key_log_weights(method["beta"], method["anchor_positions"], method["anchor_classes"], B, H, Tk)
+        start = reweight_start(method["reweight_from"], B, Tq, query.device)
+        rows = torch.arange(Tq, device=query.device)[None, :] >= start[:, None]  # [B, Tq]
+        factor = torch.where(rows[:, None, :, None], logw.exp()[:, :, None, :], 1.0)  # [B, H, Tq, Tk]
+        weights = weights * factor.reshape(B, Hkv, H // Hkv, Tq, Tk)
     return weights.reshape(B, H, Tq, Tk).to(query.dtype)
+
+
+def _batched(name: str, t: Any, B: int, device: torch.device) -> torch.Tensor:
+    """An integer ``[B, N]`` state tensor on ``device`` (``[1, N]`` broadcast to ``B``)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"fastattn_icl: method state {name} must be an integer tensor [B={B}, N], got {t!r:.80}")
+    if t.shape[0] == 1 and B != 1:
+        t = t.expand(B, -1)
+    elif t.shape[0] != B:
+        raise ValueError(f"fastattn_icl: method state {name} has shape {tuple(t.shape)}, expected [B={B}, N] or [1, N]")
+    return t.to(device, torch.long)
+
+
+def _isolation_arguments(state: IsolationState, B: int, Tk: int, device: torch.device) -> dict[str, Any]:
+    if not isinstance(state, IsolationState):
+        raise TypeError(f"fastattn_icl: method state 'isolation' must be an IsolationState, got {type(state).__name__}")
+    rows = _batched("isolation.rows", state.rows, B, device)
+    # positions after the keys of this call (a chunk before them) are not isolated yet
+    rows = torch.where(rows < Tk, rows, -1)
+    used = rows >= 0
+    if not bool(used.any()):
+        return {}
+    if bool((used & (rows + state.window > Tk - 1)).any()):
+        raise NotImplementedError(
+            f"fastattn_icl: an isolation window (window {state.window}) runs past the last key ({Tk - 1}) of this "
+            "call: every window must end inside the sequence; in cached decoding, process the prompt up to the end "
+            "of every window in one pass"
+        )
+    return {"isolation_rows": rows, "isolation_window": state.window}
+
+
+def _anchor_arguments(
+    anchors: AnchorState, beta: Any, layer_idx: int | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`anchor_reweight_attention` for one call, or ``{}`` when no query row of
+    this call is re-weighted (then the plain kernel runs)."""
+    if not isinstance(anchors, AnchorState):
+        raise TypeError(f"fastattn_icl: method state 'anchors' must be an AnchorState, got {type(anchors).__name__}")
+    if not isinstance(beta, torch.Tensor) or not beta.is_floating_point() or beta.dim() not in (3, 4):
+        raise TypeError(
+            f"fastattn_icl: method state 'beta' must be a floating tensor [L, H, C] or [L, B, H, C] (layer l uses "
+            f"beta[l]), got {beta!r:.80}"
+        )
+    if layer_idx is None or not 0 <= layer_idx < beta.shape[0]:
+        raise ValueError(f"fastattn_icl: beta has {beta.shape[0]} layers, no entry for layer {layer_idx}")
+    layer_beta = beta[layer_idx].to(device)  # [H, C] or [B, H, C]
+    if layer_beta.dim() == 2:
+        layer_beta = layer_beta[None].expand(B, -1, -1)
+    if tuple(layer_beta.shape[:2]) != (B, H):
+        raise ValueError(
+            f"fastattn_icl: beta[{layer_idx}] has shape {tuple(beta[layer_idx].shape)}, expected [H={H}, C] or "
+            f"[B={B}, H={H}, C]"
+        )
+    positions = _batched("anchors.positions", anchors.positions, B, device)
+    classes = _batched("anchors.classes", anchors.classes, B, device)
+    positions = torch.where(positions < Tk, positions, -1)  # label words after this chunk: not keys yet
+    active = (positions >= 0).any(dim=1)  # [B]
+    start = anchors.reweight_from
+    if start is None:
+        rows = None
+    else:
+        if isinstance(start, bool) or not isinstance(start, (int, torch.Tensor)):
+            raise TypeError(
+                f"fastattn_icl: anchors.reweight_from must be None, an int or an integer tensor [B], got {start!r}"
+            )
+        absolute = torch.as_tensor(start, device=device).long().reshape(-1)
+        if absolute.numel() not in (1, B):
+            raise ValueError(f"fastattn_icl: anchors.reweight_from must be an int or have shape [B={B}], got {start!r}")
+        absolute = absolute.expand(B)
+        # query row i sits at absolute position i + Tk - Tq (bottom-right alignment)
+        row = absolute - (Tk - Tq)
+        active = active & (row <= Tq - 1)
+        rows = row.clamp(0, Tq - 1)
+    if not bool(active.any()):
+        return {}
+    if not bool(active.all()):
+        # rows of the batch whose queries all come before reweight_from: beta 0 is exactly plain attention
+        layer_beta = torch.where(active[:, None, None], layer_beta, torch.zeros((), dtype=layer_beta.dtype))
+    return {
+        "beta": layer_beta,
+        "anchor_positions": positions,
+        "anchor_classes": classes,
+        "reweight_from": rows,
+    }
+
+
+def _method_arguments(
+    state: dict[str, Any], layer_idx: int | None, query: torch.Tensor, key: torch.Tensor
+) -> dict[str, Any]:
+    B, H, Tq, _ = query.shape
+    Tk = key.shape[2]
+    kwargs: dict[str, Any] = {}
+    if state.get("isolation") is not None:
+        kwargs.update(_isolation_arguments(state["isolation"], B, Tk, query.device))
+    anchors, beta = state.get("anchors"), state.get("beta")
+    if (anchors is None) != (beta is None):
+        missing = "beta" if beta is None else "anchors"
+        raise ValueError(
+            f"fastattn_icl: anchor re-weighting needs both 'anchors' and 'beta' state; '{missing}' is not set"
+        )
+    if anchors is not None:
+        kwargs.update(_anchor_arguments(anchors, beta, layer_idx, B, H, Tq, Tk, query.device))
+    return kwargs
 
 
 def fastattn_icl_attention_forward(
@@ -299,18 +426,25 @@ def fastattn_icl_attention_forward(
         )
     layer_idx = getattr(module, "layer_idx", None)
     controller = find_controller(module)
+    method: dict[str, Any] = {}
     if controller is not None and not controller.is_neutral(layer_idx):
-        unknown = sorted(set(controller.layer_state(layer_idx)) - _CONSUMED_STATE)
+        state = controller.layer_state(layer_idx)
+        unknown = sorted(set(state) - _CONSUMED_STATE)
         if unknown:
             raise NotImplementedError(
                 f"fastattn_icl: method state {unknown} is set for layer {layer_idx} but the attention seam "
                 "does not implement it"
             )
-    out = attention(query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask)
+        method = _method_arguments(state, layer_idx, query, key)
+    common = dict(causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask)
+    if "beta" in method:
+        out = anchor_reweight_attention(query, key, value, **method, **common)
+    else:
+        out = attention(query, key, value, **method, **common)
     weights = None
     if _attentions_requested(kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        weights = _attention_weights(query, key, key_padding_mask, bool(is_causal), scale)
+        weights = _attention_weights(query, key, key_padding_mask, bool(is_causal), scale, method)
     return out.transpose(1, 2).contiguous(), weights
 
 

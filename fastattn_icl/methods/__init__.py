@@ -1,1 +1,45 @@
-"""methods."""
+"""User-level workflows of the ICL research methods, on Hugging Face models through the attention seam.
+
+- :mod:`~fastattn_icl.methods.anchors`: label-word positions in a templated prompt, prompt building, batching.
+- :mod:`~fastattn_icl.methods.reweighting`: anchor re-weighting (SPEC §2), a trainable ``β[L, H, C]``.
+- :mod:`~fastattn_icl.methods.isolation`: information-flow isolation (SPEC §3) and its random control.
+- :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
+"""
+
+from fastattn_icl.methods.anchors import (
+    ICLExample,
+    LabelWordPositions,
+    PromptBuilder,
+    collate,
+    label_token_ids,
+    label_word_positions,
+)
+from fastattn_icl.methods.isolation import (
+    first_layers,
+    isolate,
+    last_layers,
+    pad_positions,
+    random_non_label_positions,
+)
+from fastattn_icl.methods.metrics import label_loyalty, label_predictions, topk_jaccard, word_loyalty
+from fastattn_icl.methods.reweighting import AnchorReweighting, ReweightingEvaluation
+
+__all__ = [
+    "AnchorReweighting",
+    "ICLExample",
+    "LabelWordPositions",
+    "PromptBuilder",
+    "ReweightingEvaluation",
+    "collate",
+    "first_layers",
+    "isolate",
+    "label_loyalty",
+    "label_predictions",
+    "label_token_ids",
+    "label_word_positions",
+    "last_layers",
+    "pad_positions",
+    "random_non_label_positions",
+    "topk_jaccard",
+    "word_loyalty",
+]

@@ -1,0 +1,297 @@
+"""Method state through the seam: anchor re-weighting (``anchors`` + ``beta``) and isolation (``isolation``).
+
+The oracle is an attention function registered with transformers under another name that runs the
+reference implementations (``fastattn_icl.reference``) on the same q/k/v with the same controller state,
+so a whole model is compared end to end (logits and dβ), on full passes where query rows are absolute
+positions. Cached decoding is then checked against the full pass: the absolute-position ``reweight_from``
+and isolation rows must give the same logits chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import fastattn_icl
+from fastattn_icl import reference
+from fastattn_icl.integrations import ATTN_IMPLEMENTATION, AnchorState, IsolationState, get_controller
+from fastattn_icl.integrations.controller import find_controller
+from fastattn_icl.integrations.transformers import fastattn_icl_mask
+from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
+from tests.integrations.test_models import BACKENDS, DEVICES, assert_close, make_inputs, positions, tiny_model
+
+ORACLE = "fastattn_icl_test_oracle"
+T = 12
+
+
+def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
+    return t.expand(B, -1) if t.shape[0] == 1 else t
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference attention with the controller's method state; full passes only (Tq == Tk)."""
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    assert Tq == Tk, "the oracle implements full passes only"
+    state = find_controller(module).layer_state(module.layer_idx) if find_controller(module) else {}
+    common = dict(causal=True, scale=scaling, key_padding_mask=attention_mask)
+    iso = state.get("isolation")
+    if iso is not None:
+        common.update(isolation_rows=_rows(iso.rows, B), isolation_window=iso.window)
+    anchors = state.get("anchors")
+    probs = reference.attention_probs(query, key, **common) if kwargs.get("output_attentions") else None
+    if anchors is None:
+        out = reference.attention(query, key, value, **common)
+    else:
+        beta = state["beta"][module.layer_idx]
+        positions, classes = _rows(anchors.positions, B), _rows(anchors.classes, B)
+        out = reference.anchor_reweight_attention(
+            query, key, value, beta, positions, classes, reweight_from=anchors.reweight_from, **common
+        )
+        if probs is not None:
+            logw = anchor_log_weights(beta[None].expand(B, -1, -1).double(), positions, classes, Tk)  # [B, H, Tk]
+            rows = reweighted_rows(anchors.reweight_from, B, Tq, query.device)  # [B, Tq]
+            probs = probs * torch.where(rows[:, None, :, None], logw.exp()[:, :, None, :], 1.0).to(probs.dtype)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_oracle():
+    AttentionInterface.register(ORACLE, oracle_attention)
+    AttentionMaskInterface.register(ORACLE, fastattn_icl_mask)
+    yield
+
+
+def _state(B: int, L: int, H: int, seed: int = 0, reweight_from=None):
+    gen = torch.Generator().manual_seed(seed)
+    beta = torch.randn(L, H, 3, generator=gen)
+    anchors = AnchorState(
+        positions=torch.tensor([[4, 6, 9, -1], [5, 7, -1, 8]])[:B],
+        classes=torch.tensor([[0, 1, 2, 0], [2, 0, 0, 1]])[:B],
+        reweight_from=reweight_from,
+    )
+    return beta, anchors
+
+
+def _logits(model, ids, mask, **kw):
+    return model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw).logits
+
+
+@pytest.mark.parametrize("reweight_from", [None, 7], ids=["last-row", "from-7"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_reweighting_and_isolation_match_the_oracle_end_to_end(family, reweight_from):
+    model = tiny_model(family)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, L, H, reweight_from=reweight_from)
+    isolation = IsolationState(torch.tensor([[5, 8], [6, -1]]), window=1)
+    controller = get_controller(model)
+    results = {}
+    for impl in (ORACLE, ATTN_IMPLEMENTATION):
+        model.set_attn_implementation(impl)
+        b = beta.clone().requires_grad_(True)
+        with controller.override(anchors=anchors, beta=b), controller.override(layers=[1], isolation=isolation):
+            logits = _logits(model, ids, mask)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+        (logits * weights)[mask.bool()].sum().backward()
+        results[impl] = logits.detach(), b.grad
+    keep = mask.bool()
+    (ref, ref_grad), (out, grad) = results[ORACLE], results[ATTN_IMPLEMENTATION]
+    assert_close(out[keep], ref[keep], "logits with re-weighting and isolation")
+    assert ref_grad.abs().max() > 0
+    assert_close(grad, ref_grad, "d beta")
+    assert controller.is_empty()
+    with torch.no_grad():
+        plain = _logits(model, ids, mask)
+    assert (plain[keep] - out[keep]).abs().max() > 1e-3, "the method state changed nothing"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_reweighting_in_one_layer_matches_the_oracle(family):
+    """Re-weighting set for layer 0 only (β still the model-level [L, H, C] tensor): layer 1 is plain."""
+    model = tiny_model(family)
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, 2, 4, reweight_from=6)
+    controller = get_controller(model)
+    logits = {}
+    for impl in (ORACLE, ATTN_IMPLEMENTATION):
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), controller.override(layers=[0], anchors=anchors, beta=beta):
+            assert controller.layer_state(1) == {}
+            logits[impl] = _logits(model, ids, mask)
+    keep = mask.bool()
+    assert_close(logits[ATTN_IMPLEMENTATION][keep], logits[ORACLE][keep], "logits, layer 0 re-weighted")
+    with torch.no_grad():
+        plain = _logits(model, ids, mask)
+    assert torch.equal(plain[:, :6], logits[ATTN_IMPLEMENTATION][:, :6])
+    assert (plain[keep] - logits[ATTN_IMPLEMENTATION][keep]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_beta_zero_is_bitwise_plain_attention(family):
+    model = tiny_model(family, attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, model.config.num_hidden_layers, model.config.num_attention_heads)
+    with torch.no_grad():
+        plain = _logits(model, ids, mask)
+        with get_controller(model).override(anchors=anchors, beta=torch.zeros_like(beta)):
+            zero = _logits(model, ids, mask)
+    assert torch.equal(plain, zero)
+
+
+def _decode(model, ids, mask, prefill: int):
+    """Logits of every real position: a prefill of ``prefill`` tokens, then one cached step per token."""
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions(mask[:, :prefill]),
+                use_cache=True)
+    steps, past = [out.logits], out.past_key_values
+    for t in range(prefill, ids.shape[1]):
+        seen = mask[:, : t + 1]
+        out = model(ids[:, t : t + 1], attention_mask=seen, position_ids=positions(seen)[:, -1:], past_key_values=past,
+                    use_cache=True)
+        steps.append(out.logits)
+        past = out.past_key_values
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize(
+    "reweight_from", [3, 9, torch.tensor([5, 10])], ids=["in-prefill", "in-decode", "per-row"]
+)
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_cached_decode_matches_the_full_pass(family, reweight_from):
+    """``reweight_from`` is an absolute position: rows of a chunk before it are not re-weighted, rows at or
+    after it are, whether they come in the prefill or in a decode step."""
+    model = tiny_model(family, attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, model.config.num_hidden_layers, model.config.num_attention_heads,
+                           reweight_from=reweight_from)
+    isolation = IsolationState(torch.tensor([[5, 7], [6, -1]]), window=0)
+    controller = get_controller(model)
+    keep = mask.bool()
+    with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
+        full = _logits(model, ids, mask)
+        decoded = _decode(model, ids, mask, prefill=7)
+    assert_close(decoded[keep], full[keep], "cached decode vs full pass")
+    model.set_attn_implementation(ORACLE)
+    with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
+        oracle = _logits(model, ids, mask)
+    assert_close(full[keep], oracle[keep], "full pass vs oracle")
+
+
+def test_reweight_from_none_reweights_only_the_last_row_of_each_call():
+    model = tiny_model("gpt2", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=False)
+    beta, anchors = _state(2, 2, 4)
+    controller = get_controller(model)
+    with torch.no_grad():
+        plain = _logits(model, ids, mask)
+        with controller.override(anchors=anchors, beta=beta):
+            full = _logits(model, ids, mask)
+    assert torch.equal(full[:, :-1], plain[:, :-1])
+    assert (full[:, -1] - plain[:, -1]).abs().max() > 1e-3
+
+
+def _layer_outputs(monkeypatch):
+    seam = AttentionInterface._global_mapping[ATTN_IMPLEMENTATION]
+    outputs = {}
+
+    def spy(module, *args, **kwargs):
+        out = seam(module, *args, **kwargs)
+        outputs[module.layer_idx] = out[0].detach().clone()
+        return out
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, spy)
+    return outputs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_isolation_acts_only_in_the_chosen_layers(family, monkeypatch):
+    model = tiny_model(family, attn_implementation=ATTN_IMPLEMENTATION, layers=3)
+    outputs = _layer_outputs(monkeypatch)
+    ids, mask = make_inputs(2, T, padded=True)
+    controller = get_controller(model)
+    with torch.no_grad():
+        _logits(model, ids, mask)
+        plain = dict(outputs)
+        with controller.override(layers=[1], isolation=IsolationState(torch.tensor([[6, 9]]))):
+            _logits(model, ids, mask)
+        isolated = dict(outputs)
+        _logits(model, ids, mask)
+    assert torch.equal(isolated[0], plain[0]), "a layer before the isolated one changed"
+    assert (isolated[1] - plain[1]).abs().max() > 1e-4, "the isolated layer did not change"
+    assert torch.equal(outputs[2], plain[2]), "state leaked out of the context manager"
+    # only the isolated rows (6 and 9) of layer 1 change; rows before 6 are untouched
+    assert torch.equal(isolated[1][:, :6], plain[1][:, :6])
+
+
+def test_anchors_without_beta_and_attentions_with_state_raise():
+    model = tiny_model("gpt2", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=False)
+    beta, anchors = _state(2, 2, 4)
+    controller = get_controller(model)
+    with torch.no_grad():
+        with controller.override(anchors=anchors), pytest.raises(ValueError, match="'beta' is not set"):
+            _logits(model, ids, mask)
+        with controller.override(anchors=anchors, beta=beta[0]), pytest.raises(TypeError, match=r"\[L, H, C\]"):
+            _logits(model, ids, mask)
+        with controller.override(isolation=torch.tensor([[3]])), pytest.raises(TypeError, match="IsolationState"):
+            _logits(model, ids, mask)
+        bad = AnchorState(anchors.positions, anchors.classes, reweight_from=torch.tensor([1, 2, 3]))
+        with controller.override(anchors=bad, beta=beta), pytest.raises(ValueError, match="reweight_from"):
+            _logits(model, ids, mask)
+    assert controller.is_empty()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_output_attentions_show_the_methods(family):
+    """The returned weights are the re-weighted, isolated ``P̂`` the kernel used (rows of ``P̂`` do not sum to
+    1 where ``β ≠ 0``)."""
+    model = tiny_model(family)
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, 2, 4, reweight_from=8)
+    isolation = IsolationState(torch.tensor([[5, 9], [6, -1]]), window=1)
+    controller = get_controller(model)
+    weights = {}
+    for impl in (ORACLE, ATTN_IMPLEMENTATION):
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
+            weights[impl] = model(ids, attention_mask=mask, output_attentions=True).attentions
+    keep = mask.bool()
+    for ref, out in zip(weights[ORACLE], weights[ATTN_IMPLEMENTATION]):
+        assert_close(out.transpose(1, 2)[keep], ref.transpose(1, 2)[keep], "attention weights")
+    row_sums = weights[ATTN_IMPLEMENTATION][0].sum(-1)[0]  # [H, Tq] of the unpadded batch row
+    assert (row_sums[:, :8] - 1).abs().max() < 1e-5 and (row_sums[:, 8:] - 1).abs().max() > 1e-3
+
+
+def test_isolation_window_running_past_a_decode_chunk_raises():
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(1, T, padded=False)
+    controller = get_controller(model)
+    with torch.no_grad(), controller.override(isolation=IsolationState(torch.tensor([[5]]), window=3)):
+        _logits(model, ids, mask)  # the whole window is inside the pass
+        with pytest.raises(NotImplementedError, match="runs past the last key"):
+            _logits(model, ids[:, :7], mask[:, :7])
+        with pytest.raises(NotImplementedError, match="runs past the last key"):
+            _decode(model, ids, torch.ones_like(ids), prefill=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_a_one_layer_model(backend):
+    """The Triton kernels (interpreter on CPU) run the same state as the PyTorch backend."""
+    device = DEVICES[backend]
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION, layers=1).to(device)
+    ids, mask = (t.to(device) for t in make_inputs(2, 10, padded=True))
+    beta, anchors = _state(2, 1, 4, reweight_from=6)
+    anchors = AnchorState(anchors.positions.to(device), anchors.classes.to(device), anchors.reweight_from)
+    isolation = IsolationState(torch.tensor([[5, 7]], device=device))
+    controller = get_controller(model)
+    keep = mask.bool()
+    logits = {}
+    for name in ("torch", backend):
+        b = beta.to(device).requires_grad_(True)
+        with fastattn_icl.use_backend(name), controller.override(anchors=anchors, beta=b, isolation=isolation):
+            out = _logits(model, ids, mask)
+        out[keep].pow(2).sum().backward()
+        logits[name] = out.detach(), b.grad
+    assert_close(logits[backend][0][keep], logits["torch"][0][keep], f"{backend} logits")
+    assert_close(logits[backend][1], logits["torch"][1], f"{backend} d beta")

@@ -1,0 +1,141 @@
+"""isolate(): chosen layers only, restored on exit (also on exceptions); the random non-label control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.integrations import ATTN_IMPLEMENTATION, get_controller
+from fastattn_icl.methods import (
+    PromptBuilder,
+    collate,
+    first_layers,
+    isolate,
+    label_loyalty,
+    label_predictions,
+    last_layers,
+    pad_positions,
+    random_non_label_positions,
+    word_loyalty,
+)
+from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
+from tests.integrations.test_models import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with fastattn_icl.use_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def batch():
+    builder = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(4, seed=1))
+    examples = [builder.example(x, y) for x, y in dataset(4, seed=2)]
+    return collate(examples), builder.label_token_ids
+
+
+def _all_logits(model, batch):
+    """Logits of every real position ``[N, V]``."""
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def _logits(model, batch):
+    """Logits at the final position ``[B, V]``, where the label is predicted."""
+    with torch.no_grad():
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False).logits[:, -1]
+
+
+def test_layer_helpers():
+    model = tiny_model("llama", layers=3)
+    assert first_layers(model, 2) == [0, 1] and last_layers(model, 2) == [1, 2] and last_layers(model, 0) == []
+    with pytest.raises(ValueError, match="k must be in"):
+        first_layers(model, 4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_isolation_changes_logits_only_inside_the_block_and_per_layer_choice(family, batch):
+    inputs, _ = batch
+    model = tiny_model(family, **({"sliding_window": 128} if family == "mistral" else {}))  # prompts are longer than 32
+    plain = _all_logits(model, inputs)
+    labels = inputs["anchor_positions"]
+    results = {}
+    for name, layers in (("first", first_layers(model, 1)), ("last", last_layers(model, 1)), ("all", None)):
+        with isolate(model, labels, layers=layers) as controller:
+            assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+            assert controller.layer_state(0).keys() == ({"isolation"} if name != "last" else set())
+            results[name] = _all_logits(model, inputs)
+        assert get_controller(model).is_empty() and model.config._attn_implementation == "eager"
+    for name, logits in results.items():
+        assert (logits - plain).abs().max() > 1e-3, f"isolating the {name} layer(s) changed nothing"
+    assert (results["first"] - results["last"]).abs().max() > 1e-3
+    # in the last layer only the isolated rows themselves change (nothing later reads them)
+    first_label = int(labels[labels >= 0].min())
+    torch.testing.assert_close(results["last"][:first_label], plain[:first_label], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_all_logits(model, inputs), plain, rtol=0, atol=0)
+
+
+def test_isolate_restores_on_exception_and_checks_arguments(batch):
+    inputs, _ = batch
+    model = tiny_model("gpt2", attn_implementation=ATTN_IMPLEMENTATION)
+    with pytest.raises(RuntimeError, match="boom"):
+        with isolate(model, [[3, 7]], layers=[1], window=1):
+            assert get_controller(model).get("isolation", layer_idx=1).window == 1
+            raise RuntimeError("boom")
+    assert get_controller(model).is_empty() and model.config._attn_implementation == ATTN_IMPLEMENTATION
+    with pytest.raises(ValueError, match="window"):
+        with isolate(model, [[3]], window=-1):
+            pass
+    with pytest.raises(ValueError, match="layer index"):
+        with isolate(model, [[3]], layers=[5]):
+            pass
+    assert get_controller(model).is_empty()
+
+
+def test_pad_positions():
+    assert pad_positions([[1, 2], [5]]).tolist() == [[1, 2], [5, -1]]
+    assert pad_positions(torch.tensor([4, 6])).tolist() == [[4, 6]]
+    with pytest.raises(TypeError):
+        pad_positions(torch.tensor([1.0]))
+
+
+def test_random_non_label_positions():
+    labels = torch.tensor([[4, 9, 14], [7, 12, -1]])
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    drawn = random_non_label_positions(labels, mask, seed=3)
+    assert drawn.shape == labels.shape and drawn[1, 2] == -1
+    for row, lab in zip(drawn, labels):
+        used, pick = lab[lab >= 0], row[row >= 0]
+        assert len(pick) == len(used) == len(set(pick.tolist()))
+        assert not set(pick.tolist()) & set(used.tolist())
+        assert int(pick.max()) <= int(used.max())  # from the demonstrations, not the query
+    assert int(drawn[1][drawn[1] >= 0].min()) >= 5  # never a padding position
+    assert torch.equal(drawn, random_non_label_positions(labels, mask, seed=3))
+    assert not torch.equal(drawn, random_non_label_positions(labels, mask, seed=4))
+    anywhere = random_non_label_positions([[2]], seq_len=6, high=6, seed=0)
+    assert anywhere.shape == (1, 1) and int(anywhere) in {0, 1, 3, 4, 5}
+    with pytest.raises(ValueError, match="non-label positions"):
+        random_non_label_positions([[0, 1]], seq_len=2)
+
+
+def test_isolation_study_with_loyalty(batch):
+    """The paper's comparison on a tiny model: loyalty is 1 without isolation and in [0, 1] with it."""
+    inputs, label_ids = batch
+    model = tiny_model("gpt2", layers=2)
+    reference = _logits(model, inputs)
+    ref_pred = label_predictions(reference, label_ids)
+    assert label_loyalty(label_predictions(_logits(model, inputs), label_ids), ref_pred) == 1.0
+    assert word_loyalty(_logits(model, inputs), reference) == 1.0
+    control = random_non_label_positions(inputs["anchor_positions"], inputs["attention_mask"], seed=0)
+    for rows in (inputs["anchor_positions"], control):
+        with isolate(model, rows, layers=first_layers(model, 1)):
+            logits = _logits(model, inputs)
+        assert 0.0 <= label_loyalty(label_predictions(logits, label_ids), ref_pred) <= 1.0
+        assert 0.0 <= word_loyalty(logits, reference, k=5) <= 1.0
+        assert (logits - reference).abs().max() > 1e-4
