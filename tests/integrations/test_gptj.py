@@ -24,11 +24,9 @@ from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.gptj import GPTJPatch, _fastattn_icl_attn, patch_gptj
 from fastattn_icl.testing import check_close
+from tests.integrations.test_models import PAD, VOCAB, assert_close, compare_grads, make_inputs, positions
 
-RTOL, ATOL = 1e-4, 1e-6
-VOCAB = 100
 PREFILL, DECODE_STEPS = 10, 4
-PAD = 3  # left-padding of the second row
 
 
 def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: int = 8, seed: int = 0, **overrides):
@@ -55,35 +53,6 @@ def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: in
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
-
-
-def make_inputs(batch: int, length: int, padded: bool, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if padded:
-        mask[1, :PAD] = 0
-        ids[1, :PAD] = 2
-    return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    err = (actual - expected).abs().max().item()
-    bound = RTOL * expected.abs().max().item() + ATOL
-    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
-
-
-def compare_grads(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    model_scale = max(g.abs().max().item() for g in expected.values())
-    for name, ref in expected.items():
-        err = (actual[name] - ref).abs().max().item()
-        bound = RTOL * max(ref.abs().max().item(), 1e-3 * model_scale)
-        assert err <= bound, f"grad of {name}: max abs error {err:.3e} > {bound:.3e}"
 
 
 def run_prefill(model, ids, mask):
