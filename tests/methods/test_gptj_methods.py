@@ -1,0 +1,297 @@
+"""The ICL method workflows on GPT-J, which transformers does not route through ``AttentionInterface``:
+``enable`` / ``enabled`` / ``routed`` patch it with :func:`~fastattn_icl.integrations.gptj.patch_gptj`
+(and revert exactly), so ``AnchorReweighting`` and ``isolate`` work on it unchanged.
+
+The reference is the oracle attention of ``tests/integrations/test_method_state.py`` (the reference
+implementations on the same q/k/v with the same controller state), put in the seam's place for the whole
+model: the patched ``_attn`` calls ``seam.fastattn_icl_attention_forward``, which is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.integrations import ATTN_IMPLEMENTATION, disable, enable, enabled, get_controller, routed
+from fastattn_icl.integrations import transformers as seam
+from fastattn_icl.integrations.controller import CONTROLLER_ATTR
+from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
+from fastattn_icl.methods import AnchorReweighting, PromptBuilder, collate, isolate
+from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
+from tests.integrations.test_gptj import assert_close, tiny_gptj
+from tests.integrations.test_method_state import oracle_attention
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with fastattn_icl.use_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=1))  # 1 demonstration per class
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """Inside ``with oracle():`` the patched GPT-J runs the reference attention instead of the seam."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap():
+        layers = []
+
+        def counting(module, *args, **kwargs):
+            layers.append(module.layer_idx)
+            return oracle_attention(module, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(seam, "fastattn_icl_attention_forward", counting)
+            yield
+        assert layers == [0, 1], "the oracle did not replace the seam in every layer"
+
+    return swap
+
+
+@pytest.fixture
+def seam_outputs(monkeypatch):
+    """Per seam call of a patched GPT-J: (layer_idx, output ``[B, Tq, H, D]``)."""
+    calls = []
+    original = seam.fastattn_icl_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out = original(module, *args, **kwargs)
+        calls.append((module.layer_idx, out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", recording)
+    return calls
+
+
+def _examples(builder, n, seed):
+    return [builder.example(x, y) for x, y in dataset(n, seed=seed)]
+
+
+def _random_beta(rw, seed=0):
+    with torch.no_grad():
+        rw.beta.copy_(torch.randn(rw.beta.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def _logits(model, batch):
+    return model(
+        batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False
+    ).logits
+
+
+def _snapshot(model):
+    """Everything the patch touches, per module: instance attributes (the controller excluded), hooks,
+    ``layer_idx``; and the config's implementation."""
+    modules = []
+    for module in model.modules():
+        keys = frozenset(k for k in module.__dict__ if k != CONTROLLER_ATTR)
+        hooks = tuple(
+            len(getattr(module, name))
+            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_called")
+        )
+        modules.append((keys, hooks, getattr(module, "layer_idx", None)))
+    return modules, model.config._attn_implementation
+
+
+def _patched(model):
+    return [_is_patched(block.attn) for block in model.transformer.h]
+
+
+def test_enable_disable_patch_gptj_and_revert_exactly():
+    model = tiny_gptj()
+    get_controller(model)
+    before = _snapshot(model)
+    previous = enable(model)
+    assert previous == "eager" and _patched(model) == [True, True]
+    assert all(block.attn.__dict__[CONTROLLER_ATTR] is get_controller(model) for block in model.transformer.h)
+    assert enable(model) == ATTN_IMPLEMENTATION  # already routed: left as it is
+    disable(model, ATTN_IMPLEMENTATION)
+    assert _patched(model) == [True, True]
+    disable(model, previous)
+    assert _patched(model) == [False, False] and _snapshot(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with enabled(model) as controller:
+            assert controller is get_controller(model) and _patched(model) == [True, True]
+            raise RuntimeError("boom")
+    assert _snapshot(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with routed(model):
+            assert _patched(model) == [True, True]
+            raise RuntimeError("boom")
+    assert _snapshot(model) == before
+
+
+def test_routed_leaves_a_patch_of_the_caller_alone():
+    model = tiny_gptj()
+    with patch_gptj(model) as handle:
+        with routed(model), enabled(model):
+            assert _patched(model) == [True, True]
+        assert handle.active and _patched(model) == [True, True]
+        with pytest.raises(RuntimeError, match="patch_gptj"):
+            disable(model, "eager")  # not enable()'s patch: refused, not reverted behind the handle's back
+        assert _patched(model) == [True, True]
+    assert _patched(model) == [False, False]
+
+
+def test_a_family_neither_routed_nor_patched_raises_naming_it():
+    from transformers import AutoModelForCausalLM, CodeGenConfig
+
+    config = CodeGenConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=100, bos_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with pytest.raises(RuntimeError, match=r"CodeGenForCausalLM \(model_type 'codegen'\).*gptj"):
+        enable(model)
+    with pytest.raises(RuntimeError, match="codegen"):
+        with routed(model):
+            pass
+    assert model.config._attn_implementation == "eager"
+
+
+def test_beta_zero_is_the_unpatched_eager_model(builder):
+    model = tiny_gptj()
+    rw = AnchorReweighting(model, builder.num_classes, builder.label_token_ids)
+    examples = _examples(builder, 4, seed=3)
+    batch = collate(examples)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        eager = _logits(model, batch)
+        assert eager.abs().max() > 0.5
+        with rw.applied(batch["anchor_positions"], batch["anchor_classes"]):
+            assert _patched(model) == [True, True]
+            zero = _logits(model, batch)
+        vanilla, reweighted = rw.label_logits(examples, reweight=False), rw.label_logits(examples)
+    assert _patched(model) == [False, False]
+    assert_close(zero[keep], eager[keep], "logits with beta = 0 vs the unpatched eager GPT-J")
+    assert torch.equal(reweighted, vanilla)
+    assert_close(vanilla, eager[:, -1, rw.label_token_ids], "label logits vs eager")
+
+
+def test_reweighting_one_layer_matches_the_reference(builder, oracle):
+    model = tiny_gptj()
+    rw = AnchorReweighting(model, builder.num_classes, builder.label_token_ids)
+    _random_beta(rw)
+    batch = collate(_examples(builder, 3, seed=5))  # left-padded
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        plain = _logits(model, batch)
+    results = {}
+    for name in ("oracle", "seam"):
+        rw.beta.grad = None
+        with rw.applied(batch["anchor_positions"], batch["anchor_classes"], layers=[1]) as controller:
+            assert controller.layer_state(0) == {} and controller.get("beta", 1) is rw.beta
+            if name == "oracle":
+                with oracle():
+                    logits = _logits(model, batch)
+            else:
+                logits = _logits(model, batch)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+        (logits * weights)[keep].sum().backward()
+        results[name] = logits.detach(), rw.beta.grad.clone()
+    (ref, ref_grad), (out, grad) = results["oracle"], results["seam"]
+    assert_close(out[keep], ref[keep], "logits, layer 1 re-weighted")
+    assert ref_grad[1].abs().max() > 0 and not ref_grad[0].any() and not grad[0].any()
+    assert_close(grad, ref_grad, "d beta")
+    # only the last query row is re-weighted (reweight_from=None) in the last layer: nothing else changes
+    torch.testing.assert_close(out[:, :-1], plain[:, :-1], rtol=0, atol=1e-5)
+    assert (out[:, -1] - plain[:, -1]).abs().max() > 1e-3
+    assert get_controller(model).is_empty() and _patched(model) == [False, False]
+
+
+def test_fit_lowers_the_loss_and_evaluate_compares(builder):
+    model = tiny_gptj()
+    rw = AnchorReweighting(model, builder.num_classes, builder.label_token_ids)
+    before_state = _snapshot(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train = _examples(builder, 4, seed=4)
+    with torch.no_grad():
+        before = rw.loss(train).item()
+    history = rw.fit(train, epochs=3, progress=False)
+    with torch.no_grad():
+        after = rw.loss(train).item()
+    assert len(history) == 3 and after < before - 1e-3, (before, after, history)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()), "the model was trained"
+    assert all(p.requires_grad for p in model.parameters())
+    assert get_controller(model).is_empty() and _snapshot(model) == before_state
+    test = _examples(builder, 4, seed=6)
+    with torch.no_grad():
+        rw.beta.zero_()
+    result = rw.evaluate(test)
+    assert result.num_examples == 4 and torch.equal(result.predictions_vanilla, result.predictions_reweighted)
+    shifted = []
+    for c in range(builder.num_classes):  # a large weight on one class's anchors in every layer
+        with torch.no_grad():
+            rw.beta.zero_()
+            rw.beta[:, :, c] = 8.0
+        evaluation = rw.evaluate(test)
+        assert torch.equal(evaluation.predictions_vanilla, result.predictions_vanilla)
+        shifted.append(evaluation.predictions_reweighted)
+    assert not torch.equal(shifted[0], shifted[1]), "re-weighting changed no prediction"
+    assert _snapshot(model) == before_state
+
+
+def test_isolation_changes_only_the_chosen_layers(builder, seam_outputs, oracle):
+    model = tiny_gptj()
+    batch = collate(_examples(builder, 3, seed=2))
+    keep = batch["attention_mask"].bool()
+    labels = batch["anchor_positions"]
+    with torch.no_grad():
+        eager = _logits(model, batch)
+        with routed(model):
+            plain = _logits(model, batch)
+        plain_out = dict(seam_outputs)
+        seam_outputs.clear()
+        with isolate(model, labels, layers=[1]) as controller:
+            assert controller.layer_state(0) == {} and set(controller.layer_state(1)) == {"isolation"}
+            isolated = _logits(model, batch)
+            with oracle():
+                ref = _logits(model, batch)
+        isolated_out = dict(seam_outputs)
+    assert get_controller(model).is_empty() and _patched(model) == [False, False]
+    assert_close(plain[keep], eager[keep], "plain patched vs eager")
+    assert torch.equal(isolated_out[0], plain_out[0]), "layer 0 is not isolated"
+    rows = keep[:, :, None, None]
+    assert ((isolated_out[1] - plain_out[1]) * rows).abs().max() > 1e-3, "layer 1 is isolated"
+    assert_close(isolated[keep], ref[keep], "logits with layer 1 isolated vs the reference")
+    # in the last layer only the isolated rows change: rows before the first label word are untouched
+    first = int(labels[labels >= 0].min())
+    torch.testing.assert_close(isolated[:, :first], plain[:, :first], rtol=0, atol=0)
+    assert (isolated[keep] - plain[keep]).abs().max() > 1e-3
+    with torch.no_grad(), isolate(model, labels, layers=[0]):
+        shallow = _logits(model, batch)
+    assert (shallow[keep] - isolated[keep]).abs().max() > 1e-3
+
+
+def test_state_and_module_restored_on_exceptions(builder):
+    model = tiny_gptj()
+    rw = AnchorReweighting(model, builder.num_classes, builder.label_token_ids)
+    controller = get_controller(model)
+    before = _snapshot(model)
+    batch = collate([builder.example("fun", 1)])
+    with pytest.raises(RuntimeError, match="boom"):
+        with rw.applied(batch["anchor_positions"], batch["anchor_classes"], layers=[0]):
+            assert _patched(model) == [True, True] and not controller.is_empty()
+            raise RuntimeError("boom")
+    assert controller.is_empty() and _snapshot(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with isolate(model, batch["anchor_positions"], layers=[1]):
+            raise RuntimeError("boom")
+    assert controller.is_empty() and _snapshot(model) == before
+    ids = batch["input_ids"]
+    with pytest.raises(NotImplementedError, match="4D"), isolate(model, batch["anchor_positions"]):
+        model(ids, attention_mask=torch.ones(1, 1, ids.shape[1], ids.shape[1]), use_cache=False)  # fails in forward
+    assert controller.is_empty() and _snapshot(model) == before
+    with pytest.raises(ValueError, match="label"):
+        rw.fit([builder.example("fun")], progress=False)
+    assert controller.is_empty() and _snapshot(model) == before
+    # a model that already runs through the seam stays patched after the workflows
+    previous = enable(model)
+    with rw.applied(batch["anchor_positions"], batch["anchor_classes"]), isolate(model, batch["anchor_positions"]):
+        pass
+    assert _patched(model) == [True, True] and controller.is_empty()
+    disable(model, previous)
+    assert _snapshot(model) == before
