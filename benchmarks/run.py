@@ -1,12 +1,15 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--bench all|attention|anchors]
+    python -m benchmarks.run [--bench all|attention|anchors|epoch]
                              [--set default|acceptance|papers|anchors|cpu|all|tiny] [--modes fwd bwd fwd+bwd]
                              [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
                              [--rep-ms MS] [--device cuda|cpu] [--out benchmarks/results]
 
 ``--bench all`` (the default) runs the base attention benchmark, then the anchor re-weighting and
-isolation benchmark (``benchmarks/bench_anchors.py``).
+isolation benchmark (``benchmarks/bench_anchors.py``), then one anchor re-weighting training epoch end to
+end (``benchmarks/bench_reweighting_epoch.py``: ``default``/``all`` is its GPT2-XL-shaped set on a GPU,
+its small CPU set otherwise; ``cpu`` and ``tiny`` name its CPU and smoke-test sets, the other sets have no
+epoch cases; ``--modes``, ``--providers`` and ``--batch`` do not apply to it).
 ``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
 (for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
 set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
@@ -15,7 +18,8 @@ process on a small machine stalls every parallel region and times jump by 10-100
 keeps the ratios between providers steady.
 
 Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-slug>-anchors.json``/``.md``
-and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), and prints one line per measured row,
+and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), ``<out>/<device-slug>-epoch.json``/``.md``
+(epoch benchmark), and prints one line per measured row,
 then the targets and where the results went.
 """
 
@@ -26,11 +30,11 @@ import sys
 
 import torch
 
-from benchmarks import bench_anchors, bench_attention
+from benchmarks import bench_anchors, bench_attention, bench_reweighting_epoch
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
 from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_set
 
-BENCHES = ("all", "attention", "anchors")
+BENCHES = ("all", "attention", "anchors", "epoch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +88,8 @@ def main(argv=None) -> int:
             run_attention(args, device, timing)
     if args.bench in ("all", "anchors"):
         run_anchors(args, device, timing)
+    if args.bench in ("all", "epoch"):
+        run_epoch(args, device)
     return 0
 
 
@@ -134,6 +140,24 @@ def run_anchors(args, device: torch.device, timing: TimingConfig) -> None:
                 print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
         json_path, md_path = bench_anchors.write_results(results, feature, args.out)
         print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+
+
+# ---- one anchor re-weighting training epoch (benchmarks/bench_reweighting_epoch.py) ------------------
+
+
+def run_epoch(args, device: torch.device) -> None:
+    cases = bench_reweighting_epoch.epoch_set(args.set, cuda=device.type == "cuda")
+    if not cases:
+        print(f"benchmarks: epoch: set {args.set!r} has no epoch cases, skipped")
+        return
+    print(f"benchmarks: re-weighting epoch on {device}, set {args.set!r} ({len(cases)} cases)")
+    results = bench_reweighting_epoch.run_epoch_bench(
+        cases, device, timing=bench_reweighting_epoch.epoch_timing(args.rep_ms), set_name=args.set
+    )
+    for note in results["skipped"]:
+        print(f"  note: {note}")
+    json_path, md_path = bench_reweighting_epoch.write_results(results, args.out)
+    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -378,3 +378,38 @@ def test_anchors_sliced_check_on_large_shapes(monkeypatch, no_gc):
     res = bench_anchors.run_feature("isolation", [iso], ["fwd+bwd"], CPU, timing=FAST, progress=None)
     for row in res["rows"]:
         assert row["status"] == STATUS_OK and row["check"]["scope"] == "batch 2, kv head 3 (query heads 3..3)", row
+
+
+def test_reweighting_epoch_bench_cli_smoke(tmp_path, capsys, monkeypatch, no_gc):
+    # one AnchorReweighting.fit epoch per provider on the tiny set through the CLI, files written; then a
+    # seam whose dbeta is off by 1.5x fails the gate and its speed-up is refused
+    from benchmarks import bench_reweighting_epoch as epoch
+
+    threads = torch.get_num_threads()
+    argv = ["--bench", "epoch", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "wrote" in capsys.readouterr().out
+    data = json.loads((tmp_path / "cpu-epoch.json").read_text())
+    md = (tmp_path / "cpu-epoch.md").read_text()
+    assert [p["name"] for p in data["providers"]] == ["fastattn_icl", "eager"]
+    assert len(data["rows"]) == 2 * 2
+    for r in data["rows"]:
+        assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+        assert r["median_ms"] > 0 and r["mode"] == "epoch" and r["peak_mem_bytes"] is None
+        assert set(r["check"]["errors"]) == {"dbeta"}
+    ours = [r for r in data["rows"] if r["provider"] == "fastattn_icl"]
+    assert all(r["speedup_vs"]["eager"] for r in ours)
+    assert "correctness gate" in md and "vs eager" in md
+
+    real = epoch._dbeta
+    monkeypatch.setattr(
+        epoch, "_dbeta", lambda rw, ex, beta, p: real(rw, ex, beta, p) * (1.5 if p == epoch.OURS else 1.0)
+    )
+    res = epoch.run_epoch_bench(epoch.epoch_set("tiny", cuda=False)[:1], CPU, timing=FAST, progress=None)
+    by = {r["provider"]: r for r in res["rows"]}
+    assert by["fastattn_icl"]["status"] == STATUS_INCORRECT and by["eager"]["status"] == STATUS_OK
+    assert by["fastattn_icl"]["speedup_text"]["eager"] == "n/a (check failed)"
+    assert by["eager"]["speedup_vs"]["fastattn_icl"] is None
