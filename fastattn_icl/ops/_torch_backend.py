@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from fastattn_icl.ops.features import ISOLATION_VALUE
+
 _CHUNK_ELEMENTS = 1 << 24  # scores per chunk, summed over batch and heads
-ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant
 
 
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
@@ -71,8 +72,13 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
                                           q.device)
         if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
             s = s.masked_fill(iso & vis, ISOLATION_VALUE)
-        row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - row_lse.masked_fill(torch.isinf(row_lse), 0.0)[..., None])
+        # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
+        # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
+        row_max = s.amax(dim=-1, keepdim=True)
+        p = torch.exp(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
+        denom = p.sum(dim=-1, keepdim=True)
+        row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
+        p = p / denom.masked_fill(denom == 0, 1.0)
         if weights is not None:  # numerator only: the denominator (lse) stays unweighted
             p = p * weights
         o = torch.matmul(p, vf)
@@ -121,9 +127,6 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         dv += torch.matmul(pw.transpose(-1, -2), do_c).sum(2)
         dq[:, :, :, rows] = torch.matmul(ds, kf) * scale
         dk += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
-    return (
-        dq.reshape(B, H, Tq, D).to(q.dtype),
-        dk.to(k.dtype),
-        dv.to(v.dtype),
-        None if dlogw is None else dlogw.reshape(B, H, Tk),
-    )
+    # gradients take the strides of their inputs, as the op's fake kernel promises (torch.empty_like)
+    grads = [torch.empty_like(t).copy_(g.reshape(t.shape)) for t, g in ((q, dq), (k, dk), (v, dv))]
+    return (*grads, None if dlogw is None else dlogw.reshape(B, H, Tk))

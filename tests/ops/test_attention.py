@@ -183,6 +183,19 @@ def test_torch_compile_fullgraph_traces_the_op():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck_backward_with_bthd_inputs(backend):
+    """Gradients must have the strides the fake kernel promises (those of q, k, v), also for the
+    transposed [B, T, H, D] views Hugging Face models pass, or compiled code reads the wrong memory."""
+    q, k, v, do, kpm = _inputs(2, 4, 2, 9, 9, 16, torch.float32, pad=True, layout="bthd")
+    out, lse = torch.ops.fastattn_icl.attention_fwd(q, k, v, kpm, None, None, None, True, 0.25, backend)
+    torch.library.opcheck(
+        torch.ops.fastattn_icl.attention_bwd.default,
+        (do, q, k, v, out, lse, kpm, None, None, None, True, 0.25, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 def test_opcheck_forward_and_backward():
     q, k, v, do, kpm = _inputs(1, 2, 1, 9, 12, 16, torch.float32, pad=True)
     fwd = torch.ops.fastattn_icl.attention_fwd.default
