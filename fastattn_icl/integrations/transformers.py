@@ -54,7 +54,7 @@ import torch
 
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, find_controller
 from fastattn_icl.ops import anchor_reweight_attention, attention
-from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
 
@@ -264,7 +264,7 @@ def _attention_weights(
     if "isolation_rows" in method:
         limit = isolation_limit(method["isolation_rows"], method["isolation_window"], B, Tq, Tk, query.device)
         isolated = torch.arange(Tk, device=query.device)[None, None, :] < limit[:, :, None]  # [B, Tq, Tk]
-        scores = scores.masked_fill(isolated[:, None, None] & visible, -1e4)  # masking wins
+        scores = scores.masked_fill(isolated[:, None, None] & visible, ISOLATION_VALUE)  # masking wins
     weights = torch.softmax(scores, dim=-1) * visible
     if "beta" in method:
         logw = anchor_key_log_weights(method["beta"], method["anchor_positions"], method["anchor_classes"], B, H, Tk)
@@ -286,12 +286,17 @@ def _batched(name: str, t: Any, B: int, device: torch.device) -> torch.Tensor:
     return t.to(device, torch.long)
 
 
-def _isolation_arguments(state: IsolationState, B: int, Tk: int, device: torch.device) -> dict[str, Any]:
+def _keys_so_far(positions: torch.Tensor, Tk: int) -> torch.Tensor:
+    """Positions that are not keys of this call yet become unused (-1): with chunked prefill or cached
+    decoding a call can come before a label word. The seam cannot tell such a position from one past the
+    end of the whole input, so the workflows check positions against the input they build."""
+    return torch.where(positions >= Tk, -1, positions)
+
+
+def _isolation_arguments(state: IsolationState, B: int, Tq: int, Tk: int, device: torch.device) -> dict[str, Any]:
     if not isinstance(state, IsolationState):
         raise TypeError(f"fastattn_icl: method state 'isolation' must be an IsolationState, got {type(state).__name__}")
-    rows = _batched("isolation.rows", state.rows, B, device)
-    # positions after the keys of this call (a chunk before them) are not isolated yet
-    rows = torch.where(rows < Tk, rows, -1)
+    rows = _keys_so_far(_batched("isolation.rows", state.rows, B, device), Tk)
     used = rows >= 0
     if not bool(used.any()):
         return {}
@@ -328,7 +333,7 @@ def _anchor_arguments(
         )
     positions = _batched("anchors.positions", anchors.positions, B, device)
     classes = _batched("anchors.classes", anchors.classes, B, device)
-    positions = torch.where(positions < Tk, positions, -1)  # label words after this chunk: not keys yet
+    positions = _keys_so_far(positions, Tk)
     active = (positions >= 0).any(dim=1)  # [B]
     start = anchors.reweight_from
     if start is None:
@@ -366,7 +371,7 @@ def _method_arguments(
     Tk = key.shape[2]
     kwargs: dict[str, Any] = {}
     if state.get("isolation") is not None:
-        kwargs.update(_isolation_arguments(state["isolation"], B, Tk, query.device))
+        kwargs.update(_isolation_arguments(state["isolation"], B, Tq, Tk, query.device))
     anchors, beta = state.get("anchors"), state.get("beta")
     if (anchors is None) != (beta is None):
         missing = "beta" if beta is None else "anchors"

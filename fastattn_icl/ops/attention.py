@@ -107,6 +107,8 @@ def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anch
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     logw = row_from = limit = None
     if beta is not None:
+        if isinstance(beta, torch.Tensor) and beta.device != q.device:
+            raise ValueError(f"beta must be on {q.device} (as q), got {beta.device}")
         logw = anchor_key_log_weights(beta, anchor_positions, anchor_classes, B, H, Tk)
         row_from = reweight_start(reweight_from, B, Tq, q.device)
     if isolation_rows is not None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant (not -inf, not added)
+
 
 def _index_tensor(name: str, t, dims: int, layout: str, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
