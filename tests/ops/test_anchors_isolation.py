@@ -180,13 +180,20 @@ def test_isolation_and_reweighting_together_with_padding(backend):
     _compare(ours, oracle, [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
 
 
-def test_isolated_logits_are_overwritten_not_added():
-    """Row p with isolation sees keys 0..p-1 at logit -1e4: their weight is exp(-1e4 - lse) = 0, so the
-    row attends only to keys p..p (itself), whatever the original logits were."""
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_isolated_logits_are_overwritten_not_added(backend):
+    """Row 5 is isolated and its own key is padded, so every key it sees (0..4) has its logit overwritten
+    with the same -1e4: the softmax is uniform and the output is mean(v[0..4]). Adding -1e4 instead would
+    keep the original logits' differences and give a different, non-uniform mix."""
     q, k, v, _ = _qkv(1, 1, 1, 8, 8, 16, torch.float32, seed=2)
+    q = q * 4.0  # logits far from uniform, so overwrite and add differ clearly
+    kpm = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    kpm[0, 5] = False
     rows = torch.tensor([[5]], device=DEVICE)
-    out = fastattn_icl.attention(q, k, v, isolation_rows=rows, backend="triton")
-    torch.testing.assert_close(out[0, 0, 5], v[0, 0, 5])
+    out = fastattn_icl.attention(q, k, v, key_padding_mask=kpm, isolation_rows=rows, backend=backend)
+    torch.testing.assert_close(out[0, 0, 5], v[0, 0, :5].mean(0))
+    plain = fastattn_icl.attention(q, k, v, key_padding_mask=kpm, backend=backend)
+    assert (plain[0, 0, 5] - v[0, 0, :5].mean(0)).abs().max() > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------
