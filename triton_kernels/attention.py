@@ -10,9 +10,19 @@ Visibility: bottom-right causal (row ``i`` sees key ``j`` iff ``j <= i + Tk - Tq
 ``IS_CAUSAL``, and the key-padding mask ``[B, Tk]`` (nonzero = keep) when ``HAS_PADDING``. A row that
 sees no key returns 0 and ``lse = -inf``; no NaN is ever produced.
 
-Backward (``D = rowsum(dO ∘ O)``)::
+Method flags (both off = plain attention, same code path):
 
-    dV = Pᵀ dO      dP = dO Vᵀ      dS = P ∘ (dP - D)      dQ = scale · dS K      dK = scale · dSᵀ Q
+- ``HAS_ANCHORS`` (SPEC §2): per-key log-weights ``logw [B, H, Tk]`` (β of the anchor's class at anchor
+  keys, 0 elsewhere) and the first re-weighted query row ``[B]``. On re-weighted rows
+  ``P̂ = W ∘ P`` with ``W = exp(logw)``: the numerator only, the softmax denominator stays unweighted.
+- ``HAS_ISOLATION`` (SPEC §3): a per-row column limit ``[B, Tq]``; keys ``j < limit`` get the logit
+  ``-1e4`` (overwritten, after scaling and masking; a masked key stays masked).
+
+Backward (``O`` is the re-weighted output, ``D = rowsum(dO ∘ O)``, ``W = 1`` without anchors)::
+
+    dV = P̂ᵀ dO     dP = dO Vᵀ     dS = P ∘ (W ∘ dP - D)     dQ = scale · dS K     dK = scale · dSᵀ Q
+    d logw[k] = Σ_(re-weighted rows i) P̂_ik dP_ik     (summed over the batch per class into dβ by autograd)
+    dS = 0 on isolated entries (their logits are constants)
 
 ``_attn_bwd_dkdv_kernel`` owns one block of keys of one kv head and loops over the ``N_REP`` query
 heads that read it, so GQA needs neither repeated K/V nor atomics; ``_attn_bwd_dq_kernel`` owns one
@@ -25,8 +35,8 @@ taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch
 at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
-``HAS_PADDING`` now; the ICL methods (anchor re-weighting, isolation, saliency, momentum epilogue)
-are added as further flags of these same kernels.
+``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``; saliency and the momentum epilogue are to be added as
+further flags of these same kernels.
 
 Caveat: under ``TRITON_INTERPRET=1`` a ``tl.dot`` on bf16 operands is wrong (triton 3.9), so bf16 is
 only exercised on a GPU.
@@ -40,10 +50,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634  # the kernels work in log2 units: exp(x) = exp2(x · log2(e))
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant
-ISOLATION_LOG2 = tl.constexpr(ISOLATION_VALUE * LOG2E)  # the same logit in the kernels' log2 units
+ISOLATION_LOG2 = tl.constexpr(ISOLATION_VALUE * _LOG2E)  # the same logit in the kernels' log2 units
 
 
 @triton.jit
@@ -127,7 +138,7 @@ def _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS: tl.con
 @triton.jit
 def _key_weights(LOGWh, offs_n, Tk):
     # [BLOCK_N] post-softmax weights exp(logw) of the keys (1 for keys that are not anchors)
-    return tl.math.exp2(tl.load(LOGWh + offs_n, mask=offs_n < Tk, other=0.0) * 1.4426950408889634)
+    return tl.math.exp2(tl.load(LOGWh + offs_n, mask=offs_n < Tk, other=0.0) * LOG2E)
 
 
 @triton.jit
@@ -209,7 +220,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO,
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     _store_rows(O, row0, Tq, stride_om, stride_od, o, BLOCK_M, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
@@ -239,7 +250,7 @@ def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
     # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0.
     # Rows past Tq read 0: their q and dO tiles are 0, so they contribute exactly 0.
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     return lse, delta
 
@@ -557,7 +568,7 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
         "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
         q, k, v, out, lse, kpm, logw, row_from, iso,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob,
-        H, H // Hkv, Tq, Tk, scale * LOG2E, _bucket(Tq), _bucket(Tk),
+        H, H // Hkv, Tq, Tk, scale * _LOG2E, _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
         DOT_PRECISION=_dot_precision(q), **method_flags,
     )
@@ -594,13 +605,13 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         "dkdv", q, lambda bm, bn: (triton.cdiv(Tk, bn) * B * Hkv,),
         q, k, v, do, dk, dv, lse, delta, kpm, logw, logw if dlogw is None else dlogw, row_from, iso,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_kpmb, s_kpmn, s_isob,
-        H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
+        H, Hkv, H // Hkv, Tq, Tk, scale * _LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
     )
     _launch(
         "dq", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
         q, k, v, do, dq, lse, delta, kpm, logw, row_from, iso,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_kpmb, s_kpmn, s_isob,
-        H, H // Hkv, Tq, Tk, scale * LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
+        H, H // Hkv, Tq, Tk, scale * _LOG2E, scale, _bucket(Tq), _bucket(Tk), **flags,
     )
     return dq, dk, dv, dlogw
 
