@@ -576,19 +576,22 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-                  causal: bool, scale: float, *, dq=None, dk=None, dv=None):
-    """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v`` (they may
-    be given: tests pass NaN-filled ones) and ``dlogw [B, H, Tk]`` float32 (``None`` without anchors)."""
+                  causal: bool, scale: float, *, dq=None, dk=None, dv=None, dlogw=None):
+    """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v`` and
+    ``dlogw [B, H, Tk]`` float32 (``None`` without anchors); all may be given (tests pass NaN-filled ones)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    dlogw = None if key_log_weights is None else torch.zeros(B, H, Tk, dtype=torch.float32, device=q.device)
+    if key_log_weights is None:
+        dlogw = None
+    elif dlogw is None:  # every element is written by the dkdv kernel
+        dlogw = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
     if Tk == 0:
         return dq.zero_(), dk, dv, dlogw
     if Tq == 0:
-        return dq, dk.zero_(), dv.zero_(), dlogw
+        return dq, dk.zero_(), dv.zero_(), None if dlogw is None else dlogw.zero_()
     BLOCK_D = _block_d(D)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     pre_block = 64

@@ -196,6 +196,38 @@ def test_isolated_logits_are_overwritten_not_added(backend):
     assert (plain[0, 0, 5] - v[0, 0, :5].mean(0)).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_method_output_element_is_written(causal):
+    """NaN-poisoned out, lse, dq, dk, dv and d(log-weights) with anchors, isolation and padding on."""
+    from fastattn_icl._triton import attention as kernels
+
+    from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
+
+    B, H, Hkv, Tq, Tk, D = 2, 4, 2, 37, 45, 80
+    q, k, v, do = _qkv(B, H, Hkv, Tq, Tk, D, torch.float32, seed=17)
+    kpm = torch.ones(B, Tk, dtype=torch.bool, device=DEVICE)
+    kpm[1, :6] = False
+    pos, cls = _anchors(B, Tk, 2, 3, seed=5)
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    logw = anchor_key_log_weights(beta, pos, cls, B, H, Tk)
+    start = reweight_start(20, B, Tq, q.device)
+    limit = isolation_limit(pos, 0, B, Tq, Tk, q.device)
+    nan = float("nan")
+    out = torch.full((B, Tq, H, D), nan, device=DEVICE).transpose(1, 2)
+    lse = torch.full((B, H, Tq), nan, device=DEVICE)
+    kernels.attention_fwd(q, k, v, kpm, logw, start, limit, causal, D**-0.5, out=out, lse=lse)
+    ref = reweight_ref(q, k, v, beta, pos, cls, reweight_from=20, causal=causal, key_padding_mask=kpm,
+                       isolation_rows=pos)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(lse).any()
+    grads = [torch.full_like(t, nan) for t in (q, k, v)]
+    dlogw = torch.full((B, H, Tk), nan, device=DEVICE)
+    kernels.attention_bwd(do, q, k, v, out, lse, kpm, logw, start, limit, causal, D**-0.5,
+                          dq=grads[0], dk=grads[1], dv=grads[2], dlogw=dlogw)
+    for g in (*grads, dlogw):
+        assert not torch.isnan(g).any()
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------
