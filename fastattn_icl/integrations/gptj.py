@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from fastattn_icl.integrations import transformers as seam
+from fastattn_icl.ops._validate import check_head_dim
 
 __all__ = ["GPTJPatch", "patch_gptj"]
 
@@ -68,7 +69,6 @@ __all__ = ["GPTJPatch", "patch_gptj"]
 _OUTPUT_ATTENTIONS_ATTR = "_fastattn_icl_output_attentions"
 # GPTJAttention.forward(hidden_states, layer_past, attention_mask, position_ids, use_cache, output_attentions)
 _OUTPUT_ATTENTIONS_POSITION = 5
-_MAX_HEAD_DIM = 256
 
 
 def _fastattn_icl_attn(
@@ -272,9 +272,7 @@ def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
             raise NotImplementedError(
                 f"{type(module).__name__} already has an instance-level _attn (another patch?); remove it first"
             )
-        head_dim = module.head_dim
-        if head_dim < 8 or head_dim > _MAX_HEAD_DIM or head_dim % 8 != 0:
-            raise ValueError(f"fastattn_icl: head_dim must be a multiple of 8 in [8, {_MAX_HEAD_DIM}], got {head_dim}")
+        check_head_dim(module.head_dim)
     gptj_models = [m for m in model.modules() if isinstance(m, GPTJModel)]
     patch = GPTJPatch(model, modules, gptj_models)
     patch._apply()

@@ -31,9 +31,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
         raise ValueError(f"k must have head_dim {D} (as q), got {Dk}")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
+    check_head_dim(D)
+    return B, H, Hkv, Tq, Tk, D
+
+
+def check_head_dim(D: int) -> None:
     if D < 8 or D > MAX_HEAD_DIM or D % 8 != 0:
         raise ValueError(f"head_dim must be a multiple of 8 between 8 and {MAX_HEAD_DIM}, got {D}")
-    return B, H, Hkv, Tq, Tk, D
 
 
 def check_key_padding_mask(mask: torch.Tensor | None, B: int, Tk: int, device: torch.device) -> None:
