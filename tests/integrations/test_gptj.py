@@ -24,6 +24,7 @@ from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.gptj import GPTJPatch, _fastattn_icl_attn, patch_gptj
 from fastattn_icl.testing import check_close
+from tests.integrations import test_models as models
 from tests.integrations.test_models import PAD, VOCAB, assert_close, compare_grads, make_inputs, positions
 
 PREFILL, DECODE_STEPS = 10, 4
@@ -56,40 +57,14 @@ def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: in
 
 
 def run_prefill(model, ids, mask):
-    """Logits of the non-padded positions and the gradients of a random projection of them."""
-    model.zero_grad(set_to_none=True)
-    logits = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
-    keep = mask.bool()
-    (logits[keep] * weights[keep]).sum().backward()
-    return [logits.detach()[keep]], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    logits, grads = models.run_prefill(model, ids, mask)
+    return [logits], grads
 
 
 def run_decode(model, ids, mask, tokens=None):
-    """Prefill then one token per step on the model's own cache; the loss sums every step's logits, so
-    the gradients flow through the cached keys and values."""
     if tokens is None:
         tokens = torch.randint(3, VOCAB, (ids.shape[0], DECODE_STEPS), generator=torch.Generator().manual_seed(3))
-    model.zero_grad(set_to_none=True)
-    gen = torch.Generator().manual_seed(7)
-    out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    step_logits = [out.logits[mask.bool()]]
-    past = out.past_key_values
-    for step in range(tokens.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            tokens[:, step : step + 1],
-            attention_mask=mask,
-            position_ids=positions(mask)[:, -1:],
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        step_logits.append(out.logits[:, -1])
-    loss = sum((logits * torch.randn(logits.shape, generator=gen)).sum() for logits in step_logits)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return [logits.detach() for logits in step_logits], grads
+    return models.run_decode(model, ids, mask, tokens)
 
 
 RUNS = {"prefill": run_prefill, "decode": run_decode}
