@@ -66,6 +66,7 @@ from benchmarks.harness import (
     peak_memory_bytes,
     render_markdown,
 )
+from benchmarks.harness import _row as harness_row
 from fastattn_icl.testing import GRAD_FACTOR, check_close, max_error, tolerance
 
 OURS = "fastattn_icl"
@@ -387,27 +388,8 @@ def gate(case: EpochCase, rw, rw64) -> dict[str, dict]:
 
 
 def _row(case: EpochCase, provider: str, status: str, **kw) -> dict:
-    row = {
-        "case": case.name,
-        "group": case.group,
-        "label": case.label,
-        "params": case.params(),
-        "provider": provider,
-        "mode": MODE,
-        "status": status,
-        "median_ms": None,
-        "p20_ms": None,
-        "p80_ms": None,
-        "reps": None,
-        "flops": None,
-        "tflops": None,
-        "peak_mem_bytes": None,
-        "check": None,
-        "message": None,
-        "ms_per_example": None,
-    }
-    row.update(kw)
-    return row
+    """The harness's row, in the single ``epoch`` mode, with the per-example time this bench adds."""
+    return harness_row(case, provider, MODE, status, **{"ms_per_example": None, **kw})
 
 
 def _progress_line(row: dict) -> str:
