@@ -12,26 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, disable, enable, enabled, get_controller, routed
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
-from fastattn_icl.methods import AnchorReweighting, PromptBuilder, collate, isolate
-from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
+from fastattn_icl.methods import AnchorReweighting, collate, isolate
+from tests.data.icl_sentiment import dataset
 from tests.integrations.test_gptj import assert_close, tiny_gptj
 from tests.integrations.test_method_state import oracle_attention
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with fastattn_icl.use_backend("torch"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def builder():
-    return PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=1))  # 1 demonstration per class
 
 
 @pytest.fixture

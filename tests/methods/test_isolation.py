@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, get_controller
 from fastattn_icl.methods import (
     PromptBuilder,
@@ -21,12 +20,6 @@ from fastattn_icl.methods import (
 )
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
 from tests.integrations.test_models import tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with fastattn_icl.use_backend("torch"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,9 @@ import torch
 
 import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, get_controller
-from fastattn_icl.methods import AnchorReweighting, PromptBuilder, collate
-from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
+from fastattn_icl.methods import AnchorReweighting, collate
+from tests.data.icl_sentiment import dataset
 from tests.integrations.test_models import tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with fastattn_icl.use_backend("torch"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def builder():
-    return PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=1))  # 1 demonstration per class
 
 
 def _examples(builder, n, seed):
