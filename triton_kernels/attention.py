@@ -246,11 +246,16 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
+def _row_lse(LSE, row_base, offs_m, Tq):
     # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0.
     # Rows past Tq read 0: their q and dO tiles are 0, so they contribute exactly 0.
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
+    lse = _row_lse(LSE, row_base, offs_m, Tq)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     return lse, delta
 
@@ -439,6 +444,101 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
                 dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
+@triton.jit
+def _add_scalar(ptr, x):
+    # one float32 partial sum owned by this program (zeroed by the launcher): no atomics, deterministic
+    tl.store(ptr, tl.load(ptr) + x)
+
+
+@triton.jit
+def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL, TARGET, ROW_SLOT,
+                              SUMS, HEAD_SUMS, ROWS,
+                              stride_qb, stride_qh, stride_qm, stride_qd,
+                              stride_kb, stride_kh, stride_kn, stride_kd,
+                              stride_vb, stride_vh, stride_vn, stride_vd,
+                              stride_dob, stride_doh, stride_dom, stride_dod,
+                              stride_kpmb, stride_kpmn, stride_isob, stride_lblb, stride_slotb,
+                              B, H, N_REP, T, N_SPLIT, N_ROWS, qk_scale, TQ_BUCKET, TK_BUCKET,
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                              HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
+                              PER_HEAD: tl.constexpr, STORE_ROWS: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    # Saliency I = |Σ_h P̂_h ∘ dP_h| (dP = dO Vᵀ) of one block of query rows against every N_SPLIT-th key
+    # block, all heads of a tile summed before the absolute value; reduced on the fly to the flow-score
+    # numerators of this program: Σ over label rows i of Σ_(j<i) I, Σ over label columns of I[target],
+    # and Σ_(j<i<=target) I. Optionally the same three per head of |P̂_h ∘ dP_h| and rows of I.
+    n_m = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    split = pid % N_SPLIT
+    b = (pid // N_SPLIT) % B
+    pid_m = pid // (N_SPLIT * B)
+    if IS_CAUSAL:  # the last query blocks see the most keys: start them first
+        pid_m = n_m - 1 - pid_m
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    target = tl.load(TARGET + b)
+    label_m = tl.load(LABEL + b.to(tl.int64) * stride_lblb + offs_m, mask=row_ok, other=0) != 0
+    slot = offs_m * 0 - 1
+    if STORE_ROWS:  # slot r >= 0: row i of I goes to ROWS[b, r]
+        slot = tl.load(ROW_SLOT + b.to(tl.int64) * stride_slotb + offs_m, mask=row_ok, other=-1)
+    rw, iso_lim = _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, T, HAS_ANCHORS, HAS_ISOLATION)
+    _, hi = _causal_bounds(row0, T, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lower_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_(j<i) I[i, j]
+    label_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ over label columns j of I[i, j]
+    part = (pid_m.to(tl.int64) * B + b) * N_SPLIT + split  # this program's slot in the partial sums
+    for start_n in range(split * BLOCK_N, hi, N_SPLIT * BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        vis = row_ok[:, None] & (offs_n[None, :] < T)
+        if IS_CAUSAL:
+            vis = vis & _causal_visible(offs_m[:, None], offs_n[None, :], T, T)
+        if HAS_PADDING:
+            vis = vis & _key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, T)[None, :]
+        lower = (offs_n[None, :] < offs_m[:, None]) & (offs_m[:, None] <= target)
+        label_n = tl.load(LABEL + b.to(tl.int64) * stride_lblb + offs_n, mask=offs_n < T, other=0) != 0
+        sal = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, H):
+            h = tl.cast(g, tl.int64)
+            hk = h // N_REP
+            q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, row0, T,
+                           stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+            do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, row0, T,
+                            stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+            k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, start_n, T,
+                           stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+            v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, start_n, T,
+                           stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+            lse = _row_lse(LSE, (b * H + h) * T, offs_m, T)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if HAS_ISOLATION:
+                s = tl.where(offs_n[None, :] < iso_lim[:, None], ISOLATION_LOG2, s)
+            p = tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
+            if HAS_ANCHORS:  # the probe sits on the weights that multiply V: the re-weighted P̂
+                wk = _key_weights(LOGW + (b * H + h) * T, offs_n, T)
+                p = p * tl.where(rw[:, None], wk[None, :], 1.0)
+            c = p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            sal += c
+            if PER_HEAD:
+                a = tl.abs(c)
+                a_lower = tl.sum(tl.where(lower, a, 0.0), 1)
+                a_label = tl.sum(tl.where(label_n[None, :], a, 0.0), 1)
+                hbase = HEAD_SUMS + (part * H + h) * 3
+                _add_scalar(hbase, tl.sum(tl.where(label_m, a_lower, 0.0), 0))
+                _add_scalar(hbase + 1, tl.sum(tl.where(offs_m == target, a_label, 0.0), 0))
+                _add_scalar(hbase + 2, tl.sum(a_lower, 0))
+        sal = tl.abs(sal)
+        lower_sum += tl.sum(tl.where(lower, sal, 0.0), 1)
+        label_sum += tl.sum(tl.where(label_n[None, :], sal, 0.0), 1)
+        if STORE_ROWS:
+            ptrs = ROWS + (b.to(tl.int64) * N_ROWS + slot[:, None]) * T + offs_n[None, :]
+            tl.store(ptrs, sal, mask=(slot[:, None] >= 0) & (offs_n[None, :] < T))
+    tl.store(SUMS + part * 3, tl.sum(tl.where(label_m, lower_sum, 0.0), 0))
+    tl.store(SUMS + part * 3 + 1, tl.sum(tl.where(offs_m == target, label_sum, 0.0), 0))
+    tl.store(SUMS + part * 3 + 2, tl.sum(lower_sum, 0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +568,16 @@ _CANDIDATES = {
         128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
         256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
     },
+    "saliency": {
+        64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+        128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+        256: [(64, 32, 8, 1), (32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
+    },
 }
 _INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths at small T
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PADDING", "DOT_PRECISION", "TQ_BUCKET", "TK_BUCKET"]
+# per kind: extra autotune keys, and outputs the kernel accumulates into (zeroed before every timed run)
+_TUNE_EXTRA = {"saliency": (["PER_HEAD", "STORE_ROWS"], ["HEAD_SUMS"])}
 _KERNELS = {}
 _tuned = {}
 
@@ -493,7 +600,8 @@ def _kernel(kind: str, q: torch.Tensor):
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in _candidates(kind, key[1], key[2])
         ]
-        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(jit_fn)
+        extra_key, reset = _TUNE_EXTRA.get(kind, ([], None))
+        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY + extra_key, reset_to_zero=reset)(jit_fn)
     return _tuned[key], True
 
 
@@ -619,4 +727,59 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     return dq, dk, dv, dlogw
 
 
-_KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
+def _saliency_split(q: torch.Tensor, B: int, T: int) -> int:
+    """How many programs share one block of query rows (each takes every N-th key block): enough for about
+    two programs per SM at the largest row block. Under the interpreter 2, so the split path is tested."""
+    if q.device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(triton.cdiv(T, 16), triton.cdiv(2 * sms, B * triton.cdiv(T, 128))))
+
+
+def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+                       causal: bool, scale: float, label_mask, target, *, per_head: bool = False, row_slot=None,
+                       rows=None):
+    """Launch the saliency reduction of the backward (SPEC §4) for self-attention (``Tq == Tk == T``).
+
+    ``I = |Σ_h P̂_h ∘ (dO_h V_hᵀ)|`` is formed per tile from ``q, k, v, dO, lse`` and reduced on the fly;
+    it never exists in memory unless rows of it are asked for.
+
+    Args:
+        label_mask: ``[B, T]`` uint8, nonzero at the label-word positions; target: int32 ``[B]``, the
+            target row ``q`` (every label position before it).
+        per_head: also return the per-head sums of ``|P̂_h ∘ dP_h|``.
+        row_slot, rows: optional int32 ``[B, T]`` (``-1`` = not stored) and float32 ``[B, R, T]`` (zeros):
+            row ``i`` of ``I`` is written to ``rows[b, row_slot[b, i]]``.
+
+    Returns:
+        ``sums [B, 3]`` float32: ``Σ_(label rows i) Σ_(j<i) I``, ``Σ_(label columns j) I[target, j]``,
+        ``Σ_(j<i<=target) I`` (the diagonal never counts); ``head_sums [B, H, 3]`` (the same per head of
+        ``|P̂_h ∘ dP_h|``) or ``None``.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    n_split = _saliency_split(q, B, T)
+    min_bm = min(c[0] for c in _candidates("saliency", _block_d(D), q.element_size())) if q.is_cuda else 16
+    n_parts = triton.cdiv(T, min_bm) * B * n_split
+    sums = torch.zeros(n_parts, 3, dtype=torch.float32, device=q.device)
+    head_sums = torch.zeros(n_parts, H, 3, dtype=torch.float32, device=q.device) if per_head else sums
+    store_rows = rows is not None
+    if not store_rows:
+        row_slot = rows = _placeholder(q.device, torch.int32)
+    kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
+    (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
+    _launch(
+        "saliency", q, lambda bm, bn: (triton.cdiv(T, bm) * B * n_split,),
+        q, k, v, do, lse, kpm, logw, row_from, iso, label_mask, target, row_slot, sums, head_sums, rows,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), s_kpmb, s_kpmn, s_isob,
+        label_mask.stride(0), row_slot.stride(0) if store_rows else 0,
+        B, H, H // Hkv, T, n_split, rows.shape[1] if store_rows else 0, scale * _LOG2E, _bucket(T), _bucket(T),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
+        PER_HEAD=per_head, STORE_ROWS=store_rows, DOT_PRECISION=_dot_precision(q), **method_flags,
+    )
+    total = sums.view(-1, B, n_split, 3).sum(dim=(0, 2))
+    return total, (head_sums.view(-1, B, n_split, H, 3).sum(dim=(0, 2)) if per_head else None)
+
+
+_KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel,
+                saliency=_attn_bwd_saliency_kernel)

@@ -130,3 +130,69 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     # gradients take the strides of their inputs, as the op's fake kernel promises (torch.empty_like)
     grads = [torch.empty_like(t).copy_(g.reshape(t.shape)) for t, g in ((q, dq), (k, dk), (v, dv))]
     return (*grads, None if dlogw is None else dlogw.reshape(B, H, Tk))
+
+
+def attention_saliency(
+    do,
+    q,
+    k,
+    v,
+    lse,
+    key_padding_mask,
+    key_log_weights,
+    reweight_from,
+    isolation_limit,
+    causal: bool,
+    scale: float,
+    label_mask,
+    target,
+    *,
+    per_head: bool = False,
+    row_slot=None,
+    rows=None,
+):
+    """Saliency sums of SPEC §4 over query chunks; the contract of the Triton launcher of the same name."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    qg, dog = _grouped(q, Hkv), _grouped(do, Hkv)
+    kf = k.float()[:, :, None]
+    vf = v.float()[:, :, None]
+    lse_g = lse.reshape(B, Hkv, H // Hkv, T)
+    label = label_mask != 0  # [B, T]
+    cols = torch.arange(T, device=q.device)
+    tgt = target.long()
+    sums = torch.zeros(B, 3, dtype=torch.float32, device=q.device)
+    head_sums = torch.zeros(B, H, 3, dtype=torch.float32, device=q.device) if per_head else None
+
+    def reduce(a, rows_, lower):  # a [B, ..., n, T] -> [B, ..., 3] sums over this chunk
+        a_lower = (a * lower).sum(-1)  # Σ_(j<i) per row, rows past the target excluded
+        a_label = (a * label.view(B, *([1] * (a.dim() - 2)), T)).sum(-1)
+        is_label_row = label[:, rows_].view(B, *([1] * (a.dim() - 3)), -1)
+        is_target_row = (rows_[None, :] == tgt[:, None]).view(B, *([1] * (a.dim() - 3)), -1)
+        return torch.stack([(a_lower * is_label_row).sum(-1), (a_label * is_target_row).sum(-1), a_lower.sum(-1)], -1)
+
+    step = _rows_per_chunk(B, H, T, T)
+    for r0 in range(0, T, step):
+        rows_ = torch.arange(r0, min(T, r0 + step), device=q.device)
+        s = torch.matmul(qg[:, :, :, rows_], kf.transpose(-1, -2)) * scale
+        vis = _visible(rows_, T, T, causal, key_padding_mask)
+        iso, weights, _ = _chunk_features(
+            rows_, B, H, Hkv, T, key_log_weights, reweight_from, isolation_limit, q.device
+        )
+        if iso is not None:
+            s = s.masked_fill(iso, ISOLATION_VALUE)
+        row_lse = lse_g[:, :, :, rows_].masked_fill(torch.isinf(lse_g[:, :, :, rows_]), float("inf"))
+        p = torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0)
+        if weights is not None:
+            p = p * weights
+        c = p * torch.matmul(dog[:, :, :, rows_], vf.transpose(-1, -2))  # [B, Hkv, G, n, T]
+        sal = c.sum(dim=(1, 2)).abs()  # heads summed before the absolute value
+        lower = (cols[None, None, :] < rows_[None, :, None]) & (rows_[None, :, None] <= tgt[:, None, None])
+        sums += reduce(sal, rows_, lower)
+        if per_head:
+            head_sums += reduce(c.abs().reshape(B, H, rows_.numel(), T), rows_, lower[:, None])
+        if rows is not None:
+            slot = row_slot[:, rows_].long()  # [B, n]
+            b_idx, r_idx = torch.nonzero(slot >= 0, as_tuple=True)
+            rows[b_idx, slot[b_idx, r_idx]] = sal[b_idx, r_idx]
+    return sums, head_sums

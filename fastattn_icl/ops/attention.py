@@ -12,6 +12,8 @@ import torch
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
 from fastattn_icl.ops.backend import resolve_backend
 from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.saliency import Saliency
+from fastattn_icl.ops.saliency import tap as saliency_tap
 
 
 def _impl(backend: str):
@@ -99,7 +101,8 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anchor_positions=None,
-           anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0):
+           anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0, saliency=None,
+           saliency_key=None):
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     check_key_padding_mask(key_padding_mask, B, Tk, q.device)
     scale = check_scale(scale, D)
@@ -113,9 +116,12 @@ def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anch
         row_from = reweight_start(reweight_from, B, Tq, q.device)
     if isolation_rows is not None:
         limit = isolation_limit(isolation_rows, isolation_window, B, Tq, Tk, q.device)
-    return _attention_fwd(
-        q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, resolve_backend(backend, q.device)
-    )
+    backend = resolve_backend(backend, q.device)
+    out, lse = _attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend)
+    if saliency is not None:
+        out = saliency_tap(out, q, k, v, lse, key_padding_mask, logw, row_from, limit, causal, scale, backend,
+                           saliency, saliency_key)
+    return out, lse
 
 
 def attention_with_lse(
@@ -128,12 +134,13 @@ def attention_with_lse(
     key_padding_mask: torch.Tensor | None = None,
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
+    saliency: Saliency | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`attention`, also returning ``lse [B, H, Tq]`` (float32, natural log, ``-inf`` on
     rows that see no key)."""
     return _fused(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
-                  isolation_rows=isolation_rows, isolation_window=isolation_window)
+                  isolation_rows=isolation_rows, isolation_window=isolation_window, saliency=saliency)
 
 
 def attention(
@@ -146,6 +153,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
+    saliency: Saliency | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``softmax(scale · q kᵀ + mask) v``, fused and memory-linear in ``T``.
@@ -163,6 +171,8 @@ def attention(
             information flow is cut (SPEC §3): for query rows at positions ``p .. p + isolation_window``
             the logits of keys ``0 .. p - 1`` are overwritten with ``-1e4`` after scaling and masking
             (a masked key stays masked).
+        saliency: optional :class:`~fastattn_icl.ops.saliency.Saliency` request: the backward of this call
+            records the information-flow saliency of SPEC §4 into it (``Tq == Tk`` only).
         backend: ``"auto"`` (default: Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``;
             see :mod:`fastattn_icl.ops.backend`.
 
@@ -173,7 +183,7 @@ def attention(
     """
     out, _ = attention_with_lse(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, isolation_rows=isolation_rows,
-        isolation_window=isolation_window, backend=backend,
+        isolation_window=isolation_window, saliency=saliency, backend=backend,
     )
     return out
 
@@ -192,6 +202,7 @@ def anchor_reweight_attention(
     key_padding_mask: torch.Tensor | None = None,
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
+    saliency: Saliency | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention with the anchor re-weighting of SPEC §2, fused: post-softmax, numerator only.
@@ -201,8 +212,8 @@ def anchor_reweight_attention(
     ``O = P̂ V``. With ``beta = 0`` the result is bit-for-bit :func:`attention`'s.
 
     Args:
-        q, k, v, causal, scale, key_padding_mask, isolation_rows, isolation_window, backend: as in
-            :func:`attention`.
+        q, k, v, causal, scale, key_padding_mask, isolation_rows, isolation_window, saliency, backend: as in
+            :func:`attention` (the saliency sees the re-weighted ``P̂``).
         beta: ``[H, C]`` or ``[B, H, C]`` floating; differentiable (its gradient comes from the fused
             backward).
         anchor_positions: integer ``[B, A]`` key positions of the label words, ``-1`` = unused slot (rows
@@ -218,6 +229,6 @@ def anchor_reweight_attention(
     out, _ = _fused(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend, beta=beta,
         anchor_positions=anchor_positions, anchor_classes=anchor_classes, reweight_from=reweight_from,
-        isolation_rows=isolation_rows, isolation_window=isolation_window,
+        isolation_rows=isolation_rows, isolation_window=isolation_window, saliency=saliency,
     )
     return out
