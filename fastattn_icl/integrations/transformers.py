@@ -20,7 +20,9 @@ Two functions are registered under the name ``"fastattn_icl"`` (see :func:`regis
 Method state (see :mod:`fastattn_icl.integrations.controller`), looked up per layer through
 ``module.layer_idx``: ``anchors`` (:class:`AnchorState`) with ``beta`` (``[L, H, C]``, layer ``l`` uses
 ``beta[l]``) runs :func:`fastattn_icl.anchor_reweight_attention`; ``isolation`` (:class:`IsolationState`)
-passes ``isolation_rows`` to the kernel. Positions in the state are absolute key positions; a call over a
+passes ``isolation_rows`` to the kernel; ``saliency`` (a :class:`fastattn_icl.Saliency` request) records
+layer ``layer_idx``'s information-flow saliency into ``request.results[layer_idx]`` during the backward
+(whole-prompt forwards only, ``Tq == Tk``). Positions in the state are absolute key positions; a call over a
 chunk of ``Tq`` queries and ``Tk`` keys (cached decoding) puts query row ``i`` at position ``i + Tk - Tq``,
 so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
 clamped to the chunk: a chunk entirely before it is not re-weighted (per batch row). Label words or
@@ -53,8 +55,9 @@ from typing import Any
 import torch
 
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, find_controller
-from fastattn_icl.ops import anchor_reweight_attention, attention
+from fastattn_icl.ops.attention import _fused
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.saliency import Saliency
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
 
@@ -69,7 +72,7 @@ _UNSUPPORTED_KWARGS = {
 }
 
 # method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation"})
+_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "saliency"})
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -441,11 +444,13 @@ def fastattn_icl_attention_forward(
                 "does not implement it"
             )
         method = _method_arguments(state, layer_idx, query, key)
-    common = dict(causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask)
-    if "beta" in method:
-        out = anchor_reweight_attention(query, key, value, **method, **common)
-    else:
-        out = attention(query, key, value, **method, **common)
+    saliency = None if controller is None else controller.get("saliency", layer_idx)
+    if saliency is not None and not isinstance(saliency, Saliency):
+        raise TypeError(f"fastattn_icl: method state 'saliency' must be a fastattn_icl.Saliency, got {saliency!r:.80}")
+    out, _ = _fused(
+        query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask, backend=None,
+        saliency=saliency, saliency_key=layer_idx, **method,
+    )
     weights = None
     if _attentions_requested(kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
