@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fastattn_icl.integrations import routed
 from fastattn_icl.integrations.controller import AnchorState, ICLController, get_controller
+from fastattn_icl.methods._model import frozen_weights, model_device
 from fastattn_icl.methods.anchors import ICLExample, collate
 
 __all__ = ["AnchorReweighting", "ReweightingEvaluation"]
@@ -46,10 +47,6 @@ class ReweightingEvaluation:
     num_examples: int
     predictions_vanilla: torch.Tensor
     predictions_reweighted: torch.Tensor
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class AnchorReweighting:
@@ -88,7 +85,7 @@ class AnchorReweighting:
         self.model = model
         self.num_classes = num_classes
         self.pad_token_id = pad_token_id
-        device = _model_device(model)
+        device = model_device(model)
         self.label_token_ids = ids.to(device)
         self.beta = torch.nn.Parameter(torch.zeros(layers, heads, num_classes, device=device))
 
@@ -155,21 +152,6 @@ class AnchorReweighting:
         logits = self._forward(batch, reweight)
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
 
-    @contextlib.contextmanager
-    def _frozen_model(self) -> Iterator[None]:
-        params = list(self.model.parameters())
-        flags = [p.requires_grad for p in params]
-        training = self.model.training
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            self.model.eval()
-            yield
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            self.model.train(training)
-
     def fit(
         self,
         train_examples: Sequence[ICLExample],
@@ -198,7 +180,8 @@ class AnchorReweighting:
         generator = torch.Generator().manual_seed(seed)
         steps = math.ceil(len(examples) / batch_size)
         history = []
-        with self._frozen_model(), tqdm(total=epochs * steps, desc="anchor re-weighting", disable=not progress) as bar:
+        bar = tqdm(total=epochs * steps, desc="anchor re-weighting", disable=not progress)
+        with frozen_weights(self.model), bar:
             for _ in range(epochs):
                 order = torch.randperm(len(examples), generator=generator) if shuffle else torch.arange(len(examples))
                 total = 0.0
