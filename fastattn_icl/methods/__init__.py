@@ -3,6 +3,8 @@
 - :mod:`~fastattn_icl.methods.anchors`: label-word positions in a templated prompt, prompt building, batching.
 - :mod:`~fastattn_icl.methods.reweighting`: anchor re-weighting (SPEC §2), a trainable ``β[L, H, C]``.
 - :mod:`~fastattn_icl.methods.isolation`: information-flow isolation (SPEC §3) and its random control.
+- :mod:`~fastattn_icl.methods.information_flow`: per-layer information-flow scores (SPEC §4) from the fused
+  backward, with the paper-style plot.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
 """
 
@@ -14,6 +16,7 @@ from fastattn_icl.methods.anchors import (
     label_token_ids,
     label_word_positions,
 )
+from fastattn_icl.methods.information_flow import InformationFlow, information_flow
 from fastattn_icl.methods.isolation import (
     first_layers,
     isolate,
@@ -27,11 +30,13 @@ from fastattn_icl.methods.reweighting import AnchorReweighting, ReweightingEvalu
 __all__ = [
     "AnchorReweighting",
     "ICLExample",
+    "InformationFlow",
     "LabelWordPositions",
     "PromptBuilder",
     "ReweightingEvaluation",
     "collate",
     "first_layers",
+    "information_flow",
     "isolate",
     "label_loyalty",
     "label_predictions",

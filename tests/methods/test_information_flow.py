@@ -1,0 +1,121 @@
+"""information_flow: per-layer S_wp / S_pq / S_ww from the fused backward equal the paper's method (grad of the
+loss w.r.t. every layer's eager attention weights) on each routed family and GPT-J; batching with left padding
+changes nothing; the plot is written; bad input raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.methods import InformationFlow, information_flow
+from fastattn_icl.reference.saliency import flow_scores, saliency_map
+from tests.data.icl_sentiment import dataset
+from tests.integrations.test_gptj import tiny_gptj
+from tests.integrations.test_models import tiny_model
+
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gptj"]
+
+
+def _examples(builder, n, seed):
+    return [builder.example(x, y) for x, y in dataset(n, seed=seed)]
+
+
+def _model(family, **kw):
+    if family == "gptj":  # eager GPT-J returns its attention weights too; information_flow patches it
+        return tiny_gptj(**kw).eval()
+    if family == "mistral":
+        kw.setdefault("sliding_window", 128)  # a window that never binds on these prompts
+    return tiny_model(family, attn_implementation="eager", **kw)
+
+
+def _oracle(model, example, label_token_ids):
+    """``[L, 3]`` float64 scores of one prompt by the paper's method: eager attention weights ``P`` of every
+    layer, ``∂L/∂P`` by autograd, ``I = |Σ_h P ⊙ ∂L/∂P|``, then :func:`flow_scores`."""
+    ids = example.input_ids[None]
+    with torch.enable_grad():
+        out = model(input_ids=ids, output_attentions=True, use_cache=False)
+        logits = out.logits[:, -1, torch.as_tensor(label_token_ids)]
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([example.label]))
+        grads = torch.autograd.grad(loss, out.attentions)
+    rows = []
+    for P, dP in zip(out.attentions, grads):
+        I = saliency_map(P.double(), dP.double())[0]  # noqa: E741
+        rows.append(torch.stack(flow_scores(I, example.anchor_positions, ids.shape[1] - 1)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_the_probe_method(builder, family):
+    model = _model(family, layers=3)
+    examples = _examples(builder, 3, seed=5)
+    flow = information_flow(model, examples, builder.label_token_ids, progress=False)
+    assert isinstance(flow, InformationFlow) and flow.per_sample.shape == (3, 3, 3)
+    expected = torch.stack([_oracle(model, e, builder.label_token_ids) for e in examples])
+    torch.testing.assert_close(flow.per_sample, expected, rtol=2e-4, atol=1e-7)
+    assert model.config._attn_implementation == "eager"  # switched for the call only
+    assert not any(p.grad is not None for p in model.parameters())  # weights frozen: no parameter gradients
+    assert all(p.requires_grad for p in model.parameters())  # and restored
+
+
+def test_batched_with_left_padding_equals_one_at_a_time(builder):
+    model = _model("llama", layers=2)
+    queries = [(x, y) for x, y in dataset(4, seed=7)]
+    queries[1] = ("good", 1)  # shorter prompts: the batch is left-padded
+    queries[2] = (queries[2][0] + " fine", queries[2][1])
+    examples = [builder.example(x, y) for x, y in queries]
+    assert len({len(e.input_ids) for e in examples}) == 3
+    one = information_flow(model, examples, builder.label_token_ids, progress=False)
+    batched = information_flow(model, examples, builder.label_token_ids, batch_size=3, per_head=True, progress=False)
+    torch.testing.assert_close(batched.per_sample, one.per_sample, rtol=1e-4, atol=1e-8)
+    assert batched.per_head.shape == (4, 2, 4, 3) and bool((batched.per_head >= 0).all())
+
+
+def test_summary_statistics_and_plot(builder, tmp_path):
+    model = _model("gpt2", layers=3)
+    flow = information_flow(model, _examples(builder, 3, seed=2), builder.label_token_ids, progress=False)
+    torch.testing.assert_close(flow.mean, flow.per_sample.mean(0))
+    torch.testing.assert_close(flow.std, flow.per_sample.std(0))
+    norm = flow.normalised_mean
+    torch.testing.assert_close(norm.sum(-1), torch.ones(3, dtype=norm.dtype))
+    torch.testing.assert_close(norm, flow.mean / flow.mean.sum(-1, keepdim=True))
+    data = flow.to_dict()
+    assert data["num_samples"] == 3 and len(data["S_pq"]["normalised_mean"]) == 3
+    path = tmp_path / "flow.png"
+    flow.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input(builder):
+    model = _model("gpt2")
+    examples = _examples(builder, 2, seed=1)
+    ids = builder.label_token_ids
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gradients are disabled"):
+        information_flow(model, examples, ids, progress=False)
+    unlabeled = builder.example(dataset(1, seed=3)[0][0])
+    with pytest.raises(ValueError, match="no gold label"):
+        information_flow(model, [unlabeled], ids, progress=False)
+    no_labels = type(examples[0])(
+        examples[0].input_ids, examples[0].anchor_positions[:0], examples[0].anchor_classes[:0], 0
+    )
+    with pytest.raises(ValueError, match="no label-word positions"):
+        information_flow(model, [no_labels], ids, progress=False)
+    e = examples[0]
+    late = type(e)(e.input_ids, torch.tensor([len(e.input_ids) - 1]), torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match="before the target"):
+        information_flow(model, [late], ids, progress=False)
+    with pytest.raises(ValueError, match="at least one example"):
+        information_flow(model, [], ids, progress=False)
+
+
+def test_triton_kernels_give_the_same_scores(builder):
+    """The Triton saliency kernel (interpreter on CPU) against the torch backend, through a whole model."""
+    model = _model("qwen2", layers=2)
+    examples = _examples(builder, 2, seed=4)
+    torch_flow = information_flow(model, examples, builder.label_token_ids, batch_size=2, per_head=True, progress=False)
+    with fastattn_icl.use_backend("triton"):
+        triton_flow = information_flow(
+            model, examples, builder.label_token_ids, batch_size=2, per_head=True, progress=False
+        )
+    torch.testing.assert_close(triton_flow.per_sample, torch_flow.per_sample, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(triton_flow.per_head, torch_flow.per_head, rtol=1e-4, atol=1e-8)
