@@ -87,6 +87,22 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     return o_bhtd, lse
 
 
+def _chunk_probs(q_c, kf, lse_c, rows, Tq, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+                 isolation_limit):
+    """The backward's ``P`` of a chunk of query rows, recomputed from ``lse`` (``[B, Hkv, G, n, Tk]``), with
+    the chunk's isolated entries and post-softmax weights (see :func:`_chunk_features`)."""
+    B, Hkv, G = q_c.shape[:3]
+    Tk = kf.shape[-2]
+    s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale
+    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+    iso, weights, rw = _chunk_features(rows, B, Hkv * G, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+                                       q_c.device)
+    if iso is not None:
+        s = s.masked_fill(iso, ISOLATION_VALUE)
+    row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
+    return torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0), iso, weights, rw
+
+
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
                   causal: bool, scale: float):
     B, H, Tq, D = q.shape
@@ -106,14 +122,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     for r0 in range(0, Tq, step):
         rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
         q_c, do_c = qg[:, :, :, rows], dog[:, :, :, rows]
-        s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale
-        vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
-        iso, weights, rw = _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
-                                           q.device)
-        if iso is not None:
-            s = s.masked_fill(iso, ISOLATION_VALUE)
-        row_lse = lse_g[:, :, :, rows].masked_fill(torch.isinf(lse_g[:, :, :, rows]), float("inf"))
-        p = torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0)
+        p, iso, weights, rw = _chunk_probs(q_c, kf, lse_g[:, :, :, rows], rows, Tq, causal, key_padding_mask, scale,
+                                           key_log_weights, reweight_from, isolation_limit)
         dp = torch.matmul(do_c, vf.transpose(-1, -2))
         if weights is not None:
             pw = p * weights
@@ -132,25 +142,9 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     return (*grads, None if dlogw is None else dlogw.reshape(B, H, Tk))
 
 
-def attention_saliency(
-    do,
-    q,
-    k,
-    v,
-    lse,
-    key_padding_mask,
-    key_log_weights,
-    reweight_from,
-    isolation_limit,
-    causal: bool,
-    scale: float,
-    label_mask,
-    target,
-    *,
-    per_head: bool = False,
-    row_slot=None,
-    rows=None,
-):
+def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
+                       causal: bool, scale: float, label_mask, target, *, per_head: bool = False, row_slot=None,
+                       rows=None):
     """Saliency sums of SPEC §4 over query chunks; the contract of the Triton launcher of the same name."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -174,15 +168,8 @@ def attention_saliency(
     step = _rows_per_chunk(B, H, T, T)
     for r0 in range(0, T, step):
         rows_ = torch.arange(r0, min(T, r0 + step), device=q.device)
-        s = torch.matmul(qg[:, :, :, rows_], kf.transpose(-1, -2)) * scale
-        vis = _visible(rows_, T, T, causal, key_padding_mask)
-        iso, weights, _ = _chunk_features(
-            rows_, B, H, Hkv, T, key_log_weights, reweight_from, isolation_limit, q.device
-        )
-        if iso is not None:
-            s = s.masked_fill(iso, ISOLATION_VALUE)
-        row_lse = lse_g[:, :, :, rows_].masked_fill(torch.isinf(lse_g[:, :, :, rows_]), float("inf"))
-        p = torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0)
+        p, _, weights, _ = _chunk_probs(qg[:, :, :, rows_], kf, lse_g[:, :, :, rows_], rows_, T, causal,
+                                        key_padding_mask, scale, key_log_weights, reweight_from, isolation_limit)
         if weights is not None:
             p = p * weights
         c = p * torch.matmul(dog[:, :, :, rows_], vf.transpose(-1, -2))  # [B, Hkv, G, n, T]

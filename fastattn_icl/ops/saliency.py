@@ -55,46 +55,15 @@ def _attention_saliency(
     from fastattn_icl.ops.attention import _impl
 
     sums, head_sums = _impl(backend).attention_saliency(
-        grad_out,
-        q,
-        k,
-        v,
-        lse,
-        key_padding_mask,
-        key_log_weights,
-        reweight_from,
-        isolation_limit,
-        causal,
-        scale,
-        label_mask,
-        target,
-        per_head=per_head,
-        row_slot=row_slot,
-        rows=rows,
+        grad_out, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
+        label_mask, target, per_head=per_head, row_slot=row_slot, rows=rows,
     )
     return sums, (q.new_empty(0, dtype=torch.float32) if head_sums is None else head_sums)
 
 
 @_attention_saliency.register_fake
-def _(
-    grad_out,
-    q,
-    k,
-    v,
-    lse,
-    key_padding_mask,
-    key_log_weights,
-    reweight_from,
-    isolation_limit,
-    causal,
-    scale,
-    backend,
-    label_mask,
-    target,
-    per_head,
-    row_slot,
-    rows,
-):
+def _(grad_out, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
+      backend, label_mask, target, per_head, row_slot, rows):
     B, H = q.shape[:2]
     head_sums = q.new_empty(B, H, 3, dtype=torch.float32) if per_head else q.new_empty(0, dtype=torch.float32)
     return q.new_empty(B, 3, dtype=torch.float32), head_sums
