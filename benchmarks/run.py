@@ -1,7 +1,8 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--bench all|attention|anchors|epoch]
-                             [--set default|acceptance|papers|anchors|cpu|all|tiny] [--modes fwd bwd fwd+bwd]
+    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency]
+                             [--set default|acceptance|papers|anchors|saliency|cpu|all|tiny]
+                             [--modes fwd bwd fwd+bwd]
                              [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
                              [--rep-ms MS] [--device cuda|cpu] [--out benchmarks/results]
 
@@ -9,7 +10,11 @@
 isolation benchmark (``benchmarks/bench_anchors.py``), then one anchor re-weighting training epoch end to
 end (``benchmarks/bench_reweighting_epoch.py``: ``default``/``all`` is its GPT2-XL-shaped set on a GPU,
 its small CPU set otherwise; ``cpu`` and ``tiny`` name its CPU and smoke-test sets, the other sets have no
-epoch cases; ``--modes``, ``--providers`` and ``--batch`` do not apply to it).
+epoch cases; ``--modes``, ``--providers`` and ``--batch`` do not apply to it), then the information-flow
+saliency of a whole stack (``benchmarks/bench_saliency.py``: ``default``/``all`` is its GPU set on a GPU, a
+GPT2-XL-shaped stack and a Llama-7B-shaped layer at T = 256 ... 16k, its small CPU set otherwise;
+``saliency`` names its GPU set, ``cpu`` and ``tiny`` its CPU and smoke-test sets, the other sets have no
+saliency cases; ``--providers fastattn_icl eager_probe`` and ``--batch`` apply, ``--modes`` does not).
 ``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
 (for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
 set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
@@ -19,8 +24,8 @@ keeps the ratios between providers steady.
 
 Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-slug>-anchors.json``/``.md``
 and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), ``<out>/<device-slug>-epoch.json``/``.md``
-(epoch benchmark), and prints one line per measured row,
-then the targets and where the results went.
+(epoch benchmark), ``<out>/<device-slug>-saliency.json``/``.md`` (saliency benchmark), and prints one line
+per measured row, then the targets and where the results went.
 """
 
 from __future__ import annotations
@@ -30,18 +35,21 @@ import sys
 
 import torch
 
-from benchmarks import bench_anchors, bench_attention, bench_reweighting_epoch
+from benchmarks import bench_anchors, bench_attention, bench_reweighting_epoch, bench_saliency
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
-from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_set
+from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_saliency_set, get_set
 
-BENCHES = ("all", "attention", "anchors", "epoch")
+BENCHES = ("all", "attention", "anchors", "epoch", "saliency")
+ONLY_SETS = ("anchors", "saliency")  # sets of one benchmark: the attention benchmark has no cases in them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", default="all", choices=BENCHES, help="which benchmark (default: all of them)")
     ap.add_argument(
-        "--set", default="default", choices=("default", "acceptance", "papers", "anchors", "cpu", "all", "tiny")
+        "--set",
+        default="default",
+        choices=("default", "acceptance", "papers", "anchors", "saliency", "cpu", "all", "tiny"),
     )
     ap.add_argument(
         "--modes", nargs="+", default=None, choices=MODES, help="default: all three (attention), fwd fwd+bwd (anchors)"
@@ -51,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="subset of fastattn_icl, eager, sdpa (attention) and fastattn_icl-anchors, fastattn_icl-isolation, "
-        "fastattn_icl, eager (anchors)",
+        "fastattn_icl, eager (anchors), fastattn_icl, eager_probe (saliency)",
     )
-    ap.add_argument("--batch", type=int, default=None, help="batch size of the papers and anchors sets (default 1)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="batch size of the papers, anchors and saliency sets (default 1)"
+    )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
     ap.add_argument(
@@ -75,6 +85,7 @@ def main(argv=None) -> int:
     if args.providers:
         known = {p.name for p in bench_attention.providers()}
         known |= {p.name for f in bench_anchors.FEATURES for p in bench_anchors.providers(f)}
+        known |= set(bench_saliency.PROVIDERS)
         unknown = set(args.providers) - known
         if unknown:
             raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {sorted(known)}")
@@ -82,14 +93,16 @@ def main(argv=None) -> int:
     if args.rep_ms is not None:
         timing.cuda_rep_ms = timing.cpu_rep_ms = args.rep_ms
     if args.bench in ("all", "attention"):
-        if args.set == "anchors":
-            print("benchmarks: attention: set 'anchors' has no attention cases, skipped")
+        if args.set in ONLY_SETS:
+            print(f"benchmarks: attention: set {args.set!r} has no attention cases, skipped")
         else:
             run_attention(args, device, timing)
     if args.bench in ("all", "anchors"):
         run_anchors(args, device, timing)
     if args.bench in ("all", "epoch"):
         run_epoch(args, device)
+    if args.bench in ("all", "saliency"):
+        run_saliency(args, device)
     return 0
 
 
@@ -157,6 +170,33 @@ def run_epoch(args, device: torch.device) -> None:
     for note in results["skipped"]:
         print(f"  note: {note}")
     json_path, md_path = bench_reweighting_epoch.write_results(results, args.out)
+    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+
+
+# ---- information-flow saliency of a stack (benchmarks/bench_saliency.py) -----------------------------
+
+
+def run_saliency(args, device: torch.device) -> None:
+    cases = get_saliency_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    if not cases:
+        print(f"benchmarks: saliency: set {args.set!r} has no saliency cases, skipped")
+        return
+    providers = [p for p in bench_saliency.PROVIDERS if not args.providers or p in args.providers]
+    if not providers:
+        print("benchmarks: saliency: none of --providers is one of its providers, skipped")
+        return
+    print(f"benchmarks: saliency on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
+    for note in bench_saliency.platform_notes(device):
+        print(f"  note: {note}")
+    results = bench_saliency.run_saliency_bench(
+        cases, device, timing=bench_saliency.saliency_timing(args.rep_ms), set_name=args.set, provider_names=providers
+    )
+    for t in results["targets"]:
+        if t["result"] == "not evaluated":
+            print(f"TARGET not evaluated: no CUDA -- {t['target']}")
+        else:
+            print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+    json_path, md_path = bench_saliency.write_results(results, args.out)
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 

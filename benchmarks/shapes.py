@@ -374,7 +374,7 @@ def get_anchor_set(name: str, *, cuda: bool, batch: int | None = None) -> list[A
     """Anchor / isolation cases of shape set ``name`` (the names of ``benchmarks.run --set``):
     ``default`` and ``all`` are the GPU set on a GPU and the CPU set otherwise, ``anchors`` always
     the GPU set, ``cpu`` the CPU set, ``tiny`` the smoke test's; the attention-only sets
-    (``acceptance``, ``papers``) have no anchor cases (``[]``)."""
+    (``acceptance``, ``papers``) and ``saliency`` have no anchor cases (``[]``)."""
     kw = {} if batch is None else {"batch": batch}
     if name in ("default", "all"):
         return anchors_gpu_set(**kw) if cuda else anchors_cpu_set(**kw)
@@ -384,6 +384,109 @@ def get_anchor_set(name: str, *, cuda: bool, batch: int | None = None) -> list[A
         return anchors_cpu_set(**kw)
     if name == "tiny":
         return anchors_tiny_set()
-    if name in ("acceptance", "papers"):
+    if name in ("acceptance", "papers", "saliency"):
+        return []
+    raise ValueError(f"unknown shape set {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Information-flow saliency (SPEC §4) cases, for ``benchmarks/bench_saliency.py``.
+#
+# A case is a chain of ``layers`` attention layers (no MLP) over one ``T``-token prompt with the ICL
+# geometry of ``icl_anchor_layout``: the label words of ``demonstrations`` demonstrations are the
+# ``p_c`` of the flow scores, the last position is the target ``q``.
+# --------------------------------------------------------------------------------------------------
+
+SALIENCY_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
+SALIENCY_CPU_LENGTHS = (128, 256, 512)
+# model key -> (layers, heads, head dim, what it mirrors)
+SALIENCY_MODELS = {
+    "gpt2-xl": (48, 25, 64, "GPT2-XL-shaped stack: 48 attention layers, H 25, d 64"),
+    "llama-7b": (1, 32, 128, "Llama-7B-shaped layer: one attention layer, H 32, d 128"),
+    "cpu-stack": (4, 4, 64, "small stack for a 2-core CPU: 4 attention layers, H 4, d 64"),
+    "cpu-layer": (1, 4, 128, "small layer for a 2-core CPU: one attention layer, H 4, d 128"),
+}
+
+
+@dataclass(frozen=True)
+class SaliencyCase:
+    """One flow-score case: ``layers`` causal self-attention layers of ``H`` heads of dimension ``D`` over
+    ``B`` prompts of ``T`` tokens, ``demonstrations`` label words (``classes`` classes)."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    H: int
+    D: int
+    T: int
+    B: int = 1
+    dtype: str = "fp16"
+    demonstrations: int = ANCHOR_DEMONSTRATIONS
+    classes: int = ANCHOR_CLASSES
+    note: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        return (
+            f"L{self.layers} B{self.B} H{self.H} T{self.T} d{self.D} {self.dtype} causal, "
+            f"{self.demonstrations} label words/{self.classes} classes"
+        )
+
+    def layout(self) -> tuple[list[int], list[int], int]:
+        """``(label positions, their classes, first token of the test input)``; the target is ``T - 1``."""
+        return icl_anchor_layout(self.T, self.demonstrations, self.classes)
+
+    def flops(self, mode: str) -> float:
+        """Attention forward + backward of every layer (SPEC's model, 3.5x the forward); the saliency
+        pass, the projections and the score reduction are not counted."""
+        return self.layers * attention_flops(self.B, self.H, self.T, self.T, self.D, causal=True, mode="fwd+bwd")
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+def saliency_case(model: str, T: int, *, B: int = 1, dtype: str = "fp16", group: str = "saliency") -> SaliencyCase:
+    layers, heads, head_dim, note = SALIENCY_MODELS[model]
+    return SaliencyCase(f"{model}-T{T}", group, model, layers, heads, head_dim, T, B, dtype, note=note)
+
+
+def saliency_gpu_set(*, batch: int = 1) -> list[SaliencyCase]:
+    """fp16, batch 1: the GPT2-XL-shaped stack and the Llama-7B-shaped layer at T = 256 ... 16k."""
+    return [saliency_case(m, T, B=batch) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS]
+
+
+def saliency_cpu_set(*, batch: int = 1) -> list[SaliencyCase]:
+    """fp32, a 4-layer H 4 d 64 stack and a one-layer H 4 d 128 layer at T = 128, 256, 512."""
+    return [
+        saliency_case(m, T, B=batch, dtype="fp32", group="saliency-cpu")
+        for m in ("cpu-stack", "cpu-layer")
+        for T in SALIENCY_CPU_LENGTHS
+    ]
+
+
+def saliency_tiny_set() -> list[SaliencyCase]:
+    """The smoke test's two cases: 2 layers, B 2, H 2, d 16, T 40 and 48, fp32, 4 label words/2 classes."""
+    return [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test") for T in (40, 48)]
+
+
+def get_saliency_set(name: str, *, cuda: bool, batch: int | None = None) -> list[SaliencyCase]:
+    """Saliency cases of shape set ``name`` (the names of ``benchmarks.run --set``): ``default`` and
+    ``all`` are the GPU set on a GPU and the CPU set otherwise, ``saliency`` always the GPU set, ``cpu``
+    the CPU set, ``tiny`` the smoke test's; the other sets have no saliency cases (``[]``)."""
+    kw = {} if batch is None else {"batch": batch}
+    if name in ("default", "all"):
+        return saliency_gpu_set(**kw) if cuda else saliency_cpu_set(**kw)
+    if name == "saliency":
+        return saliency_gpu_set(**kw)
+    if name == "cpu":
+        return saliency_cpu_set(**kw)
+    if name == "tiny":
+        return saliency_tiny_set()
+    if name in ("acceptance", "papers", "anchors"):
         return []
     raise ValueError(f"unknown shape set {name!r}")

@@ -413,3 +413,164 @@ def test_reweighting_epoch_bench_cli_smoke(tmp_path, capsys, monkeypatch, no_gc)
     assert by["fastattn_icl"]["status"] == STATUS_INCORRECT and by["eager"]["status"] == STATUS_OK
     assert by["fastattn_icl"]["speedup_text"]["eager"] == "n/a (check failed)"
     assert by["eager"]["speedup_vs"]["fastattn_icl"] is None
+
+
+# ---- information-flow saliency of a stack (benchmarks/bench_saliency.py) --------------------------
+
+from benchmarks import bench_saliency  # noqa: E402
+from benchmarks.shapes import (  # noqa: E402
+    get_saliency_set,
+    saliency_case,
+    saliency_cpu_set,
+    saliency_gpu_set,
+    saliency_tiny_set,
+)
+
+
+@pytest.fixture
+def no_gc_saliency(monkeypatch, no_gc):
+    """``no_gc`` for the saliency benchmark, which holds its own reference to ``free_memory``."""
+    monkeypatch.setattr(bench_saliency, "free_memory", lambda device: None)
+
+
+def test_saliency_sets():
+    gpu = saliency_gpu_set()
+    assert {(s.model, s.layers, s.H, s.D) for s in gpu} == {("gpt2-xl", 48, 25, 64), ("llama-7b", 1, 32, 128)}
+    assert sorted({s.T for s in gpu}) == [256, 1024, 2048, 4096, 8192, 16384]
+    assert all(s.dtype == "fp16" and s.B == 1 for s in gpu)
+    cpu = saliency_cpu_set()
+    assert cpu and all(s.dtype == "fp32" and s.T <= 512 for s in cpu)
+    assert get_saliency_set("default", cuda=True) == gpu and get_saliency_set("default", cuda=False) == cpu
+    assert get_saliency_set("saliency", cuda=False) == gpu and get_saliency_set("papers", cuda=True) == []
+    assert all(s.B == 4 for s in get_saliency_set("all", cuda=True, batch=4))
+    assert get_anchor_set("saliency", cuda=True) == []
+    case = saliency_case("gpt2-xl", 1024)
+    positions, _, _ = case.layout()
+    assert len(positions) == 16 and positions[-1] < case.T - 1
+    assert case.flops("flow") == 48 * attention_flops(1, 25, 1024, 1024, 64, causal=True, mode="fwd+bwd")
+
+
+def test_saliency_bench_cli_smoke(tmp_path, capsys, no_gc_saliency):
+    # both providers on the tiny set through the CLI: the gate runs on the first case and the second inherits it
+    threads = torch.get_num_threads()
+    argv = ["--bench", "saliency", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
+    data = json.loads((tmp_path / "cpu-saliency.json").read_text())
+    md = (tmp_path / "cpu-saliency.md").read_text()
+    assert [p["name"] for p in data["providers"]] == ["fastattn_icl", "eager_probe"]
+    assert len(data["rows"]) == len(saliency_tiny_set()) * 2
+    for r in data["rows"]:
+        assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+        assert r["median_ms"] > 0 and r["mode"] == "flow" and r["peak_mem_bytes"] is None
+        assert set(r["check"]["errors"]) == {"S_wp", "S_pq", "S_ww"}
+    scopes = [r["check"]["scope"] for r in data["rows"] if r["provider"] == "fastattn_icl"]
+    assert scopes[0].startswith("gate on tiny-T40") and scopes[1].startswith("inherited from the gate on tiny-T40")
+    assert all(r["speedup_vs"]["eager_probe"] for r in data["rows"] if r["provider"] == "fastattn_icl")
+    assert "## Time and peak memory" in md and "vs eager_probe" in md and "correctness gate:" in md
+
+
+def test_saliency_scores_match_the_oracle():
+    # the benchmark's two providers agree on every layer, and with the reference probe_saliency + flow_scores
+    # on the last layer (whose loss is a function of that layer's output alone)
+    from fastattn_icl.reference.attention import attention
+    from fastattn_icl.reference.saliency import flow_scores, probe_saliency
+
+    case = saliency_tiny_set()[0]
+    inp = bench_saliency.make_inputs(case, CPU)
+    ours = bench_saliency.flow_fastattn(case, inp)
+    inp.x0.grad = None
+    eager = bench_saliency.flow_eager_probe(case, inp)
+    assert ours.shape == (case.layers, case.B, 3) and torch.allclose(ours, eager, rtol=1e-4, atol=1e-7)
+
+    x = inp.x0.detach()
+    for layer in range(case.layers):
+        q, k, v = (torch.matmul(bench_saliency._rms_norm(x), inp.w_qkv[layer, i]) for i in range(3))
+        x_in, x = x, x + attention(q, k, v, causal=True)
+
+    def loss_fn(o):
+        logits = (x_in + o)[:, :, inp.target, :].reshape(case.B, -1) @ inp.w_out
+        return torch.nn.functional.cross_entropy(logits, inp.gold)
+
+    saliency = probe_saliency(q, k, v, loss_fn, causal=True)
+    ref = torch.stack(flow_scores(saliency, inp.labels, inp.target_rows), dim=-1)
+    assert torch.allclose(ours[-1], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_saliency_incorrect_and_unchecked_speedups_are_refused(monkeypatch, no_gc_saliency):
+    case = saliency_tiny_set()[:1]
+    real = bench_saliency.flow_fastattn
+    monkeypatch.setitem(bench_saliency.PROVIDER_FNS, "fastattn_icl", lambda c, inp: real(c, inp) * 1.5)
+    res = bench_saliency.run_saliency_bench(case, CPU, timing=FAST, progress=None)
+    by = {r["provider"]: r for r in res["rows"]}
+    assert by["fastattn_icl"]["status"] == STATUS_INCORRECT and by["eager_probe"]["status"] == STATUS_OK
+    assert by["fastattn_icl"]["speedup_text"]["eager_probe"] == "n/a (check failed)"
+
+    # the probe runs out of memory (in the gate too): an oom row, and ours is timed but unchecked
+    def oom(c, inp):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 25.00 GiB")
+
+    monkeypatch.setitem(bench_saliency.PROVIDER_FNS, "fastattn_icl", real)
+    monkeypatch.setitem(bench_saliency.PROVIDER_FNS, "eager_probe", oom)
+    monkeypatch.setattr(bench_saliency, "flow_eager_probe", oom)
+    res = bench_saliency.run_saliency_bench(case, CPU, timing=FAST, progress=None)
+    by = {r["provider"]: r for r in res["rows"]}
+    assert by["eager_probe"]["status"] == STATUS_OOM and by["eager_probe"]["median_ms"] is None
+    ours = by["fastattn_icl"]
+    assert ours["status"] == "unchecked" and ours["median_ms"] > 0 and "no correctness gate: oom" in ours["message"]
+    assert ours["speedup_text"]["eager_probe"] == "n/a (fastattn_icl unchecked)"
+    assert any("no correctness gate could run" in s for s in res["skipped"])
+
+
+def test_saliency_gpu_targets_from_synthetic_rows():
+    from benchmarks.harness import add_speedups
+
+    def rows_for(eager_ms_at_1k, ours_exponent):
+        rows = []
+        for T in (256, 1024, 16384):
+            case = saliency_case("gpt2-xl", T)
+            for provider, status, ms, mem in (
+                ("fastattn_icl", STATUS_OK, 1.0, int(1e6 * T**ours_exponent)),
+                ("eager_probe", STATUS_OOM if T == 16384 else STATUS_OK, eager_ms_at_1k, int(1e3 * T**2)),
+            ):
+                rows.append(
+                    {
+                        "case": case.name,
+                        "group": case.group,
+                        "params": case.params(),
+                        "provider": provider,
+                        "mode": "flow",
+                        "status": status,
+                        "median_ms": None if status == STATUS_OOM else ms,
+                        "peak_mem_bytes": None if status == STATUS_OOM else mem,
+                    }
+                )
+        add_speedups(rows, ["fastattn_icl", "eager_probe"])
+        return {t["target"].split(" (")[0]: t for t in bench_saliency.targets(rows)}
+
+    got = rows_for(12.0, 1.0)
+    assert got["gpt2-xl: >= 10x faster than eager_probe at T = 1024"]["result"] == "PASS"
+    memory = got["gpt2-xl: peak memory linear in T"]
+    assert memory["result"] == "PASS" and "eager_probe: exponent 2.00" in memory["detail"]
+    long = got["gpt2-xl: runs at T = 16384"]
+    assert long["result"] == "PASS" and "eager_probe oom" in long["detail"]
+    got = rows_for(5.0, 1.5)
+    assert got["gpt2-xl: >= 10x faster than eager_probe at T = 1024"]["result"] == "FAIL"
+    assert got["gpt2-xl: peak memory linear in T"]["result"] == "FAIL"
+
+
+@pytest.mark.gpu
+def test_saliency_bench_on_cuda():
+    from benchmarks.shapes import SaliencyCase
+
+    cuda = torch.device("cuda")
+    case = SaliencyCase("gpu-small", "tiny", "small", 2, 4, 64, 256, 1, "fp16")
+    res = bench_saliency.run_saliency_bench([case], cuda, progress=None)
+    assert "Triton" in res["providers"][0]["description"]
+    for row in res["rows"]:
+        assert row["status"] == STATUS_OK and row["check"]["status"] == STATUS_OK, row
+        assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
+    assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
