@@ -576,8 +576,9 @@ _CANDIDATES = {
 }
 _INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths at small T
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PADDING", "DOT_PRECISION", "TQ_BUCKET", "TK_BUCKET"]
-# per kind: extra autotune keys, and outputs the kernel accumulates into (zeroed before every timed run)
-_TUNE_EXTRA = {"saliency": (["PER_HEAD", "STORE_ROWS"], ["HEAD_SUMS"])}
+# per kind: extra autotune keys, and outputs to zero before every timed run and the final one: the partial sums
+# (a config with smaller row blocks writes slots the chosen config never touches; per-head sums accumulate)
+_TUNE_EXTRA = {"saliency": (["PER_HEAD", "STORE_ROWS"], ["SUMS", "HEAD_SUMS"])}
 _KERNELS = {}
 _tuned = {}
 

@@ -161,9 +161,11 @@ class Saliency:
     def _dense(self, B: int, T: int, device: torch.device, key_padding_mask: torch.Tensor | None):
         """Validated kernel inputs for ``B`` rows of length ``T``: ``label_mask`` uint8 ``[B, T]``, ``target``
         int32 ``[B]``, ``row_slot`` int32 ``[B, T]`` or ``None``, number of stored rows, denominators."""
-        cache_key = (B, T, device, None if key_padding_mask is None else key_padding_mask.data_ptr())
+        cache_key = (B, T, device)
         if cache_key in self._tables:
-            return self._tables[cache_key]
+            tables = self._tables[cache_key]
+            _check_padding(key_padding_mask, tables[4], tables[1].long())
+            return tables
         labels = self.label_positions
         if isinstance(labels, (list, tuple)):
             labels = torch.tensor(labels, dtype=torch.long)
@@ -191,9 +193,6 @@ class Saliency:
             (start < 0) | (start > target),
             used & (labels < start[:, None]),
         ]
-        if key_padding_mask is not None:
-            checks.append(~key_padding_mask.gather(1, target.clamp(0, T - 1)[:, None])[:, 0])
-            checks.append(used & ~key_padding_mask.gather(1, labels.clamp(0, T - 1)))
         bad = _any_each(*checks)
         messages = [
             "label_positions must be >= 0 (or -1 for an unused slot)",
@@ -204,12 +203,9 @@ class Saliency:
             "label_positions must not repeat a position within a row",
             "start must be in [0, target]",
             "a label position comes before its row's start (the first token)",
-            "the target row is padding (key_padding_mask is False there)",
-            "a label position is padding (key_padding_mask is False there)",
         ]
-        for is_bad, message in zip(bad, messages):
-            if is_bad:
-                raise ValueError(f"Saliency: {message}; label_positions={labels.tolist()}, target={target.tolist()}")
+        _raise_first(bad, messages, labels, target)
+        _check_padding(key_padding_mask, labels, target)
         label_mask = slot_taken.to(torch.uint8)
         row_slot, n_rows = None, 0
         if self.rows == "labels":  # slots 0..C-1: the label rows in order, slot C: the target row
@@ -229,6 +225,27 @@ class Saliency:
         tables = (label_mask, target.int(), row_slot, n_rows, labels, denominators)
         self._tables = {cache_key: tables}  # one entry: the seam reuses it for every layer of a forward
         return tables
+
+
+def _raise_first(bad: list[bool], messages: list[str], labels: torch.Tensor, target: torch.Tensor) -> None:
+    for is_bad, message in zip(bad, messages):
+        if is_bad:
+            raise ValueError(f"Saliency: {message}; label_positions={labels.tolist()}, target={target.tolist()}")
+
+
+def _check_padding(key_padding_mask: torch.Tensor | None, labels: torch.Tensor, target: torch.Tensor) -> None:
+    """The target row and the label positions must be real tokens (checked on every call: masks change)."""
+    if key_padding_mask is None:
+        return
+    used = labels >= 0
+    bad = _any_each(
+        ~key_padding_mask.gather(1, target[:, None])[:, 0], used & ~key_padding_mask.gather(1, labels.clamp(min=0))
+    )
+    messages = [
+        "the target row is padding (key_padding_mask is False there)",
+        "a label position is padding (key_padding_mask is False there)",
+    ]
+    _raise_first(bad, messages, labels, target)
 
 
 def _as_rows(name: str, value: Any, B: int, device: torch.device) -> torch.Tensor:
