@@ -51,6 +51,7 @@ from benchmarks.harness import (
     render_markdown,
     run_suite,
     speedup,
+    targets_not_evaluated,
 )
 
 OVERHEAD_TARGET = 1.10  # feature-on median <= 1.10 x feature-off median
@@ -327,11 +328,7 @@ def targets_for(rows: list[dict], feature: str, *, evaluated: bool = True) -> li
                 "detail": "; ".join(parts) or f"no T = {LONG_T} case in this set",
             }
         )
-    if not evaluated:
-        for t in out:
-            t["result"] = "not evaluated"
-            t["detail"] = f"no CUDA. CPU figures, for information only: {t['detail']}"
-    return out
+    return out if evaluated else targets_not_evaluated(out)
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -82,6 +82,7 @@ from benchmarks.harness import (
     peak_memory_bytes,
     render_markdown,
     speedup,
+    targets_not_evaluated,
     tflops,
 )
 from fastattn_icl.testing import GRAD_FACTOR, check_close, max_error, tolerance
@@ -385,11 +386,7 @@ def targets(rows: list[dict], *, evaluated: bool = True) -> list[dict]:
                 "detail": "; ".join(parts) or f"no T = {LONG_T} case in this set",
             }
         )
-    if not evaluated:
-        for t in out:
-            t["result"] = "not evaluated"
-            t["detail"] = f"no CUDA. CPU figures, for information only: {t['detail']}"
-    return out
+    return out if evaluated else targets_not_evaluated(out)
 
 
 # ---------------------------------------------------------------------------------------------- running

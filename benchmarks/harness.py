@@ -541,6 +541,14 @@ def _measure(case, provider: Provider, call, inputs, mode, device, timing, check
     )
 
 
+def targets_not_evaluated(targets: list[dict]) -> list[dict]:
+    """Mark GPU targets as not evaluated (no CUDA), keeping their CPU figures in the detail for information."""
+    for t in targets:
+        t["result"] = "not evaluated"
+        t["detail"] = f"no CUDA. CPU figures, for information only: {t['detail']}"
+    return targets
+
+
 def speedup(row: dict, base: dict | None) -> tuple[float | None, str]:
     """``(base time / row time, text)``; refused (``None``) when either check failed or either row
     was not timed."""
