@@ -35,8 +35,16 @@ taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch
 at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
-``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``; saliency and the momentum epilogue are to be added as
-further flags of these same kernels.
+``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``; the momentum epilogue is to be added as a further flag.
+
+Saliency (SPEC §4, ``_attn_bwd_saliency_kernel``): ``I = |Σ_h P̂_h ∘ dO_h V_hᵀ|`` needs every head of a
+``(query block, key block)`` tile at once (heads are summed before the absolute value), which the per-head
+dk/dv and dq programs never hold, so a backward that records it launches one more kernel of this family:
+a program owns a block of query rows and every ``N_SPLIT``-th key block, loops over all heads per tile
+(recomputing ``P`` from ``lse`` and ``dP = dO Vᵀ``: two of the backward's dot products again) and reduces
+``I`` on the fly to the flow-score numerators (``PER_HEAD``: also per head; ``STORE_ROWS``: selected rows of
+``I``). Partial sums go to per-program slots summed on the host: deterministic, no atomics, memory linear
+in ``T``. dq, dk, dv are computed exactly as without it.
 
 Caveat: under ``TRITON_INTERPRET=1`` a ``tl.dot`` on bf16 operands is wrong (triton 3.9), so bf16 is
 only exercised on a GPU.
