@@ -30,7 +30,6 @@ information): per variant and mode, feature-on time <= 1.10x feature-off time at
 from __future__ import annotations
 
 import functools
-import json
 import time
 import zlib
 from pathlib import Path
@@ -39,20 +38,18 @@ import torch
 
 from benchmarks import bench_attention
 from benchmarks.harness import (
-    RESULTS_DIR,
     STATUS_OK,
     CheckViews,
     Provider,
     Suite,
     TimingConfig,
-    _json_safe,
     add_speedups,
     format_progress,
-    render_markdown,
     run_suite,
     speedup,
     targets_not_evaluated,
 )
+from benchmarks.harness import write_results as harness_write_results
 
 OVERHEAD_TARGET = 1.10  # feature-on median <= 1.10 x feature-off median
 EAGER_TARGET = 10.0
@@ -394,10 +391,4 @@ def run_feature(
 
 def write_results(results: dict, feature: str, out_dir=None) -> tuple[Path, Path]:
     """Write ``<out_dir>/<device-slug>-<feature>.json`` and ``.md``; return both paths."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['header']['device_slug']}-{feature}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-    md_path.write_text(render_markdown(results))
-    return json_path, md_path
+    return harness_write_results(results, out_dir, suffix=f"-{feature}")

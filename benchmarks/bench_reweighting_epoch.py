@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -50,23 +49,22 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import (
-    RESULTS_DIR,
     STATUS_ERROR,
     STATUS_INCORRECT,
     STATUS_OK,
     STATUS_OOM,
     TimingConfig,
     _first_line,
-    _json_safe,
     add_speedups,
     bench,
     environment,
     free_memory,
     is_oom,
+    markdown_with_gate,
     peak_memory_bytes,
-    render_markdown,
 )
 from benchmarks.harness import _row as harness_row
+from benchmarks.harness import write_results as harness_write_results
 from fastattn_icl.testing import GRAD_FACTOR, check_close, max_error, tolerance
 
 OURS = "fastattn_icl"
@@ -536,12 +534,4 @@ def run_epoch_bench(
 
 def write_results(results: dict, out_dir=None) -> tuple[Path, Path]:
     """Write ``<out_dir>/<device-slug>-epoch.json`` and ``.md``; return both paths."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['header']['device_slug']}-epoch"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-    md = render_markdown(results)
-    md = md.replace("- FLOP model:", f"- correctness gate: {results['gate']}\n- FLOP model:", 1)
-    md_path.write_text(md)
-    return json_path, md_path
+    return harness_write_results(results, out_dir, suffix="-epoch", markdown=markdown_with_gate(results))

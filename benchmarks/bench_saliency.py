@@ -52,7 +52,6 @@ T = 16k, with the probe's row (an ``oom`` row is expected) alongside.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import zlib
@@ -63,14 +62,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import (
-    RESULTS_DIR,
     STATUS_ERROR,
     STATUS_INCORRECT,
     STATUS_OK,
     STATUS_OOM,
     TimingConfig,
     _first_line,
-    _json_safe,
     _row,
     add_speedups,
     bench,
@@ -79,12 +76,13 @@ from benchmarks.harness import (
     format_progress,
     free_memory,
     is_oom,
+    markdown_with_gate,
     peak_memory_bytes,
-    render_markdown,
     speedup,
     targets_not_evaluated,
     tflops,
 )
+from benchmarks.harness import write_results as harness_write_results
 from fastattn_icl.testing import GRAD_FACTOR, check_close, max_error, tolerance
 
 OURS = "fastattn_icl"
@@ -555,13 +553,5 @@ def side_by_side(results: dict) -> str:
 
 def write_results(results: dict, out_dir=None) -> tuple[Path, Path]:
     """Write ``<out_dir>/<device-slug>-saliency.json`` and ``.md``; return both paths."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['header']['device_slug']}-saliency"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-    md = render_markdown(results)
-    md = md.replace("- FLOP model:", f"- correctness gate: {results['gate']}\n- FLOP model:", 1)
-    md = md.replace("\n## Summary:", "\n" + side_by_side(results) + "\n## Summary:", 1)
-    md_path.write_text(md)
-    return json_path, md_path
+    md = markdown_with_gate(results).replace("\n## Summary:", "\n" + side_by_side(results) + "\n## Summary:", 1)
+    return harness_write_results(results, out_dir, suffix="-saliency", markdown=md)

@@ -672,15 +672,24 @@ def _json_safe(obj):
     return obj
 
 
-def write_results(results: dict, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<device-slug>.json`` and ``.md``; return both paths."""
+def write_results(
+    results: dict, out_dir: str | os.PathLike | None = None, *, suffix: str = "", markdown: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<device-slug><suffix>.json`` and ``.md`` (``markdown``, default
+    :func:`render_markdown` of ``results``); return both paths."""
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    slug = results["header"]["device_slug"]
-    json_path, md_path = out / f"{slug}.json", out / f"{slug}.md"
+    stem = f"{results['header']['device_slug']}{suffix}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-    md_path.write_text(render_markdown(results))
+    md_path.write_text(render_markdown(results) if markdown is None else markdown)
     return json_path, md_path
+
+
+def markdown_with_gate(results: dict) -> str:
+    """``render_markdown(results)`` with the results' correctness-gate line put before the FLOP model."""
+    md = render_markdown(results)
+    return md.replace("- FLOP model:", f"- correctness gate: {results['gate']}\n- FLOP model:", 1)
 
 
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
