@@ -57,7 +57,6 @@ import torch
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, find_controller
 from fastattn_icl.ops.attention import _fused
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
-from fastattn_icl.ops.saliency import Saliency
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
 
@@ -444,9 +443,7 @@ def fastattn_icl_attention_forward(
                 "does not implement it"
             )
         method = _method_arguments(state, layer_idx, query, key)
-    saliency = None if controller is None else controller.get("saliency", layer_idx)
-    if saliency is not None and not isinstance(saliency, Saliency):
-        raise TypeError(f"fastattn_icl: method state 'saliency' must be a fastattn_icl.Saliency, got {saliency!r:.80}")
+    saliency = None if controller is None else controller.get("saliency", layer_idx)  # type-checked by the op
     out, _ = _fused(
         query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask, backend=None,
         saliency=saliency, saliency_key=layer_idx, **method,

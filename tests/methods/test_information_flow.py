@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastattn_icl
+from fastattn_icl.integrations import routed
 from fastattn_icl.methods import InformationFlow, information_flow
 from fastattn_icl.reference.saliency import flow_scores, saliency_map
 from tests.data.icl_sentiment import dataset
@@ -106,6 +107,9 @@ def test_bad_input(builder):
         information_flow(model, [late], ids, progress=False)
     with pytest.raises(ValueError, match="at least one example"):
         information_flow(model, [], ids, progress=False)
+    with routed(model) as controller, controller.override(saliency="labels"):
+        with pytest.raises(TypeError, match="saliency must be a fastattn_icl.ops.Saliency"):
+            model(examples[0].input_ids[None])
 
 
 def test_triton_kernels_give_the_same_scores(builder):
