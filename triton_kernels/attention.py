@@ -379,6 +379,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LOGW, DLOGW, ROW
 
 
 @triton.jit
+def _recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # The backward's P of a [BLOCK_M, BLOCK_N] tile from the saved lse (log2 units), isolated logits overwritten
+    # first; masks are the caller's. Returns P and the isolated entries (unused without HAS_ISOLATION).
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    iso = offs_n[None, :] < iso_lim[:, None]
+    if HAS_ISOLATION:
+        s = tl.where(iso, ISOLATION_LOG2, s)
+    return tl.math.exp2(s - lse[:, None]), iso
+
+
+@triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, lo, hi,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -389,11 +400,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
         v = _load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if HAS_ISOLATION:
-            iso = offs_n[None, :] < iso_lim[:, None]
-            s = tl.where(iso, ISOLATION_LOG2, s)
-        p = tl.math.exp2(s - lse[:, None])
+        p, iso = _recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
         if MASK_BLOCK and IS_CAUSAL:
             p = tl.where(_causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk), p, 0.0)
         if HAS_PADDING:
@@ -519,10 +526,8 @@ def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL,
             v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, start_n, T,
                            stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
             lse = _row_lse(LSE, (b * H + h) * T, offs_m, T)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            if HAS_ISOLATION:
-                s = tl.where(offs_n[None, :] < iso_lim[:, None], ISOLATION_LOG2, s)
-            p = tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
+            p, _ = _recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
+            p = tl.where(vis, p, 0.0)
             if HAS_ANCHORS:  # the probe sits on the weights that multiply V: the re-weighted P̂
                 wk = _key_weights(LOGW + (b * H + h) * T, offs_n, T)
                 p = p * tl.where(rw[:, None], wk[None, :], 1.0)
