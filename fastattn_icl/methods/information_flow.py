@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fastattn_icl.integrations import get_controller, routed
 from fastattn_icl.methods._model import frozen_weights, model_device
 from fastattn_icl.methods.anchors import ICLExample, collate
-from fastattn_icl.ops.saliency import Saliency
+from fastattn_icl.ops.saliency import Saliency, ratio
 
 __all__ = ["InformationFlow", "information_flow"]
 
@@ -35,8 +35,7 @@ SCORES = ("S_wp", "S_pq", "S_ww")
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     """Scale the last dimension (the three scores) to sum to 1; all-zero stays zero."""
-    total = x.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, x / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(x))
+    return ratio(x, x.sum(dim=-1, keepdim=True))
 
 
 @dataclass
@@ -74,8 +73,7 @@ class InformationFlow:
     @property
     def normalised_std(self) -> torch.Tensor:
         """``[L, 3]``: the spread over prompts on the same scale as :attr:`normalised_mean`."""
-        total = self.mean.sum(dim=-1, keepdim=True)
-        return torch.where(total > 0, self.std / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+        return ratio(self.std, self.mean.sum(dim=-1, keepdim=True))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, for JSON: per score name its per-layer mean, std and normalised mean/std."""

@@ -69,8 +69,8 @@ def _(grad_out, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, 
     return q.new_empty(B, 3, dtype=torch.float32), head_sums
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` where ``den > 0``, else 0 (an empty set of pairs)."""
+def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0 (an empty set of pairs, an all-zero layer); broadcasts."""
     ok = den > 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -108,9 +108,9 @@ class SaliencyResult:
             sums, den = self.head_sums, den[:, None, :]
         num_wp, num_pq, total = sums.unbind(-1)
         return (
-            _ratio(num_wp, den[..., 0].expand_as(num_wp)),
-            _ratio(num_pq, den[..., 1].expand_as(num_pq)),
-            _ratio(total - num_wp - num_pq, den[..., 2].expand_as(num_wp)),
+            ratio(num_wp, den[..., 0]),
+            ratio(num_pq, den[..., 1]),
+            ratio(total - num_wp - num_pq, den[..., 2]),
         )
 
 
