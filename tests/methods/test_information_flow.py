@@ -72,16 +72,30 @@ def test_batched_with_left_padding_equals_one_at_a_time(builder):
     assert batched.per_head.shape == (4, 2, 4, 3) and bool((batched.per_head >= 0).all())
 
 
-def test_summary_statistics_and_plot(builder, tmp_path):
+def test_summary_statistics_by_hand():
+    # two prompts, two layers; layer 1 is all zero (normalises to zero, not NaN)
+    per_sample = torch.tensor(
+        [[[1.0, 2.0, 1.0], [0.0, 0.0, 0.0]], [[3.0, 2.0, 3.0], [0.0, 0.0, 0.0]]], dtype=torch.float64
+    )
+    flow = InformationFlow(per_sample)
+    torch.testing.assert_close(flow.mean, torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    s = 2**0.5  # sample std of (1, 3)
+    torch.testing.assert_close(flow.std, torch.tensor([[s, 0.0, s], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    third = 1 / 3
+    expected = torch.tensor([[third, third, third], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(flow.normalised_mean, expected)
+    torch.testing.assert_close(
+        flow.normalised_std, torch.tensor([[s / 6, 0.0, s / 6], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    )
+    data = flow.to_dict()
+    assert data["num_samples"] == 2 and data["S_wp"]["normalised_mean"] == pytest.approx([third, 0.0])
+    assert InformationFlow(per_sample[:1]).std.abs().sum() == 0  # one prompt: no spread
+
+
+def test_plot(builder, tmp_path):
     model = _model("gpt2", layers=3)
     flow = information_flow(model, _examples(builder, 3, seed=2), builder.label_token_ids, progress=False)
-    torch.testing.assert_close(flow.mean, flow.per_sample.mean(0))
-    torch.testing.assert_close(flow.std, flow.per_sample.std(0))
-    norm = flow.normalised_mean
-    torch.testing.assert_close(norm.sum(-1), torch.ones(3, dtype=norm.dtype))
-    torch.testing.assert_close(norm, flow.mean / flow.mean.sum(-1, keepdim=True))
-    data = flow.to_dict()
-    assert data["num_samples"] == 3 and len(data["S_pq"]["normalised_mean"]) == 3
+    torch.testing.assert_close(flow.normalised_mean.sum(-1), torch.ones(3, dtype=torch.float64))
     path = tmp_path / "flow.png"
     flow.plot(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
