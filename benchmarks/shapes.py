@@ -370,23 +370,29 @@ def anchors_tiny_set() -> list[AnchorShape]:
     ]
 
 
+def _feature_set(name: str, own: str, gpu_set, cpu_set, tiny_set, cuda: bool, batch: int | None) -> list:
+    """Shape-set dispatch of a feature benchmark: ``default``/``all`` = its GPU set on a GPU, else its CPU set;
+    ``own`` (the feature's set name) = always the GPU set; ``cpu``; ``tiny``; any other known set = ``[]``."""
+    kw = {} if batch is None else {"batch": batch}
+    if name in ("default", "all"):
+        return gpu_set(**kw) if cuda else cpu_set(**kw)
+    if name == own:
+        return gpu_set(**kw)
+    if name == "cpu":
+        return cpu_set(**kw)
+    if name == "tiny":
+        return tiny_set()
+    if name in ("acceptance", "papers", "anchors", "saliency"):
+        return []
+    raise ValueError(f"unknown shape set {name!r}")
+
+
 def get_anchor_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
     """Anchor / isolation cases of shape set ``name`` (the names of ``benchmarks.run --set``):
     ``default`` and ``all`` are the GPU set on a GPU and the CPU set otherwise, ``anchors`` always
     the GPU set, ``cpu`` the CPU set, ``tiny`` the smoke test's; the attention-only sets
     (``acceptance``, ``papers``) and ``saliency`` have no anchor cases (``[]``)."""
-    kw = {} if batch is None else {"batch": batch}
-    if name in ("default", "all"):
-        return anchors_gpu_set(**kw) if cuda else anchors_cpu_set(**kw)
-    if name == "anchors":
-        return anchors_gpu_set(**kw)
-    if name == "cpu":
-        return anchors_cpu_set(**kw)
-    if name == "tiny":
-        return anchors_tiny_set()
-    if name in ("acceptance", "papers", "saliency"):
-        return []
-    raise ValueError(f"unknown shape set {name!r}")
+    return _feature_set(name, "anchors", anchors_gpu_set, anchors_cpu_set, anchors_tiny_set, cuda, batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,15 +484,4 @@ def get_saliency_set(name: str, *, cuda: bool, batch: int | None = None) -> list
     """Saliency cases of shape set ``name`` (the names of ``benchmarks.run --set``): ``default`` and
     ``all`` are the GPU set on a GPU and the CPU set otherwise, ``saliency`` always the GPU set, ``cpu``
     the CPU set, ``tiny`` the smoke test's; the other sets have no saliency cases (``[]``)."""
-    kw = {} if batch is None else {"batch": batch}
-    if name in ("default", "all"):
-        return saliency_gpu_set(**kw) if cuda else saliency_cpu_set(**kw)
-    if name == "saliency":
-        return saliency_gpu_set(**kw)
-    if name == "cpu":
-        return saliency_cpu_set(**kw)
-    if name == "tiny":
-        return saliency_tiny_set()
-    if name in ("acceptance", "papers", "anchors"):
-        return []
-    raise ValueError(f"unknown shape set {name!r}")
+    return _feature_set(name, "saliency", saliency_gpu_set, saliency_cpu_set, saliency_tiny_set, cuda, batch)
