@@ -6,7 +6,22 @@ transformers is installed.
 """
 
 from fastattn_icl import integrations  # noqa: F401  (registers "fastattn_icl" with transformers, lazily)
-from fastattn_icl.ops import Saliency, anchor_reweight_attention, attention, attention_with_lse, use_backend
+from fastattn_icl.ops import (
+    Saliency,
+    anchor_reweight_attention,
+    attention,
+    attention_with_lse,
+    shared_prefix_attention,
+    use_backend,
+)
 
 __version__ = "0.1.0"
-__all__ = ["Saliency", "anchor_reweight_attention", "attention", "attention_with_lse", "use_backend", "__version__"]
+__all__ = [
+    "Saliency",
+    "anchor_reweight_attention",
+    "attention",
+    "attention_with_lse",
+    "shared_prefix_attention",
+    "use_backend",
+    "__version__",
+]

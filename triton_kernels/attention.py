@@ -35,7 +35,15 @@ taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch
 at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
-``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``; the momentum epilogue is to be added as a further flag.
+``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``, ``HAS_PREFIX``; the momentum epilogue is to be added as a
+further flag.
+
+Shared prefix (``HAS_PREFIX``, forward only; SPEC §5 serving of a compressed demonstration cache): keys
+``PK/PV [B, Hkv, Tp, D]`` logically precede ``K/V`` and every query row sees all of them (no causal or
+padding mask: causality is bottom-right over ``K`` alone, which puts every query after the prefix). They
+are read through their own strides, so a prefix shared by the whole batch is one ``[1, Hkv, Tp, D]`` copy
+expanded with batch stride 0: a batch of test inputs never materialises it ``B`` times. The online softmax
+runs over the prefix blocks first, then over ``K``, so the result is attention over the concatenation.
 
 Saliency (SPEC §4, ``_attn_bwd_saliency_kernel``): ``I = |Σ_h P̂_h ∘ dO_h V_hᵀ|`` needs every head of a
 ``(query block, key block)`` tile at once (heads are summed before the absolute value), which the per-head
@@ -184,18 +192,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_om, stride_od,
                      stride_kpmb, stride_kpmn, stride_isob,
-                     H, N_REP, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET,
+                     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+                     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+                     H, N_REP, Tq, Tk, Tp, qk_scale, TQ_BUCKET, TK_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                      HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -214,6 +224,21 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_PREFIX:
+        # shared prefix keys 0 .. Tp - 1 come before every key of K and are visible to every query row (no
+        # causal or padding mask; only the tail block is bounds-masked); PK/PV may have batch stride 0, so a
+        # batch reads one copy of the prefix
+        PKb = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
+        PVb = PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
+        p_full = Tp // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, PKb, PVb, KPM, LOGWh, b, offs_m, rw, iso_lim, 0, p_full,
+                                        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                        stride_kpmb, stride_kpmn, Tq, Tp, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, False, DOT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, PKb, PVb, KPM, LOGWh, b, offs_m, rw, iso_lim, p_full, Tp,
+                                        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                        stride_kpmb, stride_kpmn, Tq, Tp, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, True, DOT_PRECISION)
     full_end, hi = _causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 0, full_end,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
@@ -591,7 +616,7 @@ _INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths 
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PADDING", "DOT_PRECISION", "TQ_BUCKET", "TK_BUCKET"]
 # per kind: extra autotune keys, and outputs to zero before every timed run and the final one: the partial sums
 # (a config with smaller row blocks writes slots the chosen config never touches; per-head sums accumulate)
-_TUNE_EXTRA = {"saliency": (["PER_HEAD", "STORE_ROWS"], ["SUMS", "HEAD_SUMS"])}
+_TUNE_EXTRA = {"fwd": (["HAS_PREFIX"], None), "saliency": (["PER_HEAD", "STORE_ROWS"], ["SUMS", "HEAD_SUMS"])}
 _KERNELS = {}
 _tuned = {}
 
@@ -672,10 +697,12 @@ def _method_args(key_log_weights, reweight_from, isolation_limit, q: torch.Tenso
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float, *, out=None, lse=None):
+                  scale: float, *, prefix=None, out=None, lse=None):
     """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
     ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones).
-    Method inputs (``None`` = feature off): see :func:`_method_args`."""
+    Method inputs (``None`` = feature off): see :func:`_method_args`. ``prefix``: ``None`` or the shared
+    prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0 for one copy), whose keys
+    come before ``k`` and are visible to every query row (method features must be off)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if out is None:
@@ -686,13 +713,14 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
         return out, lse
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
     (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
+    pk, pv = prefix if prefix is not None else (k, v)  # never read without HAS_PREFIX
     _launch(
         "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
-        q, k, v, out, lse, kpm, logw, row_from, iso,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob,
-        H, H // Hkv, Tq, Tk, scale * _LOG2E, _bucket(Tq), _bucket(Tk),
+        q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob, *pk.stride(), *pv.stride(),
+        H, H // Hkv, Tq, Tk, pk.shape[2] if prefix is not None else 0, scale * _LOG2E, _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        DOT_PRECISION=_dot_precision(q), **method_flags,
+        HAS_PREFIX=prefix is not None, DOT_PRECISION=_dot_precision(q), **method_flags,
     )
     return out, lse
 

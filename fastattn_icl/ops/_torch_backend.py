@@ -52,17 +52,46 @@ def _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolati
     return iso, weights, rw
 
 
+def _prefix_scores(q_c: torch.Tensor, pkf: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, Hkv, G, n, Tp]`` of a chunk of grouped queries against the shared prefix keys ``pkf``
+    (float32 ``[1 or B, Hkv, Tp, D]``); a batch-1 prefix is contracted once per kv head, never expanded."""
+    if pkf.shape[0] == 1:
+        return torch.einsum("bhgnd,hpd->bhgnp", q_c, pkf[0])
+    return torch.matmul(q_c, pkf[:, :, None].transpose(-1, -2))
+
+
+def _prefix_output(p: torch.Tensor, pvf: torch.Tensor) -> torch.Tensor:
+    """``p [B, Hkv, G, n, Tp] @ pvf [1 or B, Hkv, Tp, D]`` without expanding a batch-1 prefix."""
+    if pvf.shape[0] == 1:
+        return torch.einsum("bhgnp,hpd->bhgnd", p, pvf[0])
+    return torch.matmul(p, pvf[:, :, None])
+
+
+def _shared_prefix(prefix):
+    """Float32 ``(pk, pv)`` of a shared prefix, batch 1 when every row reads the same copy (batch stride 0)."""
+    if prefix is None:
+        return None
+    pk, pv = prefix
+    if pk.shape[0] > 1 and pk.stride(0) == 0 and pv.stride(0) == 0:
+        pk, pv = pk[:1], pv[:1]
+    return pk.float(), pv.float()
+
+
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float):
+                  scale: float, *, prefix=None):
+    """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
+    precede ``k``/``v`` and are visible to every query row (method features must then be off)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     qg = _grouped(q, Hkv)
     kf = k.float()[:, :, None]
     vf = v.float()[:, :, None]
+    prefix = _shared_prefix(prefix)
+    Tp = 0 if prefix is None else prefix[0].shape[2]
     out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device)
     o_bhtd = out.transpose(1, 2)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(B, H, Tq, Tk)
+    step = _rows_per_chunk(B, H, Tq, Tk + Tp)
     for r0 in range(0, Tq, step):
         rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
         s = torch.matmul(qg[:, :, :, rows], kf.transpose(-1, -2)) * scale
@@ -72,6 +101,8 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
                                           q.device)
         if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
             s = s.masked_fill(iso & vis, ISOLATION_VALUE)
+        if prefix is not None:  # every row sees every prefix key
+            s = torch.cat([_prefix_scores(qg[:, :, :, rows], prefix[0]) * scale, s], dim=-1)
         # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
         # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
         row_max = s.amax(dim=-1, keepdim=True)
@@ -81,7 +112,10 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
         p = p / denom.masked_fill(denom == 0, 1.0)
         if weights is not None:  # numerator only: the denominator (lse) stays unweighted
             p = p * weights
-        o = torch.matmul(p, vf)
+        if prefix is not None:
+            o = _prefix_output(p[..., :Tp], prefix[1]) + torch.matmul(p[..., Tp:], vf)
+        else:
+            o = torch.matmul(p, vf)
         o_bhtd[:, :, r0 : r0 + rows.numel()] = o.reshape(B, H, rows.numel(), D).to(q.dtype)
         lse[:, :, r0 : r0 + rows.numel()] = row_lse.reshape(B, H, rows.numel())
     return o_bhtd, lse
