@@ -1,8 +1,9 @@
 """Per-model method state for the attention seam: one :class:`ICLController` per model.
 
 The research methods (anchor re-weighting β, anchor positions, momentum η, isolation rows, saliency
-buffers) change what the ``"fastattn_icl"`` attention computes in some layers. Their state lives in
-one controller object per model instead of in module attributes or globals, so that
+buffers, a shared compressed-demonstration prefix) change what the ``"fastattn_icl"`` attention computes
+in some layers. Their state lives in one controller object per model instead of in module attributes or
+globals, so that
 
 - it never enters ``state_dict()`` / ``save_pretrained`` (it is a plain attribute, not a Module,
   Parameter or buffer),
@@ -65,6 +66,28 @@ class IsolationState:
 
     rows: torch.Tensor
     window: int = 0
+
+
+@dataclass(frozen=True)
+class SharedPrefixState:
+    """Controller state ``shared_prefix`` (SPEC §5 serving): every layer's keys start with a prefix that the
+    whole batch shares, held once and read in place by the kernel (never copied per row).
+
+    Used with :class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`, whose layers hold only each
+    row's own keys (the test inputs and the tokens decoded after them) and report the prefix in their length,
+    so the key-padding mask and the query positions count it.
+
+    Attributes:
+        keys, values: ``[L, 1, Hkv, M, D]`` (or ``[L, B, Hkv, M, D]``): layer ``l`` reads ``keys[l]``; post-RoPE
+            keys, in the model's dtype and on its device.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
 
 
 class ICLController:

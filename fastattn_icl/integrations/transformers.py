@@ -22,8 +22,12 @@ Method state (see :mod:`fastattn_icl.integrations.controller`), looked up per la
 ``beta[l]``) runs :func:`fastattn_icl.anchor_reweight_attention`; ``isolation`` (:class:`IsolationState`)
 passes ``isolation_rows`` to the kernel; ``saliency`` (a :class:`fastattn_icl.Saliency` request) records
 layer ``layer_idx``'s information-flow saliency into ``request.results[layer_idx]`` during the backward
-(whole-prompt forwards only, ``Tq == Tk``). Positions in the state are absolute key positions; a call over a
-chunk of ``Tq`` queries and ``Tk`` keys (cached decoding) puts query row ``i`` at position ``i + Tk - Tq``,
+(whole-prompt forwards only, ``Tq == Tk``); ``shared_prefix`` (:class:`SharedPrefixState`, with a
+:class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`) makes ``key``/``value`` the rows' own keys
+after a prefix the batch shares, read in place by :func:`fastattn_icl.shared_prefix_attention` (forward only,
+not combinable with the other states; the mask covers ``[prefix, own keys]`` and must keep the whole
+prefix). Positions in the state are absolute key positions; a call over a chunk of ``Tq`` queries and ``Tk``
+keys (cached decoding) puts query row ``i`` at position ``i + Tk - Tq``,
 so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
 clamped to the chunk: a chunk entirely before it is not re-weighted (per batch row). Label words or
 isolated positions that are not keys yet (``>= Tk``) are ignored in that call. Any other state name raises.
@@ -54,9 +58,10 @@ from typing import Any
 
 import torch
 
-from fastattn_icl.integrations.controller import AnchorState, IsolationState, find_controller
+from fastattn_icl.integrations.controller import AnchorState, IsolationState, SharedPrefixState, find_controller
 from fastattn_icl.ops.attention import _fused
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.prefix import shared_prefix_attention
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
 
@@ -71,7 +76,7 @@ _UNSUPPORTED_KWARGS = {
 }
 
 # method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "saliency"})
+_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "saliency", "shared_prefix"})
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -385,6 +390,61 @@ def _method_arguments(
     return kwargs
 
 
+def _shared_prefix_forward(
+    prefix: SharedPrefixState,
+    layer_idx: int | None,
+    controller: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    is_causal: bool,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seam with controller state ``shared_prefix``: ``key``/``value`` are the row's own keys, which follow
+    the shared prefix ``prefix.keys[layer_idx]``; the mask (if any) covers ``[prefix, own keys]``."""
+    if not isinstance(prefix, SharedPrefixState):
+        raise TypeError(f"fastattn_icl: method state 'shared_prefix' must be a SharedPrefixState, got {prefix!r:.80}")
+    others = sorted(set(controller.layer_state(layer_idx)) - {"shared_prefix"})
+    if others:
+        raise NotImplementedError(
+            f"fastattn_icl: method state {others} cannot be combined with a shared prefix (layer {layer_idx})"
+        )
+    if layer_idx is None or not 0 <= layer_idx < prefix.keys.shape[0]:
+        raise ValueError(f"fastattn_icl: the shared prefix has {prefix.keys.shape[0]} layers, none for {layer_idx}")
+    pk, pv = prefix.keys[layer_idx], prefix.values[layer_idx]
+    M, Tk = prefix.length, key.shape[2]
+    key_padding_mask = _key_padding_mask(attention_mask, M + Tk, query.device)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[1] != M + Tk:
+            raise ValueError(
+                f"fastattn_icl: with a shared prefix of {M} keys the padding mask must cover {M} + {Tk} keys, got "
+                f"{key_padding_mask.shape[1]} (a static cache cannot hold a shared prefix)"
+            )
+        if not _is_tracing() and not bool(key_padding_mask[:, :M].all()):
+            raise ValueError("fastattn_icl: the attention mask hides positions of the shared prefix; its first "
+                             f"{M} columns must be 1 (every row sees the whole prefix)")
+        key_padding_mask = key_padding_mask[:, M:]
+    if pk.device != query.device or pk.dtype != query.dtype:
+        raise ValueError(
+            f"fastattn_icl: the shared prefix is {pk.dtype} on {pk.device} but layer {layer_idx} runs "
+            f"{query.dtype} on {query.device}"
+        )
+    out = shared_prefix_attention(query, pk, pv, key, value, causal=is_causal, scale=scaling,
+                                  key_padding_mask=key_padding_mask)
+    weights = None
+    if _attentions_requested(kwargs):
+        B = query.shape[0]
+        full_k = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)  # only when weights are asked for
+        full_mask = None
+        if key_padding_mask is not None:
+            full_mask = torch.cat([key_padding_mask.new_ones(B, M), key_padding_mask], dim=1)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        weights = _attention_weights(query, full_k, full_mask, is_causal, scale)
+    return out.transpose(1, 2).contiguous(), weights
+
+
 def fastattn_icl_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -421,6 +481,12 @@ def fastattn_icl_attention_forward(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    layer_idx = getattr(module, "layer_idx", None)
+    controller = find_controller(module)
+    prefix = None if controller is None else controller.get("shared_prefix", layer_idx)
+    if prefix is not None:
+        return _shared_prefix_forward(prefix, layer_idx, controller, query, key, value, attention_mask,
+                                      bool(is_causal), scaling, kwargs)
     key_padding_mask = _key_padding_mask(attention_mask, key.shape[2], query.device)
     if key_padding_mask is not None and key_padding_mask.shape[1] < key.shape[2]:
         n = key_padding_mask.shape[1]
@@ -431,8 +497,6 @@ def fastattn_icl_attention_forward(
             f"fastattn_icl: sliding-window attention binds here (window {window}, {key.shape[2]} keys); "
             f"the seam computes full causal attention only: keep sequences within the window or {_HINT}"
         )
-    layer_idx = getattr(module, "layer_idx", None)
-    controller = find_controller(module)
     method: dict[str, Any] = {}
     if controller is not None and not controller.is_neutral(layer_idx):
         state = controller.layer_state(layer_idx)
