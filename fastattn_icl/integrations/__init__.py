@@ -21,7 +21,13 @@ from collections.abc import Iterator
 
 import torch
 
-from fastattn_icl.integrations.controller import AnchorState, ICLController, IsolationState, get_controller
+from fastattn_icl.integrations.controller import (
+    AnchorState,
+    ICLController,
+    IsolationState,
+    SharedPrefixState,
+    get_controller,
+)
 from fastattn_icl.integrations.transformers import ATTN_IMPLEMENTATION, install_import_hook, register
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "AnchorState",
     "ICLController",
     "IsolationState",
+    "SharedPrefixState",
     "disable",
     "enable",
     "enabled",

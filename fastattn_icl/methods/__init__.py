@@ -5,6 +5,10 @@
 - :mod:`~fastattn_icl.methods.isolation`: information-flow isolation (SPEC §3) and its random control.
 - :mod:`~fastattn_icl.methods.information_flow`: per-layer information-flow scores (SPEC §4) from the fused
   backward, with the paper-style plot.
+- :mod:`~fastattn_icl.methods.keep_sets`: the kept positions of anchor compression (Hidden_anchor, Hidden_random,
+  Text_anchor) as rules of the template.
+- :mod:`~fastattn_icl.methods.compression`: anchor compression (SPEC §5), a reusable compressed demonstration
+  cache served to batches of test inputs from one shared prefix, and its loyalty evaluation.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
 """
 
@@ -16,6 +20,12 @@ from fastattn_icl.methods.anchors import (
     label_token_ids,
     label_word_positions,
 )
+from fastattn_icl.methods.compression import (
+    CompressedDemonstrations,
+    CompressionEvaluation,
+    compress_demonstrations,
+    evaluate_compression,
+)
 from fastattn_icl.methods.information_flow import InformationFlow, information_flow
 from fastattn_icl.methods.isolation import (
     first_layers,
@@ -24,20 +34,28 @@ from fastattn_icl.methods.isolation import (
     pad_positions,
     random_non_label_positions,
 )
+from fastattn_icl.methods.keep_sets import KeepSet, hidden_anchor_keep, hidden_random_positions, text_anchor_text
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, topk_jaccard, word_loyalty
 from fastattn_icl.methods.reweighting import AnchorReweighting, ReweightingEvaluation
 
 __all__ = [
     "AnchorReweighting",
+    "CompressedDemonstrations",
+    "CompressionEvaluation",
     "ICLExample",
     "InformationFlow",
     "LabelWordPositions",
     "PromptBuilder",
     "ReweightingEvaluation",
     "collate",
+    "compress_demonstrations",
+    "evaluate_compression",
     "first_layers",
+    "hidden_anchor_keep",
+    "hidden_random_positions",
     "information_flow",
     "isolate",
+    "KeepSet",
     "label_loyalty",
     "label_predictions",
     "label_token_ids",
@@ -45,6 +63,7 @@ __all__ = [
     "last_layers",
     "pad_positions",
     "random_non_label_positions",
+    "text_anchor_text",
     "topk_jaccard",
     "word_loyalty",
 ]

@@ -282,10 +282,17 @@ class PromptBuilder:
     def num_classes(self) -> int:
         return len(self.label_words)
 
+    def demonstrations_text(self) -> str:
+        """The rendered demonstrations, each ending where the template ends."""
+        return "".join(_render(self.template, self.label_words[y], x=dx) for dx, y in self.demonstrations)
+
+    def query_text(self, x: str) -> str:
+        """The query ``x`` rendered up to its label (trailing spaces stripped)."""
+        return _render(self.template, None, x=x)
+
     def prompt(self, x: str) -> str:
         """Demonstrations followed by the query ``x`` rendered up to its label."""
-        demos = "".join(_render(self.template, self.label_words[y], x=dx) for dx, y in self.demonstrations)
-        return demos + _render(self.template, None, x=x)
+        return self.demonstrations_text() + self.query_text(x)
 
     def example(self, x: str, label: int | None = None) -> ICLExample:
         """Encode the prompt for ``x`` and locate the demonstrations' label words."""
