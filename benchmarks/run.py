@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency]
+    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency|gather]
                              [--set default|acceptance|papers|anchors|saliency|cpu|all|tiny]
                              [--modes fwd bwd fwd+bwd]
                              [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
@@ -14,7 +14,13 @@ epoch cases; ``--modes``, ``--providers`` and ``--batch`` do not apply to it), t
 saliency of a whole stack (``benchmarks/bench_saliency.py``: ``default``/``all`` is its GPU set on a GPU, a
 GPT2-XL-shaped stack and a Llama-7B-shaped layer at T = 256 ... 16k, its small CPU set otherwise;
 ``saliency`` names its GPU set, ``cpu`` and ``tiny`` its CPU and smoke-test sets, the other sets have no
-saliency cases; ``--providers fastattn_icl eager_probe`` and ``--batch`` apply, ``--modes`` does not).
+saliency cases; ``--providers fastattn_icl eager_probe`` and ``--batch`` apply, ``--modes`` does not),
+then the KV-cache gather of anchor compression (``benchmarks/bench_gather.py``: ``gather_kv``, one op for
+all layers, vs a per-layer ``index_select`` loop with and without ``torch.stack``; ``default``/``all`` is
+its GPU set on a GPU, GPT2-XL and GPT-J fp16 caches of SST-2, TREC, AGNews and EmoC demonstrations, its
+small CPU set otherwise; ``cpu`` and ``tiny`` name its CPU and smoke-test sets, the other sets have no
+gather cases; ``--providers gather_kv gather_kv_unchecked index_select_loop index_select_loop_nostack`` and
+``--batch`` apply, ``--modes`` does not).
 ``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
 (for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
 set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
@@ -24,8 +30,9 @@ keeps the ratios between providers steady.
 
 Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-slug>-anchors.json``/``.md``
 and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), ``<out>/<device-slug>-epoch.json``/``.md``
-(epoch benchmark), ``<out>/<device-slug>-saliency.json``/``.md`` (saliency benchmark), and prints one line
-per measured row, then the targets and where the results went.
+(epoch benchmark), ``<out>/<device-slug>-saliency.json``/``.md`` (saliency benchmark),
+``<out>/<device-slug>-gather.json``/``.md`` (gather benchmark), and prints one line per measured row, then
+the targets and where the results went.
 """
 
 from __future__ import annotations
@@ -35,11 +42,11 @@ import sys
 
 import torch
 
-from benchmarks import bench_anchors, bench_attention, bench_reweighting_epoch, bench_saliency
+from benchmarks import bench_anchors, bench_attention, bench_gather, bench_reweighting_epoch, bench_saliency
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
 from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_saliency_set, get_set
 
-BENCHES = ("all", "attention", "anchors", "epoch", "saliency")
+BENCHES = ("all", "attention", "anchors", "epoch", "saliency", "gather")
 ONLY_SETS = ("anchors", "saliency")  # sets of one benchmark: the attention benchmark has no cases in them
 
 
@@ -59,10 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="subset of fastattn_icl, eager, sdpa (attention) and fastattn_icl-anchors, fastattn_icl-isolation, "
-        "fastattn_icl, eager (anchors), fastattn_icl, eager_probe (saliency)",
+        "fastattn_icl, eager (anchors), fastattn_icl, eager_probe (saliency), gather_kv, gather_kv_unchecked, "
+        "index_select_loop, index_select_loop_nostack (gather)",
     )
     ap.add_argument(
-        "--batch", type=int, default=None, help="batch size of the papers, anchors and saliency sets (default 1)"
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size of the papers, anchors and saliency sets and of the gather set's B = 1 cases (default 1)",
     )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
@@ -85,7 +96,7 @@ def main(argv=None) -> int:
     if args.providers:
         known = {p.name for p in bench_attention.providers()}
         known |= {p.name for f in bench_anchors.FEATURES for p in bench_anchors.providers(f)}
-        known |= set(bench_saliency.PROVIDERS)
+        known |= set(bench_saliency.PROVIDERS) | set(bench_gather.PROVIDERS)
         unknown = set(args.providers) - known
         if unknown:
             raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {sorted(known)}")
@@ -103,6 +114,8 @@ def main(argv=None) -> int:
         run_epoch(args, device)
     if args.bench in ("all", "saliency"):
         run_saliency(args, device)
+    if args.bench in ("all", "gather"):
+        run_gather(args, device, timing)
     return 0
 
 
@@ -197,6 +210,31 @@ def run_saliency(args, device: torch.device) -> None:
         else:
             print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
     json_path, md_path = bench_saliency.write_results(results, args.out)
+    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+
+
+# ---- KV-cache gather of anchor compression (benchmarks/bench_gather.py) ------------------------------
+
+
+def run_gather(args, device: torch.device, timing: TimingConfig) -> None:
+    cases = bench_gather.gather_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    if not cases:
+        print(f"benchmarks: gather: set {args.set!r} has no gather cases, skipped")
+        return
+    providers = [p for p in bench_gather.PROVIDERS if not args.providers or p in args.providers]
+    if not providers:
+        print("benchmarks: gather: none of --providers is one of its providers, skipped")
+        return
+    print(f"benchmarks: gather on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
+    for note in bench_gather.platform_notes(device):
+        print(f"  note: {note}")
+    results = bench_gather.run_gather_bench(cases, device, timing=timing, set_name=args.set, provider_names=providers)
+    for t in results["targets"]:
+        if t["result"] == "not evaluated":
+            print(f"TARGET not evaluated: no CUDA -- {t['target']}")
+        else:
+            print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+    json_path, md_path = bench_gather.write_results(results, args.out)
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 

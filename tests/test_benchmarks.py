@@ -574,3 +574,156 @@ def test_saliency_bench_on_cuda():
         assert row["status"] == STATUS_OK and row["check"]["status"] == STATUS_OK, row
         assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
     assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
+
+
+# ---- KV-cache gather of anchor compression (benchmarks/bench_gather.py) ----------------------------
+
+from benchmarks import bench_gather  # noqa: E402
+from benchmarks.harness import STATUS_SKIPPED  # noqa: E402
+from fastattn_icl import _ext  # noqa: E402
+
+needs_gather_ext = pytest.mark.skipif(
+    not _ext.has_op("gather_kv"), reason=f"fastattn_icl._C is not built ({_ext.load_error()}); {_ext.BUILD_HINT}"
+)
+
+
+@pytest.fixture
+def no_gc_gather(monkeypatch, no_gc):
+    """``no_gc`` for the gather benchmark, which holds its own reference to ``free_memory``."""
+    monkeypatch.setattr(bench_gather, "free_memory", lambda device: None)
+
+
+def test_gather_sets():
+    gpu = bench_gather.gather_gpu_set()
+    assert {(c.model, c.layers, c.Hkv, c.D) for c in gpu} == {("gpt2-xl", 48, 25, 64), ("gpt-j", 28, 16, 256)}
+    assert {c.dataset for c in gpu} == {"sst2", "trec", "agnews", "emoc"} and {c.per_class for c in gpu} == {1, 4}
+    assert all(c.dtype == "fp16" for c in gpu) and sorted({c.B for c in gpu}) == [1, 16]
+    assert len(gpu) == 2 * 4 * 2 + 4 and len({c.name for c in gpu}) == len(gpu)
+    assert len(bench_gather.gather_gpu_set(batch=16)) == 2 * 4 * 2  # the batched cases are not repeated
+    cpu = bench_gather.gather_cpu_set()
+    assert cpu and all(c.dtype == "fp32" and c.model == "gpt2-xl" and c.B == 1 for c in cpu)
+    assert all(c.layers == 24 and c.name.endswith("-L24") and (c.Hkv, c.D) == (25, 64) for c in cpu)
+    assert max(c.bytes_moved // 4 for c in cpu) < 32 * 2**20  # one output, under glibc's mmap ceiling
+    assert bench_gather.gather_set("default", cuda=True) == gpu and bench_gather.gather_set("all", cuda=False) == cpu
+    assert bench_gather.gather_set("saliency", cuda=True) == [] and bench_gather.gather_set("papers", cuda=False) == []
+    assert bench_gather.gather_set("tiny", cuda=True) == bench_gather.gather_tiny_set()
+    assert all(c.B == 4 for c in bench_gather.gather_set("cpu", cuda=False, batch=4))
+    # SST-2, 4 demonstrations per class: 8 demonstrations of ceil(20 * 1.3) + 7 = 33 tokens, no test input
+    case = bench_gather.gather_case("gpt-j", "sst2", 4)
+    assert case.demonstrations == 8 and case.T == 8 * 33 == prompt_tokens("sst2", 8) - prompt_tokens("sst2", 0)
+    assert case.M == 8 * 7 and case.bytes_moved == 4 * 28 * 1 * 16 * 56 * 256 * 2
+    pos = case.positions()
+    assert len(pos) == len(set(pos)) == case.M and pos == sorted(pos) and pos[-1] == case.T - 1
+    assert pos[:7] == [0, 1, 28, 29, 30, 31, 32] and pos[7:9] == [33, 34]  # first 2, last 5 of each demonstration
+
+
+@needs_gather_ext
+def test_gather_bench_cli_smoke(tmp_path, capsys, no_gc_gather):
+    # all four providers on the tiny set through the CLI: every gate passes bit-exactly, files written
+    threads = torch.get_num_threads()
+    argv = ["--bench", "gather", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the file checked below is cpu-gather.json, on a GPU machine too
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
+    data = json.loads((tmp_path / "cpu-gather.json").read_text())
+    md = (tmp_path / "cpu-gather.md").read_text()
+    assert [p["name"] for p in data["providers"]] == list(bench_gather.PROVIDERS)
+    assert len(data["rows"]) == len(bench_gather.gather_tiny_set()) * len(bench_gather.PROVIDERS)
+    for r in data["rows"]:
+        assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+        assert r["check"]["errors"] == {"K": {"error": 0.0, "tolerance": 0.0}, "V": {"error": 0.0, "tolerance": 0.0}}
+        assert r["median_ms"] > 0 and r["mode"] == "gather" and r["peak_mem_bytes"] is None
+        assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / (r["median_ms"] * 1e-3) / 1e9)
+    ours = [r for r in data["rows"] if r["provider"] == "gather_kv"]
+    assert all(r["speedup_vs"]["index_select_loop"] and r["speedup_vs"]["index_select_loop_nostack"] for r in ours)
+    assert data["targets"] and all(t["result"] == "not evaluated" for t in data["targets"])
+    assert "## Time, bytes moved and bandwidth" in md and "correctness gate:" in md
+    assert "gather_kv vs index_select_loop_nostack" in md and "**not evaluated**" in md
+
+
+def test_gather_incorrect_provider_speedup_is_refused(monkeypatch, no_gc_gather):
+    # one element one ulp off (a value check with a tolerance could miss it; the bitwise gate does not)
+    def off_by_one_ulp(case, inp):
+        k, v = bench_gather._index_select_loop(case, inp)
+        k[0, 0, 0, 0, 0] = torch.nextafter(k[0, 0, 0, 0, 0], torch.tensor(float("inf")))
+        return k, v
+
+    monkeypatch.setitem(bench_gather.PROVIDER_FNS, "index_select_loop", off_by_one_ulp)
+    names = ["index_select_loop", "index_select_loop_nostack"]
+    if _ext.has_op("gather_kv"):
+        names.insert(0, "gather_kv")
+    res = bench_gather.run_gather_bench(
+        bench_gather.gather_tiny_set()[:1], CPU, timing=FAST, progress=None, provider_names=names
+    )
+    by = {r["provider"]: r for r in res["rows"]}
+    bad = by["index_select_loop"]
+    assert bad["status"] == STATUS_INCORRECT and "K: not bit-exact" in bad["message"] and bad["median_ms"] > 0
+    assert bad["check"]["errors"]["K"]["error"] > 0 and bad["check"]["errors"]["V"]["error"] == 0.0
+    assert by["index_select_loop_nostack"]["status"] == STATUS_OK
+    assert by["index_select_loop_nostack"]["speedup_text"]["index_select_loop"] == "n/a (check failed)"
+    assert set(bad["speedup_text"].values()) == {"n/a (check failed)"}
+    if "gather_kv" in by:
+        assert by["gather_kv"]["status"] == STATUS_OK
+        assert by["gather_kv"]["speedup_vs"]["index_select_loop"] is None
+        assert by["gather_kv"]["speedup_vs"]["index_select_loop_nostack"] > 0
+        assert "n/a (check failed)" in bench_gather.side_by_side(res)
+    # a wrong shape (a list of per-batch-row tensors stacked the wrong way) fails too
+    monkeypatch.setitem(
+        bench_gather.PROVIDER_FNS,
+        "index_select_loop",
+        lambda case, inp: tuple(x.transpose(0, 1) for x in bench_gather._index_select_loop(case, inp)),
+    )
+    res = bench_gather.run_gather_bench(
+        bench_gather.gather_tiny_set()[:1], CPU, timing=FAST, progress=None, provider_names=["index_select_loop"]
+    )
+    (row,) = res["rows"]
+    assert row["status"] == STATUS_INCORRECT and row["check"]["errors"]["K"]["error"] == float("inf")
+
+
+def test_gather_gpu_targets_from_synthetic_rows():
+    from benchmarks.harness import add_speedups
+
+    def rows_for(ours_ms, ours_status=STATUS_OK):
+        rows = []
+        for case, ms in zip(bench_gather.gather_gpu_set()[:3], ours_ms):
+            for provider, status, t in (("gather_kv", ours_status, ms), ("index_select_loop", STATUS_OK, 1.0)):
+                rows.append(
+                    {
+                        "case": case.name,
+                        "group": case.group,
+                        "params": case.params(),
+                        "provider": provider,
+                        "mode": "gather",
+                        "status": status,
+                        "median_ms": t,
+                    }
+                )
+        add_speedups(rows, ["gather_kv", "index_select_loop"])
+        (target,) = bench_gather.targets(rows)
+        return target
+
+    target = rows_for([0.5, 0.25, 1.0])
+    assert target["result"] == "PASS" and "3/3 compared cases" in target["detail"] and "best 4.00x" in target["detail"]
+    target = rows_for([0.5, 1.25, 1.0])
+    assert target["result"] == "FAIL" and "below: gpt2-xl-sst2-4pc-b1 0.80x" in target["detail"]
+    assert rows_for([0.5, 0.5, 0.5], STATUS_INCORRECT)["result"] == "FAIL"
+    assert rows_for([0.5, 0.5, 0.5], STATUS_SKIPPED)["result"] == "N/A"
+    rows = []
+    (off,) = bench_gather.targets(rows, evaluated=False)
+    assert off["result"] == "not evaluated" and off["detail"].startswith("no CUDA")
+
+
+@pytest.mark.gpu
+@needs_gather_ext
+def test_gather_bench_on_cuda():
+    cuda = torch.device("cuda")
+    case = bench_gather.gather_case("gpt2-xl", "sst2", 1, B=2)
+    res = bench_gather.run_gather_bench([case], cuda, progress=None)
+    assert "one CUDA launch" in res["providers"][0]["description"]
+    for row in res["rows"]:
+        assert row["status"] == STATUS_OK and row["check"]["status"] == STATUS_OK, row
+        assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0 and row["gb_per_s"] > 0
+    assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
