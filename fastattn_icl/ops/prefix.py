@@ -83,7 +83,8 @@ def shared_prefix_attention(
         q: ``[B, H, Tq, D]`` queries.
         prefix_k, prefix_v: ``[1, Hkv, Tp, D]`` (one prefix shared by the batch, read with batch stride 0) or
             ``[B, Hkv, Tp, D]``; ``Tp >= 1``. Every query row sees every prefix key.
-        k, v: ``[B, Hkv, Tk, D]`` each row's own keys after the prefix (GQA: ``H % Hkv == 0``).
+        k, v: ``[B, Hkv, Tk, D]`` each row's own keys after the prefix (GQA: ``H % Hkv == 0``); ``Tk >= Tq``
+            when causal.
         causal: bottom-right causal over ``k`` (row ``i`` sees ``k[j]`` iff ``j <= i + Tk - Tq``), i.e. the
             queries are the last ``Tq`` positions of ``[prefix, k]``.
         scale: logit scale, default ``D ** -0.5``.
@@ -104,6 +105,11 @@ def shared_prefix_attention(
     scale = check_scale(scale, D)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and Tq > Tk:
+        raise ValueError(
+            f"causal shared-prefix attention needs Tq <= Tk (the queries are the last Tq of the row's own Tk keys), "
+            f"got Tq={Tq}, Tk={Tk}"
+        )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, prefix_k, prefix_v, k, v)):
         raise RuntimeError(
             "shared_prefix_attention is forward-only (an inference path): run it under torch.no_grad() or "
