@@ -183,9 +183,12 @@ class CompressedDemonstrations:
                 f"the demonstrations are {T} tokens, longer than the model's context of {limit} positions "
                 f"({ModelGeometry.of(model).model_type}): use fewer or shorter demonstrations"
             )
-        keep = torch.as_tensor(keep_positions, dtype=torch.long).reshape(-1).cpu()
+        keep = torch.as_tensor(keep_positions).reshape(-1).cpu()
         if keep.numel() == 0:
             raise ValueError("the keep set is empty: at least one position of the demonstrations must be kept")
+        if keep.is_floating_point() or keep.is_complex() or keep.dtype == torch.bool:
+            raise TypeError(f"keep_positions must be integer positions, got dtype {keep.dtype}")
+        keep = keep.long()
         if bool(((keep < 0) | (keep >= T)).any()):
             raise ValueError(f"keep positions must lie in [0, T={T}), got {keep.tolist()}")
         if keep.unique().numel() != keep.numel():
@@ -201,6 +204,13 @@ class CompressedDemonstrations:
             model.train(training)
         layers = list(cache.layers)
         keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
+        short = [i for i, k in enumerate(keys) if k.shape[2] != T]
+        if short:
+            window = getattr(model.config, "sliding_window", None)
+            raise ValueError(
+                f"layers {short} cached {keys[short[0]].shape[2]} of the {T} demonstration tokens (a sliding-window "
+                f"cache, sliding_window={window}): the demonstrations must fit in the window to be compressed"
+            )
         found = ModelGeometry(len(layers), keys[0].shape[1], keys[0].shape[3], geometry.model_type)
         if found.differences(geometry):
             raise NotImplementedError(
@@ -371,10 +381,16 @@ class CompressedDemonstrations:
                     f"{os.fspath(path)} has format version {meta.get('version')}, expected {_FORMAT_VERSION}"
                 )
             tensors = {name: f.get_tensor(name) for name in f.keys()}
+        missing = sorted({"keys", "values", "positions"} - set(tensors))
+        if missing:
+            raise ValueError(f"{os.fspath(path)} lacks the tensors {missing}")
         keys, values = tensors["keys"], tensors["values"]
         if keys.dim() != 5 or keys.shape != values.shape or keys.shape[3] != tensors["positions"].numel():
             raise ValueError(f"{os.fspath(path)} holds inconsistent shapes: keys {tuple(keys.shape)}, values "
                              f"{tuple(values.shape)}, positions {tuple(tensors['positions'].shape)}")
+        absent = sorted({"num_tokens", "position_offset", "method", "geometry"} - set(meta))
+        if absent:
+            raise ValueError(f"{os.fspath(path)} lacks the metadata {absent}")
         if device is not None:
             keys, values = keys.to(device), values.to(device)
         return cls(keys, values, tensors["positions"], int(meta["num_tokens"]), int(meta["position_offset"]),
