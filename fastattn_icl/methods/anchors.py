@@ -148,7 +148,23 @@ def _token_at(
             f"label word {word!r} is not a single token for {_tokenizer_name(tokenizer)} in this prompt: "
             f"its token {text[s:e]!r} also covers neighbouring text"
         )
+    if ids[i] == _unknown_token_id(tokenizer):
+        raise ValueError(
+            f"label word {word!r} is not in the vocabulary of {_tokenizer_name(tokenizer)}: it encodes as the "
+            "unknown token"
+        )
     return i
+
+
+def _unknown_token_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's unknown token, or ``None`` (byte-level tokenizers have none)."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)  # transformers tokenizers
+    if isinstance(unk_id, int):
+        return unk_id
+    unk = getattr(getattr(tokenizer, "model", None), "unk_token", None)  # tokenizers.Tokenizer
+    if isinstance(unk, str) and hasattr(tokenizer, "token_to_id"):
+        return tokenizer.token_to_id(unk)
+    return None
 
 
 def label_word_positions(

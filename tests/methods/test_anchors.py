@@ -122,3 +122,10 @@ def test_prompt_builder_and_left_padded_collate():
     assert batch["labels"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="demonstration class"):
         PromptBuilder(tokenizer, TEMPLATE, LABEL_WORDS, [("fun", 2)])
+
+
+def test_label_word_outside_the_vocabulary_raises():
+    # a word-level tokenizer maps an unknown label word to [UNK] as one token: that must not pass as a label
+    tok = word_tokenizer()
+    with pytest.raises(ValueError, match="'nope' is not in the vocabulary"):
+        label_token_ids(tok, TEMPLATE, ["negative", "nope"])
