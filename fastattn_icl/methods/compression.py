@@ -199,7 +199,7 @@ class CompressedDemonstrations:
         training = model.training
         model.eval()
         try:
-            cache = model(input_ids=ids[None].to(device), use_cache=True).past_key_values
+            cache = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1).past_key_values
         finally:
             model.train(training)
         layers = list(cache.layers)
