@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency|gather]
+    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency|gather|compression]
                              [--set default|acceptance|papers|anchors|saliency|cpu|all|tiny]
                              [--modes fwd bwd fwd+bwd]
                              [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
@@ -20,7 +20,14 @@ all layers, vs a per-layer ``index_select`` loop with and without ``torch.stack`
 its GPU set on a GPU, GPT2-XL and GPT-J fp16 caches of SST-2, TREC, AGNews and EmoC demonstrations, its
 small CPU set otherwise; ``cpu`` and ``tiny`` name its CPU and smoke-test sets, the other sets have no
 gather cases; ``--providers gather_kv gather_kv_unchecked index_select_loop index_select_loop_nostack`` and
-``--batch`` apply, ``--modes`` does not).
+``--batch`` apply, ``--modes`` does not), then anchor compression end to end (``benchmarks/bench_compression.py``:
+time per test input and peak memory of serving test inputs over the compressed demonstrations, ``compressed``
+through the seam with one shared prefix, vs the full prompts with eager and sdpa attention and vs the expanded
+Hugging Face cache; ``default``/``all`` is its GPU set on a GPU, fp16 GPT2-XL- and GPT-J-shaped random-weight
+models on SST-2, TREC, AGNews and EmoC geometries at B = 1, 16, 64, its small CPU set otherwise; ``cpu`` and
+``tiny`` name its CPU and smoke-test sets, the other sets have no compression cases; ``--providers compressed
+full-eager full-sdpa compressed-expanded-sdpa compressed-expanded-eager`` applies, ``--batch`` replaces its
+batch sizes, ``--modes`` does not).
 ``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
 (for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
 set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
@@ -31,8 +38,8 @@ keeps the ratios between providers steady.
 Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-slug>-anchors.json``/``.md``
 and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), ``<out>/<device-slug>-epoch.json``/``.md``
 (epoch benchmark), ``<out>/<device-slug>-saliency.json``/``.md`` (saliency benchmark),
-``<out>/<device-slug>-gather.json``/``.md`` (gather benchmark), and prints one line per measured row, then
-the targets and where the results went.
+``<out>/<device-slug>-gather.json``/``.md`` (gather benchmark), ``<out>/<device-slug>-compression.json``/``.md``
+(compression benchmark), and prints one line per measured row, then the targets and where the results went.
 """
 
 from __future__ import annotations
@@ -42,11 +49,18 @@ import sys
 
 import torch
 
-from benchmarks import bench_anchors, bench_attention, bench_gather, bench_reweighting_epoch, bench_saliency
+from benchmarks import (
+    bench_anchors,
+    bench_attention,
+    bench_compression,
+    bench_gather,
+    bench_reweighting_epoch,
+    bench_saliency,
+)
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
 from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_saliency_set, get_set
 
-BENCHES = ("all", "attention", "anchors", "epoch", "saliency", "gather")
+BENCHES = ("all", "attention", "anchors", "epoch", "saliency", "gather", "compression")
 ONLY_SETS = ("anchors", "saliency")  # sets of one benchmark: the attention benchmark has no cases in them
 
 
@@ -67,13 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="subset of fastattn_icl, eager, sdpa (attention) and fastattn_icl-anchors, fastattn_icl-isolation, "
         "fastattn_icl, eager (anchors), fastattn_icl, eager_probe (saliency), gather_kv, gather_kv_unchecked, "
-        "index_select_loop, index_select_loop_nostack (gather)",
+        "index_select_loop, index_select_loop_nostack (gather), compressed, full-eager, full-sdpa, "
+        "compressed-expanded-sdpa, compressed-expanded-eager (compression)",
     )
     ap.add_argument(
         "--batch",
         type=int,
         default=None,
-        help="batch size of the papers, anchors and saliency sets and of the gather set's B = 1 cases (default 1)",
+        help="batch size of the papers, anchors and saliency sets and of the gather set's B = 1 cases (default 1); "
+        "the compression set's only batch size (default 1, 16, 64 on a GPU, 1, 8 on CPU)",
     )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
@@ -97,6 +113,7 @@ def main(argv=None) -> int:
         known = {p.name for p in bench_attention.providers()}
         known |= {p.name for f in bench_anchors.FEATURES for p in bench_anchors.providers(f)}
         known |= set(bench_saliency.PROVIDERS) | set(bench_gather.PROVIDERS)
+        known |= set(bench_compression.PROVIDERS)
         unknown = set(args.providers) - known
         if unknown:
             raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {sorted(known)}")
@@ -116,6 +133,8 @@ def main(argv=None) -> int:
         run_saliency(args, device)
     if args.bench in ("all", "gather"):
         run_gather(args, device, timing)
+    if args.bench in ("all", "compression"):
+        run_compression(args, device)
     return 0
 
 
@@ -235,6 +254,37 @@ def run_gather(args, device: torch.device, timing: TimingConfig) -> None:
         else:
             print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
     json_path, md_path = bench_gather.write_results(results, args.out)
+    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+
+
+# ---- anchor compression end to end (benchmarks/bench_compression.py) ---------------------------------
+
+
+def run_compression(args, device: torch.device) -> None:
+    cases = bench_compression.compression_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    if not cases:
+        print(f"benchmarks: compression: set {args.set!r} has no compression cases, skipped")
+        return
+    providers = [p for p in bench_compression.PROVIDERS if not args.providers or p in args.providers]
+    if not providers:
+        print("benchmarks: compression: none of --providers is one of its providers, skipped")
+        return
+    print(f"benchmarks: compression on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
+    for note in bench_compression.platform_notes(device):
+        print(f"  note: {note}")
+    results = bench_compression.run_compression_bench(
+        cases,
+        device,
+        timing=bench_compression.compression_timing(args.rep_ms),
+        set_name=args.set,
+        provider_names=providers,
+    )
+    for t in results["targets"]:
+        if t["result"] == "not evaluated":
+            print(f"TARGET not evaluated: no CUDA -- {t['target']}")
+        else:
+            print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+    json_path, md_path = bench_compression.write_results(results, args.out)
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 

@@ -727,3 +727,194 @@ def test_gather_bench_on_cuda():
         assert row["status"] == STATUS_OK and row["check"]["status"] == STATUS_OK, row
         assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0 and row["gb_per_s"] > 0
     assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
+
+
+# ---- anchor compression end to end (benchmarks/bench_compression.py) -------------------------------
+
+import dataclasses  # noqa: E402
+
+from benchmarks import bench_compression  # noqa: E402
+
+needs_compression_ext = pytest.mark.skipif(
+    not _ext.has_op("gather_kv"), reason=f"fastattn_icl._C is not built ({_ext.load_error()}); {_ext.BUILD_HINT}"
+)
+
+
+@pytest.fixture
+def no_gc_compression(monkeypatch, no_gc):
+    """``no_gc`` for the compression benchmark, which holds its own reference to ``free_memory``."""
+    monkeypatch.setattr(bench_compression, "free_memory", lambda device: None)
+
+
+def test_compression_sets():
+    gpu = bench_compression.compression_gpu_set()
+    specs = {(c.model.key, c.model.family, c.model.layers, c.model.d_model, c.model.heads) for c in gpu}
+    assert specs == {("gpt2-xl", "gpt2", 48, 1600, 25), ("gpt-j", "gptj", 28, 4096, 16)}
+    assert {c.model.vocab for c in gpu} == {50257, 50400} and all(c.model.dtype == "fp16" for c in gpu)
+    assert {c.dataset for c in gpu} == {"sst2", "trec", "agnews", "emoc"} and {c.per_class for c in gpu} == {1, 4}
+    assert sorted({c.B for c in gpu}) == [1, 16, 64] and len(gpu) == 2 * 4 * 2 * 3 == len({c.name for c in gpu})
+    # every full prompt fits the model's context (GPT2-XL: 1024 positions; AGNews 4/class is 1001 tokens)
+    assert all(c.T_demo + c.S <= c.model.positions for c in gpu)
+    assert max(c.T_demo + c.S for c in gpu) == prompt_tokens("agnews", 16) == 1001
+    cpu = bench_compression.compression_cpu_set()
+    assert cpu and all(c.model.dtype == "fp32" and c.model.layers == 4 and c.model.d_model == 256 for c in cpu)
+    assert {c.model.family for c in cpu} == {"gpt2", "gptj"} and sorted({c.B for c in cpu}) == [1, 8]
+    assert {c.dataset for c in cpu} == {"sst2", "agnews"}
+    assert bench_compression.compression_set("default", cuda=True) == gpu
+    assert bench_compression.compression_set("all", cuda=False) == cpu
+    assert bench_compression.compression_set("tiny", cuda=True) == bench_compression.compression_tiny_set()
+    assert bench_compression.compression_set("papers", cuda=True) == []
+    assert {c.B for c in bench_compression.compression_set("cpu", cuda=False, batch=4)} == {4}
+    # SST-2, 1 demonstration per class: 2 demonstrations of ceil(20 * 1.3) + 7 = 33 tokens, test input 26 + 5
+    case = bench_compression.serve_case("gpt2-xl", "sst2", 1, 16)
+    assert case.demonstrations == 2 and case.T_demo == 66 and case.S == 31 and case.M == 14
+    assert case.T_demo + case.S == prompt_tokens("sst2", 2)
+    pos = case.positions()
+    assert len(pos) == len(set(pos)) == case.M and pos == sorted(pos) and pos[-1] == case.T_demo - 1
+    assert pos[:9] == [0, 1, 28, 29, 30, 31, 32, 33, 34]  # position 0 kept; first 2, last 5 of each demo
+    params = case.params()
+    assert (params["model_key"], params["family"], params["B"], params["T_full"]) == ("gpt2-xl", "gpt2", 16, 97)
+
+
+@needs_compression_ext
+def test_compression_bench_cli_smoke(tmp_path, capsys, no_gc_compression):
+    # every provider on the tiny set (both families) through the CLI: gates pass, GPT-J's sdpa rows are skipped
+    threads = torch.get_num_threads()
+    argv = ["--bench", "compression", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the file checked below is cpu-compression.json, on a GPU machine too
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
+    data = json.loads((tmp_path / "cpu-compression.json").read_text())
+    md = (tmp_path / "cpu-compression.md").read_text()
+    assert [p["name"] for p in data["providers"]] == list(bench_compression.PROVIDERS)
+    tiny = bench_compression.compression_tiny_set()
+    assert len(data["rows"]) == len(tiny) * len(bench_compression.PROVIDERS)
+    sdpa = (bench_compression.FULL_SDPA, bench_compression.EXPANDED_SDPA)
+    for r in data["rows"]:
+        if r["params"]["family"] == "gptj" and r["provider"] in sdpa:
+            assert r["status"] == STATUS_SKIPPED and "no sdpa attention" in r["message"], r
+            continue
+        assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+        assert "float64 copy" in r["check"]["scope"]
+        assert r["median_ms"] > 0 and r["mode"] == "serve" and r["peak_mem_bytes"] is None
+        assert r["ms_per_input"] == pytest.approx(r["median_ms"] / r["params"]["B"])
+        assert r["inputs_per_s"] == pytest.approx(r["params"]["B"] / (r["median_ms"] * 1e-3))
+    ours = [r for r in data["rows"] if r["provider"] == bench_compression.OURS]
+    assert all(r["speedup_vs"]["full-eager"] and r["speedup_vs"]["compressed-expanded-eager"] for r in ours)
+    assert [e["geometry"] for e in data["compress"]] == ["gpt2-tiny-sst2-1pc", "gptj-tiny-sst2-1pc"]
+    assert all(e["status"] == STATUS_OK and e["median_ms"] > 0 and e["M"] == 14 for e in data["compress"])
+    assert all(e["prefix_bytes"] == 2 * 2 * 4 * 14 * 16 * 4 for e in data["compress"])  # K+V, L 2, H 4, M 14, d 16
+    assert data["targets"] and all(t["result"] == "not evaluated" for t in data["targets"])
+    assert "## Compression (once per geometry" in md and "## Time per test input" in md
+    assert "correctness gate:" in md and "compressed vs full-eager" in md and "**not evaluated**" in md
+
+
+@needs_compression_ext
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_compression_incorrect_speedup_is_refused(monkeypatch, no_gc_compression, dtype):
+    # compressed serves with the values of one kept position zeroed: the logits move by ~0.5% of their largest,
+    # which the gate catches against the higher-precision copy (float64 for fp32, float32 for fp16)
+    real = bench_compression.serve_fn
+
+    def one_position_lost(provider, model, comp, inp, B):
+        if provider == bench_compression.OURS:
+            values = comp.values.clone().index_fill_(3, torch.tensor([comp.num_kept - 1]), 0.0)
+            comp = dataclasses.replace(comp, values=values)
+        return real(provider, model, comp, inp, B)
+
+    monkeypatch.setattr(bench_compression, "serve_fn", one_position_lost)
+    spec = dataclasses.replace(bench_compression.MODEL_SPECS["gpt2-tiny"], dtype=dtype)
+    case = bench_compression.ServeCase("tiny-b2", "tiny", spec, "sst2", 1, 2)
+    res = bench_compression.run_compression_bench([case], CPU, timing=FAST, progress=None)
+    by = {r["provider"]: r for r in res["rows"]}
+    bad = by[bench_compression.OURS]
+    assert bad["status"] == STATUS_INCORRECT and bad["median_ms"] > 0 and "logits: max error" in bad["message"]
+    assert set(bad["speedup_text"].values()) == {"n/a (check failed)"}
+    for p in ("full-eager", "full-sdpa", "compressed-expanded-sdpa", "compressed-expanded-eager"):
+        assert by[p]["status"] == STATUS_OK, by[p]
+        assert by[p]["speedup_vs"][bench_compression.OURS] is None
+    assert "n/a (check failed)" in bench_compression.side_by_side(res)
+
+
+def test_compression_gpu_targets_from_synthetic_rows():
+    from benchmarks.harness import add_speedups
+
+    providers = list(bench_compression.PROVIDERS)
+
+    def rows_for(model, times, status=STATUS_OK):
+        """``times[(dataset, n, B)] = {provider: ms}``; a missing provider is a skipped row."""
+        rows = []
+        for (ds, n, B), per in times.items():
+            case = bench_compression.serve_case(model, ds, n, B)
+            for p in providers:
+                ms = per.get(p)
+                st = STATUS_SKIPPED if ms is None else (status if p == bench_compression.OURS else STATUS_OK)
+                rows.append(
+                    {
+                        "case": case.name,
+                        "group": case.group,
+                        "params": case.params(),
+                        "provider": p,
+                        "mode": "serve",
+                        "status": st,
+                        "median_ms": ms,
+                    }
+                )
+        return rows
+
+    full = {"full-eager": 4.0, "full-sdpa": 2.0, "compressed-expanded-eager": 1.5, "compressed-expanded-sdpa": 1.2}
+    gpt2 = rows_for(
+        "gpt2-xl",
+        {
+            ("sst2", 1, 1): {"compressed": 1.0, "full-eager": 1.2},  # 1.2x >= 1.1x
+            ("agnews", 1, 1): {"compressed": 1.0, "full-eager": 2.0},  # 2.0x < 2.5x
+            ("agnews", 1, 64): {"compressed": 1.0, **full},  # 4x full-eager, 2x full-sdpa
+            ("agnews", 4, 64): {"compressed": 1.0, **full},
+        },
+    )
+    gptj = rows_for(
+        "gpt-j",
+        {
+            ("emoc", 1, 1): {"compressed": 1.0, "full-eager": 2.0},  # 2.0x >= 1.9x
+            ("agnews", 1, 64): {"compressed": 1.0, "full-eager": 3.5, "compressed-expanded-eager": 1.1},
+        },
+    )
+    rows = gpt2 + gptj
+    add_speedups(rows, providers)
+    got = {t["target"].split(" (")[0]: t for t in bench_compression.targets(rows)}
+    assert got["gpt2-xl SST-2, B 1, 1 demo/class: compressed vs full-eager >= 1.1x"]["result"] == "PASS"
+    fail = got["gpt2-xl AGNews, B 1, 1 demo/class: compressed vs full-eager >= 2.5x"]
+    assert fail["result"] == "FAIL" and fail["detail"].startswith("2.00x")
+    assert got["gpt2-xl AGNews, B 64: compressed throughput >= 3x full-eager"]["result"] == "PASS"
+    sdpa = got["gpt2-xl AGNews, B 64: compressed throughput >= 3x full-sdpa"]
+    assert sdpa["result"] == "FAIL" and "1/class: 2.00x (64000 vs 32000 inputs/s)" in sdpa["detail"]
+    assert got["gpt-j EmoC, B 1, 1 demo/class: compressed vs full-eager >= 1.9x"]["result"] == "PASS"
+    assert got["gpt-j AGNews, B 1, 1 demo/class: compressed vs full-eager >= 2.9x"]["result"] == "N/A"
+    assert got["gpt-j AGNews, B 64: compressed throughput >= 3x full-eager"]["result"] == "PASS"
+    no_sdpa = got["gpt-j AGNews, B 64: compressed throughput >= 3x full-sdpa"]
+    assert no_sdpa["result"] == "N/A" and "full-sdpa skipped" in no_sdpa["detail"]
+    # an incorrect compressed row fails every target it is part of
+    rows = rows_for("gpt2-xl", {("sst2", 1, 1): {"compressed": 1.0, "full-eager": 5.0}}, STATUS_INCORRECT)
+    add_speedups(rows, providers)
+    (target,) = bench_compression.targets(rows)
+    assert target["result"] == "FAIL" and "n/a (check failed)" in target["detail"]
+    off = bench_compression.targets(rows, evaluated=False)
+    assert off[0]["result"] == "not evaluated" and off[0]["detail"].startswith("no CUDA")
+
+
+@pytest.mark.gpu
+@needs_compression_ext
+def test_compression_bench_on_cuda():
+    cuda = torch.device("cuda")
+    spec = dataclasses.replace(bench_compression.MODEL_SPECS["gpt2-tiny"], key="gpt2-small-fp16", dtype="fp16")
+    cases = [bench_compression.ServeCase(f"gpu-b{B}", "tiny", spec, "agnews", 1, B) for B in (1, 4)]
+    res = bench_compression.run_compression_bench(cases, cuda, progress=None)
+    assert "Triton" in res["providers"][0]["description"]
+    for row in res["rows"]:
+        assert row["status"] == STATUS_OK and row["check"]["status"] == STATUS_OK, row
+        assert "float32 copy" in row["check"]["scope"]
+        assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
+    assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
