@@ -257,6 +257,7 @@ def test_anchors_bench_cli_smoke(tmp_path, capsys, no_gc):
     # one torch thread, as a CPU benchmark run uses (2 threads on a loaded 2-core machine stall)
     threads = torch.get_num_threads()
     argv = ["--bench", "anchors", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
     try:
         assert bench_run.main(argv) == 0
     finally:
@@ -387,6 +388,7 @@ def test_reweighting_epoch_bench_cli_smoke(tmp_path, capsys, monkeypatch, no_gc)
 
     threads = torch.get_num_threads()
     argv = ["--bench", "epoch", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
     try:
         assert bench_run.main(argv) == 0
     finally:
@@ -454,6 +456,7 @@ def test_saliency_bench_cli_smoke(tmp_path, capsys, no_gc_saliency):
     # both providers on the tiny set through the CLI: the gate runs on the first case and the second inherits it
     threads = torch.get_num_threads()
     argv = ["--bench", "saliency", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
     try:
         assert bench_run.main(argv) == 0
     finally:
