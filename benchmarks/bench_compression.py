@@ -102,10 +102,12 @@ from benchmarks.harness import (
     _row,
     add_speedups,
     bench,
+    case_entries,
     environment,
     free_memory,
     is_oom,
     markdown_with_gate,
+    memory_note,
     peak_memory_bytes,
     speedup,
     targets_not_evaluated,
@@ -791,12 +793,10 @@ def run_compression_bench(
         "header": environment(device),
         "timing": timing.describe(device) + "; one call = one batch of B test inputs (ms per test input = median "
         "/ B); compress = CompressedDemonstrations.from_ids once (the demonstrations' forward + gather_kv)",
-        "memory": (
-            "torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); the model's "
-            "weights and the compressed prefix are allocated before and not counted (prefix size: the compress "
-            "table)"
-            if device.type == "cuda"
-            else "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
+        "memory": memory_note(
+            device,
+            "the model's weights and the compressed prefix are allocated before and not counted (prefix size: the "
+            "compress table)",
         ),
         "flop_model": "none (end-to-end model forwards; TFLOP/s not reported)",
         "gate": (
@@ -809,7 +809,7 @@ def run_compression_bench(
             "reference <= " + ", ".join(f"{v:g} ({k})" for k, v in REL_TOL.items()) + " * max|logit|"
         ),
         "providers": [{"name": p, "description": describe(p, device)} for p in provs],
-        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        "cases": case_entries(cases),
         "compress": compressions,
         "skipped": platform_notes(device) + skipped,
         "rows": rows,

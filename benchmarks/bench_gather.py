@@ -94,10 +94,12 @@ from benchmarks.harness import (
     _row,
     add_speedups,
     bench,
+    case_entries,
     environment,
     free_memory,
     is_oom,
     markdown_with_gate,
+    memory_note,
     peak_memory_bytes,
     speedup,
     targets_not_evaluated,
@@ -554,17 +556,12 @@ def run_gather_bench(
         "header": environment(device),
         "timing": timing.describe(device) + "; one call = the provider's gather of all L layers' keys and values "
         "(outputs allocated in the call, dropped after)",
-        "memory": (
-            "torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); the cache and "
-            "the index are allocated before and not counted"
-            if device.type == "cuda"
-            else "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
-        ),
+        "memory": memory_note(device, "the cache and the index are allocated before and not counted"),
         "flop_model": "none (a copy; TFLOP/s not reported). Bytes moved = 4·L·B·Hkv·M·D·element size (K and V, "
         "each kept element read once and written once; index not counted), GB/s = bytes / median time",
         "gate": GATE_TEXT,
         "providers": [{"name": p, "description": describe(p, device)} for p in provs],
-        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        "cases": case_entries(cases),
         "skipped": platform_notes(device) + skipped,
         "rows": rows,
         "targets": targets(rows, evaluated=device.type == "cuda"),

@@ -57,10 +57,12 @@ from benchmarks.harness import (
     _first_line,
     add_speedups,
     bench,
+    case_entries,
     environment,
     free_memory,
     is_oom,
     markdown_with_gate,
+    memory_note,
     peak_memory_bytes,
 )
 from benchmarks.harness import _row as harness_row
@@ -511,11 +513,8 @@ def run_epoch_bench(
         "modes": [MODE],
         "header": environment(device),
         "timing": timing.describe(device) + "; one call = one epoch (beta reset to 0 first)",
-        "memory": (
-            "torch.cuda.max_memory_allocated delta over one epoch (after reset_peak_memory_stats); the frozen "
-            "model's weights are allocated before and not counted"
-            if device.type == "cuda"
-            else "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
+        "memory": memory_note(
+            device, "the frozen model's weights are allocated before and not counted", call="one epoch"
         ),
         "flop_model": "none (end-to-end epoch; TFLOP/s not reported)",
         "gate": (
@@ -524,7 +523,7 @@ def run_epoch_bench(
             "max(1, max|dbeta|); random beta ~ N(0, 0.5^2); first <= 4 examples of the first batch"
         ),
         "providers": [{"name": p, "description": describe(p, device)} for p in PROVIDERS],
-        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        "cases": case_entries(cases),
         "skipped": skipped,
         "rows": rows,
         "targets": [],

@@ -71,12 +71,14 @@ from benchmarks.harness import (
     _row,
     add_speedups,
     bench,
+    case_entries,
     environment,
     fit_exponent,
     format_progress,
     free_memory,
     is_oom,
     markdown_with_gate,
+    memory_note,
     peak_memory_bytes,
     speedup,
     targets_not_evaluated,
@@ -505,17 +507,12 @@ def run_saliency_bench(
         "header": environment(device),
         "timing": timing.describe(device) + "; one call = the stack's forward, loss.backward() and the "
         "[L, B, 3] scores of all layers (x0.grad reset before each call)",
-        "memory": (
-            "torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); the fixed "
-            "inputs (x0, projections) are allocated before and not counted"
-            if device.type == "cuda"
-            else "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
-        ),
+        "memory": memory_note(device, "the fixed inputs (x0, projections) are allocated before and not counted"),
         "flop_model": "attention forward + backward of every layer: L · 3.5 · 4·B·H·T²·d / 2 (causal); the "
         "saliency pass, projections, norms and score reduction are not counted",
         "gate": GATE_TEXT,
         "providers": [{"name": p, "description": describe(p, device)} for p in provs],
-        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        "cases": case_entries(cases),
         "skipped": platform_notes(device) + skipped,
         "rows": rows,
         "targets": targets(rows, evaluated=device.type == "cuda"),

@@ -418,6 +418,19 @@ def _row(case, provider: str, mode: str, status: str, **kw) -> dict:
     return row
 
 
+def memory_note(device: torch.device, not_counted: str = "", call: str = "one call") -> str:
+    """The results' ``memory`` line: what the peak-memory column measures on ``device``."""
+    if device.type != "cuda":
+        return "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
+    note = f"torch.cuda.max_memory_allocated delta over {call} (after reset_peak_memory_stats)"
+    return f"{note}; {not_counted}" if not_counted else note
+
+
+def case_entries(cases) -> list[dict]:
+    """The results' ``cases`` list: name, label, note and parameters of each case."""
+    return [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases]
+
+
 def run_suite(
     suite: Suite,
     cases: Sequence[Any],
@@ -499,14 +512,10 @@ def run_suite(
         "modes": list(modes),
         "header": environment(device),
         "timing": timing.describe(device),
-        "memory": (
-            "torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats)"
-            if device.type == "cuda"
-            else "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
-        ),
+        "memory": memory_note(device),
         "flop_model": "4·B·H·Tq·Tk·d per forward, halved when causal and Tq == Tk; bwd 2.5x, fwd+bwd 3.5x",
         "providers": [{"name": p.name, "description": p.describe(device)} for p in providers],
-        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        "cases": case_entries(cases),
         "skipped": skipped,
         "rows": rows,
         "targets": suite.targets(rows) if device.type == "cuda" else [],
