@@ -7,8 +7,9 @@ layer's KV cache, and serve any number of test inputs with that compressed cache
     comp.save("sst2.safetensors"); comp = CompressedDemonstrations.load("sst2.safetensors")
 
 Kept positions (``method``): ``"hidden_anchor"`` the label word and the template's formatting tokens of every
-demonstration (plus the tokenizer's BOS); ``"hidden_random"`` as many random non-anchor positions (the
-paper's control); ``"text_anchor"`` the formatting and label text alone, re-encoded (every position kept);
+demonstration (plus the tokenizer's BOS); ``"hidden_random"`` the same with each label word replaced by a
+random non-anchor token of its demonstration (the paper's control; same test positions as Hidden_anchor);
+``"text_anchor"`` the formatting and label text alone, re-encoded (every position kept);
 ``"full"`` every position of the demonstrations (plain prefix caching, the uncompressed reference).
 The gather of every layer's kept positions is one :func:`fastattn_icl.ops.gather.gather_kv` call.
 
@@ -447,6 +448,8 @@ def compress_demonstrations(
         keep = anchors.positions
         if method == "hidden_random":
             keep = hidden_random_positions(anchors, seed=seed, keep_special_tokens=keep_special_tokens)
+            if position_offset is None:  # as Hidden_anchor: the baseline changes which tokens are kept, nothing else
+                position_offset = int(anchors.positions[-1]) + 1
     return CompressedDemonstrations.from_ids(model, ids, keep, position_offset=position_offset, method=method)
 
 

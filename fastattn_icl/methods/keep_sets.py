@@ -251,31 +251,40 @@ def hidden_anchor_positions(
 
 
 def hidden_random_positions(keep: KeepSet, *, seed: int = 0, keep_special_tokens: bool = True) -> torch.Tensor:
-    """The Hidden_random baseline: int64 ``[M]``, sorted, as many positions as ``keep.positions``.
+    """The Hidden_random baseline: the anchor set with every label word replaced by a random non-anchor position
+    of the same demonstration; int64 ``[M]``, sorted, ``M = len(keep.positions)`` (SPEC §5: "random non-anchor
+    positions instead of label words").
 
-    The special tokens of ``keep.positions`` (e.g. BOS) stay when ``keep_special_tokens`` and count toward
-    ``M``; the other positions are drawn uniformly without replacement (a ``torch.Generator`` seeded with
-    ``seed``) among the positions that are neither in ``keep.positions`` nor special tokens.
+    The formatting tokens stay, so the baseline differs from Hidden_anchor only in which token of each
+    demonstration carries its label slot. Demonstration ``i`` draws uniformly (a ``torch.Generator`` seeded
+    with ``seed``) among the positions after the previous demonstration's label word and before its own that
+    are neither anchors nor special tokens, i.e. its text. Special tokens of ``keep.positions`` (BOS) stay when
+    ``keep_special_tokens``, else they are dropped (then ``M`` is smaller by their number).
 
     Raises:
         TypeError: ``keep`` is not a :class:`KeepSet`.
-        ValueError: fewer non-anchor positions than positions to draw.
+        ValueError: a demonstration has no non-anchor position to draw.
     """
     if not isinstance(keep, KeepSet):
         raise TypeError(f"keep must be a KeepSet (from hidden_anchor_keep), got {type(keep).__name__}")
     anchors = set(keep.positions.tolist())
     special = set(keep.special_positions.tolist())
-    sink = sorted(anchors & special) if keep_special_tokens else []
-    pool = [p for p in range(keep.num_tokens) if p not in anchors and p not in special]
-    need = len(anchors) - len(sink)
-    if need > len(pool):
-        raise ValueError(
-            f"cannot draw {need} random non-anchor positions: the demonstrations have only {len(pool)} "
-            f"({keep.num_tokens} tokens, {len(anchors)} anchor positions)"
-        )
+    labels = sorted(keep.label_positions.tolist())
     generator = torch.Generator().manual_seed(seed)
-    drawn = torch.tensor(pool, dtype=torch.long)[torch.randperm(len(pool), generator=generator)[:need]]
-    return torch.cat([torch.tensor(sink, dtype=torch.long), drawn]).sort().values
+    drawn, start = [], 0
+    for i, label in enumerate(labels):
+        pool = [p for p in range(start, label) if p not in anchors and p not in special]
+        if not pool:
+            raise ValueError(
+                f"demonstration {i} has no non-anchor position before its label word (position {label}) to draw "
+                "a random replacement from"
+            )
+        drawn.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        start = label + 1
+    kept = anchors - set(labels)
+    if not keep_special_tokens:
+        kept -= special
+    return torch.tensor(sorted(kept | set(drawn)), dtype=torch.long)
 
 
 def text_anchor_text(template: str, label_words: Sequence[str], demonstrations: Sequence[tuple[str, int]]) -> str:

@@ -248,7 +248,13 @@ def test_byte_level_bpe(family):
     again = compress_demonstrations(model, tokenizer, demos, TEMPLATE, LABEL_WORDS, method="hidden_random")
     assert torch.equal(random0.positions, again.positions) and not torch.equal(random0.positions, random1.positions)
     assert random0.num_kept == anchor.num_kept < anchor.num_tokens
-    assert not set(random0.positions.tolist()) & set(anchor.positions.tolist())  # no BOS here: disjoint
+    # the formatting stays, each demonstration's label word is replaced by one of its text tokens; same offset
+    pieces = {p: tokenizer.decode([int(anchor.input_ids[p])]).strip() for p in anchor.positions.tolist()}
+    labels = {p for p, piece in pieces.items() if piece in LABEL_WORDS}
+    assert len(labels) == len(demos)
+    assert set(anchor.positions.tolist()) - labels <= set(random0.positions.tolist())
+    assert not set(random0.positions.tolist()) & labels
+    assert random0.position_offset == anchor.position_offset
     kept = [tokenizer.decode([int(anchor.input_ids[p])]) for p in anchor.positions]
     assert kept.count(" positive") == kept.count(" negative") == 1 and kept.count("Review") == 2
     rows = [_tail_ids(tokenizer, demos, x) for x, _ in dataset(2, seed=7)]

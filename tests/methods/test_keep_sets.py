@@ -157,37 +157,49 @@ def test_bos_is_kept_by_flag():
     assert torch.equal(hidden_anchor_positions(fast, text, TEMPLATE, LABEL_WORDS), keep.positions)
 
 
-def test_hidden_random_same_count_disjoint_and_seeded(bpe):
+def _check_random_replaces_labels(keep, random, specials_kept=True):
+    labels = keep.label_positions.tolist()
+    formatting = set(keep.positions.tolist()) - set(labels)
+    if not specials_kept:
+        formatting -= set(keep.special_positions.tolist())
+    got = set(random.tolist())
+    assert random.dtype == torch.long and random.tolist() == sorted(got)
+    assert formatting <= got and not got & set(labels)  # formatting kept, every label word replaced
+    drawn = sorted(got - formatting)
+    assert len(drawn) == len(labels)
+    starts = [0] + [p + 1 for p in labels[:-1]]
+    for p, lo, hi in zip(drawn, starts, labels):  # one draw inside each demonstration, before its label
+        assert lo <= p < hi and p not in keep.special_positions.tolist()
+
+
+def test_hidden_random_replaces_each_label_word_and_is_seeded(bpe):
     text, _ = _render(DEMOS)
     keep = hidden_anchor_keep(bpe, text, TEMPLATE, LABEL_WORDS)
     random0 = hidden_random_positions(keep, seed=0)
-    assert random0.dtype == torch.long and len(random0) == len(keep.positions)
-    assert random0.tolist() == sorted(set(random0.tolist()))
-    assert not set(random0.tolist()) & set(keep.positions.tolist())  # no label and no formatting position
-    assert all(0 <= p < keep.num_tokens for p in random0.tolist())
+    assert len(random0) == len(keep.positions)
+    _check_random_replaces_labels(keep, random0)
     assert torch.equal(random0, hidden_random_positions(keep, seed=0))
     assert not torch.equal(random0, hidden_random_positions(keep, seed=1))
 
 
-def test_hidden_random_keeps_bos_and_counts_it():
+def test_hidden_random_keeps_bos_by_flag():
     tokenizer = _word_tokenizer_with_bos()
     demos = [(f"{x} and {x}", y) for x, y in dataset(4, seed=0)]  # 11 review words, 5 anchors per demonstration
     text, _ = _render(demos)
     keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
-    anchors = set(keep.positions.tolist())
     with_bos = hidden_random_positions(keep, seed=3)
-    assert len(with_bos) == len(anchors) and with_bos[0] == 0
-    assert not set(with_bos[1:].tolist()) & anchors
+    assert len(with_bos) == len(keep.positions) and with_bos[0] == 0
+    _check_random_replaces_labels(keep, with_bos)
     without = hidden_random_positions(keep, seed=3, keep_special_tokens=False)
-    assert len(without) == len(anchors) and 0 not in without.tolist()
-    assert not set(without.tolist()) & anchors
+    assert len(without) == len(keep.positions) - 1 and 0 not in without.tolist()
+    _check_random_replaces_labels(keep, without, specials_kept=False)
 
 
-def test_hidden_random_too_few_positions():
+def test_hidden_random_needs_text_in_every_demonstration():
     tokenizer = word_tokenizer()
-    text, _ = _render([("fun", 1), ("bad", 0)])  # 6 tokens per demonstration, 5 of them anchors
+    text, _ = _render([("fun", 1), ("", 0)])  # the second demonstration has no text token
     keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
-    with pytest.raises(ValueError, match=r"cannot draw 10 random non-anchor positions.*only 2"):
+    with pytest.raises(ValueError, match=r"demonstration 1 has no non-anchor position"):
         hidden_random_positions(keep)
     with pytest.raises(TypeError, match="KeepSet"):
         hidden_random_positions(keep.positions)
