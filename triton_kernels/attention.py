@@ -714,11 +714,12 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
     (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
     pk, pv = prefix if prefix is not None else (k, v)  # never read without HAS_PREFIX
+    Tp = pk.shape[2] if prefix is not None else 0
     _launch(
         "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
         q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob, *pk.stride(), *pv.stride(),
-        H, H // Hkv, Tq, Tk, pk.shape[2] if prefix is not None else 0, scale * _LOG2E, _bucket(Tq), _bucket(Tk),
+        H, H // Hkv, Tq, Tk, Tp, scale * _LOG2E, _bucket(Tq), _bucket(Tp + Tk),  # tuned on all the keys read
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
         HAS_PREFIX=prefix is not None, DOT_PRECISION=_dot_precision(q), **method_flags,
     )

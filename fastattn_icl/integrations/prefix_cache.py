@@ -10,6 +10,11 @@ in place with :func:`fastattn_icl.shared_prefix_attention` (batch stride 0: neve
 It only works through the seam, with that state set: any other attention implementation would see the
 row's own keys alone, so :meth:`SharedPrefixCache.update` refuses to run unless the cache is
 :meth:`~SharedPrefixCache.bound` (the compression workflow binds it around its forwards).
+
+Hugging Face ``generate`` is not supported: it derives the test tokens' positions from the cache length
+(``M`` plus the own tokens), while a compressed prefix continues at its own offset (the last kept original
+position + 1); use :meth:`fastattn_icl.methods.CompressedDemonstrations.generate`, which passes explicit
+``position_ids``.
 """
 
 from __future__ import annotations

@@ -89,6 +89,18 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[i
     return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
 
 
+def _encode_prefix(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Like :func:`_encode` for text that the model continues (demonstrations before a query): special tokens the
+    tokenizer appends at the end (an EOS, with an empty character span) are dropped, leading ones (BOS) kept."""
+    ids, offsets = _encode(tokenizer, text, add_special_tokens)
+    end = len(ids)
+    while end > 0 and offsets[end - 1][0] == offsets[end - 1][1]:
+        end -= 1
+    if end == 0:  # nothing but special tokens: keep them (the caller's checks name the problem)
+        return ids, offsets
+    return ids[:end], offsets[:end]
+
+
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -26,17 +26,18 @@ inputs never holds ``B`` copies of it, also while decoding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from fastattn_icl.methods._model import model_device
-from fastattn_icl.methods.anchors import PromptBuilder, _encode, _tokenizer_name
+from fastattn_icl.methods.anchors import PromptBuilder, _encode_prefix, _tokenizer_name
 from fastattn_icl.methods.keep_sets import hidden_anchor_keep, hidden_random_positions, text_anchor_text
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, word_loyalty
 from fastattn_icl.ops.gather import gather_kv
@@ -124,7 +125,6 @@ class _Session:
     cache: Any
     mask: torch.Tensor  # bool [B, own tokens run so far]
     next_position: torch.Tensor  # int64 [B]
-    shared: bool
 
 
 @dataclass
@@ -236,14 +236,28 @@ class CompressedDemonstrations:
 
     # -- serving -------------------------------------------------------------------------------------------
 
-    def _prefix_on(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys.device != device or (dtype is not None and self.keys.dtype != dtype):
-            self.keys = self.keys.to(device, dtype or self.keys.dtype)
-            self.values = self.values.to(device, dtype or self.values.dtype)
-        return self.keys, self.values
+    def _prefix_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix on ``device``; a copy is kept per device so repeated calls do not move it again (the
+        object's own ``keys``/``values`` stay where they are)."""
+        if self.keys.device == device:
+            return self.keys, self.values
+        moved = self.__dict__.setdefault("_on_device", {})
+        if device not in moved:
+            moved[device] = (self.keys.to(device), self.values.to(device))
+        return moved[device]
 
-    def _open(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, share_prefix) -> tuple:
-        """Check the batch and start a session: ``(ids [B, S], mask [B, S] bool, session)``."""
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> CompressedDemonstrations:
+        """A copy with the prefix on ``device`` and/or in ``dtype`` (e.g. to serve a model cast after compressing)."""
+        keys = self.keys.to(device=device, dtype=dtype)
+        values = self.values.to(device=device, dtype=dtype)
+        return replace(self, keys=keys, values=values)
+
+    @contextlib.contextmanager
+    def _serving(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, share_prefix):
+        """Check the batch and open a session for the block: ``(ids [B, S], mask [B, S] bool, session)``. The model
+        is in eval mode inside (restored after) and, for a shared prefix, bound to it once for every step."""
         from transformers import DynamicCache
 
         from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
@@ -255,6 +269,12 @@ class CompressedDemonstrations:
         mask = _left_padded_mask(ids, attention_mask)
         B = ids.shape[0]
         shared = B > 1 if share_prefix is None else bool(share_prefix)
+        dtype = model.get_input_embeddings().weight.dtype
+        if self.keys.dtype != dtype:
+            raise TypeError(
+                f"this compressed cache is {self.keys.dtype} but the model runs {dtype}: compress with the model in "
+                f"{dtype}, or serve comp.to(dtype={dtype})"
+            )
         keys, values = self._prefix_on(device)
         if shared:
             cache = SharedPrefixCache(self.num_kept, self.geometry.num_layers)
@@ -263,7 +283,13 @@ class CompressedDemonstrations:
                 ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in zip(keys, values)]
             )
         start = torch.full((B,), self.position_offset, dtype=torch.long, device=device)
-        return ids, mask, _Session(cache, mask[:, :0], start, shared)
+        training = model.training
+        model.eval()
+        try:
+            with cache.bound(model, keys, values) if shared else contextlib.nullcontext():
+                yield ids, mask, _Session(cache, mask[:, :0], start)
+        finally:
+            model.train(training)
 
     def _step(self, model: torch.nn.Module, session: _Session, ids: torch.Tensor, new_mask: torch.Tensor,
               logits_to_keep: int) -> torch.Tensor:
@@ -280,13 +306,8 @@ class CompressedDemonstrations:
         session.mask = torch.cat([session.mask, new_mask], dim=1)
         B = ids.shape[0]
         full_mask = torch.cat([session.mask.new_ones(B, self.num_kept), session.mask], dim=1).long()
-        kwargs = dict(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=session.cache,
-                      use_cache=True, logits_to_keep=logits_to_keep)
-        if session.shared:
-            with session.cache.bound(model, self.keys, self.values):
-                logits = model(**kwargs).logits
-        else:
-            logits = model(**kwargs).logits
+        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=session.cache,
+                       use_cache=True, logits_to_keep=logits_to_keep).logits
         session.next_position = positions[:, -1] + 1
         return logits
 
@@ -318,9 +339,10 @@ class CompressedDemonstrations:
         Raises:
             ValueError: right padding, a row of padding only, a model of another geometry, positions past the
                 model's context.
+            TypeError: the cache's dtype is not the model's (see :meth:`to`).
         """
-        ids, mask, session = self._open(model, input_ids, attention_mask, share_prefix)
-        return self._step(model, session, ids, mask, logits_to_keep)
+        with self._serving(model, input_ids, attention_mask, share_prefix) as (ids, mask, session):
+            return self._step(model, session, ids, mask, logits_to_keep)
 
     @torch.no_grad()
     def generate(
@@ -338,14 +360,14 @@ class CompressedDemonstrations:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        ids, mask, session = self._open(model, input_ids, attention_mask, share_prefix)
-        logits = self._step(model, session, ids, mask, 1)
         out = []
-        for step in range(max_new_tokens):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(token)
-            if step + 1 < max_new_tokens:
-                logits = self._step(model, session, token, torch.ones_like(token, dtype=torch.bool), 1)
+        with self._serving(model, input_ids, attention_mask, share_prefix) as (ids, mask, session):
+            logits = self._step(model, session, ids, mask, 1)
+            for step in range(max_new_tokens):
+                token = logits[:, -1].argmax(dim=-1, keepdim=True)
+                out.append(token)
+                if step + 1 < max_new_tokens:
+                    logits = self._step(model, session, token, torch.ones_like(token, dtype=torch.bool), 1)
         return torch.cat(out, dim=1)
 
     # -- persistence ---------------------------------------------------------------------------------------
@@ -434,11 +456,12 @@ def compress_demonstrations(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     builder = PromptBuilder(tokenizer, template, label_words, demonstrations, add_special_tokens=add_special_tokens)
     if method == "text_anchor":
-        ids, _ = _encode(tokenizer, text_anchor_text(template, builder.label_words, demonstrations), add_special_tokens)
+        text = text_anchor_text(template, builder.label_words, demonstrations)
+        ids, _ = _encode_prefix(tokenizer, text, add_special_tokens)
         ids = torch.tensor(ids, dtype=torch.long)
         keep = torch.arange(ids.numel())
     elif method == "full":
-        ids, _ = _encode(tokenizer, builder.demonstrations_text(), add_special_tokens)
+        ids, _ = _encode_prefix(tokenizer, builder.demonstrations_text(), add_special_tokens)
         ids = torch.tensor(ids, dtype=torch.long)
         keep = torch.arange(ids.numel())
     else:
@@ -482,8 +505,8 @@ class CompressionEvaluation:
 
 def _query_ids(tokenizer: Any, builder: PromptBuilder, x: str) -> tuple[list[int], list[int]]:
     """The full prompt's tokens and the test input's tail of them (the tokens after the demonstrations)."""
-    full, _ = _encode(tokenizer, builder.prompt(x), builder.add_special_tokens)
-    demos, _ = _encode(tokenizer, builder.demonstrations_text(), builder.add_special_tokens)
+    full, _ = _encode_prefix(tokenizer, builder.prompt(x), builder.add_special_tokens)  # no EOS after the query
+    demos, _ = _encode_prefix(tokenizer, builder.demonstrations_text(), builder.add_special_tokens)
     if full[: len(demos)] != demos:
         raise ValueError(
             f"{_tokenizer_name(tokenizer)} merges the end of the demonstrations with the start of the query for "

@@ -26,7 +26,7 @@ import torch
 
 from fastattn_icl.methods.anchors import (
     _check_label_words,
-    _encode,
+    _encode_prefix,
     _fields,
     _render,
     _template_regex,
@@ -163,7 +163,7 @@ def hidden_anchor_keep(
     words = _check_label_words(label_words)
     if not isinstance(demonstrations, str):
         raise TypeError(f"demonstrations must be the rendered demonstrations text, got {type(demonstrations)}")
-    ids, offsets = _encode(tokenizer, demonstrations, add_special_tokens)
+    ids, offsets = _encode_prefix(tokenizer, demonstrations, add_special_tokens)
     matches = list(_template_regex(template, words).finditer(demonstrations))
     if not matches:
         raise ValueError(

@@ -631,3 +631,67 @@ def test_one_gather_kv_per_compression(models, monkeypatch, method):
     assert layers == model.config.num_hidden_layers and torch.equal(index.cpu(), comp.positions)
     comp.forward(model, _query_ids("the film was great fun")[None])
     assert len(calls) == 1  # serving gathers nothing
+
+
+def test_dtype_mismatch_raises_and_to_casts(models):
+    model = models("gpt2")
+    comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
+    ids = torch.randint(5, 50, (2, 6))
+    half = comp.to(dtype=torch.float64)
+    assert half.keys.dtype == torch.float64 and comp.keys.dtype == torch.float32  # a copy
+    with pytest.raises(TypeError, match=r"cache is torch.float64 but the model runs torch.float32"):
+        half.forward(model, ids)
+    torch.testing.assert_close(half.to(dtype=torch.float32).forward(model, ids), comp.forward(model, ids))
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_serving_runs_in_eval_mode_and_restores_the_mode(share_prefix):
+    model = _model("gpt2", attn_pdrop=0.5, resid_pdrop=0.5, embd_pdrop=0.5)
+    comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
+    ids = torch.randint(5, 50, (2, 6))
+    want = comp.forward(model, ids, share_prefix=share_prefix)
+    model.train()
+    got = comp.forward(model, ids, share_prefix=share_prefix)  # no dropout: the same logits
+    assert model.training
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(comp.generate(model, ids, max_new_tokens=2, share_prefix=share_prefix),
+                       comp.generate(model.eval(), ids, max_new_tokens=2, share_prefix=share_prefix))
+
+
+def test_generate_binds_the_shared_prefix_once(models, monkeypatch):
+    from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
+
+    model = models("llama")
+    comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
+    calls = []
+    bound = SharedPrefixCache.bound
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return bound(self, *args, **kwargs)
+
+    monkeypatch.setattr(SharedPrefixCache, "bound", spy)
+    comp.generate(model, torch.randint(5, 50, (3, 5)), max_new_tokens=4)
+    assert len(calls) == 1
+
+
+def test_tokenizer_that_appends_eos():
+    """A ``[BOS] $A [EOS]`` tokenizer: the demonstrations' EOS is not part of the prefix (the test input continues
+    the demonstrations), and full ICL predicts after the query's last token, not after an EOS."""
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    bos, eos = tokenizer.token_to_id("[BOS]"), tokenizer.token_to_id("[PAD]")  # [PAD] stands in for an EOS
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [PAD]", special_tokens=[("[BOS]", bos), ("[PAD]", eos)]
+    )
+    model = _model("llama", layers=1)
+    plain = compress_demonstrations(model, word_tokenizer(), DEMOS, TEMPLATE, LABEL_WORDS, method="full")
+    for method in ("hidden_anchor", "full", "text_anchor"):
+        comp = compress_demonstrations(model, tokenizer, DEMOS, TEMPLATE, LABEL_WORDS, method=method)
+        assert comp.input_ids[0] == bos and eos not in comp.input_ids.tolist(), method
+    full = compress_demonstrations(model, tokenizer, DEMOS, TEMPLATE, LABEL_WORDS, method="full")
+    assert full.num_tokens == plain.num_tokens + 1  # BOS only
+    results = evaluate_compression(model, tokenizer, DEMOS, dataset(3, seed=9), TEMPLATE, LABEL_WORDS,
+                                   methods=("full",), progress=False)
+    assert results["full"].label_loyalty == 1.0 and results["full"].word_loyalty == 1.0
