@@ -80,10 +80,14 @@ class SharedPrefixState:
     Attributes:
         keys, values: ``[L, 1, Hkv, M, D]`` (or ``[L, B, Hkv, M, D]``): layer ``l`` reads ``keys[l]``; post-RoPE
             keys, in the model's dtype and on its device.
+        check_mask: the seam checks in every layer that the attention mask keeps every prefix column (one
+            device-to-host sync per layer and step); a caller that builds the mask itself as
+            ``[ones(M), own mask]`` (the compression workflow) passes ``False``.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
+    check_mask: bool = True
 
     @property
     def length(self) -> int:

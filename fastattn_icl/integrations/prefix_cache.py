@@ -72,9 +72,13 @@ class SharedPrefixCache(DynamicCache):
         return self._bound > 0
 
     @contextlib.contextmanager
-    def bound(self, model: torch.nn.Module, prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> Iterator[None]:
+    def bound(
+        self, model: torch.nn.Module, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, *, check_mask: bool = True
+    ) -> Iterator[None]:
         """Route ``model``'s attention through the seam and give every layer its shared prefix
-        ``prefix_keys[l]``/``prefix_values[l]`` (``[L, 1, Hkv, M, D]``) for the duration of the block."""
+        ``prefix_keys[l]``/``prefix_values[l]`` (``[L, 1, Hkv, M, D]``) for the duration of the block.
+        ``check_mask=False`` skips the per-layer check that the mask keeps the prefix (see
+        :class:`~fastattn_icl.integrations.controller.SharedPrefixState`)."""
         from fastattn_icl.integrations import routed
         from fastattn_icl.integrations.controller import SharedPrefixState
 
@@ -84,7 +88,7 @@ class SharedPrefixCache(DynamicCache):
                 f"prefix keys must be [L={L}, 1, Hkv, M={M}, D], "
                 f"got {tuple(prefix_keys.shape)}"
             )
-        state = SharedPrefixState(prefix_keys, prefix_values)
+        state = SharedPrefixState(prefix_keys, prefix_values, check_mask=check_mask)
         with routed(model) as controller, controller.override(shared_prefix=state):
             self._bound += 1
             try:

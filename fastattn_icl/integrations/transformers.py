@@ -422,7 +422,7 @@ def _shared_prefix_forward(
                 f"fastattn_icl: with a shared prefix of {M} keys the padding mask must cover {M} + {Tk} keys, got "
                 f"{key_padding_mask.shape[1]} (a static cache cannot hold a shared prefix)"
             )
-        if not _is_tracing() and not bool(key_padding_mask[:, :M].all()):
+        if prefix.check_mask and not _is_tracing() and not bool(key_padding_mask[:, :M].all()):
             raise ValueError("fastattn_icl: the attention mask hides positions of the shared prefix; its first "
                              f"{M} columns must be 1 (every row sees the whole prefix)")
         key_padding_mask = key_padding_mask[:, M:]

@@ -286,7 +286,9 @@ class CompressedDemonstrations:
         training = model.training
         model.eval()
         try:
-            with cache.bound(model, keys, values) if shared else contextlib.nullcontext():
+            # the mask is built here as [ones(M), own mask]: no per-layer check (and sync) of the prefix columns
+            bind = cache.bound(model, keys, values, check_mask=False) if shared else contextlib.nullcontext()
+            with bind:
                 yield ids, mask, _Session(cache, mask[:, :0], start)
         finally:
             model.train(training)

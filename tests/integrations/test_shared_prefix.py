@@ -222,6 +222,29 @@ def test_mask_hiding_a_prefix_column_raises():
         model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache)
 
 
+
+def test_check_mask_false_skips_the_per_layer_prefix_check(monkeypatch):
+    # a caller that builds the mask itself turns the check (a host sync per layer) off: the seam then never
+    # reads the prefix columns, and a correct mask gives the same logits as with the check
+    model = tiny_model("llama")
+    keys, values = _prefix(model)
+    ids, mask = _batch()
+    full = _full_mask(mask)
+
+    def run(check_mask):
+        cache = SharedPrefixCache(M, keys.shape[0])
+        with torch.no_grad(), cache.bound(model, keys, values, check_mask=check_mask):
+            return model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache).logits
+
+    checked = run(True)
+    hidden = full.clone()
+    hidden[1, 3] = 0
+    cache = SharedPrefixCache(M, keys.shape[0])
+    with torch.no_grad(), cache.bound(model, keys, values, check_mask=False):  # no error: the check is off
+        model(ids, attention_mask=hidden, position_ids=_positions(mask), past_key_values=cache)
+    torch.testing.assert_close(run(False), checked, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layers", [None, [1]], ids=["all-layers", "layer-1"])
 def test_other_method_state_raises(layers):
     model = tiny_model("llama")
