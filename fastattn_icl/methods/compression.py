@@ -118,6 +118,15 @@ def _left_padded_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     return mask
 
 
+def _expanded_cache(keys: torch.Tensor, values: torch.Tensor, B: int) -> Any:
+    """The standard Hugging Face form: a ``DynamicCache`` whose every row holds its own copy of the prefix."""
+    from transformers import DynamicCache
+
+    return DynamicCache(
+        ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in zip(keys, values)]
+    )
+
+
 @dataclass
 class _Session:
     """The cache and masks of one batch being served (prefill, then decoding steps)."""
@@ -258,8 +267,6 @@ class CompressedDemonstrations:
     def _serving(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, share_prefix):
         """Check the batch and open a session for the block: ``(ids [B, S], mask [B, S] bool, session)``. The model
         is in eval mode inside (restored after) and, for a shared prefix, bound to it once for every step."""
-        from transformers import DynamicCache
-
         from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 
         self.check_model(model)
@@ -278,10 +285,8 @@ class CompressedDemonstrations:
         keys, values = self._prefix_on(device)
         if shared:
             cache = SharedPrefixCache(self.num_kept, self.geometry.num_layers)
-        else:  # the standard Hugging Face way: every row gets its own copy of the prefix
-            cache = DynamicCache(
-                ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in zip(keys, values)]
-            )
+        else:
+            cache = _expanded_cache(keys, values, B)
         start = torch.full((B,), self.position_offset, dtype=torch.long, device=device)
         training = model.training
         model.eval()
@@ -293,23 +298,59 @@ class CompressedDemonstrations:
         finally:
             model.train(training)
 
-    def _step(self, model: torch.nn.Module, session: _Session, ids: torch.Tensor, new_mask: torch.Tensor,
-              logits_to_keep: int) -> torch.Tensor:
-        """Run ``ids [B, n]`` (own-token mask ``new_mask``) through the model over the session's cache."""
-        positions = session.next_position[:, None] + new_mask.long().cumsum(dim=1) - 1
-        positions = torch.where(new_mask, positions, session.next_position[:, None]).clamp(min=0)
-        limit = _context_length(model)
+    def _positions(self, next_position: torch.Tensor, new_mask: torch.Tensor, limit: int | None) -> torch.Tensor:
+        """Position ids ``[B, n]`` of new tokens (own-token mask ``new_mask``) after ``next_position [B]``; padding
+        gets ``next_position`` (it is masked)."""
+        positions = next_position[:, None] + new_mask.long().cumsum(dim=1) - 1
+        positions = torch.where(new_mask, positions, next_position[:, None]).clamp(min=0)
         last = int(positions.max())
         if limit is not None and last >= limit:
             raise ValueError(
                 f"position {last} is past the model's context of {limit} positions (position_offset "
                 f"{self.position_offset} plus the test tokens); pass a smaller position_offset"
             )
-        session.mask = torch.cat([session.mask, new_mask], dim=1)
+        return positions
+
+    def _full_mask(self, own_mask: torch.Tensor) -> torch.Tensor:
+        """The model's attention mask ``[B, M + n]``: every row sees the whole prefix, then its own tokens."""
+        return torch.cat([own_mask.new_ones(own_mask.shape[0], self.num_kept), own_mask], dim=1).long()
+
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+    ) -> dict[str, Any]:
+        """The keyword arguments of one model call on a batch of test inputs, for callers that run the model
+        themselves: ``model(**comp.prepare_inputs(ids, mask, model=model))``.
+
+        Returns ``input_ids [B, S]``, ``past_key_values`` (a ``DynamicCache`` holding the prefix once per row: the
+        standard Hugging Face form, for any attention implementation; use :meth:`forward` to share one copy),
+        ``attention_mask [B, M + S]`` and ``position_ids [B, S]`` (from ``position_offset``), on the device of
+        ``model`` (checked against the cache's geometry) or else of ``input_ids``. Decoding further needs the
+        positions to continue from there: use :meth:`generate`, not Hugging Face ``generate``.
+        """
+        if model is not None:
+            self.check_model(model)
+        ids = _check_ids("input_ids", input_ids, 2)
+        device = model_device(model) if model is not None else ids.device
+        ids = ids.to(device)
+        mask = _left_padded_mask(ids, attention_mask)
         B = ids.shape[0]
-        full_mask = torch.cat([session.mask.new_ones(B, self.num_kept), session.mask], dim=1).long()
-        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=session.cache,
-                       use_cache=True, logits_to_keep=logits_to_keep).logits
+        cache = _expanded_cache(*self._prefix_on(device), B)
+        start = torch.full((B,), self.position_offset, dtype=torch.long, device=device)
+        positions = self._positions(start, mask, None if model is None else _context_length(model))
+        return {"input_ids": ids, "past_key_values": cache, "attention_mask": self._full_mask(mask),
+                "position_ids": positions}
+
+    def _step(self, model: torch.nn.Module, session: _Session, ids: torch.Tensor, new_mask: torch.Tensor,
+              logits_to_keep: int) -> torch.Tensor:
+        """Run ``ids [B, n]`` (own-token mask ``new_mask``) through the model over the session's cache."""
+        positions = self._positions(session.next_position, new_mask, _context_length(model))
+        session.mask = torch.cat([session.mask, new_mask], dim=1)
+        logits = model(input_ids=ids, attention_mask=self._full_mask(session.mask), position_ids=positions,
+                       past_key_values=session.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
         session.next_position = positions[:, -1] + 1
         return logits
 

@@ -695,3 +695,24 @@ def test_tokenizer_that_appends_eos():
     results = evaluate_compression(model, tokenizer, DEMOS, dataset(3, seed=9), TEMPLATE, LABEL_WORDS,
                                    methods=("full",), progress=False)
     assert results["full"].label_loyalty == 1.0 and results["full"].word_loyalty == 1.0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prepare_inputs_for_the_callers_own_model_call(models, family):
+    # the kwargs of a plain model call (any attention implementation) give the same logits as comp.forward
+    model = models(family)
+    comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
+    ids = torch.randint(5, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    inputs = comp.prepare_inputs(ids, mask, model=model)
+    assert inputs["attention_mask"].shape == (3, comp.num_kept + 6)
+    assert inputs["position_ids"][0].tolist() == list(range(comp.position_offset, comp.position_offset + 6))
+    assert inputs["position_ids"][1, 2:].tolist() == list(range(comp.position_offset, comp.position_offset + 4))
+    assert inputs["past_key_values"].get_seq_length() == comp.num_kept
+    with torch.no_grad():
+        got = model(**inputs).logits
+    want = comp.forward(model, ids, mask, share_prefix=False)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="left-padded"):
+        comp.prepare_inputs(ids, mask.flip(1))
