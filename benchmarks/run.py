@@ -178,11 +178,7 @@ def run_anchors(args, device: torch.device, timing: TimingConfig) -> None:
         results = bench_anchors.run_feature(
             feature, fcases, modes, device, timing=timing, set_name=args.set, provider_names=args.providers
         )
-        for t in results["targets"]:
-            if t["result"] == "not evaluated":
-                print(f"TARGET not evaluated: no CUDA -- {t['target']}")
-            else:
-                print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+        _print_targets(results)
         json_path, md_path = bench_anchors.write_results(results, feature, args.out)
         print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
@@ -205,31 +201,41 @@ def run_epoch(args, device: torch.device) -> None:
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
 
 
-# ---- information-flow saliency of a stack (benchmarks/bench_saliency.py) -----------------------------
-
-
-def run_saliency(args, device: torch.device) -> None:
-    cases = get_saliency_set(args.set, cuda=device.type == "cuda", batch=args.batch)
-    if not cases:
-        print(f"benchmarks: saliency: set {args.set!r} has no saliency cases, skipped")
-        return
-    providers = [p for p in bench_saliency.PROVIDERS if not args.providers or p in args.providers]
-    if not providers:
-        print("benchmarks: saliency: none of --providers is one of its providers, skipped")
-        return
-    print(f"benchmarks: saliency on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
-    for note in bench_saliency.platform_notes(device):
-        print(f"  note: {note}")
-    results = bench_saliency.run_saliency_bench(
-        cases, device, timing=bench_saliency.saliency_timing(args.rep_ms), set_name=args.set, provider_names=providers
-    )
+def _print_targets(results: dict) -> None:
     for t in results["targets"]:
         if t["result"] == "not evaluated":
             print(f"TARGET not evaluated: no CUDA -- {t['target']}")
         else:
             print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
-    json_path, md_path = bench_saliency.write_results(results, args.out)
+
+
+def _run_provider_bench(name: str, module, cases, args, device: torch.device, run) -> None:
+    """The runner of the benchmarks with a ``PROVIDERS`` list, ``platform_notes`` and ``write_results`` (saliency,
+    gather, compression): filter the providers, print the notes, ``run(cases, providers)``, targets, files."""
+    if not cases:
+        print(f"benchmarks: {name}: set {args.set!r} has no {name} cases, skipped")
+        return
+    providers = [p for p in module.PROVIDERS if not args.providers or p in args.providers]
+    if not providers:
+        print(f"benchmarks: {name}: none of --providers is one of its providers, skipped")
+        return
+    print(f"benchmarks: {name} on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
+    for note in module.platform_notes(device):
+        print(f"  note: {note}")
+    results = run(cases, providers)
+    _print_targets(results)
+    json_path, md_path = module.write_results(results, args.out)
     print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+
+
+# ---- information-flow saliency of a stack (benchmarks/bench_saliency.py) -----------------------------
+
+
+def run_saliency(args, device: torch.device) -> None:
+    cases = get_saliency_set(args.set, cuda=device.type == "cuda", batch=args.batch)
+    timing = bench_saliency.saliency_timing(args.rep_ms)
+    _run_provider_bench("saliency", bench_saliency, cases, args, device, lambda c, p: bench_saliency.run_saliency_bench(
+        c, device, timing=timing, set_name=args.set, provider_names=p))
 
 
 # ---- KV-cache gather of anchor compression (benchmarks/bench_gather.py) ------------------------------
@@ -237,24 +243,8 @@ def run_saliency(args, device: torch.device) -> None:
 
 def run_gather(args, device: torch.device, timing: TimingConfig) -> None:
     cases = bench_gather.gather_set(args.set, cuda=device.type == "cuda", batch=args.batch)
-    if not cases:
-        print(f"benchmarks: gather: set {args.set!r} has no gather cases, skipped")
-        return
-    providers = [p for p in bench_gather.PROVIDERS if not args.providers or p in args.providers]
-    if not providers:
-        print("benchmarks: gather: none of --providers is one of its providers, skipped")
-        return
-    print(f"benchmarks: gather on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
-    for note in bench_gather.platform_notes(device):
-        print(f"  note: {note}")
-    results = bench_gather.run_gather_bench(cases, device, timing=timing, set_name=args.set, provider_names=providers)
-    for t in results["targets"]:
-        if t["result"] == "not evaluated":
-            print(f"TARGET not evaluated: no CUDA -- {t['target']}")
-        else:
-            print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
-    json_path, md_path = bench_gather.write_results(results, args.out)
-    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+    _run_provider_bench("gather", bench_gather, cases, args, device, lambda c, p: bench_gather.run_gather_bench(
+        c, device, timing=timing, set_name=args.set, provider_names=p))
 
 
 # ---- anchor compression end to end (benchmarks/bench_compression.py) ---------------------------------
@@ -262,30 +252,10 @@ def run_gather(args, device: torch.device, timing: TimingConfig) -> None:
 
 def run_compression(args, device: torch.device) -> None:
     cases = bench_compression.compression_set(args.set, cuda=device.type == "cuda", batch=args.batch)
-    if not cases:
-        print(f"benchmarks: compression: set {args.set!r} has no compression cases, skipped")
-        return
-    providers = [p for p in bench_compression.PROVIDERS if not args.providers or p in args.providers]
-    if not providers:
-        print("benchmarks: compression: none of --providers is one of its providers, skipped")
-        return
-    print(f"benchmarks: compression on {device}, set {args.set!r} ({len(cases)} cases), providers {providers}")
-    for note in bench_compression.platform_notes(device):
-        print(f"  note: {note}")
-    results = bench_compression.run_compression_bench(
-        cases,
-        device,
-        timing=bench_compression.compression_timing(args.rep_ms),
-        set_name=args.set,
-        provider_names=providers,
-    )
-    for t in results["targets"]:
-        if t["result"] == "not evaluated":
-            print(f"TARGET not evaluated: no CUDA -- {t['target']}")
-        else:
-            print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
-    json_path, md_path = bench_compression.write_results(results, args.out)
-    print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+    timing = bench_compression.compression_timing(args.rep_ms)
+    _run_provider_bench("compression", bench_compression, cases, args, device,
+                        lambda c, p: bench_compression.run_compression_bench(
+                            c, device, timing=timing, set_name=args.set, provider_names=p))
 
 
 if __name__ == "__main__":
