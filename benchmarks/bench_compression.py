@@ -90,7 +90,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_gather import TEMPLATE_HEAD
 from benchmarks.harness import (
     STATUS_ERROR,
     STATUS_INCORRECT,
@@ -113,7 +112,7 @@ from benchmarks.harness import (
     targets_not_evaluated,
 )
 from benchmarks.harness import write_results as harness_write_results
-from benchmarks.shapes import DATASETS, DEMO_TEMPLATE_TOKENS, DTYPES, _feature_set, prompt_tokens
+from benchmarks.shapes import DATASETS, DEMO_TEMPLATE_TOKENS, DTYPES, _feature_set, prompt_tokens, template_positions
 from fastattn_icl.testing import FWD_FACTOR, check_close, max_error, tolerance
 
 OURS = "compressed"
@@ -251,14 +250,8 @@ class ServeCase:
         return self.demonstrations * DEMO_TEMPLATE_TOKENS
 
     def positions(self) -> list[int]:
-        """The kept positions: each demonstration's first ``TEMPLATE_HEAD`` and last
-        ``DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD`` tokens, in order (position 0 among them)."""
-        per, tail = self.demo_tokens, DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD
-        out = []
-        for i in range(self.demonstrations):
-            start, end = i * per, (i + 1) * per
-            out += list(range(start, start + TEMPLATE_HEAD)) + list(range(end - tail, end))
-        return out
+        """The kept positions: every demonstration's template tokens (:func:`benchmarks.shapes.template_positions`)."""
+        return template_positions(self.demonstrations, self.demo_tokens)
 
     @property
     def label(self) -> str:

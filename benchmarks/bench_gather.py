@@ -105,7 +105,15 @@ from benchmarks.harness import (
     targets_not_evaluated,
 )
 from benchmarks.harness import write_results as harness_write_results
-from benchmarks.shapes import DATASETS, DEMO_TEMPLATE_TOKENS, DTYPES, MODELS, _feature_set, prompt_tokens
+from benchmarks.shapes import (
+    DATASETS,
+    DEMO_TEMPLATE_TOKENS,
+    DTYPES,
+    MODELS,
+    _feature_set,
+    prompt_tokens,
+    template_positions,
+)
 
 OURS = "gather_kv"
 UNCHECKED = "gather_kv_unchecked"
@@ -115,7 +123,6 @@ PROVIDERS = (OURS, UNCHECKED, LOOP, LOOP_NOSTACK)
 MODE = "gather"
 
 TARGET_RATIO = 1.0  # gather_kv median <= index_select_loop median, every case
-TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
 
 LAYERS = {"gpt2-xl": 48, "gpt-j": 28}
 GPU_MODELS = ("gpt2-xl", "gpt-j")
@@ -175,14 +182,8 @@ class GatherCase:
         return self.demonstrations * DEMO_TEMPLATE_TOKENS
 
     def positions(self) -> list[int]:
-        """The kept positions: each demonstration's first ``TEMPLATE_HEAD`` and last
-        ``DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD`` tokens, in order."""
-        per, tail = self.demo_tokens, DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD
-        out = []
-        for i in range(self.demonstrations):
-            start, end = i * per, (i + 1) * per
-            out += list(range(start, start + TEMPLATE_HEAD)) + list(range(end - tail, end))
-        return out
+        """The kept positions: every demonstration's template tokens (:func:`benchmarks.shapes.template_positions`)."""
+        return template_positions(self.demonstrations, self.demo_tokens)
 
     @property
     def bytes_moved(self) -> int:

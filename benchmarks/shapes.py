@@ -41,6 +41,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS_PER_WORD = 1.3
 DEMO_TEMPLATE_TOKENS = 7
 QUERY_TEMPLATE_TOKENS = 5
+TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
+
+
+def template_positions(demonstrations: int, demo_tokens: int) -> list[int]:
+    """The anchor positions of ``demonstrations`` back-to-back demonstrations of ``demo_tokens`` tokens each: every
+    demonstration's template tokens, its first ``TEMPLATE_HEAD`` and its last ``DEMO_TEMPLATE_TOKENS -
+    TEMPLATE_HEAD`` (newline, answer prefix, colon, label, newline), in order; position 0 is among them."""
+    tail = DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD
+    out: list[int] = []
+    for i in range(demonstrations):
+        start, end = i * demo_tokens, (i + 1) * demo_tokens
+        out += list(range(start, start + TEMPLATE_HEAD)) + list(range(end - tail, end))
+    return out
 
 
 @dataclass(frozen=True)
