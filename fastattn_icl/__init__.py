@@ -11,6 +11,7 @@ from fastattn_icl.ops import (
     anchor_reweight_attention,
     attention,
     attention_with_lse,
+    momentum_attention,
     shared_prefix_attention,
     use_backend,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "anchor_reweight_attention",
     "attention",
     "attention_with_lse",
+    "momentum_attention",
     "shared_prefix_attention",
     "use_backend",
     "__version__",

@@ -35,8 +35,12 @@ taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch
 at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``,
-``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``, ``HAS_PREFIX``; the momentum epilogue is to be added as a
-further flag.
+``HAS_PADDING``, ``HAS_ANCHORS``, ``HAS_ISOLATION``, ``HAS_PREFIX``, ``HAS_MOMENTUM``.
+
+Momentum epilogue (``HAS_MOMENTUM``, SPEC §6): ``O = attention + M`` with ``M [B, Hkv, Tq, D]`` (float32, from the
+decayed-sum scan in ``momentum.py``) added per kv head before the store; ``STORE_ATTN`` also stores the attention
+part, which the backward uses as its ``o`` (``D = rowsum(dO ∘ O_attn)``; ``O - M`` rounded to the output dtype
+would lose the attention part under a large ``M``).
 
 Shared prefix (``HAS_PREFIX``, forward only; SPEC §5 serving of a compressed demonstration cache): keys
 ``PK/PV [B, Hkv, Tp, D]`` logically precede ``K/V`` and every query row sees all of them (no causal or
@@ -192,7 +196,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -200,12 +204,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV,
                      stride_kpmb, stride_kpmn, stride_isob,
                      stride_pkb, stride_pkh, stride_pkn, stride_pkd,
                      stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+                     stride_mb, stride_mh, stride_mm, stride_md,
+                     stride_oab, stride_oah, stride_oam, stride_oad,
                      H, N_REP, Tq, Tk, Tp, qk_scale, TQ_BUCKET, TK_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                      HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
-                     HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     HAS_PREFIX: tl.constexpr, HAS_MOMENTUM: tl.constexpr, STORE_ATTN: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     pid_m, pid_bh = _block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -254,6 +261,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV,
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    if HAS_MOMENTUM:
+        # MoAttn epilogue: O = attention + M (M [B, Hkv, Tq, D] float32, shared by the kv head's query heads); the
+        # attention part alone is kept for the backward when STORE_ATTN
+        if STORE_ATTN:
+            OA += b.to(tl.int64) * stride_oab + h.to(tl.int64) * stride_oah
+            _store_rows(OA, row0, Tq, stride_oam, stride_oad, o, BLOCK_M, HEAD_DIM, BLOCK_D)
+        MOM += b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
+        o = o + _load_rows(MOM, row0, Tq, stride_mm, stride_md, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     _store_rows(O, row0, Tq, stride_om, stride_od, o, BLOCK_M, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
@@ -697,12 +712,14 @@ def _method_args(key_log_weights, reweight_from, isolation_limit, q: torch.Tenso
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float, *, prefix=None, out=None, lse=None):
+                  scale: float, *, prefix=None, momentum=None, out_attn=None, out=None, lse=None):
     """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
     ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones).
     Method inputs (``None`` = feature off): see :func:`_method_args`. ``prefix``: ``None`` or the shared
     prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0 for one copy), whose keys
-    come before ``k`` and are visible to every query row (method features must be off)."""
+    come before ``k`` and are visible to every query row (method features must be off). ``momentum``: ``None``
+    or ``M [B, Hkv, Tq, D]`` float32 added in the epilogue (MoAttn); then ``out_attn`` (``None`` or a tensor like
+    ``out``) also receives the attention part alone."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if out is None:
@@ -715,13 +732,17 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)
     pk, pv = prefix if prefix is not None else (k, v)  # never read without HAS_PREFIX
     Tp = pk.shape[2] if prefix is not None else 0
+    mom = momentum if momentum is not None else _placeholder(q.device, torch.float32).view(1, 1, 1, 1)
+    oa = out_attn if out_attn is not None else out  # never written without STORE_ATTN
     _launch(
         "fwd", q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
-        q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv,
+        q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv, mom, oa,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob, *pk.stride(), *pv.stride(),
+        *mom.stride(), *oa.stride(),
         H, H // Hkv, Tq, Tk, Tp, scale * _LOG2E, _bucket(Tq), _bucket(Tp + Tk),  # tuned on all the keys read
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        HAS_PREFIX=prefix is not None, DOT_PRECISION=_dot_precision(q), **method_flags,
+        HAS_PREFIX=prefix is not None, HAS_MOMENTUM=momentum is not None, STORE_ATTN=out_attn is not None,
+        DOT_PRECISION=_dot_precision(q), **method_flags,
     )
     return out, lse
 
@@ -826,3 +847,22 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
 
 _KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel,
                 saliency=_attn_bwd_saliency_kernel)
+
+
+def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float, store_attn: bool):
+    """``(out, lse, out_attn)``: the forward kernel with the momentum epilogue (``M`` from the decayed-sum scan of
+    :mod:`fastattn_icl._triton.momentum`); ``out_attn`` holds the attention part when ``store_attn`` (the
+    backward's ``o``), else it is an empty tensor."""
+    from fastattn_icl._triton.momentum import momentum_term
+
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    first = Tk - Tq
+    mom = momentum_term(v, eta, max(first, 0), key_padding_mask)
+    if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
+        mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
+    out_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2) if store_attn else None
+    out, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, momentum=mom,
+                             out_attn=out_attn)
+    return out, lse, (out_attn if store_attn else q.new_empty(0))
+

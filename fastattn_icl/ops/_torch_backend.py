@@ -217,3 +217,56 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
             b_idx, r_idx = torch.nonzero(slot >= 0, as_tuple=True)
             rows[b_idx, slot[b_idx, r_idx]] = sal[b_idx, r_idx]
     return sums, head_sums
+
+
+def _decay(t: torch.Tensor, i: torch.Tensor, eta: float) -> torch.Tensor:
+    """float32 ``[len(t), len(i)]``: ``η^(t - i)`` where ``i < t``, else 0 (computed in float64)."""
+    lag = (t[:, None] - i[None, :]).double()
+    return torch.where(lag > 0, torch.pow(eta, lag.clamp(min=1)), 0.0).float()
+
+
+def momentum_term(v: torch.Tensor, eta: float, first: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``M [B, Hkv, Tk - first, D]`` float32 at absolute positions ``first .. Tk - 1`` (SPEC §6), padded keys 0."""
+    B, Hkv, Tk, D = v.shape
+    vf = v.float()
+    if key_padding_mask is not None:
+        vf = vf * key_padding_mask[:, None, :, None]
+    keys = torch.arange(Tk, device=v.device)
+    out = torch.empty(B, Hkv, Tk - first, D, dtype=torch.float32, device=v.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, Tk * 64))
+    for r0 in range(first, Tk, step):
+        rows = torch.arange(r0, min(Tk, r0 + step), device=v.device)
+        out[:, :, r0 - first : r0 - first + rows.numel()] = torch.matmul(_decay(rows, keys, eta), vf)
+    return out
+
+
+def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
+                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``dV [B, Hkv, Tk, D]`` float32 of the momentum term: ``Σ_{i>j} η^(i-j) G_i``, ``G`` the output gradient summed
+    over each kv head's query heads (query rows at positions ``Tk - Tq ..``); 0 at padded keys."""
+    B, H, Tq, D = grad_out.shape
+    g = grad_out.float().reshape(B, Hkv, H // Hkv, Tq, D).sum(dim=2)
+    positions = torch.arange(Tk - Tq, Tk, device=grad_out.device)
+    out = torch.empty(B, Hkv, Tk, D, dtype=torch.float32, device=grad_out.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, Tq * 64))
+    for c0 in range(0, Tk, step):
+        cols = torch.arange(c0, min(Tk, c0 + step), device=grad_out.device)
+        out[:, :, c0 : c0 + cols.numel()] = torch.matmul(_decay(positions, cols, eta).transpose(0, 1), g)
+    if key_padding_mask is not None:
+        out = out * key_padding_mask[:, None, :, None]
+    return out
+
+
+def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float, store_attn: bool):
+    """``(out, lse, out_attn)``: attention plus the momentum term; ``out_attn`` is the attention part (the
+    backward's ``o``), or an empty tensor unless ``store_attn``."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    o_attn, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale)
+    first = Tk - Tq
+    mom = momentum_term(v, eta, max(first, 0), key_padding_mask)
+    if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
+        mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
+    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + mom[:, :, None]).reshape(B, H, Tq, D))
+    return out, lse, (o_attn if store_attn else q.new_empty(0))
