@@ -26,8 +26,11 @@ layer ``layer_idx``'s information-flow saliency into ``request.results[layer_idx
 :class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`) makes ``key``/``value`` the rows' own keys
 after a prefix the batch shares, read in place by :func:`fastattn_icl.shared_prefix_attention` (forward only,
 not combinable with the other states; the mask covers ``[prefix, own keys]`` and must keep the whole
-prefix). Positions in the state are absolute key positions; a call over a chunk of ``Tq`` queries and ``Tk``
-keys (cached decoding) puts query row ``i`` at position ``i + Tk - Tq``,
+prefix); ``momentum`` (η, a float in ``[0, 1)``) runs :func:`fastattn_icl.momentum_attention` over the layer's
+keys, which a Hugging Face cache holds from position 0, so prefill, chunks and decode steps add the momentum of
+absolute positions (not combinable with the other states yet). Positions in the state are absolute key
+positions; a call over a chunk of ``Tq`` queries and ``Tk`` keys (cached decoding) puts query row ``i`` at
+position ``i + Tk - Tq``,
 so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
 clamped to the chunk: a chunk entirely before it is not re-weighted (per batch row). Label words or
 isolated positions that are not keys yet (``>= Tk``) are ignored in that call. Any other state name raises.
@@ -61,6 +64,7 @@ import torch
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, SharedPrefixState, find_controller
 from fastattn_icl.ops.attention import _fused
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.momentum import momentum_attention
 from fastattn_icl.ops.prefix import shared_prefix_attention
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
@@ -76,7 +80,7 @@ _UNSUPPORTED_KWARGS = {
 }
 
 # method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "saliency", "shared_prefix"})
+_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "momentum", "saliency", "shared_prefix"})
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -508,10 +512,20 @@ def fastattn_icl_attention_forward(
             )
         method = _method_arguments(state, layer_idx, query, key)
     saliency = None if controller is None else controller.get("saliency", layer_idx)  # type-checked by the op
-    out, _ = _fused(
-        query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask, backend=None,
-        saliency=saliency, saliency_key=layer_idx, **method,
-    )
+    eta = None if controller is None else controller.get("momentum", layer_idx)
+    if eta is not None:
+        if method or saliency is not None:
+            raise NotImplementedError(
+                f"fastattn_icl: momentum attention cannot be combined with other method state yet (layer {layer_idx})"
+            )
+        # the cache holds every key from position 0, so the decayed sum counts absolute positions
+        out = momentum_attention(query, key, value, eta, causal=bool(is_causal), scale=scaling,
+                                 key_padding_mask=key_padding_mask)
+    else:
+        out, _ = _fused(
+            query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,
+            backend=None, saliency=saliency, saliency_key=layer_idx, **method,
+        )
     weights = None
     if _attentions_requested(kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)

@@ -9,6 +9,7 @@
   Text_anchor) as rules of the template.
 - :mod:`~fastattn_icl.methods.compression`: anchor compression (SPEC §5), a reusable compressed demonstration
   cache served to batches of test inputs from one shared prefix, and its loyalty evaluation.
+- :mod:`~fastattn_icl.methods.momentum`: momentum attention (SPEC §6) in every layer of a model, also in ``generate``.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
 """
 
@@ -36,6 +37,7 @@ from fastattn_icl.methods.isolation import (
 )
 from fastattn_icl.methods.keep_sets import KeepSet, hidden_anchor_keep, hidden_random_positions, text_anchor_text
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, topk_jaccard, word_loyalty
+from fastattn_icl.methods.momentum import momentum
 from fastattn_icl.methods.reweighting import AnchorReweighting, ReweightingEvaluation
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "label_predictions",
     "label_token_ids",
     "label_word_positions",
+    "momentum",
     "last_layers",
     "pad_positions",
     "random_non_label_positions",

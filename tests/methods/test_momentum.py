@@ -1,0 +1,141 @@
+"""``fastattn_icl.methods.momentum``: momentum attention (SPEC §6) in every layer of a Hugging Face model through the
+seam: the layer output against the oracle, prefill + cached decoding (and ``generate``) against one full pass, the
+neutral η, per-layer selection, errors and state restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.integrations import get_controller
+from fastattn_icl.integrations import transformers as seam
+from fastattn_icl.methods import isolate, momentum
+from fastattn_icl.reference.momentum import momentum_attention as momentum_ref
+from tests.integrations.test_gptj import tiny_gptj
+from tests.integrations.test_models import tiny_model
+
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt", "gptj"]
+
+
+def _model(family: str, layers: int = 2):
+    if family == "gptj":
+        return tiny_gptj(layers=layers).eval()
+    kw = {"sliding_window": 128} if family == "mistral" else {}  # a window that never binds here
+    return tiny_model(family, "eager", layers=layers, **kw)
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+def _prefill_then_decode(model, ids, mask, prefill: int):
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_equal_one_full_pass(family):
+    model = _model(family)
+    ids, mask = _batch()
+    real = mask.bool()
+    with fastattn_icl.use_backend("torch"), torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        with momentum(model, 0.5):
+            full = model(ids, attention_mask=mask).logits
+            chunked = _prefill_then_decode(model, ids, mask, prefill=7)
+    torch.testing.assert_close(chunked[real], full[real], rtol=1e-4, atol=1e-5)
+    assert (full - plain)[real].abs().max() > 1e-2  # the term is there
+    assert model.config._attn_implementation == "eager"  # switched back
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_keeps_the_momentum(family):
+    # generate's logits at every step equal one full pass over the generated sequence (teacher forcing on its own
+    # tokens; comparing logits, not argmax tokens, so near-ties of a random model cannot flip the test)
+    model = _model(family)
+    ids, mask = _batch(1)
+    with fastattn_icl.use_backend("torch"), torch.no_grad(), momentum(model, 0.9):
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        seq = gen.sequences
+        seq_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+        positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded row
+        full = model(seq, attention_mask=seq_mask, position_ids=positions).logits
+    stepwise = torch.stack(gen.logits, dim=1)  # [B, 4, V]
+    torch.testing.assert_close(stepwise, full[:, ids.shape[1] - 1 : -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj"])
+def test_layer_output_is_the_oracle_on_the_layer_inputs(family, monkeypatch):
+    model = _model(family)
+    ids, mask = _batch(2)
+    calls = []
+    real = seam.momentum_attention
+
+    def spy(q, k, v, eta, **kw):
+        out = real(q, k, v, eta, **kw)
+        calls.append((q, k, v, eta, kw, out))
+        return out
+
+    monkeypatch.setattr(seam, "momentum_attention", spy)
+    with fastattn_icl.use_backend("torch"), torch.no_grad(), momentum(model, 0.9):
+        model(ids, attention_mask=mask)
+    assert len(calls) == 2  # one per layer
+    for q, k, v, eta, kw, out in calls:
+        want = momentum_ref(q.double(), k.double(), v.double(), eta, causal=kw["causal"], scale=kw["scale"],
+                            key_padding_mask=kw["key_padding_mask"])
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_neutral_eta_is_plain_attention_and_layers_select():
+    model = _model("llama")
+    ids, mask = _batch(3)
+    real = mask.bool()
+    with fastattn_icl.use_backend("torch"), torch.no_grad():
+        with fastattn_icl.integrations.enabled(model):
+            plain = model(ids, attention_mask=mask).logits
+        with momentum(model, 0.0):
+            neutral = model(ids, attention_mask=mask).logits
+        with momentum(model, 0.5, layers=[1]):
+            last_only = model(ids, attention_mask=mask).logits
+        with momentum(model, 0.5):
+            both = model(ids, attention_mask=mask).logits
+    assert torch.equal(neutral[real], plain[real])
+    assert (last_only - plain)[real].abs().max() > 1e-3 and (last_only - both)[real].abs().max() > 1e-3
+
+
+def test_gradients_flow_through_the_seam():
+    model = _model("gpt2")
+    ids, mask = _batch(4)
+    with fastattn_icl.use_backend("torch"), momentum(model, 0.5):
+        model(ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_errors_and_state_restore():
+    model = _model("llama")
+    ids, mask = _batch(5)
+    for eta in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\)"), momentum(model, eta):
+            pass
+    with pytest.raises(TypeError, match="eta must be a float"), momentum(model, "0.5"):
+        pass
+    with pytest.raises(ValueError, match="layer index"), momentum(model, 0.5, layers=[7]):
+        pass
+    positions = torch.tensor([[2]])
+    with pytest.raises(NotImplementedError, match="momentum attention cannot be combined"):
+        with momentum(model, 0.5), isolate(model, positions, layers=[0]), torch.no_grad():
+            model(ids, attention_mask=mask)
+    with pytest.raises(RuntimeError, match="boom"), momentum(model, 0.5):
+        raise RuntimeError("boom")
+    assert get_controller(model).is_empty() and model.config._attn_implementation == "eager"
