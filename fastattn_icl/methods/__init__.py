@@ -10,6 +10,8 @@
 - :mod:`~fastattn_icl.methods.compression`: anchor compression (SPEC §5), a reusable compressed demonstration
   cache served to batches of test inputs from one shared prefix, and its loyalty evaluation.
 - :mod:`~fastattn_icl.methods.momentum`: momentum attention (SPEC §6) in every layer of a model, also in ``generate``.
+- :mod:`~fastattn_icl.methods.deep_thinking`: Deep-Thinking (SPEC §7), iterative forward tuning of the
+  demonstrations' K/V with one fused update of all layers per step, and answer-choice scoring.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
 """
 
@@ -27,6 +29,7 @@ from fastattn_icl.methods.compression import (
     compress_demonstrations,
     evaluate_compression,
 )
+from fastattn_icl.methods.deep_thinking import DeepThinkingResult, deep_thinking, score_choices
 from fastattn_icl.methods.information_flow import InformationFlow, information_flow
 from fastattn_icl.methods.isolation import (
     first_layers,
@@ -44,6 +47,7 @@ __all__ = [
     "AnchorReweighting",
     "CompressedDemonstrations",
     "CompressionEvaluation",
+    "DeepThinkingResult",
     "ICLExample",
     "InformationFlow",
     "LabelWordPositions",
@@ -51,6 +55,7 @@ __all__ = [
     "ReweightingEvaluation",
     "collate",
     "compress_demonstrations",
+    "deep_thinking",
     "evaluate_compression",
     "first_layers",
     "hidden_anchor_keep",
@@ -66,6 +71,7 @@ __all__ = [
     "last_layers",
     "pad_positions",
     "random_non_label_positions",
+    "score_choices",
     "text_anchor_text",
     "topk_jaccard",
     "word_loyalty",

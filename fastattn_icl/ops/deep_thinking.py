@@ -1,0 +1,86 @@
+"""The Deep-Thinking state update (SPEC §7) over every layer's K and V at once.
+
+The state of all layers lives in one buffer ``work [R, 2, C]``: row ``r`` is one (K or V, layer, kv head) with its
+current state ``X̂`` (``work[r, 0]``, ``C = N · d`` elements) next to the re-run's new ``X_new`` (``work[r, 1]``).
+:class:`fastattn_icl.methods.deep_thinking.DeepThinkingCache` hands every layer views of this buffer, so the
+re-run writes ``X_new`` in place and one call updates everything: one Triton launch on CUDA instead of ``2·L``
+groups of small eager ops::
+
+    g = X_new - X̂        m = g (first update) else g + β m        X̂ <- X̂ + η m
+
+computed in float32; ``m [R, C]`` is a float32 buffer (many small η steps would round away in half precision).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastattn_icl.ops.backend import resolve_backend
+
+__all__ = ["deep_thinking_update_"]
+
+
+def _check_coef(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x) or math.isinf(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x}")
+    return x
+
+
+@torch.library.custom_op("fastattn_icl::deep_thinking_update_", mutates_args=("work", "m"))
+def _deep_thinking_update(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool,
+                          backend: str) -> None:
+    if backend == "triton":
+        from fastattn_icl._triton.deep_thinking import deep_thinking_update_ as launch
+
+        launch(work, m, eta, beta, first)
+        return
+    x_hat, x_new = work[:, 0], work[:, 1]
+    g = x_new.float() - x_hat.float()
+    if first:
+        m.copy_(g)
+    else:
+        m.mul_(beta).add_(g)
+    x_hat.copy_(x_hat.float() + eta * m)
+
+
+@_deep_thinking_update.register_fake
+def _(work, m, eta, beta, first, backend):
+    return None
+
+
+def deep_thinking_update_(
+    work: torch.Tensor, m: torch.Tensor, *, eta: float, beta: float, first: bool, backend: str | None = None
+) -> None:
+    """One Deep-Thinking step on every layer's K and V, in place (see the module docstring).
+
+    Args:
+        work: ``[R, 2, C]`` floating (fp16, bf16, fp32), unit stride along ``C``: ``work[:, 0]`` the state
+            ``X̂`` (updated), ``work[:, 1]`` the new ``X_new`` (read).
+        m: ``[R, C]`` float32 momentum buffer, same device (written; read unless ``first``).
+        eta, beta: step size and momentum, finite and ``>= 0`` (defaults of the authors' code: 0.01, 0.9; ``beta
+            = 0`` is the gate form ``X̂ <- η X_new + (1 - η) X̂``).
+        first: the first update (``m = g``; ``m``'s old contents are not read).
+        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+    """
+    eta, beta = _check_coef("eta", eta), _check_coef("beta", beta)
+    if not isinstance(work, torch.Tensor) or not work.is_floating_point() or work.dim() != 3 or work.shape[1] != 2:
+        raise TypeError(f"work must be a floating tensor [R, 2, C], got {work!r:.80}")
+    if work.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"work must be float16, bfloat16 or float32, got {work.dtype}")
+    if work.shape[2] > 1 and work.stride(2) != 1:
+        raise ValueError(f"work must have unit stride along C, got strides {work.stride()}")
+    R, _, C = work.shape
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or tuple(m.shape) != (R, C):
+        raise TypeError(f"m must be a float32 tensor [R={R}, C={C}], got {m!r:.80}")
+    if C > 1 and m.stride(1) != 1:
+        raise ValueError(f"m must have unit stride along C, got strides {m.stride()}")
+    if m.device != work.device:
+        raise ValueError(f"m must be on {work.device} (as work), got {m.device}")
+    if not isinstance(first, bool):
+        raise TypeError(f"first must be a bool, got {type(first).__name__}")
+    _deep_thinking_update(work, m, eta, beta, first, resolve_backend(backend, work.device))
