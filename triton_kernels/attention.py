@@ -849,20 +849,14 @@ _KERNELS.update(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_d
                 saliency=_attn_bwd_saliency_kernel)
 
 
-def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float, store_attn: bool):
-    """``(out, lse, out_attn)``: the forward kernel with the momentum epilogue (``M`` from the decayed-sum scan of
-    :mod:`fastattn_icl._triton.momentum`); ``out_attn`` holds the attention part when ``store_attn`` (the
-    backward's ``o``), else it is an empty tensor."""
-    from fastattn_icl._triton.momentum import momentum_term
-
+def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, momentum: torch.Tensor,
+                           store_attn: bool):
+    """``(out, lse, out_attn)``: the forward kernel with ``momentum [B, Hkv, Tq, D]`` (float32, from the
+    decayed-sum scan of :mod:`fastattn_icl._triton.momentum`) added in its epilogue; ``out_attn`` holds the attention
+    part when ``store_attn`` (the backward's ``o``), else it is an empty tensor."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    first = Tk - Tq
-    mom = momentum_term(v, eta, max(first, 0), key_padding_mask)
-    if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
-        mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
     out_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2) if store_attn else None
-    out, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, momentum=mom,
+    out, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, momentum=momentum,
                              out_attn=out_attn)
     return out, lse, (out_attn if store_attn else q.new_empty(0))
 

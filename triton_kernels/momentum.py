@@ -27,14 +27,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _decayed_scan_kernel(X, Y, KPM,
+def _decayed_scan_kernel(X, Y, KPM, M0,
                          stride_xb, stride_xh, stride_xt, stride_xd,
                          stride_yb, stride_yh, stride_yt, stride_yd,
-                         stride_kpmb, stride_kpmt,
+                         stride_kpmb, stride_kpmt, stride_m0b, stride_m0h,
                          H_OUT, T_IN, T_OUT, OUT_START, log2_eta,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                          MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr, REVERSE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         HAS_M0: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Y rows t - OUT_START for t in [OUT_START, T_OUT) get M_t of the (possibly reversed) sequence X[0 .. T_IN);
     # rows of X at or past T_IN count as 0 (the backward's keys before the query chunk)
     pid_bh = tl.program_id(0)
@@ -51,7 +51,10 @@ def _decayed_scan_kernel(X, Y, KPM,
     carry = tl.math.exp2(r.to(tl.float32) * log2_eta)  # η^r, 1 at r = 0
     tail = tl.math.exp2((BLOCK_T - r).to(tl.float32) * log2_eta)  # η^(BLOCK_T - c)
     eta_block = tl.math.exp2(BLOCK_T * log2_eta)
-    m = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_M0:  # the carried state M at the first row (a decode step continuing a sequence)
+        m = tl.load(M0 + b * stride_m0b + h * stride_m0h + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        m = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t0 in range(0, T_OUT, BLOCK_T):
         rows = t0 + r
         in_rows = rows < T_IN
@@ -77,7 +80,7 @@ def _decayed_scan_kernel(X, Y, KPM,
 _BLOCK_T = 32
 
 
-def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask_in, mask_out):
+def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask_in, mask_out, m0=None):
     B, HX, _, D = x.shape
     h_out = HX // group
     block_d = min(64, max(16, triton.next_power_of_2(D)))
@@ -87,11 +90,12 @@ def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask
         kpm_t = kpm.view(torch.uint8)
         s_kb, s_kt = kpm_t.stride()
     grid = (B * h_out, triton.cdiv(D, block_d))
+    m0_t = m0 if m0 is not None else y  # never read without HAS_M0
     _decayed_scan_kernel[grid](
-        x, y, kpm_t, *x.stride(), *y.stride(), s_kb, s_kt,
+        x, y, kpm_t, m0_t, *x.stride(), *y.stride(), s_kb, s_kt, m0_t.stride(0), m0_t.stride(1),
         h_out, t_in, t_out, out_start, float(torch.log2(torch.tensor(eta, dtype=torch.float64))),
         GROUP=group, HEAD_DIM=D, BLOCK_T=_BLOCK_T, BLOCK_D=block_d, MASK_IN=mask_in, MASK_OUT=mask_out,
-        REVERSE=reverse, DOT_PRECISION="ieee",
+        REVERSE=reverse, HAS_M0=m0 is not None, DOT_PRECISION="ieee",
     )
     return y
 
@@ -105,6 +109,17 @@ def momentum_term(v: torch.Tensor, eta: float, first: int, key_padding_mask: tor
         return y
     return _launch_scan(v, y, key_padding_mask, t_in=Tk, t_out=Tk, out_start=first, eta=eta, group=1,
                         reverse=False, mask_in=key_padding_mask is not None, mask_out=False)
+
+
+def momentum_continue(v_new: torch.Tensor, eta: float, m0: torch.Tensor,
+                      key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, Hkv, n + 1, D]`` float32: ``M`` at the ``n`` positions of ``v_new [B, Hkv, n, D]`` given the carried state
+    ``m0 [B, Hkv, D]`` (``M`` at the first of them), then the state after them (row ``n``). ``key_padding_mask``:
+    ``[B, n]`` over ``v_new``'s positions."""
+    B, Hkv, n, D = v_new.shape
+    y = torch.empty(B, Hkv, n + 1, D, dtype=torch.float32, device=v_new.device)
+    return _launch_scan(v_new, y, key_padding_mask, t_in=n, t_out=n + 1, out_start=0, eta=eta, group=1,
+                        reverse=False, mask_in=key_padding_mask is not None, mask_out=False, m0=m0)
 
 
 def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,

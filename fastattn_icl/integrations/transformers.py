@@ -64,7 +64,7 @@ import torch
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, SharedPrefixState, find_controller
 from fastattn_icl.ops.attention import _fused
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
-from fastattn_icl.ops.momentum import momentum_attention
+from fastattn_icl.ops.momentum import check_eta, momentum_attention, momentum_attention_with_state
 from fastattn_icl.ops.prefix import shared_prefix_attention
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
@@ -449,6 +449,31 @@ def _shared_prefix_forward(
     return out.transpose(1, 2).contiguous(), weights
 
 
+def _momentum_forward(layer_idx, query, key, value, eta, is_causal, scaling, key_padding_mask) -> torch.Tensor:
+    """Momentum attention over the layer's whole cache; with a
+    :class:`~fastattn_icl.integrations.momentum_cache.MomentumCache` the layer's carried state (``M`` at the first new
+    position, same η) replaces the rescan of the earlier values, and the new state is stored back."""
+    cache_module = sys.modules.get("fastattn_icl.integrations.momentum_cache")
+    layer = None if cache_module is None else cache_module.take_updated_layer(layer_idx)
+    eta = check_eta(eta)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if layer is None or eta == 0.0 or needs_grad:
+        return momentum_attention(query, key, value, eta, causal=is_causal, scale=scaling,
+                                  key_padding_mask=key_padding_mask)
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    state = layer.state
+    usable = (
+        state is not None and layer.state_eta == eta and layer.state_position == Tk - Tq
+        and layer.get_seq_length() == Tk and state.shape[0] == B and state.device == query.device
+    )
+    out, layer.state = momentum_attention_with_state(
+        query, key, value, eta, state if usable else None, causal=is_causal, scale=scaling,
+        key_padding_mask=key_padding_mask,
+    )
+    layer.state_position, layer.state_eta = Tk, eta
+    return out
+
+
 def fastattn_icl_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -519,8 +544,7 @@ def fastattn_icl_attention_forward(
                 f"fastattn_icl: momentum attention cannot be combined with other method state yet (layer {layer_idx})"
             )
         # the cache holds every key from position 0, so the decayed sum counts absolute positions
-        out = momentum_attention(query, key, value, eta, causal=bool(is_causal), scale=scaling,
-                                 key_padding_mask=key_padding_mask)
+        out = _momentum_forward(layer_idx, query, key, value, eta, bool(is_causal), scaling, key_padding_mask)
     else:
         out, _ = _fused(
             query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,

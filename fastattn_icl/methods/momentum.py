@@ -6,7 +6,9 @@
         tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=20)
 
 Positions are absolute over the layer's cache, so a prefill, a chunk over a cache and single-token decoding
-(``generate``) all add the momentum a full pass would. The model is switched to the seam for the block (GPT-J is
+(``generate``) all add the momentum a full pass would. With a plain ``DynamicCache`` each step rescans the layer's
+values; pass ``past_key_values=fastattn_icl.integrations.momentum_cache.MomentumCache()`` to carry the running
+state in O(d) per layer instead. The model is switched to the seam for the block (GPT-J is
 patched) and switched back after it, also when the block raises.
 """
 

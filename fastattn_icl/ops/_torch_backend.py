@@ -240,6 +240,19 @@ def momentum_term(v: torch.Tensor, eta: float, first: int, key_padding_mask: tor
     return out
 
 
+def momentum_continue(v_new: torch.Tensor, eta: float, m0: torch.Tensor,
+                      key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, Hkv, n + 1, D]`` float32: ``M`` at the ``n`` positions of ``v_new`` given the carried state ``m0 [B, Hkv,
+    D]`` (``M`` at the first of them), then the state after them."""
+    n = v_new.shape[2]
+    vf = v_new.float()
+    if key_padding_mask is not None:
+        vf = vf * key_padding_mask[:, None, :, None]
+    rows = torch.arange(n + 1, device=v_new.device)
+    carry = torch.pow(eta, rows.double()).float()[:, None]  # η^r, 1 at r = 0
+    return carry * m0.float()[:, :, None] + torch.matmul(_decay(rows, rows[:n], eta), vf)
+
+
 def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
                         key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """``dV [B, Hkv, Tk, D]`` float32 of the momentum term: ``Σ_{i>j} η^(i-j) G_i``, ``G`` the output gradient summed
@@ -257,16 +270,13 @@ def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
     return out
 
 
-def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float, store_attn: bool):
-    """``(out, lse, out_attn)``: attention plus the momentum term; ``out_attn`` is the attention part (the
-    backward's ``o``), or an empty tensor unless ``store_attn``."""
+def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, momentum: torch.Tensor,
+                           store_attn: bool):
+    """``(out, lse, out_attn)``: attention plus ``momentum [B, Hkv, Tq, D]`` (float32) per kv head; ``out_attn`` is
+    the attention part (the backward's ``o``), or an empty tensor unless ``store_attn``."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     o_attn, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale)
-    first = Tk - Tq
-    mom = momentum_term(v, eta, max(first, 0), key_padding_mask)
-    if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
-        mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
     out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + mom[:, :, None]).reshape(B, H, Tq, D))
+    out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + momentum[:, :, None]).reshape(B, H, Tq, D))
     return out, lse, (o_attn if store_attn else q.new_empty(0))

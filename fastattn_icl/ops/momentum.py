@@ -22,7 +22,7 @@ from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_
 from fastattn_icl.ops.attention import _attention_bwd, _fused
 from fastattn_icl.ops.backend import resolve_backend
 
-__all__ = ["check_eta", "momentum_attention"]
+__all__ = ["check_eta", "momentum_attention", "momentum_attention_with_state"]
 
 
 def check_eta(eta) -> float:
@@ -40,14 +40,39 @@ def check_eta(eta) -> float:
 
 
 def _momentum_impl(backend: str):
+    """``(attention forward with the momentum epilogue, scan module)`` of a backend; the scan module has
+    ``momentum_term``, ``momentum_continue`` and ``momentum_value_grad``."""
     if backend == "triton":
         from fastattn_icl._triton import attention as attn
         from fastattn_icl._triton import momentum as scan
 
-        return attn.momentum_attention_fwd, scan.momentum_value_grad
+        return attn.momentum_attention_fwd, scan
     from fastattn_icl.ops import _torch_backend as impl
 
-    return impl.momentum_attention_fwd, impl.momentum_value_grad
+    return impl.momentum_attention_fwd, impl
+
+
+def _momentum_rows(v, eta: float, Tq: int, key_padding_mask, m0, term, carry_on):
+    """``(M [B, Hkv, Tq, D], state [B, Hkv, D])`` float32 for the last ``Tq`` positions of ``v [B, Hkv, Tk, D]``:
+    from the carried state ``m0`` (``M`` at position ``Tk - Tq``) over those positions only, or (``m0`` None) from
+    all of ``v``; ``state`` is ``M`` at position ``Tk`` (``m_(t+1) = η (m_t + v_t)``). ``term``/``carry_on`` are
+    the backend's :func:`momentum_term`/:func:`momentum_continue`."""
+    B, Hkv, Tk, D = v.shape
+    first = Tk - Tq
+    if m0 is not None:
+        kpm = None if key_padding_mask is None else key_padding_mask[:, first:]
+        rows = carry_on(v[:, :, first:], eta, m0, kpm)
+        return rows[:, :, :Tq], rows[:, :, Tq]
+    mom = term(v, eta, max(first, 0), key_padding_mask)
+    last = v[:, :, -1].float() if Tk else v.new_zeros(B, Hkv, D, dtype=torch.float32)
+    if key_padding_mask is not None and Tk:
+        last = last * key_padding_mask[:, -1, None, None]
+    state = eta * ((mom[:, :, -1] if mom.shape[2] else torch.zeros_like(last)) + last)
+    if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
+        mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
+    return mom, state
+
+
 
 
 @torch.library.custom_op("fastattn_icl::momentum_attention_fwd", mutates_args=())
@@ -61,23 +86,27 @@ def _momentum_attention_fwd(
     scale: float,
     store_attn: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _momentum_impl(backend)[0](q, k, v, key_padding_mask, causal, scale, eta, store_attn)
+    m0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fwd, scan = _momentum_impl(backend)
+    mom, state = _momentum_rows(v, eta, q.shape[2], key_padding_mask, m0, scan.momentum_term, scan.momentum_continue)
+    return (*fwd(q, k, v, key_padding_mask, causal, scale, mom, store_attn), state)
 
 
 @_momentum_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend):
+def _(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend, m0=None):
     B, H, Tq, D = q.shape
     out = q.new_empty(B, Tq, H, D).transpose(1, 2)
     out_attn = q.new_empty(B, Tq, H, D).transpose(1, 2) if store_attn else q.new_empty(0)
-    return out, q.new_empty(B, H, Tq, dtype=torch.float32), out_attn
+    state = q.new_empty(B, k.shape[1], D, dtype=torch.float32)
+    return out, q.new_empty(B, H, Tq, dtype=torch.float32), out_attn, state
 
 
 @torch.library.custom_op("fastattn_icl::momentum_value_grad", mutates_args=())
 def _momentum_value_grad(
     grad_out: torch.Tensor, eta: float, num_kv_heads: int, Tk: int, key_padding_mask: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    return _momentum_impl(backend)[1](grad_out, eta, num_kv_heads, Tk, key_padding_mask)
+    return _momentum_impl(backend)[1].momentum_value_grad(grad_out, eta, num_kv_heads, Tk, key_padding_mask)
 
 
 @_momentum_value_grad.register_fake
@@ -87,21 +116,21 @@ def _(grad_out, eta, num_kv_heads, Tk, key_padding_mask, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend = inputs
-    _, lse, out_attn = output
+    q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend, m0 = inputs
+    _, lse, out_attn, state = output
     ctx.save_for_backward(q, k, v, out_attn, lse, key_padding_mask)
     ctx.eta, ctx.causal, ctx.scale, ctx.backend, ctx.store_attn = eta, causal, scale, backend, store_attn
-    ctx.mark_non_differentiable(lse, out_attn)
+    ctx.mark_non_differentiable(lse, out_attn, state)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_out_attn):
+def _backward(ctx, grad_out, grad_lse, grad_out_attn, grad_state):
     q, k, v, out_attn, lse, key_padding_mask = ctx.saved_tensors
     if not ctx.store_attn:
         raise RuntimeError("momentum_attention: the forward ran without keeping the attention part for a backward")
     dq, dk, dv, _ = _attention_bwd(grad_out, q, k, v, out_attn, lse, key_padding_mask, None, None, None, ctx.causal,
                                    ctx.scale, ctx.backend)
     dv_momentum = _momentum_value_grad(grad_out, ctx.eta, k.shape[1], k.shape[2], key_padding_mask, ctx.backend)
-    return dq, dk, (dv.float() + dv_momentum).to(dv.dtype), None, None, None, None, None, None
+    return dq, dk, (dv.float() + dv_momentum).to(dv.dtype), None, None, None, None, None, None, None
 
 
 _momentum_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -119,6 +148,8 @@ def momentum_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Momentum attention (SPEC §6): ``attention(q, k, v) + M`` with ``M_t = Σ_{i<t} η^{t-i} v_i``.
+
+    See :func:`momentum_attention_with_state` for the decode form that carries ``M`` in O(d) state.
 
     Args:
         q: ``[B, H, Tq, D]`` queries (any strides).
@@ -143,6 +174,38 @@ def momentum_attention(
     if eta == 0.0:  # exactly base attention: the term is never computed
         out, _ = _fused(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend)
         return out
+    return momentum_attention_with_state(q, k, v, eta, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                         backend=backend)[0]
+
+
+def momentum_attention_with_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: float,
+    state: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`momentum_attention` that also returns the running state, and can start from one.
+
+    Args:
+        q, k, v, eta, causal, scale, key_padding_mask, backend: as in :func:`momentum_attention` (``k``/``v`` the
+            whole cache from position 0; ``η > 0``).
+        state: ``None`` (``M`` from all of ``v``) or the carried state ``[B, Hkv, D]`` float32, ``M`` at position
+            ``Tk - Tq`` (what the previous call returned): then only the last ``Tq`` values are read, O(Tq·d) per
+            call instead of O(Tk·d). Inference only (no gradient flows into or through it).
+
+    Returns:
+        ``(out [B, H, Tq, D], state [B, Hkv, D])``: the output and ``M`` at position ``Tk`` (``m_(t+1) = η (m_t +
+        v_t)``), for the next call.
+    """
+    eta = check_eta(eta)
+    if eta == 0.0:
+        raise ValueError("momentum_attention_with_state needs eta > 0 (eta = 0 is plain attention, with no state)")
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     check_key_padding_mask(key_padding_mask, B, Tk, q.device)
     scale = check_scale(scale, D)
@@ -150,5 +213,15 @@ def momentum_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     backend = resolve_backend(backend, q.device)
     store_attn = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, _, _ = _momentum_attention_fwd(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend)
-    return out
+    if state is not None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.float32 or tuple(state.shape) != (B, Hkv, D):
+            raise TypeError(f"state must be a float32 tensor [B={B}, Hkv={Hkv}, D={D}], got {state!r:.80}")
+        if state.device != q.device:
+            raise ValueError(f"state must be on {q.device} (as q), got {state.device}")
+        if Tq > Tk:
+            raise ValueError(f"a carried state needs Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+        if store_attn:
+            raise RuntimeError("momentum_attention_with_state: a carried state is for inference; run under no_grad")
+    out, _, _, new_state = _momentum_attention_fwd(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend,
+                                                   state)
+    return out, new_state

@@ -139,3 +139,65 @@ def test_errors_and_state_restore():
     with pytest.raises(RuntimeError, match="boom"), momentum(model, 0.5):
         raise RuntimeError("boom")
     assert get_controller(model).is_empty() and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj"])
+def test_momentum_cache_carries_the_state_and_equals_the_full_pass(family, monkeypatch):
+    from fastattn_icl.integrations.momentum_cache import MomentumCache
+
+    calls = {"carried": 0, "rescan": 0}
+    real = seam.momentum_attention_with_state
+
+    def spy(q, k, v, eta, state=None, **kw):
+        calls["carried" if state is not None else "rescan"] += 1
+        if state is not None:  # a carried state: the step must not need the earlier values
+            assert k.shape[2] - q.shape[2] > 0
+        return real(q, k, v, eta, state, **kw)
+
+    monkeypatch.setattr(seam, "momentum_attention_with_state", spy)
+    model = _model(family)
+    ids, mask = _batch(6)
+    real_rows = mask.bool()
+    with fastattn_icl.use_backend("torch"), torch.no_grad(), momentum(model, 0.5):
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :7], attention_mask=mask[:, :7], past_key_values=MomentumCache(), use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(7, 12):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        with_state = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, past_key_values=MomentumCache())
+        rescan = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    torch.testing.assert_close(torch.cat(steps, 1)[real_rows], full[real_rows], rtol=1e-4, atol=1e-5)
+    layers = len(cache.layers)
+    assert calls["carried"] == (5 + 2) * layers and calls["rescan"] == 2 * layers  # prefills rescan, steps carry
+    torch.testing.assert_close(torch.stack(with_state.logits), torch.stack(rescan.logits), rtol=1e-4, atol=1e-5)
+    assert all(layer.state is not None and layer.state_position == 12 for layer in cache.layers)
+
+
+def test_momentum_cache_state_is_not_reused_for_another_eta_or_after_crop(monkeypatch):
+    from fastattn_icl.integrations.momentum_cache import MomentumCache
+
+    states = []
+    real = seam.momentum_attention_with_state
+
+    def spy(q, k, v, eta, state=None, **kw):
+        states.append((eta, state is not None))
+        return real(q, k, v, eta, state, **kw)
+
+    monkeypatch.setattr(seam, "momentum_attention_with_state", spy)
+    model = _model("llama")
+    ids, mask = _batch(7)
+    with fastattn_icl.use_backend("torch"), torch.no_grad():
+        cache = MomentumCache()
+        with momentum(model, 0.5):
+            model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+        with momentum(model, 0.9):  # the carried state is for η = 0.5: rescanned, not reused
+            model(ids[:, 8:9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True)
+        cache.crop(-2)
+        assert all(layer.state is None for layer in cache.layers)
+        with momentum(model, 0.9):  # after a crop the state is gone: rescanned again
+            model(ids[:, 7:8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+    assert states == [(0.5, False)] * 2 + [(0.9, False)] * 2 + [(0.9, False)] * 2

@@ -630,3 +630,42 @@ def test_cuda_torch_compile_inductor_fullgraph():
     loss = torch.compile(f, fullgraph=True)(*leaves)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_carried_state_decode_equals_the_full_pass(backend):
+    # a prefill returns the state at its end; each decode step continues from it reading only its new value
+    from fastattn_icl.ops.momentum import momentum_attention_with_state
+
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, T, D = 2, 4, 2, 40, 16
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), torch.randn(
+        B, Hkv, T, D, generator=g)
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[1, :5] = False  # left padding
+    want = ref.momentum_attention(q.double(), k.double(), v.double(), 0.9, key_padding_mask=kpm)
+    with torch.no_grad():
+        out, state = momentum_attention_with_state(q[:, :, :30], k[:, :, :30], v[:, :, :30], 0.9,
+                                                   key_padding_mask=kpm[:, :30], backend=backend)
+        rows = [out]
+        for t in range(30, T):
+            out, state = momentum_attention_with_state(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], 0.9,
+                                                       state, key_padding_mask=kpm[:, : t + 1], backend=backend)
+            rows.append(out)
+    torch.testing.assert_close(torch.cat(rows, 2).double(), want, rtol=1e-5, atol=1e-5)
+    assert state.shape == (B, Hkv, D) and state.dtype == torch.float32
+
+
+def test_carried_state_errors():
+    from fastattn_icl.ops.momentum import momentum_attention_with_state
+
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    state = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="eta > 0"):
+        momentum_attention_with_state(q, k, v, 0.0, state, backend="torch")
+    with pytest.raises(TypeError, match="state must be a float32 tensor"):
+        momentum_attention_with_state(q, k, v, 0.5, state.double(), backend="torch")
+    with pytest.raises(TypeError, match="state must be a float32 tensor"):
+        momentum_attention_with_state(q, k, v, 0.5, state[:, :1], backend="torch")
+    with pytest.raises(RuntimeError, match="inference"):
+        momentum_attention_with_state(q.requires_grad_(), k, v, 0.5, state, backend="torch")
