@@ -259,8 +259,8 @@ class CompressedDemonstrations:
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> CompressedDemonstrations:
         """A copy with the prefix on ``device`` and/or in ``dtype`` (e.g. to serve a model cast after compressing)."""
-        keys = self.keys.to(device=device, dtype=dtype)
-        values = self.values.to(device=device, dtype=dtype)
+        keys = self.keys.to(device=device, dtype=dtype, copy=True)  # a copy even when nothing changes
+        values = self.values.to(device=device, dtype=dtype, copy=True)
         return replace(self, keys=keys, values=values)
 
     @contextlib.contextmanager

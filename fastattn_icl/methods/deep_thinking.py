@@ -144,6 +144,14 @@ def deep_thinking(
             f"the re-run places the {N} demonstration tokens at positions {N} .. {2 * N - 1}, past the model's "
             f"context of {limit}: use at most {limit // 2} demonstration tokens"
         )
+    if select_on is not None:
+        if not isinstance(select_on, (tuple, list)) or len(select_on) != 3:
+            raise TypeError("select_on must be a tuple (input_ids, choices, labels) of held-out data")
+        n_inputs, n_labels = len(select_on[0]), len(select_on[2])
+        if n_inputs == 0 or n_inputs != n_labels:
+            raise ValueError(f"select_on needs one label per held-out input, got {n_inputs} inputs, {n_labels} labels")
+        if any(not 0 <= int(y) < len(select_on[1]) for y in select_on[2]):
+            raise ValueError(f"select_on labels must index the {len(select_on[1])} choices, got {list(select_on[2])}")
     device = model_device(model)
     ids = ids.to(device)
     first = CompressedDemonstrations.from_ids(model, ids, torch.arange(N), method="deep_thinking")
@@ -167,7 +175,7 @@ def deep_thinking(
             score = (pred == torch.as_tensor(list(labels))).float().mean().item()
         history.append({"step": step, "score": score})
         if best is None or (score is not None and score > best[0]) or select_on is None:
-            best = (score if score is not None else 0.0, step, state.to())  # .to(): a copy of the views
+            best = (score if score is not None else 0.0, step, state.to())  # a copy: later steps overwrite the views
 
     training = model.training
     model.eval()
