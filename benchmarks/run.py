@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python -m benchmarks.run`` (what ``make bench`` calls).
 
-    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency|gather|compression]
+    python -m benchmarks.run [--bench all|attention|anchors|epoch|saliency|gather|compression|momentum]
                              [--set default|acceptance|papers|anchors|saliency|cpu|all|tiny]
                              [--modes fwd bwd fwd+bwd]
                              [--providers fastattn_icl eager sdpa ...] [--batch N] [--threads N]
@@ -27,7 +27,14 @@ Hugging Face cache; ``default``/``all`` is its GPU set on a GPU, fp16 GPT2-XL- a
 models on SST-2, TREC, AGNews and EmoC geometries at B = 1, 16, 64, its small CPU set otherwise; ``cpu`` and
 ``tiny`` name its CPU and smoke-test sets, the other sets have no compression cases; ``--providers compressed
 full-eager full-sdpa compressed-expanded-sdpa compressed-expanded-eager`` applies, ``--batch`` replaces its
-batch sizes, ``--modes`` does not).
+batch sizes, ``--modes`` does not), then momentum attention and the Deep-Thinking update
+(``benchmarks/bench_momentum.py``, two parts in one results file: A, ``momentum_attention`` vs the same kernel
+without momentum, its overhead, and vs eager, fwd and fwd+bwd, Llama-7B-like and GQA bf16 at T = 1k ... 16k with
+B·T = 16k on a GPU; B, one Deep-Thinking step's state update over all layers, the fused op vs a per-tensor eager
+loop, GPT2-XL- and Llama-7B-shaped fp16 states of SST-2 and AGNews demonstrations on a GPU; ``default``/``all``
+are its GPU sets on a GPU, its small CPU sets otherwise; ``cpu`` and ``tiny`` name its CPU and smoke-test sets,
+the other sets have no momentum cases; ``--providers fastattn_icl base eager fused eager_loop`` and ``--modes``
+(part A, default fwd fwd+bwd) apply, ``--batch`` does not).
 ``default`` is the acceptance set plus the papers' model shapes on a GPU, the small CPU set otherwise
 (for the anchors benchmark: its GPU set, T = 256 ... 16k, or its CPU set; ``anchors`` names its GPU
 set, which the attention benchmark does not have, and ``acceptance``/``papers`` have no anchor cases).
@@ -39,7 +46,8 @@ Writes ``<out>/<device-slug>.json`` and ``.md`` (attention) and ``<out>/<device-
 and ``<out>/<device-slug>-isolation.json``/``.md`` (anchors benchmark), ``<out>/<device-slug>-epoch.json``/``.md``
 (epoch benchmark), ``<out>/<device-slug>-saliency.json``/``.md`` (saliency benchmark),
 ``<out>/<device-slug>-gather.json``/``.md`` (gather benchmark), ``<out>/<device-slug>-compression.json``/``.md``
-(compression benchmark), and prints one line per measured row, then the targets and where the results went.
+(compression benchmark), ``<out>/<device-slug>-momentum.json``/``.md`` (momentum benchmark, both parts), and
+prints one line per measured row, then the targets and where the results went.
 """
 
 from __future__ import annotations
@@ -54,13 +62,14 @@ from benchmarks import (
     bench_attention,
     bench_compression,
     bench_gather,
+    bench_momentum,
     bench_reweighting_epoch,
     bench_saliency,
 )
 from benchmarks.harness import RESULTS_DIR, TimingConfig, run_suite, write_results
 from benchmarks.shapes import ANCHOR_MODES, MODES, get_anchor_set, get_saliency_set, get_set
 
-BENCHES = ("all", "attention", "anchors", "epoch", "saliency", "gather", "compression")
+BENCHES = ("all", "attention", "anchors", "epoch", "saliency", "gather", "compression", "momentum")
 ONLY_SETS = ("anchors", "saliency")  # sets of one benchmark: the attention benchmark has no cases in them
 
 
@@ -73,7 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("default", "acceptance", "papers", "anchors", "saliency", "cpu", "all", "tiny"),
     )
     ap.add_argument(
-        "--modes", nargs="+", default=None, choices=MODES, help="default: all three (attention), fwd fwd+bwd (anchors)"
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=MODES,
+        help="default: all three (attention), fwd fwd+bwd (anchors, momentum)",
     )
     ap.add_argument(
         "--providers",
@@ -82,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="subset of fastattn_icl, eager, sdpa (attention) and fastattn_icl-anchors, fastattn_icl-isolation, "
         "fastattn_icl, eager (anchors), fastattn_icl, eager_probe (saliency), gather_kv, gather_kv_unchecked, "
         "index_select_loop, index_select_loop_nostack (gather), compressed, full-eager, full-sdpa, "
-        "compressed-expanded-sdpa, compressed-expanded-eager (compression)",
+        "compressed-expanded-sdpa, compressed-expanded-eager (compression), fastattn_icl, base, eager, fused, "
+        "eager_loop (momentum)",
     )
     ap.add_argument(
         "--batch",
@@ -113,7 +127,7 @@ def main(argv=None) -> int:
         known = {p.name for p in bench_attention.providers()}
         known |= {p.name for f in bench_anchors.FEATURES for p in bench_anchors.providers(f)}
         known |= set(bench_saliency.PROVIDERS) | set(bench_gather.PROVIDERS)
-        known |= set(bench_compression.PROVIDERS)
+        known |= set(bench_compression.PROVIDERS) | set(bench_momentum.PROVIDERS)
         unknown = set(args.providers) - known
         if unknown:
             raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {sorted(known)}")
@@ -135,6 +149,8 @@ def main(argv=None) -> int:
         run_gather(args, device, timing)
     if args.bench in ("all", "compression"):
         run_compression(args, device)
+    if args.bench in ("all", "momentum"):
+        run_momentum(args, device, timing)
     return 0
 
 
@@ -256,6 +272,17 @@ def run_compression(args, device: torch.device) -> None:
     _run_provider_bench("compression", bench_compression, cases, args, device,
                         lambda c, p: bench_compression.run_compression_bench(
                             c, device, timing=timing, set_name=args.set, provider_names=p))
+
+
+# ---- momentum attention and the Deep-Thinking update (benchmarks/bench_momentum.py) ------------------
+
+
+def run_momentum(args, device: torch.device, timing: TimingConfig) -> None:
+    cases = bench_momentum.momentum_set(args.set, cuda=device.type == "cuda")
+    modes = list(args.modes or bench_momentum.ATTN_MODES)
+    _run_provider_bench("momentum", bench_momentum, cases, args, device,
+                        lambda c, p: bench_momentum.run_momentum_bench(
+                            c, device, modes=modes, timing=timing, set_name=args.set, provider_names=p))
 
 
 if __name__ == "__main__":

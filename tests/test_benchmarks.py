@@ -921,3 +921,245 @@ def test_compression_bench_on_cuda():
         assert "float32 copy" in row["check"]["scope"]
         assert row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
     assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])
+
+
+# ---- momentum attention and the Deep-Thinking update (benchmarks/bench_momentum.py) ----------------
+
+from benchmarks import bench_momentum  # noqa: E402
+
+
+@pytest.fixture
+def no_gc_momentum(monkeypatch, no_gc):
+    """``no_gc`` for the momentum benchmark, which holds its own reference to ``free_memory``."""
+    monkeypatch.setattr(bench_momentum, "free_memory", lambda device: None)
+
+
+def _parts(cases):
+    attn = [c for c in cases if isinstance(c, bench_momentum.MomentumShape)]
+    return attn, [c for c in cases if isinstance(c, bench_momentum.UpdateCase)]
+
+
+def test_momentum_sets():
+    gpu = bench_momentum.momentum_set("default", cuda=True)
+    attn, upd = _parts(gpu)
+    assert len(attn) + len(upd) == len(gpu) == len({c.name for c in gpu}) == 10 + 4
+    assert {(c.H, c.Hkv, c.D) for c in attn} == {(32, 32, 128), (32, 8, 128)}
+    assert sorted({c.Tq for c in attn}) == [1024, 2048, 4096, 8192, 16384]
+    assert all(c.B * c.Tq == 16384 and c.Tq == c.Tk and c.dtype == "bf16" and c.causal and c.eta == 0.9 for c in attn)
+    assert {(c.model, c.layers, c.Hkv, c.D) for c in upd} == {("gpt2-xl", 48, 25, 64), ("llama-7b", 32, 32, 128)}
+    assert all(c.dtype == "fp16" and (c.eta, c.beta) == (0.01, 0.9) and c.per_class == 4 for c in upd)
+    # N = the demonstrations' tokens: SST-2 8 demos of ceil(20 * 1.3) + 7 = 33, AGNews 16 of ceil(40 * 1.3) + 7 = 59
+    assert {c.dataset: c.N for c in upd} == {"sst2": 264, "agnews": 944}
+    assert all(c.N == prompt_tokens(c.dataset, c.demonstrations) - prompt_tokens(c.dataset, 0) for c in upd)
+    case = bench_momentum.update_case("llama-7b", "agnews")
+    assert case.rows == 2 * 32 * 32 and case.bytes_moved == 2 * 32 * 32 * 944 * 128 * (3 * 2 + 8)
+    cpu = bench_momentum.momentum_set("cpu", cuda=True)
+    assert cpu == bench_momentum.momentum_set("default", cuda=False) == bench_momentum.momentum_set("all", cuda=False)
+    attn, upd = _parts(cpu)
+    assert [c.Tq for c in attn] == [128, 256, 512]
+    assert all((c.B, c.H, c.Hkv, c.D, c.dtype) == (1, 4, 4, 64, "fp32") for c in attn)
+    assert all(c.dtype == "fp32" and c.layers == bench_momentum.CPU_LAYERS for c in upd) and len(upd) == 4
+    for name in ("acceptance", "papers", "anchors", "saliency"):
+        assert bench_momentum.momentum_set(name, cuda=True) == []
+    attn, upd = _parts(bench_momentum.momentum_set("tiny", cuda=True))
+    assert len(attn) == 1 and attn[0].Hkv < attn[0].H and {c.dtype for c in upd} == {"fp32", "fp16"}
+
+
+def test_ulp_distance():
+    inf = float("inf")
+    x = torch.tensor([1.0, -1.0, 0.0, 3.5])
+    assert bench_momentum.ulp_distance(x, x) == (0.0, 0)
+    assert bench_momentum.ulp_distance(x, torch.nextafter(x, torch.full_like(x, inf))) == (1.0, 4)
+    assert bench_momentum.ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])) == (0.0, 0)
+    smallest = torch.nextafter(torch.tensor([0.0]), torch.tensor([1.0]))
+    assert bench_momentum.ulp_distance(smallest, -smallest) == (2.0, 1)  # across zero: -s, 0, s
+    h = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float16)
+    h3 = (h.view(torch.int16) + torch.tensor([3, 0, 0], dtype=torch.int16)).view(torch.float16)
+    assert bench_momentum.ulp_distance(h, h3) == (3.0, 1)
+    assert bench_momentum.ulp_distance(x, torch.tensor([1.0, -1.0, float("nan"), 3.5]))[0] == inf
+    assert bench_momentum.ulp_distance(x, x[:2])[0] == inf
+
+
+def test_momentum_bench_cli_smoke(tmp_path, capsys, no_gc_momentum):
+    # both parts on the tiny set through the CLI: every gate passes, files written
+    threads = torch.get_num_threads()
+    argv = ["--bench", "momentum", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
+    argv += ["--device", "cpu"]  # the file checked below is cpu-momentum.json, on a GPU machine too
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
+    data = json.loads((tmp_path / "cpu-momentum.json").read_text())
+    md = (tmp_path / "cpu-momentum.md").read_text()
+    a, b = data["momentum"], data["deep_thinking"]
+    # part A: three providers, fwd and fwd+bwd, each gated (base against base attention's oracle)
+    assert [p["name"] for p in a["providers"]] == ["fastattn_icl", "base", "eager"]
+    assert len(a["rows"]) == 3 * 2 and a["modes"] == ["fwd", "fwd+bwd"]
+    for r in a["rows"]:
+        assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
+        assert r["median_ms"] > 0 and r["peak_mem_bytes"] is None
+        grads = {"fwd": {"out"}, "fwd+bwd": {"out", "dq", "dk", "dv"}}[r["mode"]]
+        assert set(r["check"]["errors"]) == grads
+    for mode in ("fwd", "fwd+bwd"):
+        ours, base = _by(a, "fastattn_icl", mode), _by(a, "base", mode)
+        assert ours["speedup_vs"]["eager"] > 0 and ours["speedup_vs"]["base"] > 0
+        assert ours["overhead_vs_base"] == pytest.approx(ours["median_ms"] / base["median_ms"] - 1)
+    # part B: the fused update bitwise equal to the loop on CPU, GB/s from the bytes moved
+    assert [p["name"] for p in b["providers"]] == ["fused", "eager_loop"]
+    assert len(b["rows"]) == 2 * 2
+    for r in b["rows"]:
+        assert r["status"] == STATUS_OK and r["mode"] == "update" and r["median_ms"] > 0, r
+        assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / (r["median_ms"] * 1e-3) / 1e9)
+        if r["provider"] == "fused":
+            check = r["check"]
+            assert check["status"] == STATUS_OK and check["bitwise"], check
+            assert check["criterion"] == {"X_hat": "bitwise", "m": "bitwise"}
+            assert check["errors"]["X_new"] == {"error": 0.0, "tolerance": 0.0}
+            assert r["speedup_vs"]["eager_loop"] > 0
+        else:
+            assert r["check"] is None
+    assert len(data["targets"]) == 3 and all(t["result"] == "not evaluated" for t in data["targets"])
+    assert "## Part A" in md and "## Part B" in md and md.count("correctness gate:") == 2
+    assert "overhead vs base" in md and "| bitwise | bitwise |" in md and "**not evaluated**" in md
+
+
+def _fused_then(change):
+    def fused(case, inp):
+        bench_momentum._fused(case, inp)
+        change(inp.work)
+
+    return fused
+
+
+def test_momentum_incorrect_speedups_are_refused(monkeypatch, no_gc_momentum):
+    # part A: the momentum op with the wrong eta fails its gate; base and eager are unaffected
+    def wrong_eta(case, q, k, v):
+        return bench_momentum._eager_momentum(dataclasses.replace(case, eta=0.5), q, k, v)
+
+    monkeypatch.setattr(bench_momentum, "_momentum", wrong_eta)
+    tiny = bench_momentum.momentum_tiny_set()
+    res = bench_momentum.run_attention_part(tiny, CPU, timing=FAST, progress=None)
+    for mode in ("fwd", "fwd+bwd"):
+        bad = _by(res, "fastattn_icl", mode)
+        assert bad["status"] == STATUS_INCORRECT and bad["check"]["message"] and bad["median_ms"] > 0
+        assert bad["speedup_text"] == {"base": "n/a (check failed)", "eager": "n/a (check failed)"}
+        assert bad["overhead_vs_base"] is None and bad["overhead_text"] == "n/a (check failed)"
+        assert _by(res, "base", mode)["status"] == _by(res, "eager", mode)["status"] == STATUS_OK
+    assert "n/a (check failed)" in bench_momentum.attention_side_by_side(res)
+    # part B: a fused update one unit off in one element of X̂ (no tolerance rule lets that through) ...
+    upd = bench_momentum.update_tiny_set()
+    monkeypatch.setitem(bench_momentum.UPDATE_FNS, "fused", _fused_then(lambda w: w[0, 0, 0, 0, 0].add_(1.0)))
+    res = bench_momentum.run_update_part(upd, CPU, timing=FAST, progress=None)
+    for case in upd:
+        bad, loop = (_find_row(res, case.name, p) for p in ("fused", "eager_loop"))
+        assert bad["status"] == STATUS_INCORRECT and "X_hat" in bad["message"] and bad["median_ms"] > 0
+        assert bad["check"]["criterion"]["X_hat"] == "failed" and bad["check"]["criterion"]["m"] == "bitwise"
+        assert bad["speedup_vs"]["eager_loop"] is None and loop["speedup_text"]["fused"] == "n/a (check failed)"
+        assert loop["status"] == STATUS_OK
+    assert "FAIL" in bench_momentum.update_side_by_side(res)
+    # ... and one that writes into X_new
+    monkeypatch.setitem(bench_momentum.UPDATE_FNS, "fused", _fused_then(lambda w: w[1, 0, 0, 1, 0].mul_(2.0)))
+    res = bench_momentum.run_update_part(upd[:1], CPU, timing=FAST, progress=None, provider_names=["fused"])
+    (row,) = res["rows"]
+    assert row["status"] == STATUS_INCORRECT and "X_new: changed" in row["message"]
+
+
+def _find_row(results, case, provider):
+    (row,) = [r for r in results["rows"] if (r["case"], r["provider"]) == (case, provider)]
+    return row
+
+
+def test_momentum_update_gate_accepts_fused_multiply_adds(monkeypatch):
+    # what a Triton kernel that contracts g + βm and X̂ + ηm into FMAs returns (one rounding instead of two):
+    # far more than 1 ulp from the loop where g and βm nearly cancel, yet more accurate; the float64 rule passes it
+    def fma(case, inp):
+        w = inp.work.view(case.rows, 2, case.N * case.D)
+        x_hat, x_new = w[:, 0], w[:, 1]
+        beta, eta = (float(torch.tensor(c, dtype=torch.float32)) for c in (case.beta, case.eta))
+        g = x_new.float() - x_hat.float()
+        inp.m.copy_(g.double() + beta * inp.m.double())
+        x_hat.copy_((x_hat.double() + eta * inp.m.double()).to(x_hat.dtype))
+
+    monkeypatch.setitem(bench_momentum.UPDATE_FNS, "fused", fma)
+    case = bench_momentum.update_tiny_set()[0]
+    check = bench_momentum.update_gate(case, bench_momentum.make_update_inputs(case, CPU))
+    assert check["status"] == STATUS_OK and not check["bitwise"], check
+    assert check["ulp"]["m"]["max"] > 1 and check["criterion"]["m"].endswith("within the fastattn_icl.testing rule")
+    assert check["errors"]["m"]["error"] <= check["errors"]["m"]["tolerance"]
+
+
+def _momentum_row(case, provider, mode, ms, status=STATUS_OK):
+    return {
+        "case": case.name,
+        "group": case.group,
+        "params": case.params(),
+        "provider": provider,
+        "mode": mode,
+        "status": status,
+        "median_ms": ms,
+    }
+
+
+def test_momentum_gpu_targets_from_synthetic_rows():
+    from benchmarks.harness import add_speedups
+
+    providers = ["fastattn_icl", "base", "eager"]
+    llama = [c for c in bench_momentum.momentum_gpu_set() if c.model == "llama-7b"]
+
+    def targets(ours_ms, status=STATUS_OK, base_status=STATUS_OK):
+        rows = []
+        for case, ms in zip(llama, ours_ms):
+            for mode in ("fwd", "fwd+bwd"):
+                rows.append(_momentum_row(case, "fastattn_icl", mode, ms, status if case.Tq == 8192 else STATUS_OK))
+                rows.append(_momentum_row(case, "base", mode, 1.0, base_status))
+                rows.append(_momentum_row(case, "eager", mode, 10.0))
+        add_speedups(rows, providers)
+        return bench_momentum.attention_targets(rows)
+
+    fwd, both = targets([1.5, 1.04, 1.01, 1.0, 0.98])  # T = 1k is outside the target
+    assert [t["result"] for t in (fwd, both)] == ["PASS", "PASS"]
+    assert fwd["target"].startswith("llama-7b fwd:") and fwd["detail"].startswith("T2048: +4.0%, T4096: +1.0%")
+    assert "T1024" not in fwd["detail"]
+    assert targets([1.0, 1.0, 1.06, 1.0, 1.0])[0]["result"] == "FAIL"
+    failed = targets([1.0] * 5, status=STATUS_INCORRECT)[0]
+    assert failed["result"] == "FAIL" and "T8192: n/a (check failed)" in failed["detail"]
+    assert targets([1.0] * 5, base_status="oom")[0]["result"] == "N/A"
+    off = bench_momentum.attention_targets([], evaluated=False)
+    assert off == []
+    rows = [_momentum_row(llama[2], p, "fwd", ms) for p, ms in (("fastattn_icl", 1.0), ("base", 1.0))]
+    add_speedups(rows, providers)
+    (off,) = bench_momentum.attention_targets(rows, evaluated=False)
+    assert off["result"] == "not evaluated" and off["detail"].startswith("no CUDA")
+    # part B: fused >= 5x the loop on every case
+    upd = bench_momentum.update_gpu_set()
+
+    def update_target(fused_ms, status=STATUS_OK):
+        rows = []
+        for case, ms in zip(upd, fused_ms):
+            rows.append(_momentum_row(case, "fused", "update", ms, status))
+            rows.append(_momentum_row(case, "eager_loop", "update", 1.0))
+        add_speedups(rows, ["fused", "eager_loop"])
+        (t,) = bench_momentum.update_targets(rows)
+        return t
+
+    assert update_target([0.1, 0.05, 0.2, 0.1])["result"] == "PASS"
+    low = update_target([0.1, 0.25, 0.2, 0.1])
+    assert low["result"] == "FAIL" and "dt-gpt2-xl-agnews-4pc: 4.00x" in low["detail"]
+    assert update_target([0.1] * 4, STATUS_INCORRECT)["result"] == "FAIL"
+    assert update_target([0.1] * 4, STATUS_SKIPPED)["result"] == "N/A"
+
+
+@pytest.mark.gpu
+def test_momentum_bench_on_cuda():
+    cuda = torch.device("cuda")
+    attn = bench_momentum.MomentumShape("gpu-gqa", "gpu", 2, 8, 2, 512, 512, 64, True, "bf16", eta=0.9, model="gpu")
+    upd = bench_momentum.UpdateCase("gpu-dt", "gpu", "gpu", 4, 4, 64, "sst2", 4, "fp16")
+    res = bench_momentum.run_momentum_bench([attn, upd], cuda, progress=None)
+    a, b = res["momentum"], res["deep_thinking"]
+    assert "Triton" in a["providers"][0]["description"] and "Triton" in b["providers"][0]["description"]
+    for row in a["rows"] + b["rows"]:
+        assert row["status"] == STATUS_OK and row["median_ms"] > 0, row
+        assert row["check"] is None or row["check"]["status"] == STATUS_OK, row
+    assert all(r["peak_mem_bytes"] is not None for r in a["rows"] + b["rows"])
+    assert res["targets"] and all(t["result"] in ("PASS", "FAIL", "N/A") for t in res["targets"])

@@ -6,6 +6,7 @@ state ``X̂`` then the re-run's new ``X_new``), so one program grid covers all o
     g = X_new - X̂        m = g (first update) else g + β m        X̂ <- X̂ + η m
 
 in float32 (the momentum buffer ``m [R, N·d]`` is float32), ``X̂`` written back in the buffer's dtype, in place.
+Compiled without FMA contraction, so each product and sum is rounded as the eager per-tensor reference rounds it.
 Memory-bound: each element of ``X̂``, ``X_new`` and ``m`` is read once and ``X̂``, ``m`` written once.
 """
 
@@ -42,4 +43,5 @@ def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta:
     block = 1024
     _deep_thinking_update_kernel[(R, triton.cdiv(C, block))](
         work, m, work.stride(0), work.stride(1), m.stride(0), C, float(eta), float(beta), FIRST=first, BLOCK=block,
+        **({} if work.device.type != "cuda" else {"enable_fp_fusion": False}),  # no FMA: the reference's roundings
     )

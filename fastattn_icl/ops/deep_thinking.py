@@ -39,13 +39,16 @@ def _deep_thinking_update(work: torch.Tensor, m: torch.Tensor, eta: float, beta:
 
         launch(work, m, eta, beta, first)
         return
-    x_hat, x_new = work[:, 0], work[:, 1]
-    g = x_new.float() - x_hat.float()
-    if first:
-        m.copy_(g)
-    else:
-        m.mul_(beta).add_(g)
-    x_hat.copy_(x_hat.float() + eta * m)
+    R, _, C = work.shape
+    step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache
+    for r0 in range(0, R, step):
+        x_hat, x_new, m_rows = work[r0 : r0 + step, 0], work[r0 : r0 + step, 1], m[r0 : r0 + step]
+        g = x_new.float() - x_hat.float()
+        if first:
+            m_rows.copy_(g)
+        else:
+            m_rows.mul_(beta).add_(g)
+        x_hat.copy_(x_hat.float() + eta * m_rows)
 
 
 @_deep_thinking_update.register_fake
