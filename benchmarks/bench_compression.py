@@ -103,6 +103,7 @@ from benchmarks.harness import (
     bench,
     case_entries,
     environment,
+    format_progress,
     free_memory,
     is_oom,
     markdown_with_gate,
@@ -624,14 +625,8 @@ def platform_notes(device: torch.device) -> list[str]:
 
 
 def _progress_line(row: dict) -> str:
-    head = f"{row['case']:<28} {row['provider']:<26} {row['status']:<9}"
-    if row["median_ms"] is None:
-        return f"{head} {row['message'] or ''}"
-    mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-    return (
-        f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  "
-        f"{row['ms_per_input']:.4g} ms/input  {_rate(row['inputs_per_s'])} inputs/s{mem}"
-    )
+    return format_progress(row, columns=(("case", 28), ("provider", 26)),
+                           rate=lambda r: f"{r['ms_per_input']:.4g} ms/input  {_rate(r['inputs_per_s'])} inputs/s")
 
 
 def _release(device: torch.device) -> None:

@@ -93,9 +93,11 @@ from benchmarks.harness import (
     _first_line,
     _row,
     add_speedups,
+    bandwidth,
     bench,
     case_entries,
     environment,
+    format_progress,
     free_memory,
     is_oom,
     markdown_with_gate,
@@ -469,13 +471,7 @@ def platform_notes(device: torch.device) -> list[str]:
 
 
 def _progress_line(row: dict) -> str:
-    head = f"{row['case']:<26} {row['provider']:<25} {row['status']:<9}"
-    if row["median_ms"] is None:
-        return f"{head} {row['message'] or ''}"
-    mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-    return (
-        f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {row['gb_per_s']:.3g} GB/s{mem}"
-    )
+    return format_progress(row, columns=(("case", 26), ("provider", 25)), rate=bandwidth)
 
 
 def run_gather_bench(

@@ -125,9 +125,11 @@ from benchmarks.harness import (
     _first_line,
     _row,
     add_speedups,
+    bandwidth,
     bench,
     case_entries,
     environment,
+    format_progress,
     free_memory,
     is_oom,
     markdown_with_gate,
@@ -787,9 +789,8 @@ def update_platform_notes(device: torch.device) -> list[str]:
         return []
     return [
         "Triton kernel not run: no CUDA; the `fused` rows are deep_thinking_update_'s torch twin: a few eager passes "
-        "over the whole state, each allocating a whole-state float32 temporary (above glibc's 32 MiB mmap ceiling a "
-        "fresh, page-faulted mapping on every call), while the loop's per-layer tensors stay in cache; so on CPU the "
-        "twin is slower than the loop. A property of the op's CPU path, not of the GPU kernel the target is about",
+        "over the state in cache-sized row chunks (about 1 MiB of float32 temporaries each), not the GPU kernel the "
+        "target is about",
         f"target ({FUSED} >= {UPDATE_TARGET:g}x {LOOP}) not evaluated: no CUDA",
         f"CPU set: fp32 at {CPU_LAYERS} layers (the GPU set's head geometries) so that it runs in seconds; CPU times "
         "are a smoke signal, not the GPU result",
@@ -797,13 +798,7 @@ def update_platform_notes(device: torch.device) -> list[str]:
 
 
 def _progress_line(row: dict) -> str:
-    head = f"{row['case']:<34} {row['mode']:<7} {row['provider']:<13} {row['status']:<9}"
-    if row["median_ms"] is None:
-        return f"{head} {row['message'] or ''}"
-    mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-    return (
-        f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {row['gb_per_s']:.3g} GB/s{mem}"
-    )
+    return format_progress(row, rate=bandwidth)
 
 
 def run_update_part(

@@ -585,14 +585,23 @@ def add_speedups(rows: list[dict], providers: Sequence[str]) -> None:
             r["speedup_vs"][p], r["speedup_text"][p] = ratio, text
 
 
-def format_progress(row: dict) -> str:
-    head = f"{row['case']:<34} {row['mode']:<7} {row['provider']:<13} {row['status']:<9}"
+PROGRESS_COLUMNS = (("case", 34), ("mode", 7), ("provider", 13))
+
+
+def format_progress(row: dict, *, columns=PROGRESS_COLUMNS, rate=None) -> str:
+    """One progress line: the ``columns`` (field, width), the status, the median and p20/p80 and a rate
+    (``rate(row)``, default TFLOP/s), and the peak memory when measured."""
+    head = " ".join(f"{row[name]:<{width}}" for name, width in columns) + f" {row['status']:<9}"
     if row["median_ms"] is None:
         return f"{head} {row['message'] or ''}"
     mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-    return (
-        f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {row['tflops']:.3g} TFLOP/s{mem}"
-    )
+    rate_text = f"{row['tflops']:.3g} TFLOP/s" if rate is None else rate(row)
+    return f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {rate_text}{mem}"
+
+
+def bandwidth(row: dict) -> str:
+    """The GB/s rate of a memory-bound row (for :func:`format_progress`)."""
+    return f"{row['gb_per_s']:.3g} GB/s"
 
 
 def _fmt_ms(row: dict) -> str:
