@@ -113,7 +113,13 @@ from benchmarks.harness import (
     targets_not_evaluated,
 )
 from benchmarks.harness import write_results as harness_write_results
-from benchmarks.shapes import DATASETS, DEMO_TEMPLATE_TOKENS, DTYPES, _feature_set, prompt_tokens, template_positions
+from benchmarks.shapes import (
+    DATASETS,
+    DTYPES,
+    DemonstrationGeometry,
+    _feature_set,
+    prompt_tokens,
+)
 from fastattn_icl.testing import FWD_FACTOR, check_close, max_error, tolerance
 
 OURS = "compressed"
@@ -212,7 +218,7 @@ MODEL_SPECS = {
 
 
 @dataclass(frozen=True)
-class ServeCase:
+class ServeCase(DemonstrationGeometry):
     """Serve ``B`` test inputs of ``dataset`` after ``per_class`` demonstrations per class on ``model``."""
 
     name: str
@@ -228,31 +234,12 @@ class ServeCase:
         """What the compressed cache and the gate depend on: (model, dataset, demonstrations per class)."""
         return self.model.key, self.dataset, self.per_class
 
-    @property
-    def demonstrations(self) -> int:
-        return DATASETS[self.dataset].classes * self.per_class
-
-    @property
-    def demo_tokens(self) -> int:
-        """Tokens of one demonstration (text + template), by the rule of :func:`benchmarks.shapes.prompt_tokens`."""
-        return prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0)
-
-    @property
-    def T_demo(self) -> int:
-        return self.demonstrations * self.demo_tokens
 
     @property
     def S(self) -> int:
         """Tokens of one test input (text + query template)."""
         return prompt_tokens(self.dataset, 0)
 
-    @property
-    def M(self) -> int:
-        return self.demonstrations * DEMO_TEMPLATE_TOKENS
-
-    def positions(self) -> list[int]:
-        """The kept positions: every demonstration's template tokens (:func:`benchmarks.shapes.template_positions`)."""
-        return template_positions(self.demonstrations, self.demo_tokens)
 
     @property
     def label(self) -> str:

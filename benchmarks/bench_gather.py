@@ -109,12 +109,10 @@ from benchmarks.harness import (
 from benchmarks.harness import write_results as harness_write_results
 from benchmarks.shapes import (
     DATASETS,
-    DEMO_TEMPLATE_TOKENS,
     DTYPES,
     MODELS,
+    DemonstrationGeometry,
     _feature_set,
-    prompt_tokens,
-    template_positions,
 )
 
 OURS = "gather_kv"
@@ -146,7 +144,7 @@ GATE_TEXT = (
 
 
 @dataclass(frozen=True)
-class GatherCase:
+class GatherCase(DemonstrationGeometry):
     """Keep the template tokens of ``per_class`` demonstrations per class of ``dataset`` from an ``L``-layer
     cache ``[B, Hkv, T, D]`` (see the module docstring)."""
 
@@ -167,25 +165,9 @@ class GatherCase:
         return DTYPES[self.dtype]
 
     @property
-    def demonstrations(self) -> int:
-        return DATASETS[self.dataset].classes * self.per_class
-
-    @property
-    def demo_tokens(self) -> int:
-        """Tokens of one demonstration (text + template), by the rule of :func:`benchmarks.shapes.prompt_tokens`."""
-        return prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0)
-
-    @property
     def T(self) -> int:
-        return self.demonstrations * self.demo_tokens
-
-    @property
-    def M(self) -> int:
-        return self.demonstrations * DEMO_TEMPLATE_TOKENS
-
-    def positions(self) -> list[int]:
-        """The kept positions: every demonstration's template tokens (:func:`benchmarks.shapes.template_positions`)."""
-        return template_positions(self.demonstrations, self.demo_tokens)
+        """The cache's length: the demonstrations' tokens."""
+        return self.T_demo
 
     @property
     def bytes_moved(self) -> int:

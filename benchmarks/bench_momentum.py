@@ -147,8 +147,8 @@ from benchmarks.shapes import (
     DTYPES,
     MODELS,
     AttnShape,
+    DemonstrationGeometry,
     _feature_set,
-    prompt_tokens,
 )
 from fastattn_icl.testing import EPS, FWD_FACTOR, GRAD_FACTOR
 
@@ -269,7 +269,7 @@ def momentum_tiny_set() -> list[MomentumShape]:
 
 
 @dataclass(frozen=True)
-class UpdateCase:
+class UpdateCase(DemonstrationGeometry):
     """One Deep-Thinking update of an ``L``-layer state ``[1, Hkv, N, d]`` per K and V, ``N`` the tokens of
     ``per_class`` demonstrations per class of ``dataset`` (see the module docstring)."""
 
@@ -291,13 +291,9 @@ class UpdateCase:
         return DTYPES[self.dtype]
 
     @property
-    def demonstrations(self) -> int:
-        return DATASETS[self.dataset].classes * self.per_class
-
-    @property
     def N(self) -> int:
-        """Demonstration tokens: ``demonstrations · (prompt_tokens(d, 1) - prompt_tokens(d, 0))``."""
-        return self.demonstrations * (prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0))
+        """Demonstration tokens (the state's length)."""
+        return self.T_demo
 
     @property
     def rows(self) -> int:

@@ -44,6 +44,38 @@ QUERY_TEMPLATE_TOKENS = 5
 TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
 
 
+class DemonstrationGeometry:
+    """Properties of a benchmark case with fields ``dataset`` (a :data:`DATASETS` key) and ``per_class``
+    (demonstrations per class): the demonstrations' count and lengths by the rule of :func:`prompt_tokens`, and the
+    kept anchor positions of :func:`template_positions`."""
+
+    dataset: str
+    per_class: int
+
+    @property
+    def demonstrations(self) -> int:
+        return DATASETS[self.dataset].classes * self.per_class
+
+    @property
+    def demo_tokens(self) -> int:
+        """Tokens of one demonstration (text + template), by the rule of :func:`prompt_tokens`."""
+        return prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0)
+
+    @property
+    def T_demo(self) -> int:
+        """Tokens of all the demonstrations."""
+        return self.demonstrations * self.demo_tokens
+
+    @property
+    def M(self) -> int:
+        """Kept positions: every demonstration's template tokens."""
+        return self.demonstrations * DEMO_TEMPLATE_TOKENS
+
+    def positions(self) -> list[int]:
+        """The kept positions (:func:`template_positions`), in order; position 0 is among them."""
+        return template_positions(self.demonstrations, self.demo_tokens)
+
+
 def template_positions(demonstrations: int, demo_tokens: int) -> list[int]:
     """The anchor positions of ``demonstrations`` back-to-back demonstrations of ``demo_tokens`` tokens each: every
     demonstration's template tokens, its first ``TEMPLATE_HEAD`` and its last ``DEMO_TEMPLATE_TOKENS -
