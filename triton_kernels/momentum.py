@@ -81,6 +81,9 @@ _BLOCK_T = 32
 
 
 def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask_in, mask_out, m0=None):
+    if (mask_out and not reverse) or (mask_in and reverse):
+        # the mask index is the output row (MASK_OUT) or the input row (MASK_IN); only these two forms are wired
+        raise NotImplementedError("decayed scan: MASK_OUT needs REVERSE and MASK_IN needs the forward direction")
     B, HX, _, D = x.shape
     h_out = HX // group
     block_d = min(64, max(16, triton.next_power_of_2(D)))

@@ -28,12 +28,15 @@ _updated = threading.local()
 
 
 def take_updated_layer(layer_idx: int | None) -> Any:
-    """The :class:`MomentumCache` layer that was just updated for ``layer_idx`` in this thread, or ``None``; the
-    record is removed, so it serves exactly one attention call."""
+    """The :class:`MomentumCache` layer that was just updated for ``layer_idx`` in this thread, or ``None``. Every
+    record is dropped on each call (an attention call follows its layer's update at once), so a record left by a
+    forward outside a momentum block can neither reach a later call nor keep its cache alive."""
     records = getattr(_updated, "layers", None)
-    if not records or layer_idx is None:
+    if not records:
         return None
-    return records.pop(layer_idx, None)
+    layer = records.get(layer_idx) if layer_idx is not None else None
+    records.clear()
+    return layer
 
 
 class _MomentumLayer(DynamicLayer):

@@ -460,17 +460,20 @@ def _momentum_forward(layer_idx, query, key, value, eta, is_causal, scaling, key
     if layer is None or eta == 0.0 or needs_grad:
         return momentum_attention(query, key, value, eta, causal=is_causal, scale=scaling,
                                   key_padding_mask=key_padding_mask)
+    if layer.values is None or layer.values.data_ptr() != value.data_ptr():
+        layer = None  # not the cache whose values this call reads: never touch its state
     B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
-    state = layer.state
+    state = None if layer is None else layer.state
     usable = (
         state is not None and layer.state_eta == eta and layer.state_position == Tk - Tq
         and layer.get_seq_length() == Tk and state.shape[0] == B and state.device == query.device
     )
-    out, layer.state = momentum_attention_with_state(
+    out, new_state = momentum_attention_with_state(
         query, key, value, eta, state if usable else None, causal=is_causal, scale=scaling,
         key_padding_mask=key_padding_mask,
     )
-    layer.state_position, layer.state_eta = Tk, eta
+    if layer is not None:
+        layer.state, layer.state_position, layer.state_eta = new_state, Tk, eta
     return out
 
 

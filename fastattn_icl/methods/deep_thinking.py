@@ -224,6 +224,9 @@ def score_choices(
             for c, choice in enumerate(choices)]
     if not rows or any(n == 0 for *_, n in rows):
         raise ValueError("score_choices needs at least one test input and non-empty answer choices")
+    if any(len(x) == 0 for x in input_ids):
+        raise ValueError("score_choices needs non-empty test inputs (the first choice token is predicted from the "
+                         "input's last token)")
     scores = torch.empty(len(input_ids), len(choices), dtype=torch.float32)
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress):
         chunk = rows[start : start + batch_size]

@@ -67,7 +67,13 @@ def _momentum_rows(v, eta: float, Tq: int, key_padding_mask, m0, term, carry_on)
     last = v[:, :, -1].float() if Tk else v.new_zeros(B, Hkv, D, dtype=torch.float32)
     if key_padding_mask is not None and Tk:
         last = last * key_padding_mask[:, -1, None, None]
-    state = eta * ((mom[:, :, -1] if mom.shape[2] else torch.zeros_like(last)) + last)
+    if mom.shape[2]:
+        m_last = mom[:, :, -1]  # M at position Tk - 1
+    elif Tk:  # Tq = 0: no row was asked for, but the state still needs M at Tk - 1
+        m_last = term(v, eta, Tk - 1, key_padding_mask)[:, :, -1]
+    else:
+        m_last = torch.zeros_like(last)
+    state = eta * (m_last + last)
     if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
         mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
     return mom, state

@@ -201,3 +201,25 @@ def test_momentum_cache_state_is_not_reused_for_another_eta_or_after_crop(monkey
         with momentum(model, 0.9):  # after a crop the state is gone: rescanned again
             model(ids[:, 7:8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
     assert states == [(0.5, False)] * 2 + [(0.9, False)] * 2 + [(0.9, False)] * 2
+
+
+def test_a_left_over_record_never_reaches_another_cache():
+    # a MomentumCache layer updated outside the momentum layers (layers=[1]) must not hand its record, or receive a
+    # state, in a later forward over another cache: resuming it still equals the plain-cache run
+    from transformers import DynamicCache
+
+    from fastattn_icl.integrations.momentum_cache import MomentumCache
+
+    model = _model("llama")
+    ids, mask = _batch(8)
+    other = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(9))
+    with fastattn_icl.use_backend("torch"), torch.no_grad():
+        runs = []
+        for cache in (MomentumCache(), DynamicCache()):
+            with momentum(model, 0.5, layers=[1]):
+                model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+            with momentum(model, 0.5):
+                model(other[:, :8], attention_mask=mask[:, :8])  # another sequence of the same length, no cache
+                runs.append(model(ids[:, 8:9], attention_mask=mask[:, :9], past_key_values=cache,
+                                  use_cache=True).logits)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)

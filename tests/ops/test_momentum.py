@@ -669,3 +669,16 @@ def test_carried_state_errors():
         momentum_attention_with_state(q, k, v, 0.5, state[:, :1], backend="torch")
     with pytest.raises(RuntimeError, match="inference"):
         momentum_attention_with_state(q.requires_grad_(), k, v, 0.5, state, backend="torch")
+
+
+def test_state_after_a_call_with_no_query_rows():
+    from fastattn_icl.ops.momentum import momentum_attention_with_state
+
+    g = torch.Generator().manual_seed(12)
+    k, v = torch.randn(1, 2, 6, 16, generator=g), torch.randn(1, 2, 6, 16, generator=g)
+    _, want = ref.momentum_recurrent(v.double(), 0.5, return_state=True)
+    for backend in ("torch", "triton"):
+        with torch.no_grad():
+            _, state = momentum_attention_with_state(torch.randn(1, 2, 0, 16), k, v, 0.5, causal=False,
+                                                     backend=backend)
+        torch.testing.assert_close(state.double(), want, rtol=1e-6, atol=1e-6)
