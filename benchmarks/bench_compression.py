@@ -240,7 +240,6 @@ class ServeCase(DemonstrationGeometry):
         """Tokens of one test input (text + query template)."""
         return prompt_tokens(self.dataset, 0)
 
-
     @property
     def label(self) -> str:
         return (

@@ -31,6 +31,17 @@ CPU = torch.device("cpu")
 FAST = TimingConfig(cpu_warmup_ms=1.0, cpu_rep_ms=2.0, cpu_min_reps=2, cpu_max_reps=3)
 
 
+def _run_tiny_cli(bench: str, out) -> None:
+    """``python -m benchmarks.run --bench <bench>`` on the tiny set, one thread, CPU (the checks read cpu-*.json,
+    on a GPU machine too); the caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    argv = ["--bench", bench, "--set", "tiny", "--out", str(out), "--rep-ms", "2", "--threads", "1", "--device", "cpu"]
+    try:
+        assert bench_run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run(providers, modes=("fwd", "fwd+bwd"), cases=None):
     return run_suite(
         bench_attention.suite(CPU), cases or tiny_set(), providers, list(modes), CPU, timing=FAST, progress=None
@@ -255,13 +266,7 @@ def no_gc(monkeypatch):
 def test_anchors_bench_cli_smoke(tmp_path, capsys, no_gc):
     # the CLI end to end on the tiny set: both features, three providers, fwd and fwd+bwd, files written
     # one torch thread, as a CPU benchmark run uses (2 threads on a loaded 2-core machine stall)
-    threads = torch.get_num_threads()
-    argv = ["--bench", "anchors", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("anchors", tmp_path)
     printed = capsys.readouterr().out
     assert "TARGET not evaluated: no CUDA" in printed
     for feature in bench_anchors.FEATURES:
@@ -386,13 +391,7 @@ def test_reweighting_epoch_bench_cli_smoke(tmp_path, capsys, monkeypatch, no_gc)
     # seam whose dbeta is off by 1.5x fails the gate and its speed-up is refused
     from benchmarks import bench_reweighting_epoch as epoch
 
-    threads = torch.get_num_threads()
-    argv = ["--bench", "epoch", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("epoch", tmp_path)
     assert "wrote" in capsys.readouterr().out
     data = json.loads((tmp_path / "cpu-epoch.json").read_text())
     md = (tmp_path / "cpu-epoch.md").read_text()
@@ -454,13 +453,7 @@ def test_saliency_sets():
 
 def test_saliency_bench_cli_smoke(tmp_path, capsys, no_gc_saliency):
     # both providers on the tiny set through the CLI: the gate runs on the first case and the second inherits it
-    threads = torch.get_num_threads()
-    argv = ["--bench", "saliency", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the files checked below are cpu-*.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("saliency", tmp_path)
     assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
     data = json.loads((tmp_path / "cpu-saliency.json").read_text())
     md = (tmp_path / "cpu-saliency.md").read_text()
@@ -623,13 +616,7 @@ def test_gather_sets():
 @needs_gather_ext
 def test_gather_bench_cli_smoke(tmp_path, capsys, no_gc_gather):
     # all four providers on the tiny set through the CLI: every gate passes bit-exactly, files written
-    threads = torch.get_num_threads()
-    argv = ["--bench", "gather", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the file checked below is cpu-gather.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("gather", tmp_path)
     assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
     data = json.loads((tmp_path / "cpu-gather.json").read_text())
     md = (tmp_path / "cpu-gather.md").read_text()
@@ -782,13 +769,7 @@ def test_compression_sets():
 @needs_compression_ext
 def test_compression_bench_cli_smoke(tmp_path, capsys, no_gc_compression):
     # every provider on the tiny set (both families) through the CLI: gates pass, GPT-J's sdpa rows are skipped
-    threads = torch.get_num_threads()
-    argv = ["--bench", "compression", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the file checked below is cpu-compression.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("compression", tmp_path)
     assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
     data = json.loads((tmp_path / "cpu-compression.json").read_text())
     md = (tmp_path / "cpu-compression.md").read_text()
@@ -982,13 +963,7 @@ def test_ulp_distance():
 
 def test_momentum_bench_cli_smoke(tmp_path, capsys, no_gc_momentum):
     # both parts on the tiny set through the CLI: every gate passes, files written
-    threads = torch.get_num_threads()
-    argv = ["--bench", "momentum", "--set", "tiny", "--out", str(tmp_path), "--rep-ms", "2", "--threads", "1"]
-    argv += ["--device", "cpu"]  # the file checked below is cpu-momentum.json, on a GPU machine too
-    try:
-        assert bench_run.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _run_tiny_cli("momentum", tmp_path)
     assert "TARGET not evaluated: no CUDA" in capsys.readouterr().out
     data = json.loads((tmp_path / "cpu-momentum.json").read_text())
     md = (tmp_path / "cpu-momentum.md").read_text()
