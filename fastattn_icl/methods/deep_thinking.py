@@ -27,7 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fastattn_icl.methods._model import model_device
-from fastattn_icl.methods.compression import CompressedDemonstrations, ModelGeometry, _check_ids, _context_length
+from fastattn_icl.methods.compression import (
+    CompressedDemonstrations,
+    ModelGeometry,
+    _check_ids,
+    _context_length,
+    _left_pad,
+)
 from fastattn_icl.ops.deep_thinking import _check_coef, deep_thinking_update_
 
 __all__ = ["DeepThinkingCache", "DeepThinkingResult", "deep_thinking", "score_choices"]
@@ -230,12 +236,8 @@ def score_choices(
     scores = torch.empty(len(input_ids), len(choices), dtype=torch.float32)
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress):
         chunk = rows[start : start + batch_size]
-        S = max(len(r[2]) for r in chunk)
-        ids = torch.full((len(chunk), S), pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), S, dtype=torch.long)
-        for b, (_, _, seq, _) in enumerate(chunk):
-            ids[b, S - len(seq) :] = torch.tensor(seq)
-            mask[b, S - len(seq) :] = 1
+        ids, mask = _left_pad([seq for _, _, seq, _ in chunk], pad_token_id)
+        S = ids.shape[1]
         logp = state.forward(model, ids, mask).float().log_softmax(-1).cpu()  # [b, S, V]
         for b, (i, c, _, n) in enumerate(chunk):
             targets = ids[b, S - n :]  # the choice's tokens, predicted from the position before each

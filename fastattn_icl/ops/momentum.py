@@ -63,22 +63,17 @@ def _momentum_rows(v, eta: float, Tq: int, key_padding_mask, m0, term, carry_on)
         kpm = None if key_padding_mask is None else key_padding_mask[:, first:]
         rows = carry_on(v[:, :, first:], eta, m0, kpm)
         return rows[:, :, :Tq], rows[:, :, Tq]
-    mom = term(v, eta, max(first, 0), key_padding_mask)
+    start = max(first, 0)
+    lo = min(start, max(Tk - 1, 0))  # one row more than asked when Tq = 0: the state needs M at Tk - 1
+    rows = term(v, eta, lo, key_padding_mask)  # positions lo .. Tk - 1
     last = v[:, :, -1].float() if Tk else v.new_zeros(B, Hkv, D, dtype=torch.float32)
     if key_padding_mask is not None and Tk:
         last = last * key_padding_mask[:, -1, None, None]
-    if mom.shape[2]:
-        m_last = mom[:, :, -1]  # M at position Tk - 1
-    elif Tk:  # Tq = 0: no row was asked for, but the state still needs M at Tk - 1
-        m_last = term(v, eta, Tk - 1, key_padding_mask)[:, :, -1]
-    else:
-        m_last = torch.zeros_like(last)
-    state = eta * (m_last + last)
+    state = eta * ((rows[:, :, -1] if Tk else torch.zeros_like(last)) + last)  # m_(t+1) = η (m_t + v_t)
+    mom = rows[:, :, start - lo :]
     if first < 0:  # query rows before the first key (Tq > Tk) get no momentum
         mom = torch.cat([mom.new_zeros(B, Hkv, -first, D), mom], dim=2)
     return mom, state
-
-
 
 
 @torch.library.custom_op("fastattn_icl::momentum_attention_fwd", mutates_args=())
