@@ -63,9 +63,15 @@ _PATCHED_FAMILIES = {"gptj": "fastattn_icl.integrations.gptj.patch_gptj"}
 
 
 def _gptj_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ``GPTJAttention`` modules of ``model`` (none if transformers' GPT-J was never imported)."""
+    """The ``GPTJAttention`` modules of ``model`` that need the instance patch: none if transformers' GPT-J
+    was never imported, or if it routes attention through the attention interface (transformers 5.24+;
+    then GPT-J is switched like every routed family)."""
     modeling_gptj = sys.modules.get("transformers.models.gptj.modeling_gptj")
     if modeling_gptj is None:
+        return []
+    from fastattn_icl.integrations.gptj import _routes
+
+    if _routes(modeling_gptj.GPTJAttention):
         return []
     return [m for m in model.modules() if isinstance(m, modeling_gptj.GPTJAttention)]
 
@@ -94,7 +100,8 @@ def enable(model: torch.nn.Module) -> str | None:
     """Route ``model``'s attention through the ``"fastattn_icl"`` seam and attach its controller.
 
     Families that route attention through transformers' ``AttentionInterface`` are switched with
-    ``model.set_attn_implementation("fastattn_icl")``. GPT-J (not routed by transformers) gets
+    ``model.set_attn_implementation("fastattn_icl")``; so are GPT-J and CodeGen where transformers routes
+    them (5.24 and newer). An eager-core GPT-J (older transformers, e.g. 5.17) gets
     :func:`fastattn_icl.integrations.gptj.patch_gptj`; the handle is kept on the model and reverted by
     :func:`disable`. A GPT-J that is already patched (by an earlier :func:`enable` or by a
     ``patch_gptj`` handle of the caller) is left as it is.

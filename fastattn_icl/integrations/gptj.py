@@ -1,8 +1,15 @@
-"""GPT-J through the attention seam: a targeted, revertible patch of ``GPTJAttention._attn``.
+"""GPT-J through the attention seam, on both shapes of transformers' GPT-J.
 
-transformers' GPT-J does not route attention through ``AttentionInterface``: ``GPTJAttention.forward``
-projects, applies its rotary embedding, updates the cache and then calls its own eager core
-``self._attn(query, key, value, attention_mask)`` (identical in transformers 5.17 and 5.23).
+**Routed GPT-J** (transformers 5.24 and newer): ``GPTJAttention.forward`` calls the attention function
+that ``config._attn_implementation`` names (``ALL_ATTENTION_FUNCTIONS``) and has no ``_attn``. GPT-J then
+is a routed family like Llama: ``attn_implementation="fastattn_icl"`` and
+:func:`fastattn_icl.integrations.enable` use the seam directly, with no patch. :func:`patch_gptj` still
+works there: its handle switches the model with ``model.set_attn_implementation("fastattn_icl")`` and its
+``revert()`` switches back to the previous implementation (so code written for either shape runs on both).
+
+**Eager-core GPT-J** (transformers up to 5.23, e.g. 5.17): transformers' GPT-J does not route attention
+through ``AttentionInterface``: ``GPTJAttention.forward`` projects, applies its rotary embedding, updates
+the cache and then calls its own eager core ``self._attn(query, key, value, attention_mask)``.
 :func:`patch_gptj` replaces that core, per instance, with a call to
 :func:`fastattn_icl.integrations.transformers.fastattn_icl_attention_forward`, so GPT-J gets the fused
 kernel and the per-layer method state of the model's controller exactly like the routed families:
@@ -38,6 +45,9 @@ kernel and the per-layer method state of the model's controller exactly like the
 ``module.layer_idx`` (which selects the method state) is set by GPT-J itself; a module whose index is
 ``None`` gets its position in ``GPTJModel.h`` while patched, and ``None`` back on revert.
 
+Which shape is installed is decided by feature detection (:func:`routes_attention_interface`: the class has
+no ``_attn`` and its ``forward`` reads ``ALL_ATTENTION_FUNCTIONS``), never by comparing version strings.
+
 Patching a model twice raises ``RuntimeError`` (revert the first handle); ``revert()`` is idempotent.
 A ``copy.deepcopy`` of a patched model is patched too (the bound methods and hooks follow the copy) but
 has no handle to revert it: copy before patching.
@@ -62,13 +72,28 @@ import torch
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.ops._validate import check_head_dim
 
-__all__ = ["GPTJPatch", "patch_gptj"]
+__all__ = ["GPTJPatch", "patch_gptj", "routes_attention_interface"]
 
 # set by the attention pre-hook for the duration of one forward: GPT-J passes output_attentions to forward,
 # not to _attn
 _OUTPUT_ATTENTIONS_ATTR = "_fastattn_icl_output_attentions"
 # GPTJAttention.forward(hidden_states, layer_past, attention_mask, position_ids, use_cache, output_attentions)
 _OUTPUT_ATTENTIONS_POSITION = 5
+
+
+def _routes(attention_class: type) -> bool:
+    """True when ``attention_class.forward`` calls the attention interface instead of an eager ``_attn``."""
+    forward = getattr(attention_class, "forward", None)
+    names = getattr(getattr(forward, "__code__", None), "co_names", ())
+    return not hasattr(attention_class, "_attn") and "ALL_ATTENTION_FUNCTIONS" in names
+
+
+def routes_attention_interface() -> bool:
+    """Whether the installed transformers routes GPT-J's attention through ``ALL_ATTENTION_FUNCTIONS``
+    (transformers 5.24 and newer; then GPT-J needs no patch), detected on ``GPTJAttention`` itself."""
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    return _routes(GPTJAttention)
 
 
 def _fastattn_icl_attn(
@@ -157,11 +182,21 @@ class GPTJPatch:
     Attributes:
         model: the patched model.
         modules: the patched ``GPTJAttention`` instances, in ``model.modules()`` order.
+        routed: True on a routed GPT-J (transformers 5.24+): the handle switched the model's attention
+            implementation to ``"fastattn_icl"`` and ``revert()`` switches it back; no module is touched.
     """
 
-    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module], gptj_models: list[torch.nn.Module]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        modules: list[torch.nn.Module],
+        gptj_models: list[torch.nn.Module],
+        routed: bool = False,
+    ):
         self.model = model
         self.modules = tuple(modules)
+        self.routed = routed
+        self._previous: str | None = None  # routed: the implementation before the switch
         self._gptj_models = tuple(gptj_models)
         self._hooks: list[Any] = []
         self._switches: list[_MaskSwitch] = []
@@ -177,6 +212,10 @@ class GPTJPatch:
             raise
 
     def _install(self) -> None:
+        if self.routed:
+            self._previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation(seam.ATTN_IMPLEMENTATION)
+            return
         for gptj_model in self._gptj_models:
             for index, block in enumerate(gptj_model.h):
                 attn = block.attn
@@ -198,6 +237,11 @@ class GPTJPatch:
         second call does nothing."""
         if not self.active:
             return
+        if self.routed:
+            if self.model.config._attn_implementation == seam.ATTN_IMPLEMENTATION:
+                self.model.set_attn_implementation(self._previous)
+            self.active = False
+            return
         for module in self.modules:
             module.__dict__.pop("_attn", None)
             module.__dict__.pop(_OUTPUT_ATTENTIONS_ATTR, None)
@@ -218,7 +262,8 @@ class GPTJPatch:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "reverted"
-        return f"GPTJPatch({type(self.model).__name__}, {len(self.modules)} attention modules, {state})"
+        how = "routed" if self.routed else "patched"
+        return f"GPTJPatch({type(self.model).__name__}, {len(self.modules)} attention modules, {how}, {state})"
 
 
 def _is_patched(module: torch.nn.Module) -> bool:
@@ -229,8 +274,10 @@ def _is_patched(module: torch.nn.Module) -> bool:
 def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
     """Route every ``GPTJAttention`` of ``model`` through the ``"fastattn_icl"`` attention seam.
 
-    Instance-level: only ``model``'s modules change, the classes do not. See the module docstring for
-    what is mapped (layout, scale, dtype, masks, ``output_attentions``) and what is rejected.
+    On a routed GPT-J (transformers 5.24+) this is ``model.set_attn_implementation("fastattn_icl")`` with a
+    handle that switches back. Otherwise it is instance-level: only ``model``'s modules change, the classes
+    do not. See the module docstring for what is mapped (layout, scale, dtype, masks,
+    ``output_attentions``) and what is rejected.
 
     Args:
         model: a GPT-J model (``GPTJForCausalLM``, ``GPTJModel``, the classification / QA heads) or any
@@ -242,7 +289,9 @@ def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
         a :class:`GPTJPatch`; call ``revert()`` or use it as a context manager.
 
     Raises:
-        TypeError: ``model`` is not a module or contains no GPT-J attention.
+        TypeError: ``model`` is not a module or contains no GPT-J attention; on a routed GPT-J also when
+            ``model`` is not a transformers model (a block or a list of attention modules: pass the model,
+            or load it with ``attn_implementation="fastattn_icl"``).
         NotImplementedError: a GPT-J attention module does not use the eager core (``flash_attention_2``,
             or a subclass that overrides ``forward``), or already has an instance-level ``_attn`` set by
             someone else.
@@ -257,6 +306,8 @@ def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
     modules = [m for m in model.modules() if isinstance(m, GPTJAttention)]
     if not modules:
         raise TypeError(f"{type(model).__name__} contains no GPT-J attention modules (GPTJAttention)")
+    if _routes(GPTJAttention):
+        return _route(model, modules)
     for module in modules:
         if _is_patched(module):
             raise RuntimeError(
@@ -275,5 +326,27 @@ def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
         check_head_dim(module.head_dim)
     gptj_models = [m for m in model.modules() if isinstance(m, GPTJModel)]
     patch = GPTJPatch(model, modules, gptj_models)
+    patch._apply()
+    return patch
+
+
+def _route(model: torch.nn.Module, modules: list[torch.nn.Module]) -> GPTJPatch:
+    """:func:`patch_gptj` on a routed GPT-J: switch the implementation, keep a handle that switches back."""
+    if not hasattr(model, "set_attn_implementation") or getattr(model, "config", None) is None:
+        raise TypeError(
+            f"this transformers routes GPT-J attention through the attention interface, so fastattn_icl switches "
+            f"the whole model (set_attn_implementation); {type(model).__name__} is not a transformers model: pass "
+            "the model itself, call fastattn_icl.integrations.enable(model), or load it with "
+            "attn_implementation='fastattn_icl'"
+        )
+    if model.config._attn_implementation == seam.ATTN_IMPLEMENTATION:
+        raise RuntimeError(
+            f"{type(model).__name__} is already patched for fastattn_icl (GPT-J): it runs "
+            "attn_implementation='fastattn_icl'; revert() the existing handle, or switch it back with "
+            "set_attn_implementation, before patching again"
+        )
+    for module in modules:
+        check_head_dim(module.head_dim)
+    patch = GPTJPatch(model, modules, [], routed=True)
     patch._apply()
     return patch

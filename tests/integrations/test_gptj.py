@@ -2,6 +2,11 @@
 unpatched eager model: logits and parameter gradients for a prefill and for a prefill followed by cached
 decode steps, with and without left padding; the revert; the errors.
 
+The installed transformers decides which path runs (``ROUTED``, detected on ``GPTJAttention``): routed
+GPT-J (5.24+) switches the attention implementation, eager-core GPT-J (e.g. 5.17) gets the instance
+patch of ``_attn``. The comparisons with eager run on both; tests of one path's mechanics are marked
+``instance_patch_only`` / ``routed_only``. CI runs both paths (two environments in ``.ci/run``).
+
 Tolerance (float32), as in ``test_models.py``: logits and attention weights
 ``max |patched - eager| <= 1e-4 * max |eager| + 1e-6`` per compared tensor; a parameter's gradient
 ``max |g - g_eager| <= 1e-4 * max(max |g_eager|, 1e-3 * G)`` with ``G`` the largest gradient entry of
@@ -15,19 +20,37 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTJConfig
-from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJFlashAttention2
+from transformers import AttentionInterface, AutoModelForCausalLM, GPTJConfig
+from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 import fastattn_icl
 from fastattn_icl.integrations import get_controller
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.controller import find_controller
-from fastattn_icl.integrations.gptj import GPTJPatch, _fastattn_icl_attn, patch_gptj
+from fastattn_icl.integrations.gptj import (
+    GPTJPatch,
+    _fastattn_icl_attn,
+    _is_patched,
+    patch_gptj,
+    routes_attention_interface,
+)
 from fastattn_icl.testing import check_close
 from tests.integrations import test_models as models
 from tests.integrations.test_models import PAD, VOCAB, assert_close, compare_grads, make_inputs, positions
 
 PREFILL, DECODE_STEPS = 10, 4
+ROUTED = routes_attention_interface()
+instance_patch_only = pytest.mark.skipif(ROUTED, reason="this transformers routes GPT-J: there is no _attn to patch")
+routed_only = pytest.mark.skipif(not ROUTED, reason="this transformers' GPT-J has its own eager core (_attn)")
+
+
+def swap_seam(monkeypatch, replacement) -> None:
+    """Put ``replacement`` in the seam's place for GPT-J on either path: the eager-core patch calls
+    ``seam.fastattn_icl_attention_forward`` by name, a routed GPT-J the function registered with
+    ``AttentionInterface``."""
+    seam.register()
+    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", replacement)
+    monkeypatch.setitem(AttentionInterface._global_mapping, seam.ATTN_IMPLEMENTATION, replacement)
 
 
 def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: int = 8, seed: int = 0, **overrides):
@@ -80,7 +103,7 @@ def seam_calls(monkeypatch):
         calls.append((module.layer_idx, find_controller(module), attention_mask, scaling, query.dtype))
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", recording)
+    swap_seam(monkeypatch, recording)
     return calls
 
 
@@ -144,7 +167,7 @@ def test_float16_logits_beyond_the_float16_range(backend, monkeypatch):
         seen.append((query.dtype, key.dtype, torch.isinf(query @ key.transpose(-1, -2)).any().item()))
         return original(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", recording)
+    swap_seam(monkeypatch, recording)
     with torch.no_grad():
         ref = ref64(ids, attention_mask=mask, position_ids=pos).logits[keep]
         eager = model16(ids, attention_mask=mask, position_ids=pos).logits[keep]
@@ -188,7 +211,8 @@ def test_output_attentions_returns_weights():
         ref = model(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True).attentions
         with patch_gptj(model):
             out = model(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True).attentions
-            assert model.transformer.h[0].attn._attn(*[torch.randn(1, 4, 3, 16)] * 3)[1] is None
+            if not ROUTED:  # without the flag the patched core returns no weights
+                assert model.transformer.h[0].attn._attn(*[torch.randn(1, 4, 3, 16)] * 3)[1] is None
     assert len(out) == len(ref) == 2
     keep = mask.bool()
     for weights, ref_weights in zip(out, ref):
@@ -220,6 +244,7 @@ def _assert_same(module: torch.nn.Module, before: dict) -> None:
     assert now["hooks"] == before["hooks"]
 
 
+@instance_patch_only
 def test_revert_restores_modules_exactly():
     model = tiny_gptj()
     other = tiny_gptj(seed=1)
@@ -260,8 +285,39 @@ def test_context_manager_reverts_on_exception():
     assert not handle.active
     for module, snapshot in before.items():
         _assert_same(module, snapshot)
+    assert model.config._attn_implementation == "eager"
 
 
+@routed_only
+def test_routed_patch_switches_the_implementation_and_back(seam_calls):
+    """On a routed GPT-J the handle is a switch of ``attn_implementation``; the modules are not touched,
+    the recomputation of gradient checkpointing and ``generate`` see the seam, ``revert`` restores the
+    previous implementation (whichever it was), and ``enable`` needs no patch at all."""
+    model = tiny_gptj()
+    before = {m: _snapshot(m) for m in model.modules() if isinstance(m, GPTJAttention)}
+    ids, mask = make_inputs(2, 6, padded=True)
+    for previous in ("eager", "sdpa"):
+        model.set_attn_implementation(previous)
+        with patch_gptj(model) as handle:
+            assert handle.routed and handle.active and len(handle.modules) == 2
+            assert model.config._attn_implementation == seam.ATTN_IMPLEMENTATION
+            assert "routed" in repr(handle)
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+        assert model.config._attn_implementation == previous and not handle.active
+        handle.revert()  # idempotent
+        assert model.config._attn_implementation == previous
+    assert [c[0] for c in seam_calls] == [0, 1, 0, 1]
+    for module, snapshot in before.items():
+        _assert_same(module, snapshot)
+    model.set_attn_implementation("eager")
+    fastattn_icl.integrations.enable(model)
+    assert model.config._attn_implementation == seam.ATTN_IMPLEMENTATION
+    assert not any(_is_patched(m) for m in model.modules())
+    assert "_fastattn_icl_gptj_patch" not in model.__dict__, "a routed GPT-J needs no patch handle"
+
+
+@instance_patch_only
 def test_forward_error_restores_config_and_rejects_4d_masks():
     model = tiny_gptj()
     ids, _ = make_inputs(2, 6, padded=False)
@@ -273,6 +329,7 @@ def test_forward_error_restores_config_and_rejects_4d_masks():
             model(ids)  # still patched and working after the error
 
 
+@instance_patch_only
 def test_layer_idx_filled_in_and_restored(seam_calls):
     model = tiny_gptj()
     attns = [block.attn for block in model.transformer.h]
@@ -300,8 +357,12 @@ def test_patching_twice_raises():
     with patch_gptj(model):
         with pytest.raises(RuntimeError, match="already patched"):
             patch_gptj(model)
-        with pytest.raises(RuntimeError, match="already patched"):
-            patch_gptj(model.transformer.h[1])
+        if ROUTED:  # the implementation is the whole model's: a block cannot be switched on its own
+            with pytest.raises(TypeError, match="not a transformers model"):
+                patch_gptj(model.transformer.h[1])
+        else:
+            with pytest.raises(RuntimeError, match="already patched"):
+                patch_gptj(model.transformer.h[1])
     with patch_gptj(model) as handle:  # fine again after the revert
         assert handle.active
 
@@ -311,11 +372,24 @@ def test_rejects_what_it_cannot_patch():
         patch_gptj(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch_gptj("model")
-    config = tiny_gptj(layers=1).config
-    with pytest.raises(NotImplementedError, match="eager"):
-        patch_gptj(torch.nn.ModuleList([GPTJFlashAttention2(config, layer_idx=0)]))
     with pytest.raises(ValueError, match="head_dim"):
         patch_gptj(tiny_gptj(layers=1, n_embd=48, n_head=4, rotary_dim=4))  # head dim 12
+    config = tiny_gptj(layers=1).config
+    if ROUTED:
+        with pytest.raises(TypeError, match="not a transformers model"):
+            patch_gptj(torch.nn.ModuleList([GPTJAttention(config, layer_idx=0)]))
+        model = tiny_gptj(layers=1)
+        model.set_attn_implementation(seam.ATTN_IMPLEMENTATION)
+        with pytest.raises(RuntimeError, match="already patched"):
+            patch_gptj(model)
+        return
+
+    class OwnForward(GPTJAttention):  # e.g. transformers' flash-attention subclass: never calls _attn
+        def forward(self, *args, **kwargs):
+            raise AssertionError("not reached")
+
+    with pytest.raises(NotImplementedError, match="eager"):
+        patch_gptj(torch.nn.ModuleList([OwnForward(config, layer_idx=0)]))
     model = tiny_gptj(layers=1)
     model.transformer.h[0].attn._attn = lambda *args: None
     with pytest.raises(NotImplementedError, match="instance-level _attn"):

@@ -1,5 +1,6 @@
 """``attn_implementation="fastattn_icl"`` against ``"eager"`` on tiny random-weight models of each
-routed family: logits and parameter gradients, with and without left padding, for a prefill and for
+routed family (GPT-J and CodeGen included where the installed transformers routes them, 5.24+): logits
+and parameter gradients, with and without left padding, for a prefill and for
 a prefill followed by cached decode steps, on the PyTorch and the Triton backend.
 
 Tolerance (float32): logits and attention weights ``max |fastattn - eager| <= 1e-4 * max |eager| + 1e-6``
@@ -17,7 +18,9 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    CodeGenConfig,
     GPT2Config,
+    GPTJConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -27,6 +30,8 @@ from transformers import (
 
 import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
+from fastattn_icl.integrations.gptj import _routes
 
 RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 100
@@ -100,6 +105,43 @@ FAMILIES = {
     ),
 }
 
+
+
+def _gptj_like(config_class):
+    return lambda layers, **kw: config_class(
+        **{
+            "n_layer": layers,
+            "n_embd": 64,
+            "n_head": 4,
+            "rotary_dim": 8,
+            "n_inner": 128,
+            "vocab_size": VOCAB,
+            "n_positions": 64,
+            "attn_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "initializer_range": 0.1,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            **kw,
+        }
+    )
+
+
+def _routed_family(module: str, attention: str) -> bool:
+    import importlib
+
+    return _routes(getattr(importlib.import_module(module), attention))
+
+
+# families that transformers routes only from 5.24 on (before, GPT-J has its own patch, tests/integrations/
+# test_gptj.py, and CodeGen is refused, tests/methods/test_gptj_methods.py)
+if _routed_family("transformers.models.gptj.modeling_gptj", "GPTJAttention"):
+    FAMILIES["gptj"] = _gptj_like(GPTJConfig)
+if _routed_family("transformers.models.codegen.modeling_codegen", "CodeGenAttention"):
+    FAMILIES["codegen"] = _gptj_like(CodeGenConfig)
+
 BACKENDS = ["torch", "triton"]
 # Triton runs on the GPU when there is one, else on CPU under the interpreter (set by tests/conftest.py),
 # which costs about 0.2 s per kernel launch: one layer keeps the folder fast there
@@ -152,17 +194,17 @@ def run_decode(model, ids, mask, tokens):
     out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
     keep = mask.bool()
     step_logits = [out.logits[keep]]
-    past = out.past_key_values
+    past = output_cache(out)
     for step in range(tokens.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(
             tokens[:, step : step + 1],
             attention_mask=mask,
             position_ids=positions(mask)[:, -1:],
-            past_key_values=past,
+            **cache_kwargs(past),
             use_cache=True,
         )
-        past = out.past_key_values
+        past = output_cache(out)
         step_logits.append(out.logits[:, -1])
     loss = sum((logits * torch.randn(logits.shape, generator=gen).to(logits.device)).sum() for logits in step_logits)
     loss.backward()

@@ -1,10 +1,12 @@
-"""The ICL method workflows on GPT-J, which transformers does not route through ``AttentionInterface``:
-``enable`` / ``enabled`` / ``routed`` patch it with :func:`~fastattn_icl.integrations.gptj.patch_gptj`
-(and revert exactly), so ``AnchorReweighting`` and ``isolate`` work on it unchanged.
+"""The ICL method workflows on GPT-J. Where transformers does not route GPT-J through
+``AttentionInterface`` (up to 5.23), ``enable`` / ``enabled`` / ``routed`` patch it with
+:func:`~fastattn_icl.integrations.gptj.patch_gptj` (and revert exactly); where it does (5.24+), they
+switch its attention implementation as for every routed family. ``AnchorReweighting`` and ``isolate``
+work on it unchanged either way.
 
 The reference is the oracle attention of ``tests/integrations/test_method_state.py`` (the reference
 implementations on the same q/k/v with the same controller state), put in the seam's place for the whole
-model: the patched ``_attn`` calls ``seam.fastattn_icl_attention_forward``, which is monkeypatched.
+model (:func:`tests.integrations.test_gptj.swap_seam`, which covers both paths).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
 from fastattn_icl.methods import AnchorReweighting, collate, isolate
 from tests.data.icl_sentiment import dataset
-from tests.integrations.test_gptj import assert_close, tiny_gptj
+from tests.integrations.test_gptj import ROUTED, assert_close, swap_seam, tiny_gptj
 from tests.integrations.test_method_state import oracle_attention
 
 
@@ -36,7 +38,7 @@ def oracle(monkeypatch):
             return oracle_attention(module, *args, **kwargs)
 
         with monkeypatch.context() as m:
-            m.setattr(seam, "fastattn_icl_attention_forward", counting)
+            swap_seam(m, counting)
             yield
         assert layers == [0, 1], "the oracle did not replace the seam in every layer"
 
@@ -54,7 +56,7 @@ def seam_outputs(monkeypatch):
         calls.append((module.layer_idx, out[0].detach().clone()))
         return out
 
-    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", recording)
+    swap_seam(monkeypatch, recording)
     return calls
 
 
@@ -88,6 +90,10 @@ def _snapshot(model):
 
 
 def _patched(model):
+    """Per block: does it run through the seam (routed GPT-J: the model's implementation is switched;
+    eager-core GPT-J: its attention module is patched)."""
+    if ROUTED:
+        return [model.config._attn_implementation == ATTN_IMPLEMENTATION for _ in model.transformer.h]
     return [_is_patched(block.attn) for block in model.transformer.h]
 
 
@@ -121,17 +127,30 @@ def test_routed_leaves_a_patch_of_the_caller_alone():
         with routed(model), enabled(model):
             assert _patched(model) == [True, True]
         assert handle.active and _patched(model) == [True, True]
-        with pytest.raises(RuntimeError, match="patch_gptj"):
-            disable(model, "eager")  # not enable()'s patch: refused, not reverted behind the handle's back
-        assert _patched(model) == [True, True]
+        if not ROUTED:  # a routed handle is a switch of the implementation, which disable() may switch back
+            with pytest.raises(RuntimeError, match="patch_gptj"):
+                disable(model, "eager")  # not enable()'s patch: refused, not reverted behind the handle's back
+            assert _patched(model) == [True, True]
     assert _patched(model) == [False, False]
 
 
-def test_a_family_neither_routed_nor_patched_raises_naming_it():
+def test_codegen_is_routed_or_refused_naming_it():
+    """CodeGen: routed by transformers 5.24+ (then ``enable`` switches it, and tests/integrations/
+    test_models.py compares it with eager); before, neither routed nor patched: a clear error."""
     from transformers import AutoModelForCausalLM, CodeGenConfig
+    from transformers.models.codegen.modeling_codegen import CodeGenAttention
+
+    from fastattn_icl.integrations.gptj import _routes
 
     config = CodeGenConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=100, bos_token_id=0, eos_token_id=1)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if _routes(CodeGenAttention):
+        assert enable(model) == "eager" and model.config._attn_implementation == ATTN_IMPLEMENTATION
+        with torch.no_grad():
+            model(torch.randint(3, 100, (1, 5)))
+        disable(model, "eager")
+        assert model.config._attn_implementation == "eager"
+        return
     with pytest.raises(RuntimeError, match=r"CodeGenForCausalLM \(model_type 'codegen'\).*gptj"):
         enable(model)
     with pytest.raises(RuntimeError, match="codegen"):
