@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastattn_icl.integrations.cache_keyword import cache_keyword, cache_kwargs, output_cache
 from fastattn_icl.methods._model import model_device
 from fastattn_icl.methods.anchors import PromptBuilder, _encode_prefix, _tokenizer_name
 from fastattn_icl.methods.keep_sets import hidden_anchor_keep, hidden_random_positions, text_anchor_text
@@ -209,7 +210,7 @@ class CompressedDemonstrations:
         training = model.training
         model.eval()
         try:
-            cache = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1))
         finally:
             model.train(training)
         layers = list(cache.layers)
@@ -325,11 +326,12 @@ class CompressedDemonstrations:
         """The keyword arguments of one model call on a batch of test inputs, for callers that run the model
         themselves: ``model(**comp.prepare_inputs(ids, mask, model=model))``.
 
-        Returns ``input_ids [B, S]``, ``past_key_values`` (a ``DynamicCache`` holding the prefix once per row: the
+        Returns ``input_ids [B, S]``, the cache (a ``DynamicCache`` holding the prefix once per row: the
         standard Hugging Face form, for any attention implementation; use :meth:`forward` to share one copy),
         ``attention_mask [B, M + S]`` and ``position_ids [B, S]`` (from ``position_offset``), on the device of
-        ``model`` (checked against the cache's geometry) or else of ``input_ids``. Decoding further needs the
-        positions to continue from there: use :meth:`generate`, not Hugging Face ``generate``.
+        ``model`` (checked against the cache's geometry) or else of ``input_ids``. The cache's key is the
+        keyword the model takes (``cache`` on transformers 5.24+, ``past_key_values`` before). Decoding further
+        needs the positions to continue from there: use :meth:`generate`, not Hugging Face ``generate``.
         """
         if model is not None:
             self.check_model(model)
@@ -341,7 +343,7 @@ class CompressedDemonstrations:
         cache = _expanded_cache(*self._prefix_on(device), B)
         start = torch.full((B,), self.position_offset, dtype=torch.long, device=device)
         positions = self._positions(start, mask, None if model is None else _context_length(model))
-        return {"input_ids": ids, "past_key_values": cache, "attention_mask": self._full_mask(mask),
+        return {"input_ids": ids, cache_keyword(model): cache, "attention_mask": self._full_mask(mask),
                 "position_ids": positions}
 
     def _step(self, model: torch.nn.Module, session: _Session, ids: torch.Tensor, new_mask: torch.Tensor,
@@ -350,7 +352,7 @@ class CompressedDemonstrations:
         positions = self._positions(session.next_position, new_mask, _context_length(model))
         session.mask = torch.cat([session.mask, new_mask], dim=1)
         logits = model(input_ids=ids, attention_mask=self._full_mask(session.mask), position_ids=positions,
-                       past_key_values=session.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+                       use_cache=True, logits_to_keep=logits_to_keep, **cache_kwargs(session.cache, model)).logits
         session.next_position = positions[:, -1] + 1
         return logits
 

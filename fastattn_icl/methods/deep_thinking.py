@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastattn_icl.integrations.cache_keyword import cache_kwargs
 from fastattn_icl.methods._model import model_device
 from fastattn_icl.methods.compression import (
     CompressedDemonstrations,
@@ -190,8 +191,8 @@ def deep_thinking(
             evaluate(1)
             bar.update(1)
             for step in range(2, steps + 1):
-                model(input_ids=ids[None], position_ids=positions, past_key_values=DeepThinkingCache(work),
-                      use_cache=True, logits_to_keep=1)
+                model(input_ids=ids[None], position_ids=positions, use_cache=True, logits_to_keep=1,
+                      **cache_kwargs(DeepThinkingCache(work), model))
                 deep_thinking_update_(work.view(2 * L * Hkv, 2, N * d), m, eta=eta, beta=beta, first=step == 2)
                 evaluate(step)
                 bar.update(1)

@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import fastattn_icl
 from fastattn_icl import reference
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, AnchorState, IsolationState, get_controller
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.transformers import fastattn_icl_mask
 from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
@@ -144,13 +145,13 @@ def _decode(model, ids, mask, prefill: int):
     """Logits of every real position: a prefill of ``prefill`` tokens, then one cached step per token."""
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions(mask[:, :prefill]),
                 use_cache=True)
-    steps, past = [out.logits], out.past_key_values
+    steps, past = [out.logits], output_cache(out)
     for t in range(prefill, ids.shape[1]):
         seen = mask[:, : t + 1]
-        out = model(ids[:, t : t + 1], attention_mask=seen, position_ids=positions(seen)[:, -1:], past_key_values=past,
+        out = model(ids[:, t : t + 1], attention_mask=seen, position_ids=positions(seen)[:, -1:], **cache_kwargs(past),
                     use_cache=True)
         steps.append(out.logits)
-        past = out.past_key_values
+        past = output_cache(out)
     return torch.cat(steps, dim=1)
 
 

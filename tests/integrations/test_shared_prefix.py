@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, IsolationState, get_controller
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 from tests.integrations.test_models import DEVICES, FAMILIES, LAYERS, VOCAB, assert_close, tiny_model
 
@@ -27,7 +28,7 @@ def _prefix(model, device="cpu", seed=0):
     """Per-layer keys/values ``[L, 1, Hkv, M, D]`` of a random prefix of ``M`` tokens (post-RoPE, as cached)."""
     ids = torch.randint(3, VOCAB, (1, M), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     keys = torch.stack([layer.keys for layer in cache.layers])
     values = torch.stack([layer.values for layer in cache.layers])
     assert keys.shape[:2] == (len(cache.layers), 1) and keys.shape[3] == M
@@ -64,7 +65,7 @@ def _run(model, ids, mask, cache, tokens=None):
     """Prefill ``ids`` after the prefix, then one decode step per column of ``tokens`` (greedy from this run's
     logits if ``tokens`` is None). Returns each step's logits at real tokens and the tokens fed."""
     full = _full_mask(mask)
-    out = model(ids, attention_mask=full, position_ids=_positions(full[:, M:]), past_key_values=cache, use_cache=True)
+    out = model(ids, attention_mask=full, position_ids=_positions(full[:, M:]), **cache_kwargs(cache), use_cache=True)
     steps = [out.logits[mask.bool()]]
     fed = []
     for step in range(STEPS):
@@ -75,7 +76,7 @@ def _run(model, ids, mask, cache, tokens=None):
             token,
             attention_mask=full,
             position_ids=_positions(full[:, M:])[:, -1:],
-            past_key_values=out.past_key_values,
+            **cache_kwargs(output_cache(out)),
             use_cache=True,
         )
         steps.append(out.logits[:, -1])
@@ -152,14 +153,14 @@ def test_per_row_prefix_without_mask(family):
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        prefix = model(torch.randint(3, VOCAB, (B, M), generator=gen), use_cache=True).past_key_values
+        prefix = output_cache(model(torch.randint(3, VOCAB, (B, M), generator=gen), use_cache=True))
         keys = torch.stack([layer.keys for layer in prefix.layers])
         values = torch.stack([layer.values for layer in prefix.layers])
         ids = torch.randint(3, VOCAB, (B, S), generator=gen)
-        ref = model(ids, past_key_values=DynamicCache(ddp_cache_data=list(zip(keys, values)))).logits
+        ref = model(ids, **cache_kwargs(DynamicCache(ddp_cache_data=list(zip(keys, values))))).logits
         cache = SharedPrefixCache(M, keys.shape[0])
         with fastattn_icl.use_backend("torch"), cache.bound(model, keys, values):
-            out = model(ids, past_key_values=cache).logits
+            out = model(ids, **cache_kwargs(cache)).logits
     assert_close(out, ref, "logits")
 
 
@@ -170,7 +171,7 @@ def test_grad_mode_raises():
     ids, mask = _batch()
     cache = SharedPrefixCache(M, keys.shape[0])
     with cache.bound(model, keys, values), pytest.raises(RuntimeError, match="forward-only"):
-        model(ids, attention_mask=_full_mask(mask), position_ids=_positions(mask), past_key_values=cache)
+        model(ids, attention_mask=_full_mask(mask), position_ids=_positions(mask), **cache_kwargs(cache))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -182,10 +183,10 @@ def test_output_attentions(family):
     full = _full_mask(mask)
     kwargs = dict(attention_mask=full, position_ids=_positions(mask), use_cache=True, output_attentions=True)
     with torch.no_grad():
-        ref = model(ids, past_key_values=_naive_cache(keys, values), **kwargs)
+        ref = model(ids, **cache_kwargs(_naive_cache(keys, values)), **kwargs)
         cache = SharedPrefixCache(M, keys.shape[0])
         with fastattn_icl.use_backend("torch"), cache.bound(model, keys, values):
-            out = model(ids, past_key_values=cache, **kwargs)
+            out = model(ids, **cache_kwargs(cache), **kwargs)
     keep = mask.bool()
     assert_close(out.logits[keep], ref.logits[keep], "logits")
     assert out.attentions is not None and len(out.attentions) == len(ref.attentions) == keys.shape[0]
@@ -205,10 +206,10 @@ def test_cache_without_bound_raises():
     cache = SharedPrefixCache(M, 2)
     assert not cache.is_bound
     with torch.no_grad(), pytest.raises(RuntimeError, match="bound"):
-        model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache)
+        model(ids, attention_mask=full, position_ids=_positions(mask), **cache_kwargs(cache))
     fastattn_icl.integrations.enable(model)  # the seam without the state: still refused
     with torch.no_grad(), pytest.raises(RuntimeError, match="bound"):
-        model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=SharedPrefixCache(M, 2))
+        model(ids, attention_mask=full, position_ids=_positions(mask), **cache_kwargs(SharedPrefixCache(M, 2)))
 
 
 def test_mask_hiding_a_prefix_column_raises():
@@ -219,7 +220,7 @@ def test_mask_hiding_a_prefix_column_raises():
     full[1, 3] = 0
     cache = SharedPrefixCache(M, keys.shape[0])
     with torch.no_grad(), cache.bound(model, keys, values), pytest.raises(ValueError, match="shared prefix"):
-        model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache)
+        model(ids, attention_mask=full, position_ids=_positions(mask), **cache_kwargs(cache))
 
 
 
@@ -234,14 +235,14 @@ def test_check_mask_false_skips_the_per_layer_prefix_check(monkeypatch):
     def run(check_mask):
         cache = SharedPrefixCache(M, keys.shape[0])
         with torch.no_grad(), cache.bound(model, keys, values, check_mask=check_mask):
-            return model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache).logits
+            return model(ids, attention_mask=full, position_ids=_positions(mask), **cache_kwargs(cache)).logits
 
     checked = run(True)
     hidden = full.clone()
     hidden[1, 3] = 0
     cache = SharedPrefixCache(M, keys.shape[0])
     with torch.no_grad(), cache.bound(model, keys, values, check_mask=False):  # no error: the check is off
-        model(ids, attention_mask=hidden, position_ids=_positions(mask), past_key_values=cache)
+        model(ids, attention_mask=hidden, position_ids=_positions(mask), **cache_kwargs(cache))
     torch.testing.assert_close(run(False), checked, rtol=0, atol=0)
 
 
@@ -255,7 +256,7 @@ def test_other_method_state_raises(layers):
     with torch.no_grad(), cache.bound(model, keys, values):
         with get_controller(model).override(layers=layers, isolation=isolation):
             with pytest.raises(NotImplementedError, match="shared prefix"):
-                model(ids, attention_mask=_full_mask(mask), position_ids=_positions(mask), past_key_values=cache)
+                model(ids, attention_mask=_full_mask(mask), position_ids=_positions(mask), **cache_kwargs(cache))
 
 
 def test_bound_restores_implementation_and_state():
@@ -284,7 +285,7 @@ def test_bound_restores_implementation_and_state():
     with torch.no_grad():
         before = model(ids[:, :2]).logits
         with pytest.raises(ValueError), cache.bound(model, keys, values):
-            model(ids, attention_mask=full, position_ids=_positions(mask), past_key_values=cache)
+            model(ids, attention_mask=full, position_ids=_positions(mask), **cache_kwargs(cache))
         assert not cache.is_bound and model.config._attn_implementation == "eager" and controller.is_empty()
         assert torch.equal(model(ids[:, :2]).logits, before)
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fastattn_icl
 from fastattn_icl.integrations import transformers as seam
+from fastattn_icl.integrations.cache_keyword import cache_keyword
 from fastattn_icl.methods import compression
 from fastattn_icl.methods.compression import (
     METHODS,
@@ -709,7 +710,7 @@ def test_prepare_inputs_for_the_callers_own_model_call(models, family):
     assert inputs["attention_mask"].shape == (3, comp.num_kept + 6)
     assert inputs["position_ids"][0].tolist() == list(range(comp.position_offset, comp.position_offset + 6))
     assert inputs["position_ids"][1, 2:].tolist() == list(range(comp.position_offset, comp.position_offset + 4))
-    assert inputs["past_key_values"].get_seq_length() == comp.num_kept
+    assert inputs[cache_keyword()].get_seq_length() == comp.num_kept
     with torch.no_grad():
         got = model(**inputs).logits
     want = comp.forward(model, ids, mask, share_prefix=False)

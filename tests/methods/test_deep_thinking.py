@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 import fastattn_icl
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods import CompressedDemonstrations
 from fastattn_icl.methods.deep_thinking import DeepThinkingCache, DeepThinkingResult, deep_thinking, score_choices
 from fastattn_icl.reference import deep_thinking as ref
@@ -86,13 +87,13 @@ def reference_states(model, ids: torch.Tensor, steps: int, eta: float, beta: flo
             return ref.deep_thinking_update(x_hat, x_new, m, eta=eta, beta=beta)
 
     n = ids.shape[0]
-    cache = model(input_ids=ids[None], use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=ids[None], use_cache=True))
     state = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     momenta = [(None, None)] * len(state)
     out = [[(k.clone(), v.clone()) for k, v in state]]
     for _ in range(2, steps + 1):
         past = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in state])
-        model(input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(n), past_key_values=past, use_cache=True)
+        model(input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(n), **cache_kwargs(past), use_cache=True)
         new_state, new_momenta = [], []
         for layer, ((k, v), (mk, mv)) in enumerate(zip(state, momenta)):
             k_new, v_new = past.layers[layer].keys[:, :, n:], past.layers[layer].values[:, :, n:]
@@ -128,7 +129,7 @@ def test_step_one_is_the_prefix_cache(family):
     model, ids = model_of(family), _ids()
     result = _run(model, ids, steps=1)
     with torch.no_grad():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids[None], use_cache=True))
     assert_state(result.state, [(layer.keys, layer.values) for layer in cache.layers], "step 1")
     state = result.state
     assert result.step == 1 and result.history == [{"step": 1, "score": None}]
@@ -236,7 +237,7 @@ def test_rerun_attention_matches_an_explicit_mask(family, captured):
             input_ids=ids[None],
             attention_mask=_additive(ref.deep_thinking_mask(N)),
             position_ids=ref.deep_thinking_position_ids(N),
-            past_key_values=past,
+            **cache_kwargs(past),
             use_cache=True,
         )
     for layer in range(L):
@@ -251,7 +252,7 @@ def test_rerun_attention_matches_an_explicit_mask(family, captured):
             input_ids=ids[None],
             attention_mask=_additive(hide_old),
             position_ids=ref.deep_thinking_position_ids(N),
-            past_key_values=past,
+            **cache_kwargs(past),
             use_cache=True,
         )
     assert (new[1, L - 1][None] - past.layers[L - 1].values[:, :, N:]).abs().max() > 1e-4
@@ -269,25 +270,25 @@ def test_deep_thinking_cache():
     assert cache.get_seq_length() == N
     with torch.no_grad():
         model(
-            input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), past_key_values=cache, use_cache=True
+            input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), **cache_kwargs(cache), use_cache=True
         )
     assert cache.get_seq_length() == 2 * N
     past = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in expected])
     with torch.no_grad():
-        model(input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), past_key_values=past, use_cache=True)
+        model(input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), **cache_kwargs(past), use_cache=True)
     for layer in range(L):
         assert torch.equal(work[0, layer, :, 1][None], past.layers[layer].keys[:, :, N:])
         assert torch.equal(work[1, layer, :, 1][None], past.layers[layer].values[:, :, N:])
         assert torch.equal(work[0, layer, :, 0][None], expected[layer][0])  # the state is only read
     with pytest.raises(RuntimeError, match="once"), torch.no_grad():  # a second re-run over the same cache
         model(
-            input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), past_key_values=cache, use_cache=True
+            input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(N), **cache_kwargs(cache), use_cache=True
         )
     with pytest.raises(RuntimeError, match="demonstration tokens"), torch.no_grad():  # not N tokens
         model(
             input_ids=ids[None, :5],
             position_ids=ref.deep_thinking_position_ids(N)[:, :5],
-            past_key_values=DeepThinkingCache(work),
+            **cache_kwargs(DeepThinkingCache(work)),
             use_cache=True,
         )
 
@@ -402,7 +403,7 @@ def by_hand_scores(model, state, demo_ids, inputs, choices, full_context: bool) 
             else:
                 past = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in _state_kv(state)])
                 positions = torch.arange(n, n + len(seq))[None]
-                logits = model(input_ids=seq[None], position_ids=positions, past_key_values=past).logits[0]
+                logits = model(input_ids=seq[None], position_ids=positions, **cache_kwargs(past)).logits[0]
             logp = logits.float().log_softmax(-1)
             k = len(choice)
             targets = seq[-k:]

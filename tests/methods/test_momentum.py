@@ -10,6 +10,7 @@ import torch
 import fastattn_icl
 from fastattn_icl.integrations import get_controller
 from fastattn_icl.integrations import transformers as seam
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods import isolate, momentum
 from fastattn_icl.reference.momentum import momentum_attention as momentum_ref
 from tests.integrations.test_gptj import tiny_gptj
@@ -35,10 +36,10 @@ def _batch(seed: int = 0):
 
 def _prefill_then_decode(model, ids, mask, prefill: int):
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
+    cache, steps = output_cache(out), [out.logits]
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(cache), use_cache=True)
+        cache = output_cache(out)
         steps.append(out.logits)
     return torch.cat(steps, dim=1)
 
@@ -160,14 +161,14 @@ def test_momentum_cache_carries_the_state_and_equals_the_full_pass(family, monke
     real_rows = mask.bool()
     with fastattn_icl.use_backend("torch"), torch.no_grad(), momentum(model, 0.5):
         full = model(ids, attention_mask=mask).logits
-        out = model(ids[:, :7], attention_mask=mask[:, :7], past_key_values=MomentumCache(), use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        out = model(ids[:, :7], attention_mask=mask[:, :7], **cache_kwargs(MomentumCache()), use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
         for t in range(7, 12):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(cache), use_cache=True)
+            cache = output_cache(out)
             steps.append(out.logits)
         with_state = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True, past_key_values=MomentumCache())
+                                    return_dict_in_generate=True, **cache_kwargs(MomentumCache()))
         rescan = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
     torch.testing.assert_close(torch.cat(steps, 1)[real_rows], full[real_rows], rtol=1e-4, atol=1e-5)
@@ -193,13 +194,13 @@ def test_momentum_cache_state_is_not_reused_for_another_eta_or_after_crop(monkey
     with fastattn_icl.use_backend("torch"), torch.no_grad():
         cache = MomentumCache()
         with momentum(model, 0.5):
-            model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+            model(ids[:, :8], attention_mask=mask[:, :8], **cache_kwargs(cache), use_cache=True)
         with momentum(model, 0.9):  # the carried state is for η = 0.5: rescanned, not reused
-            model(ids[:, 8:9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True)
+            model(ids[:, 8:9], attention_mask=mask[:, :9], **cache_kwargs(cache), use_cache=True)
         cache.crop(-2)
         assert all(layer.state is None for layer in cache.layers)
         with momentum(model, 0.9):  # after a crop the state is gone: rescanned again
-            model(ids[:, 7:8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+            model(ids[:, 7:8], attention_mask=mask[:, :8], **cache_kwargs(cache), use_cache=True)
     assert states == [(0.5, False)] * 2 + [(0.9, False)] * 2 + [(0.9, False)] * 2
 
 
@@ -217,9 +218,9 @@ def test_a_left_over_record_never_reaches_another_cache():
         runs = []
         for cache in (MomentumCache(), DynamicCache()):
             with momentum(model, 0.5, layers=[1]):
-                model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+                model(ids[:, :8], attention_mask=mask[:, :8], **cache_kwargs(cache), use_cache=True)
             with momentum(model, 0.5):
                 model(other[:, :8], attention_mask=mask[:, :8])  # another sequence of the same length, no cache
-                runs.append(model(ids[:, 8:9], attention_mask=mask[:, :9], past_key_values=cache,
+                runs.append(model(ids[:, 8:9], attention_mask=mask[:, :9], **cache_kwargs(cache),
                                   use_cache=True).logits)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
