@@ -93,7 +93,7 @@ def test_reweight_from_semantics():
         diff = (per_row[b, :, r[b] :] - base[b, :, r[b] :]).abs().amax(dim=(0, 2))
         assert (diff > 1e-6).all()  # every later row sees an anchor (positions 1 and 2)
     as_int = anchor_reweight_attention(q, k, v, beta, pos, cls, reweight_from=3)
-    torch.testing.assert_close(as_int[0], per_row[0], rtol=0, atol=0)
+    torch.testing.assert_close(as_int[0], per_row[0], rtol=0, atol=0)  # same code path: an int is a per-row tensor
 
 
 def test_anchor_a_row_cannot_see_stays_zero():
@@ -103,7 +103,7 @@ def test_anchor_a_row_cannot_see_stays_zero():
         q, k, v, torch.tensor([[3.0]], dtype=torch.float64), torch.tensor([[5]]), torch.tensor([[0]]), reweight_from=0
     )
     base = attention(q, k, v)
-    torch.testing.assert_close(out[:, :, :5], base[:, :, :5], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, :5], base[:, :, :5], rtol=1e-12, atol=1e-12)
 
 
 def _spec_backward(q, k, v, beta, pos, cls, rows, do):
@@ -160,7 +160,7 @@ def test_batched_beta_equals_per_sample_runs():
         one = anchor_reweight_attention(
             q[b : b + 1], k[b : b + 1], v[b : b + 1], beta[b], pos[b : b + 1], cls[b : b + 1], reweight_from=2
         )
-        torch.testing.assert_close(out[b : b + 1], one, rtol=0, atol=0)
+        torch.testing.assert_close(out[b : b + 1], one, rtol=1e-12, atol=1e-12)  # batch 1 vs 2: other BLAS calls
 
 
 def test_gradcheck_fp64():

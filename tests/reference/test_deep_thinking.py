@@ -20,8 +20,8 @@ def _pair(shape=(1, 2, 5, 4), dtype=torch.float64, seed=0):
 def test_first_update():
     x_hat, x_new = _pair()
     got, m = deep_thinking_update(x_hat, x_new, None, eta=0.1, beta=0.9)
-    torch.testing.assert_close(m, x_new - x_hat, rtol=0, atol=0)
-    torch.testing.assert_close(got, x_hat + 0.1 * (x_new - x_hat), rtol=0, atol=0)
+    torch.testing.assert_close(m, x_new - x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, x_hat + 0.1 * (x_new - x_hat), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -35,7 +35,7 @@ def test_probe_equals_sum_over_heads_of_p_times_do_vt(shape, causal, per_head):
     expected = (p * dp).abs() if per_head else (p * dp).sum(1).abs()
     assert got.shape == ((B, H, Tq, Tk) if per_head else (B, Tq, Tk))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(saliency_map(p, dp, per_head=per_head), expected, rtol=0, atol=0)
+    torch.testing.assert_close(saliency_map(p, dp, per_head=per_head), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_heads_are_summed_before_abs():
