@@ -17,6 +17,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# decided once, at import (finding a package does not import it): a lookup per call cannot be traced by
+# torch.compile(fullgraph=True) (torch 2.11's compiler refuses importlib.util.find_spec)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _default = [os.environ.get("FASTATTN_ICL_BACKEND", "auto")]
 
 
@@ -46,7 +49,7 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     name = _check_name(_default[-1] if name is None else name)
     if name == "torch":
         return "torch"
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _HAS_TRITON
     if device.type == "cuda":
         if not has_triton:
             raise RuntimeError(
