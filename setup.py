@@ -2,7 +2,8 @@
 
 The C++ ops in ``csrc/`` are always built (CPU kernels). CUDA kernels in ``csrc/cuda/`` are added
 when a CUDA toolkit and a CUDA build of torch are both present; set ``FASTATTN_ICL_NO_CUDA=1`` to
-skip them. Build against the installed torch with ``pip install --no-build-isolation .``.
+skip them. The CUDA code is compiled for ``TORCH_CUDA_ARCH_LIST`` (default: sm_80 and sm_90, and the
+visible GPUs' archs). Build against the installed torch with ``pip install --no-build-isolation .``.
 The Triton kernels in ``triton_kernels/`` are installed as ``fastattn_icl._triton``.
 """
 
@@ -11,6 +12,26 @@ import os
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
+
+# sm_80 (A100) and sm_90 (H100/H200) cubins, plus sm_90 PTX that the driver can JIT for newer GPUs. Used
+# when TORCH_CUDA_ARCH_LIST is unset: torch's build helper otherwise asks the visible GPU for its arch and
+# fails with an IndexError on a build machine that has nvcc but no GPU.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _cuda_arch_list() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` if set, else the default list plus the arch of every visible GPU."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    import torch
+
+    archs = DEFAULT_CUDA_ARCHS.split(";")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            if f"{major}.{minor}" not in {a.removesuffix("+PTX") for a in archs}:
+                archs.append(f"{major}.{minor}")
+    return ";".join(archs)
 
 
 def _extension():
@@ -26,6 +47,13 @@ def _extension():
     # C++20 on recent releases, whose headers compile as C++17 only by compiler leniency).
     cxx_flags = ["-O3"]
     if with_cuda:
+        if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
+            raise RuntimeError(
+                f"fastattn_icl: CUDA_HOME={cpp_extension.CUDA_HOME} holds no CUDA toolkit (no include/cuda_runtime.h; "
+                "torch guesses it from the nvcc on PATH, which may be a wrapper script): set CUDA_HOME to the "
+                "toolkit (e.g. /usr/local/cuda), or FASTATTN_ICL_NO_CUDA=1 to build the CPU ops only"
+            )
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
         return cpp_extension.CUDAExtension(
             "fastattn_icl._C",
             sources + cuda_sources,
