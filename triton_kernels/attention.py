@@ -540,7 +540,9 @@ def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL,
     if STORE_ROWS:  # slot r >= 0: row i of I goes to ROWS[b, r]
         slot = tl.load(ROW_SLOT + b.to(tl.int64) * stride_slotb + offs_m, mask=row_ok, other=-1)
     rw, iso_lim = _row_features(ROW_FROM, ISO, b, offs_m, stride_isob, T, HAS_ANCHORS, HAS_ISOLATION)
-    _, hi = _causal_bounds(row0, T, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # named, not `_`: Triton types a loop-carried name by its first binding (an int here), and the probs'
+    # isolation tile below (a bool tile) would rebind `_` inside the loop, which no CUDA target compiles
+    _full_end, hi = _causal_bounds(row0, T, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
     lower_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_(j<i) I[i, j]
     label_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ over label columns j of I[i, j]
     part = (pid_m.to(tl.int64) * B + b) * N_SPLIT + split  # this program's slot in the partial sums
@@ -566,7 +568,7 @@ def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL,
             v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, start_n, T,
                            stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
             lse = _row_lse(LSE, (b * H + h) * T, offs_m, T)
-            p, _ = _recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
+            p, _iso = _recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
             p = tl.where(vis, p, 0.0)
             if HAS_ANCHORS:  # the probe sits on the weights that multiply V: the re-weighted P̂
                 wk = _key_weights(LOGW + (b * H + h) * T, offs_n, T)
