@@ -109,6 +109,7 @@ from benchmarks.harness import (
     markdown_with_gate,
     memory_note,
     peak_memory_bytes,
+    row_emitter,
     speedup,
     targets_not_evaluated,
 )
@@ -647,10 +648,7 @@ def run_compression_bench(
     rows, skipped, compressions = [], [], []
     total = len(cases) * len(provs)
 
-    def emit(row):
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {_progress_line(row)}")
+    emit = row_emitter(rows, total, progress, _progress_line)
 
     for key, geometries in _groups(cases).items():
         spec = next(iter(geometries.values()))[0].model

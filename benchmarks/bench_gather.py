@@ -103,6 +103,7 @@ from benchmarks.harness import (
     markdown_with_gate,
     memory_note,
     peak_memory_bytes,
+    row_emitter,
     speedup,
     targets_not_evaluated,
 )
@@ -473,10 +474,7 @@ def run_gather_bench(
     rows, skipped = [], [f"{p}: {r}" for p, r in reasons.items() if r]
     total = len(cases) * len(provs)
 
-    def emit(row):
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {_progress_line(row)}")
+    emit = row_emitter(rows, total, progress, _progress_line)
 
     for case in cases:
         extra = {"bytes_moved": case.bytes_moved, "gb_per_s": None}

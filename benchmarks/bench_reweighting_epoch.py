@@ -64,6 +64,7 @@ from benchmarks.harness import (
     markdown_with_gate,
     memory_note,
     peak_memory_bytes,
+    row_emitter,
 )
 from benchmarks.harness import _row as harness_row
 from benchmarks.harness import write_results as harness_write_results
@@ -439,10 +440,7 @@ def run_epoch_bench(
     rows, skipped = [], []
     total = len(cases) * len(PROVIDERS)
 
-    def emit(row):
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {_progress_line(row)}")
+    emit = row_emitter(rows, total, progress, _progress_line)
 
     cached = {}
     for case in cases:

@@ -74,12 +74,12 @@ from benchmarks.harness import (
     case_entries,
     environment,
     fit_exponent,
-    format_progress,
     free_memory,
     is_oom,
     markdown_with_gate,
     memory_note,
     peak_memory_bytes,
+    row_emitter,
     speedup,
     targets_not_evaluated,
     tflops,
@@ -434,10 +434,7 @@ def run_saliency_bench(
     total = len(cases) * len(provs)
     gates: dict[str, tuple[str, dict]] = {}  # model -> (case the gate ran on, {provider: check})
 
-    def emit(row):
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {format_progress(row)}")
+    emit = row_emitter(rows, total, progress)
 
     for case in cases:
         try:

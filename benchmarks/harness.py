@@ -300,7 +300,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
-        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "date": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
 
@@ -450,10 +450,7 @@ def run_suite(
     skipped: list[str] = list(suite.notes)
     total = len(cases) * len(providers) * len(modes)
 
-    def emit(row):
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {format_progress(row)}")
+    emit = row_emitter(rows, total, progress)
 
     for case in cases:
         try:
@@ -586,6 +583,27 @@ def add_speedups(rows: list[dict], providers: Sequence[str]) -> None:
 
 
 PROGRESS_COLUMNS = (("case", 34), ("mode", 7), ("provider", 13))
+# a file to which every benchmark appends each row, as one JSON line, the moment it is measured (set by
+# scripts/gpu.py: a benchmark stopped by its time budget still leaves every row it measured)
+ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"
+
+
+def row_emitter(rows: list, total: int, progress: Callable[[str], None] | None, line=None) -> Callable[[dict], None]:
+    """The row sink of a benchmark's run loop: keeps the row in ``rows``, prints ``[i/total] line(row)``
+    (``line`` default :func:`format_progress`) through ``progress`` (None: quiet), and appends the row to
+    the file named by ``$FASTATTN_ICL_BENCH_ROWS`` when that is set."""
+    stream = os.environ.get(ROWS_ENV)
+    line = line or format_progress
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if progress is not None:
+            progress(f"[{len(rows)}/{total}] {line(row)}")
+        if stream:
+            with open(stream, "a") as f:
+                f.write(json.dumps(_json_safe(row)) + "\n")
+
+    return emit
 
 
 def format_progress(row: dict, *, columns=PROGRESS_COLUMNS, rate=None) -> str:
