@@ -1,17 +1,28 @@
-# Two entry points, each doing the whole set-up on a fresh machine (see scripts/setup_env.sh).
-#   make bench   the benchmark suite on its default shapes, on whatever hardware is there
+# Entry points; each does the whole set-up on a fresh machine (scripts/setup_env.sh) and stops with the
+# set-up's own message when it fails.
 #   make test    the test suite (Triton kernels run under TRITON_INTERPRET=1 when there is no GPU)
+#   make bench   the benchmark suite on its default shapes, on whatever hardware is there
+#   make gpu     on a GPU machine: build, gpu-marked tests, the GPU benchmark set, a summary of targets
+# VENV, PYTHON and CONSTRAINTS (environment variables) choose the environment, see scripts/setup_env.sh.
 
-.PHONY: test bench lint env
+.PHONY: test bench gpu gpu-dry-run lint env
+
+SETUP = PY=$$(scripts/setup_env.sh) || { echo "make: environment set-up failed (scripts/setup_env.sh, see above)" >&2; exit 1; }
 
 env:
-	@scripts/setup_env.sh >/dev/null
+	@$(SETUP); echo "$$PY"
 
 test:
-	PY=$$(scripts/setup_env.sh | tail -n 1) && $$PY -m pytest -q tests
+	@$(SETUP); $$PY -m pytest -q tests
 
 bench:
-	PY=$$(scripts/setup_env.sh | tail -n 1) && $$PY -m benchmarks.run
+	@$(SETUP); $$PY -m benchmarks.run
+
+gpu:
+	@$(SETUP); $$PY scripts/gpu.py
+
+gpu-dry-run:
+	@$(SETUP); $$PY scripts/gpu.py --dry-run
 
 lint:
-	PY=$$(scripts/setup_env.sh | tail -n 1) && $$PY -m ruff check . && $$PY -m ruff format --check .
+	@$(SETUP); $$PY -m ruff --version >/dev/null 2>&1 || $$PY -m pip install -q ruff; $$PY -m ruff check .

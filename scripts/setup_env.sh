@@ -1,25 +1,49 @@
 #!/usr/bin/env bash
-# Prepare a Python environment for fastattn_icl and print the interpreter to use (last line).
+# Prepare a Python environment for fastattn_icl; print the interpreter to use on stdout (its only output;
+# everything else goes to stderr). Exits non-zero, saying why, when a step fails.
 #
-# - If $PYTHON (default python3) already imports torch, that interpreter is used in place, so a GPU
-#   user keeps their own CUDA build of torch.
-# - Otherwise a virtual environment is made in $VENV (default .venv) with the pinned CPU build
-#   $TORCH_SPEC (default torch==2.13.0), so CI never pulls the multi-GB CUDA wheels.
-# Then the test/benchmark requirements are installed and the package is built in place
-# (--no-build-isolation, so the extension compiles against the torch that will import it).
+# - $VENV set: that virtual environment is used, made from $PYTHON (default python3) if it does not exist.
+# - $VENV unset: if $PYTHON already imports torch, that interpreter is used in place (a GPU user keeps their
+#   own CUDA build of torch); otherwise the virtual environment .venv is made.
+# - A new virtual environment gets the exact versions of $CONSTRAINTS (default constraints/ci.txt), torch
+#   first (`pip install -c`), so a fresh clone installs what passed in CI. An interpreter used in place
+#   keeps its versions: only what is missing is installed, within requirements-dev.txt's ranges.
+# - Nothing is installed when scripts/check_env.py finds everything in place: no network request then
+#   (an offline GPU machine runs `make test` as it is).
+# Then the package is built in place (--no-build-isolation --no-deps, so the extension compiles against the
+# torch that will import it). CUDA_HOME defaults to /usr/local/cuda when that toolkit exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+CONSTRAINTS=${CONSTRAINTS:-constraints/ci.txt}
+fail() { echo "setup_env.sh: $*" >&2; exit 1; }
 
-if [ -x "$VENV/bin/python" ]; then
+constrained=()
+if [ -n "${VENV:-}" ] || ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    VENV=${VENV:-.venv}
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "setup_env.sh: making $VENV from $PY" >&2
+        "$PY" -m venv "$VENV" >&2 || fail "could not make a virtual environment in $VENV with $PY"
+    fi
     PY="$VENV/bin/python"
-elif ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    "$PY" -m venv "$VENV" >&2
-    PY="$VENV/bin/python"
+    [ -f "$CONSTRAINTS" ] || fail "no lock file $CONSTRAINTS"
+    constrained=(-c "$CONSTRAINTS")
 fi
-"$PY" -c "import torch" >/dev/null 2>&1 || "$PY" -m pip install -q "$TORCH_SPEC" >&2
-"$PY" -m pip install -q -r requirements-dev.txt >&2
-"$PY" -m pip install -q --no-build-isolation -e . >&2
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+    export CUDA_HOME=/usr/local/cuda
+fi
+
+if "$PY" scripts/check_env.py 2>/dev/null; then
+    echo "$PY"
+    exit 0
+fi
+"$PY" scripts/check_env.py || true  # say what is missing
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup_env.sh: installing torch (${constrained[*]:-unpinned})" >&2
+    "$PY" -m pip install -q "${constrained[@]}" torch >&2 || fail "pip could not install torch"
+fi
+"$PY" -m pip install -q "${constrained[@]}" -r requirements-dev.txt >&2 \
+    || fail "pip could not install requirements-dev.txt (offline? install them by hand, then rerun)"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 || fail "building fastattn_icl failed (see above)"
+"$PY" scripts/check_env.py || fail "the environment is still incomplete after installing (see above)"
 echo "$PY"
