@@ -55,24 +55,8 @@ def swap_seam(monkeypatch, replacement) -> None:
 
 def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: int = 8, seed: int = 0, **overrides):
     """Head dim ``n_embd // n_head`` (16 by default); rotary on the first ``rotary_dim`` features only."""
-    config = GPTJConfig(
-        **{
-            "n_layer": layers,
-            "n_embd": n_embd,
-            "n_head": n_head,
-            "rotary_dim": rotary_dim,
-            "n_inner": 2 * n_embd,
-            "vocab_size": VOCAB,
-            "n_positions": 64,
-            "attn_pdrop": 0.0,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "initializer_range": 0.1,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 2,
-            **overrides,
-        }
+    config = models.gptj_like_config(GPTJConfig)(
+        layers, n_embd=n_embd, n_head=n_head, rotary_dim=rotary_dim, n_inner=2 * n_embd, **overrides
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)

@@ -107,7 +107,8 @@ FAMILIES = {
 
 
 
-def _gptj_like(config_class):
+def gptj_like_config(config_class):
+    """A tiny GPT-J-shaped config builder (GPT-J, CodeGen); keyword overrides win."""
     return lambda layers, **kw: config_class(
         **{
             "n_layer": layers,
@@ -138,9 +139,9 @@ def _routed_family(module: str, attention: str) -> bool:
 # families that transformers routes only from 5.24 on (before, GPT-J has its own patch, tests/integrations/
 # test_gptj.py, and CodeGen is refused, tests/methods/test_gptj_methods.py)
 if _routed_family("transformers.models.gptj.modeling_gptj", "GPTJAttention"):
-    FAMILIES["gptj"] = _gptj_like(GPTJConfig)
+    FAMILIES["gptj"] = gptj_like_config(GPTJConfig)
 if _routed_family("transformers.models.codegen.modeling_codegen", "CodeGenAttention"):
-    FAMILIES["codegen"] = _gptj_like(CodeGenConfig)
+    FAMILIES["codegen"] = gptj_like_config(CodeGenConfig)
 
 BACKENDS = ["torch", "triton"]
 # Triton runs on the GPU when there is one, else on CPU under the interpreter (set by tests/conftest.py),
