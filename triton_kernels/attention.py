@@ -65,6 +65,7 @@ only exercised on a GPU.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -603,33 +604,47 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and padded head dim, for 2-byte
-# inputs; fp32 inputs use the smaller half of each list (twice the shared memory per tile). On CUDA
-# the autotuner times them once per key (head dim, flags, power-of-two length buckets) and skips any
-# that does not fit the chip; under the interpreter the first one runs.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, padded head dim and input width (2-byte
+# fp16/bf16, 4-byte fp32), chosen from the compile report (benchmarks/results/compile-sm80.md, -sm90.md): the
+# configs that compile without spilling on sm_80 and sm_90 come first, in the order the autotuner tries them. On
+# CUDA the autotuner first drops the configs whose shared memory (smem_bytes) exceeds the device's, then times the
+# rest once per key (head dim, flags, power-of-two length buckets); under the interpreter the first one runs.
 _CANDIDATES = {
     "fwd": {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        256: [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+        (64, False): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
+        (128, False): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+        (256, False): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2)],
+        (64, True): [(32, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 1), (16, 64, 8, 1), (16, 128, 8, 1)],
+        (128, True): [(32, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 1), (16, 64, 8, 1), (16, 128, 8, 1)],
+        (256, True): [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 2)],
     },
     "dkdv": {
-        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
-        128: [(32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
-        256: [(32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
+        (64, False): [(64, 32, 8, 2), (32, 128, 8, 2), (32, 128, 8, 1), (128, 32, 8, 2), (32, 64, 4, 2)],
+        (128, False): [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 2), (64, 32, 8, 2), (16, 128, 8, 1), (32, 32, 4, 2)],
+        (256, False): [(16, 32, 4, 2), (16, 32, 4, 1), (32, 32, 4, 3), (32, 64, 8, 2), (32, 64, 8, 1)],
+        (64, True): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1), (32, 16, 4, 2)],
+        (128, True): [(16, 32, 8, 1), (32, 32, 8, 1), (32, 32, 8, 2), (64, 32, 8, 2)],
+        (256, True): [(16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 4, 2)],
     },
     "dq": {
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-        128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
+        (64, False): [(128, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)],
+        (128, False): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2), (128, 64, 8, 2)],
+        (256, False): [(64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (32, 32, 8, 2), (16, 128, 8, 1), (64, 64, 8, 2)],
+        (64, True): [(16, 64, 8, 2), (16, 64, 8, 1), (16, 32, 4, 2), (16, 32, 8, 1), (32, 32, 8, 1)],
+        (128, True): [(16, 64, 8, 2), (16, 64, 8, 1), (16, 32, 4, 2), (16, 32, 8, 1), (32, 32, 8, 1)],
+        (256, True): [(16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 4, 2)],
     },
     "saliency": {
-        64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-        128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-        256: [(64, 32, 8, 1), (32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)],
+        (64, False): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+        (128, False): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (32, 32, 8, 2), (64, 64, 8, 2)],
+        (256, False): [(32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+        (64, True): [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 1)],
+        (128, True): [(16, 64, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)],
+        (256, True): [(16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 4, 2)],
     },
 }
 _INTERPRETER_BLOCKS = (32, 32)  # mid-size tiles exercise the multi-block paths at small T
+PREPROCESS_BLOCK_M = 64  # rows per program of D = rowsum(dO ∘ O) (a memory-bound pass, not tuned)
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PADDING", "DOT_PRECISION", "TQ_BUCKET", "TK_BUCKET"]
 # per kind: extra autotune keys, and outputs to zero before every timed run and the final one: the partial sums
 # (a config with smaller row blocks writes slots the chosen config never touches; per-head sums accumulate)
@@ -638,11 +653,105 @@ _KERNELS = {}
 _tuned = {}
 
 
+def _flag_product(names, *fixed_sets):
+    """Every value combination of boolean ``names``, each joined with every dict of ``fixed_sets``."""
+    out = set()
+    for values in itertools.product((False, True), repeat=len(names)):
+        for fixed in fixed_sets or ({},):
+            out.add(tuple(sorted({**dict(zip(names, values)), **fixed}.items())))
+    return frozenset(out)
+
+
+_METHODS = ({"HAS_ANCHORS": False, "HAS_ISOLATION": False}, {"HAS_ANCHORS": True, "HAS_ISOLATION": False},
+            {"HAS_ANCHORS": False, "HAS_ISOLATION": True}, {"HAS_ANCHORS": True, "HAS_ISOLATION": True})
+_NO_METHOD = dict(HAS_ANCHORS=False, HAS_ISOLATION=False)
+_FWD_EXTRAS = dict(HAS_PREFIX=False, HAS_MOMENTUM=False, STORE_ATTN=False)
+# Every flag combination the launchers below can produce, per kernel: _launch refuses any other, and the compile
+# suite (tests/compile, triton_kernels/specializations.py) compiles exactly these. The forward's prefix and
+# momentum epilogue run without method features (the launchers pass none with them); STORE_ATTN needs momentum.
+FLAG_SETS = {
+    "fwd": _flag_product(("IS_CAUSAL", "HAS_PADDING"), *({**m, **_FWD_EXTRAS} for m in _METHODS),
+                         {**_NO_METHOD, **_FWD_EXTRAS, "HAS_PREFIX": True},
+                         {**_NO_METHOD, **_FWD_EXTRAS, "HAS_MOMENTUM": True},
+                         {**_NO_METHOD, **_FWD_EXTRAS, "HAS_MOMENTUM": True, "STORE_ATTN": True}),
+    "dkdv": _flag_product(("IS_CAUSAL", "HAS_PADDING"), *_METHODS),
+    "dq": _flag_product(("IS_CAUSAL", "HAS_PADDING"), *_METHODS),
+    "saliency": _flag_product(("IS_CAUSAL", "HAS_PADDING", "PER_HEAD", "STORE_ROWS"), *_METHODS),
+    "preprocess": frozenset({()}),
+}
+TUNED_KINDS = ("fwd", "dkdv", "dq", "saliency")
+_FLAG_NAMES = {kind: tuple(name for name, _ in next(iter(sets))) for kind, sets in FLAG_SETS.items()}
+
+
+def _check_flags(kind: str, meta: dict) -> None:
+    flags = tuple(sorted((name, bool(meta[name])) for name in _FLAG_NAMES[kind]))
+    if flags not in FLAG_SETS[kind]:
+        raise NotImplementedError(f"{kind} kernel: the flag set {dict(flags)} is not in FLAG_SETS (add it there, so "
+                                  "the compile suite builds it, before a launcher uses it)")
+
+
 def _candidates(kind: str, block_d: int, elem_size: int):
-    cands = _CANDIDATES[kind][min(max(block_d, 64), 256)]
-    if elem_size >= 4:
-        cands = cands[len(cands) // 2:]
-    return cands
+    return _CANDIDATES[kind][(min(max(block_d, 64), 256), elem_size >= 4)]
+
+
+# Tile rows a config keeps in shared memory, per kind: (rows loaded once per program, rows loaded per loop step),
+# each row BLOCK_D elements. fwd: q | k, v; dq: q, dO | k, v; dk/dv: k, v | q, dO; saliency: nothing | q, dO, k, v
+# (all re-read per head).
+_SMEM_ROWS = {
+    "fwd": lambda bm, bn: (bm, 2 * bn),
+    "dq": lambda bm, bn: (2 * bm, 2 * bn),
+    "dkdv": lambda bm, bn: (2 * bn, 2 * bm),
+    "saliency": lambda bm, bn: (0, 2 * bm + 2 * bn),
+}
+
+
+def smem_bytes(kind: str, block_m: int, block_n: int, block_d: int, num_stages: int, elem_size: int) -> int:
+    """An upper bound of the shared memory one program of config ``(block_m, block_n, num_stages)`` uses: the
+    stationary tiles plus ``num_stages`` copies of the per-step tiles (a 1-stage config still stages its dot
+    operands, and their converted copies, through shared memory: counted as 3; saliency's per-head loads as
+    ``num_stages``) plus the per-row statistics of each stage. The compile suite checks it bounds
+    the compiled value of every specialization on sm_80 and sm_90; the autotuner prunes with it."""
+    once, per_step = _SMEM_ROWS[kind](block_m, block_n)
+    if kind == "saliency":
+        stages = num_stages  # its loads sit in the head loop: one copy per stage
+    else:
+        stages = num_stages if num_stages > 1 else 3  # one stage: operands and their converted copies
+    return elem_size * block_d * (once + stages * per_step) + 8 * block_m * stages
+
+
+class SharedMemoryError(RuntimeError):
+    """No autotune config of a kernel fits the device's shared memory per block."""
+
+
+def device_smem_limit(device: torch.device) -> int:
+    """Shared memory a block may opt in to on ``device`` (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit is None:  # older torch: ask Triton's driver
+        from triton.runtime import driver
+
+        limit = driver.active.utils.get_device_properties(torch.device(device).index or 0)["max_shared_mem"]
+    return int(limit)
+
+
+def prune_configs(kind: str, block_d: int, elem_size: int, configs, limit: int):
+    """The configs of ``kind`` whose :func:`smem_bytes` fit ``limit`` bytes, in order; raises
+    :class:`SharedMemoryError` (kernel, needed and available bytes) when none does."""
+    need = {c: smem_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem_size)
+            for c in configs}
+    kept = [c for c in configs if need[c] <= limit]
+    if not kept:
+        raise SharedMemoryError(
+            f"{kind} attention kernel (head dim block {block_d}, {elem_size}-byte inputs): its smallest config needs "
+            f"{min(need.values()):,} B of shared memory per block, the device has {limit:,} B")
+    return kept
+
+
+def _device_pruner(kind: str, block_d: int, elem_size: int):
+    def early_config_prune(configs, named_args, **kwargs):
+        return prune_configs(kind, block_d, elem_size, configs, device_smem_limit(named_args["Q"].device))
+
+    return early_config_prune
 
 
 def _kernel(kind: str, q: torch.Tensor):
@@ -657,7 +766,8 @@ def _kernel(kind: str, q: torch.Tensor):
             for bm, bn, w, st in _candidates(kind, key[1], key[2])
         ]
         extra_key, reset = _TUNE_EXTRA.get(kind, ([], None))
-        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY + extra_key, reset_to_zero=reset)(jit_fn)
+        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY + extra_key, reset_to_zero=reset,
+                                      prune_configs_by={"early_config_prune": _device_pruner(kind, *key[1:])})(jit_fn)
     return _tuned[key], True
 
 
@@ -667,6 +777,7 @@ def _bucket(n: int) -> int:
 
 def _launch(kind: str, q: torch.Tensor, grid_dim, *args, **meta):
     """Launch kernel ``kind``; ``grid_dim(BLOCK_M, BLOCK_N)`` gives the grid for a block config."""
+    _check_flags(kind, meta)
     kernel, tuned = _kernel(kind, q)
     if tuned:
         kernel[lambda m: grid_dim(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
@@ -675,12 +786,16 @@ def _launch(kind: str, q: torch.Tensor, grid_dim, *args, **meta):
         kernel[grid_dim(bm, bn)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
 
 
-def _dot_precision(q: torch.Tensor) -> str:
+def dot_precision_for(dtype: torch.dtype, cuda: bool) -> str:
     # fp32 on a GPU: tf32x3 (three tf32 passes on the tensor cores, close to fp32 accuracy); plain IEEE
     # fp32 dots run on the FMA units and spill at useful tile sizes. The interpreter computes in fp32.
-    if q.dtype != torch.float32:
+    if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
-    return "tf32x3" if q.device.type == "cuda" else "ieee"
+    return "tf32x3" if cuda else "ieee"
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    return dot_precision_for(q.dtype, q.device.type == "cuda")
 
 
 @functools.cache
@@ -768,9 +883,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         return dq, dk.zero_(), dv.zero_(), None if dlogw is None else dlogw.zero_()
     BLOCK_D = _block_d(D)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block) * B * H,)](
-        o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, PREPROCESS_BLOCK_M) * B * H,)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PREPROCESS_BLOCK_M,
     )
     kpm, s_kpmb, s_kpmn = _kpm_args(key_padding_mask, q)
     (logw, row_from, iso, s_isob), method_flags = _method_args(key_log_weights, reweight_from, isolation_limit, q)

@@ -35,13 +35,16 @@ def _deep_thinking_update_kernel(W, M, stride_wr, stride_wh, stride_mr, n_cols, 
     tl.store(x_hat_ptr, (x_hat + eta * m).to(W.dtype.element_ty), mask=ok)
 
 
+BLOCK = 1024  # elements per program
+FLAG_SETS = {"deep_thinking": frozenset({(("FIRST", False),), (("FIRST", True),)})}
+
+
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
     """In place: ``work [R, 2, C]`` (``X̂`` then ``X_new`` per row, unit column stride), ``m [R, C]`` float32."""
     R, _, C = work.shape
     if R == 0 or C == 0:
         return
-    block = 1024
-    _deep_thinking_update_kernel[(R, triton.cdiv(C, block))](
-        work, m, work.stride(0), work.stride(1), m.stride(0), C, float(eta), float(beta), FIRST=first, BLOCK=block,
+    _deep_thinking_update_kernel[(R, triton.cdiv(C, BLOCK))](
+        work, m, work.stride(0), work.stride(1), m.stride(0), C, float(eta), float(beta), FIRST=first, BLOCK=BLOCK,
         **({} if work.device.type != "cuda" else {"enable_fp_fusion": False}),  # no FMA: the reference's roundings
     )

@@ -77,16 +77,33 @@ def _decayed_scan_kernel(X, Y, KPM, M0,
         m = eta_block * m + tl.sum(tail[:, None] * x, axis=0)
 
 
-_BLOCK_T = 32
+BLOCK_T = 32
+DOT_PRECISION = "ieee"  # the decay-matrix product in plain fp32: the scan's roundings match the reference
+# The launcher's flag sets (compiled by the compile suite; _launch_scan refuses others): the forward scan masks its
+# input rows and may continue a carried state; the backward's reversed scan masks its output rows and sums GROUP
+# query heads per kv head (GROUP = H // Hkv is any integer; the suite compiles 1 and 4).
+FLAG_SETS = {"scan": frozenset(
+    {(("GROUP", 1), ("HAS_M0", m0), ("MASK_IN", mask), ("MASK_OUT", False), ("REVERSE", False))
+     for m0 in (False, True) for mask in (False, True)}
+    | {(("GROUP", g), ("HAS_M0", False), ("MASK_IN", False), ("MASK_OUT", mask), ("REVERSE", True))
+       for g in (1, 4) for mask in (False, True)})}
+
+
+def scan_block_d(head_dim: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(head_dim)))
 
 
 def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask_in, mask_out, m0=None):
-    if (mask_out and not reverse) or (mask_in and reverse):
-        # the mask index is the output row (MASK_OUT) or the input row (MASK_IN); only these two forms are wired
-        raise NotImplementedError("decayed scan: MASK_OUT needs REVERSE and MASK_IN needs the forward direction")
+    # the mask index is the output row (MASK_OUT) or the input row (MASK_IN); only the table's forms are wired. Any
+    # GROUP > 1 compiles the same code with another trip count: the table stands for them with 4
+    flags = (("GROUP", 1 if group == 1 else 4), ("HAS_M0", m0 is not None), ("MASK_IN", mask_in),
+             ("MASK_OUT", mask_out), ("REVERSE", reverse))
+    if flags not in FLAG_SETS["scan"]:
+        raise NotImplementedError(f"decayed scan: the form {dict(flags)} is not in FLAG_SETS (MASK_OUT needs REVERSE, "
+                                  "MASK_IN and a carried state the forward direction, GROUP > 1 the backward)")
     B, HX, _, D = x.shape
     h_out = HX // group
-    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    block_d = scan_block_d(D)
     if kpm is None:
         kpm_t, s_kb, s_kt = torch.zeros(1, dtype=torch.uint8, device=x.device), 0, 0
     else:
@@ -97,8 +114,8 @@ def _launch_scan(x, y, kpm, *, t_in, t_out, out_start, eta, group, reverse, mask
     _decayed_scan_kernel[grid](
         x, y, kpm_t, m0_t, *x.stride(), *y.stride(), s_kb, s_kt, m0_t.stride(0), m0_t.stride(1),
         h_out, t_in, t_out, out_start, float(torch.log2(torch.tensor(eta, dtype=torch.float64))),
-        GROUP=group, HEAD_DIM=D, BLOCK_T=_BLOCK_T, BLOCK_D=block_d, MASK_IN=mask_in, MASK_OUT=mask_out,
-        REVERSE=reverse, HAS_M0=m0 is not None, DOT_PRECISION="ieee",
+        GROUP=group, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=block_d, MASK_IN=mask_in, MASK_OUT=mask_out,
+        REVERSE=reverse, HAS_M0=m0 is not None, DOT_PRECISION=DOT_PRECISION,
     )
     return y
 
