@@ -611,6 +611,7 @@ def _block_d(head_dim: int) -> int:
 # rest once per key (head dim, flags, power-of-two length buckets); under the interpreter the first one runs.
 _CANDIDATES = {
     "fwd": {
+        (32, False): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
         (64, False): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
         (128, False): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
         (256, False): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2)],
@@ -619,6 +620,7 @@ _CANDIDATES = {
         (256, True): [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 2)],
     },
     "dkdv": {
+        (32, False): [(32, 64, 4, 2), (64, 32, 8, 2)],
         (64, False): [(64, 32, 8, 2), (32, 128, 8, 2), (32, 128, 8, 1), (128, 32, 8, 2), (32, 64, 4, 2)],
         (128, False): [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 2), (64, 32, 8, 2), (16, 128, 8, 1), (32, 32, 4, 2)],
         (256, False): [(16, 32, 4, 2), (16, 32, 4, 1), (32, 32, 4, 3), (32, 64, 8, 2), (32, 64, 8, 1)],
@@ -637,7 +639,7 @@ _CANDIDATES = {
     "saliency": {
         (64, False): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
         (128, False): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (32, 32, 8, 2), (64, 64, 8, 2)],
-        (256, False): [(32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+        (256, False): [(32, 32, 8, 2), (32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
         (64, True): [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 1)],
         (128, True): [(16, 64, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)],
         (256, True): [(16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 4, 2)],
@@ -691,7 +693,10 @@ def _check_flags(kind: str, meta: dict) -> None:
 
 
 def _candidates(kind: str, block_d: int, elem_size: int):
-    return _CANDIDATES[kind][(min(max(block_d, 64), 256), elem_size >= 4)]
+    # head dims up to 32 have their own list where the d-64 one spills at BLOCK_D 32; otherwise they use it
+    per_width = _CANDIDATES[kind]
+    d = min(max(block_d, 32), 256)
+    return per_width.get((d, elem_size >= 4)) or per_width[(max(d, 64), elem_size >= 4)]
 
 
 # Tile rows a config keeps in shared memory, per kind: (rows loaded once per program, rows loaded per loop step),
@@ -705,18 +710,26 @@ _SMEM_ROWS = {
 }
 
 
+# A 1-stage config (no software pipelining) stages its dot operands and layout conversions through shared memory:
+# per kind, the fraction of the per-step tiles and the rows per (block_m + block_n) it was measured to need at most
+# (compile report, sm_80 and sm_90, triton 3.6 and 3.9).
+_ONE_STAGE = {"fwd": (1.0, 0.5), "dq": (1.0, 0.5), "dkdv": (1.0, 1.0), "saliency": (0.75, 0.0)}
+
+
 def smem_bytes(kind: str, block_m: int, block_n: int, block_d: int, num_stages: int, elem_size: int) -> int:
-    """An upper bound of the shared memory one program of config ``(block_m, block_n, num_stages)`` uses: the
-    stationary tiles plus ``num_stages`` copies of the per-step tiles (a 1-stage config still stages its dot
-    operands, and their converted copies, through shared memory: counted as 3; saliency's per-head loads as
-    ``num_stages``) plus the per-row statistics of each stage. The compile suite checks it bounds
-    the compiled value of every specialization on sm_80 and sm_90; the autotuner prunes with it."""
+    """An upper bound of the shared memory one program of config ``(block_m, block_n, num_stages)`` uses, in
+    tile rows of ``block_d`` elements: the stationary tiles plus ``num_stages`` copies of the per-step tiles (what
+    Hopper's warpgroup-MMA path allocates; Ampere's needs one copy less), dk/dv one more ``block_m`` rows, plus the
+    per-row statistics of each stage; 1-stage configs per :data:`_ONE_STAGE`. The compile suite checks on every
+    change that it bounds the compiled value of every specialization on sm_80 and sm_90 and is not loose (at most
+    2x + 16 KiB for pipelined configs); the autotuner prunes with it."""
     once, per_step = _SMEM_ROWS[kind](block_m, block_n)
-    if kind == "saliency":
-        stages = num_stages  # its loads sit in the head loop: one copy per stage
+    if num_stages == 1:
+        share, extra = _ONE_STAGE[kind]
+        rows = once + share * per_step + extra * (block_m + block_n)
     else:
-        stages = num_stages if num_stages > 1 else 3  # one stage: operands and their converted copies
-    return elem_size * block_d * (once + stages * per_step) + 8 * block_m * stages
+        rows = once + num_stages * per_step + (block_m if kind == "dkdv" else 0)
+    return int(elem_size * block_d * rows) + 8 * block_m * num_stages
 
 
 class SharedMemoryError(RuntimeError):
@@ -730,7 +743,9 @@ def device_smem_limit(device: torch.device) -> int:
     if limit is None:  # older torch: ask Triton's driver
         from triton.runtime import driver
 
-        limit = driver.active.utils.get_device_properties(torch.device(device).index or 0)["max_shared_mem"]
+        index = torch.device(device).index
+        limit = driver.active.utils.get_device_properties(torch.cuda.current_device() if index is None else index)[
+            "max_shared_mem"]
     return int(limit)
 
 
@@ -870,6 +885,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     ``dlogw [B, H, Tk]`` float32 (``None`` without anchors); all may be given (tests pass NaN-filled ones)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if do.stride(-1) != 1:  # e.g. the expanded grad of out.sum(): unit column stride is the specialization compiled
+        do = do.contiguous()
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -938,6 +955,8 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
     n_split = _saliency_split(q, B, T)
     min_bm = min(c[0] for c in _candidates("saliency", _block_d(D), q.element_size())) if q.is_cuda else 16
     n_parts = triton.cdiv(T, min_bm) * B * n_split

@@ -62,12 +62,17 @@ class Spec:
     kind: str  # "fwd", "dkdv", "dq", "saliency", "preprocess", "scan", "deep_thinking"
     flags: tuple  # ((name, value), ...) of the launcher's flag set
     dtype: torch.dtype
-    head_dim: int  # BLOCK_D for the attention family (HEAD_DIM = BLOCK_D: the masks' bound only)
+    head_dim: int  # HEAD_DIM (the attention family pads it to BLOCK_D, a power of two >= 16)
     block_m: int | None = None
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int = 3
     position: int = 0  # the config's place in the autotune list (0 = tried first)
+    mha: bool = False  # N_REP == 1 (no GQA): the JIT turns an int argument equal to 1 into a constant
+
+    @property
+    def block_d(self) -> int:
+        return attention._block_d(self.head_dim) if self.kind != "scan" else momentum.scan_block_d(self.head_dim)
 
     @property
     def dtype_name(self) -> str:
@@ -77,7 +82,7 @@ class Spec:
     def flag_text(self) -> str:
         on = [name for name, value in self.flags if value is True]
         other = [f"{name}={value}" for name, value in self.flags if not isinstance(value, bool)]
-        return "+".join(on + other) or "base"
+        return "+".join(on + other + (["N_REP=1"] if self.mha else [])) or "base"
 
     @property
     def config_text(self) -> str:
@@ -86,7 +91,7 @@ class Spec:
 
     @property
     def hot(self) -> bool:
-        """A hot path of the issue's rule: forward, dq and dk/dv at fp16/bf16, d <= 128, no method flag."""
+        """A hot path: forward, dq and dk/dv at fp16/bf16 and head dim <= 128 (any flag set)."""
         return (self.kind in ("fwd", "dq", "dkdv") and self.dtype != torch.float32 and self.head_dim <= 128)
 
     def __str__(self) -> str:
@@ -127,7 +132,7 @@ def specs(kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS, *, first_config_only:
             for dtype in dtypes:
                 for d in (head_dims if kind != "deep_thinking" else (0,)):
                     if kind in attention.TUNED_KINDS:
-                        cands = attention._candidates(kind, d, torch.empty(0, dtype=dtype).element_size())
+                        cands = attention._candidates(kind, attention._block_d(d), dtype.itemsize)
                         if first_config_only:
                             cands = cands[:1]
                         for i, (bm, bn, w, st) in enumerate(cands):
@@ -145,7 +150,9 @@ def _source(spec: Spec):
     flags = dict(spec.flags)
     constants = dict(flags)
     if spec.kind in attention.TUNED_KINDS or spec.kind == "preprocess":
-        constants.update(HEAD_DIM=spec.head_dim, BLOCK_D=spec.head_dim, BLOCK_M=spec.block_m)
+        constants.update(HEAD_DIM=spec.head_dim, BLOCK_D=spec.block_d, BLOCK_M=spec.block_m)
+        if spec.mha:
+            constants["N_REP"] = 1
         if spec.kind != "preprocess":
             constants.update(BLOCK_N=spec.block_n, DOT_PRECISION=attention.dot_precision_for(spec.dtype, True))
     elif spec.kind == "scan":
@@ -167,6 +174,8 @@ def _source(spec: Spec):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             signature[name] = "fp32"
+        elif name in constants:  # specialised to a constant (N_REP == 1)
+            signature[name] = "constexpr"
         elif _unit_stride(name):
             signature[name] = "constexpr"
             constants[name] = 1
@@ -275,7 +284,7 @@ def compile_all(spec_list, archs=(80, 90), *, workers: int | None = None, progre
     jobs = [(spec, arch) for spec in spec_list for arch in archs]
     # the slowest compiles first (fp32, wide heads, big tiles), so no worker is left with a long one at the end
     order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i][0]))
-    workers = workers or os.cpu_count() or 1
+    workers = workers or min(len(os.sched_getaffinity(0)), 16)
     # Workers are fresh processes (spawn: no fork of torch's thread pools) with the compiler on, whatever this
     # process runs under (the test session sets TRITON_INTERPRET=1, under which @triton.jit makes no compilable
     # kernel), and an empty Triton cache: a cached kernel skips ptxas, whose report gives registers and spills.
@@ -283,18 +292,23 @@ def compile_all(spec_list, archs=(80, 90), *, workers: int | None = None, progre
     child_env = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache,
                  "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
     saved = {name: os.environ.get(name) for name in child_env}
-    results = []
+    results = [None] * len(jobs)
+    pool = None
     try:
         os.environ.update(child_env)
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            done = [None] * len(jobs)
-            for i, (j, result) in enumerate(zip(order, pool.map(_compile_one, [jobs[j] for j in order], chunksize=1))):
-                done[j] = result
-                if progress:
-                    progress(i + 1, len(jobs), result)
-            results = done
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = {pool.submit(_compile_one, jobs[j]): j for j in order}
+        for n, future in enumerate(concurrent.futures.as_completed(futures)):
+            j = futures[future]
+            try:
+                results[j] = future.result()
+            except concurrent.futures.BrokenExecutor as exc:  # a worker died (a crash inside LLVM)
+                results[j] = Failed(*jobs[j], f"the compile process died: {exc}")
+            if progress:
+                progress(n + 1, len(jobs), results[j])
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop what has not started
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -328,6 +342,15 @@ def ci_specs() -> list[Spec]:
             reps = set(_representative(kind, alone=alone))  # fp32 (slow to compile): no flag and the maximal sets
             keep = lambda k, flags, reps=reps: tuple(sorted(flags.items())) in reps  # noqa: E731
             chosen += specs((kind,), dtypes, dims, first_config_only=True, flags_filter=keep)
+        if kind in attention.TUNED_KINDS or kind == "preprocess":
+            # head dims that pad (80 -> BLOCK_D 128: the masked loads) or use the smallest blocks (32), and MHA
+            # (N_REP == 1, a constant to the JIT): no flag and the maximal flag sets, fp16, first config
+            ends = set(_representative(kind, alone=False))
+            keep = lambda k, flags, ends=ends: tuple(sorted(flags.items())) in ends  # noqa: E731
+            chosen += specs((kind,), (torch.float16,), (32, 80), first_config_only=True, flags_filter=keep)
+            if kind != "preprocess":
+                chosen += [dataclasses.replace(s, mha=True) for s in specs((kind,), (torch.float16,), (64, 128),
+                                                                           first_config_only=True, flags_filter=keep)]
         if kind in attention.TUNED_KINDS:
             base = lambda k, flags: not any(v is True for v in flags.values())  # noqa: E731
             for dtype, dims in ((torch.float16, (64, 128)), (torch.float32, (128,))):

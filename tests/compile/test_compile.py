@@ -49,7 +49,7 @@ def test_every_ci_specialization_compiles_for_both_targets(compiled):
 
 def _estimate(r) -> int:
     s = r.spec
-    return attention.smem_bytes(s.kind, s.block_m, s.block_n, s.head_dim, s.num_stages, s.dtype.itemsize)
+    return attention.smem_bytes(s.kind, s.block_m, s.block_n, s.block_d, s.num_stages, s.dtype.itemsize)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,6 +58,16 @@ def test_the_shared_memory_estimate_bounds_the_compiled_value(compiled, arch):
     under = [r for r in _ok(compiled, arch) if r.spec.kind in attention.TUNED_KINDS and _estimate(r) < r.shared]
     assert not under, "smem_bytes underestimates:\n" + _lines(
         under, lambda r: f"compiled {r.shared:,} B > estimate {_estimate(r):,} B")
+
+
+def test_the_shared_memory_estimate_is_not_loose(compiled):
+    # an estimate far above the real value would prune configs that fit (the preferred one on A100, every config
+    # on a small GPU): at most twice the compiled value plus 16 KiB on either target (1-stage configs, whose layout
+    # varies most: three times)
+    loose = [r for r in _ok(compiled) if r.spec.kind in attention.TUNED_KINDS
+             and _estimate(r) > (2 if r.spec.num_stages > 1 else 3) * r.shared + 16 * 1024]
+    assert not loose, "smem_bytes far above the compiled value:\n" + _lines(
+        loose, lambda r: f"compiled {r.shared:,} B, estimate {_estimate(r):,} B")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -75,9 +85,13 @@ def test_every_config_fits_or_is_pruned(compiled, arch):
         kept_but_too_big, lambda r: f"{r.shared:,} B")
 
 
-def test_the_first_config_of_every_list_fits_both_targets(compiled):
-    # the config tried first is never pruned on A100 or H100: it is the one the lists were ordered for
+def test_the_first_config_of_every_list_survives_the_prune_on_both_targets(compiled):
+    # the config listed first (the lists were ordered for it) is never pruned on A100 or H100, by the autotuner's
+    # own estimate, and fits there
+    pruned = [r for r in _ok(compiled) if r.spec.position == 0 and r.spec.kind in attention.TUNED_KINDS
+              and _estimate(r) > S.SMEM_LIMIT[80]]
     too_big = [r for r in _ok(compiled) if r.spec.position == 0 and r.shared > S.SMEM_LIMIT[80]]
+    assert not pruned, "first configs pruned on sm_80:\n" + _lines(pruned, lambda r: f"estimate {_estimate(r):,} B")
     assert not too_big, "first configs over sm_80's shared memory:\n" + _lines(too_big, lambda r: f"{r.shared:,} B")
 
 
@@ -123,8 +137,8 @@ def test_every_hot_shape_class_has_non_spilling_configs_first(compiled):
 
 def test_fp32_backward_spills_stay_small(compiled):
     # fp32 tiles hold twice the bytes and tf32x3 splits each operand in two: the fp32 lists (their own, with small
-    # tiles and 8 warps) keep the first config's spills at d <= 128 to a few dozen bytes per thread (the lists it
-    # replaces spilled 25-78 KB, with ptxas down to 32 registers and 9-21 KB stack frames)
+    # tiles and 8 warps) keep the first config's spills at d <= 128 under 512 B per thread (the lists they replace
+    # spilled 25-78 KB, with ptxas down to 32 registers and 9-21 KB stack frames)
     big = [r for r in _ok(compiled) if r.spec.dtype == torch.float32 and r.spec.position == 0 and r.spec.head_dim <= 128
            and r.spec.kind in ("dkdv", "dq") and r.spill_stores > 512]
     assert not big, _lines(big, lambda r: f"{r.spill_stores} B spill stores, stack {r.stack} B")
@@ -132,8 +146,8 @@ def test_fp32_backward_spills_stay_small(compiled):
 
 def test_fp32_d256_backward_spills_do_not_grow(compiled):
     # a known limit, not a target met: at fp32 and d 256 every dk/dv config tried spills (the best, 16x32 with 8
-    # warps, 20-31 KB stores per thread; the compile report lists them all). This guards against it getting worse
-    # until the kernel splits the head dim; fp32 d 256 training on a GPU is slow, bf16 is the path to use
+    # warps, 20-31 KB stores per thread; the compile report lists them all; the lists before spilled 38-170 KB).
+    # This guards against it getting worse until the kernel splits the head dim; bf16 is the GPU path at d 256
     big = [r for r in _ok(compiled) if r.spec.dtype == torch.float32 and r.spec.position == 0
-           and r.spec.head_dim == 256 and r.spec.kind in ("dkdv", "dq") and r.spill_stores > 32 * 1024]
+           and r.spec.head_dim == 256 and r.spec.kind in ("dkdv", "dq") and r.spill_stores > 48 * 1024]
     assert not big, _lines(big, lambda r: f"{r.spill_stores} B spill stores, stack {r.stack} B")
