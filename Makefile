@@ -3,9 +3,10 @@
 #   make test    the test suite (Triton kernels run under TRITON_INTERPRET=1 when there is no GPU)
 #   make bench   the benchmark suite on its default shapes, on whatever hardware is there
 #   make gpu     on a GPU machine: build, gpu-marked tests, the GPU benchmark set, a summary of targets
+#   make compile-report  every kernel specialization compiled for sm_80 and sm_90 (no GPU; about an hour of CPU)
 # VENV, PYTHON and CONSTRAINTS (environment variables) choose the environment, see scripts/setup_env.sh.
 
-.PHONY: test bench gpu gpu-dry-run lint env
+.PHONY: test bench gpu gpu-dry-run compile-report lint env
 
 SETUP = PY=$$(scripts/setup_env.sh) || { echo "make: environment set-up failed (scripts/setup_env.sh, see above)" >&2; exit 1; }
 
@@ -20,6 +21,9 @@ bench:
 
 gpu:
 	@$(SETUP); $$PY scripts/gpu.py
+
+compile-report:
+	@$(SETUP); $$PY -m benchmarks.compile_report
 
 gpu-dry-run:
 	@$(SETUP); $$PY scripts/gpu.py --dry-run
