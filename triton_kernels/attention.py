@@ -740,15 +740,7 @@ class SharedMemoryError(RuntimeError):
 
 def device_smem_limit(device: torch.device) -> int:
     """Shared memory a block may opt in to on ``device`` (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
-    props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", None)
-    if limit is None:  # older torch: ask Triton's driver
-        from triton.runtime import driver
-
-        index = torch.device(device).index
-        limit = driver.active.utils.get_device_properties(torch.cuda.current_device() if index is None else index)[
-            "max_shared_mem"]
-    return int(limit)
+    return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
 
 
 def prune_configs(kind: str, block_d: int, elem_size: int, configs, limit: int):
@@ -809,6 +801,12 @@ def dot_precision_for(dtype: torch.dtype, cuda: bool) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
     return "tf32x3" if cuda else "ieee"
+
+
+def unit_column_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its last dimension is not contiguous (e.g. the expanded grad of ``out.sum()``): the
+    kernels are compiled, and proven by the compile suite, for a unit column stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _dot_precision(q: torch.Tensor) -> str:
@@ -887,8 +885,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     ``dlogw [B, H, Tk]`` float32 (``None`` without anchors); all may be given (tests pass NaN-filled ones)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if do.stride(-1) != 1:  # e.g. the expanded grad of out.sum(): unit column stride is the specialization compiled
-        do = do.contiguous()
+    do = unit_column_stride(do)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -957,8 +954,7 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if do.stride(-1) != 1:
-        do = do.contiguous()
+    do = unit_column_stride(do)
     n_split = _saliency_split(q, B, T)
     min_bm = min(c[0] for c in _candidates("saliency", _block_d(D), q.element_size())) if q.is_cuda else 16
     n_parts = triton.cdiv(T, min_bm) * B * n_split

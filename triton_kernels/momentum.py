@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import unit_column_stride
+
 
 @triton.jit
 def _decayed_scan_kernel(X, Y, KPM, M0,
@@ -148,8 +150,7 @@ def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
     ``grad_out [B, H, Tq, D]`` (rows at absolute positions ``Tk - Tq ..``) summed over each kv head's query heads;
     zero at padded keys."""
     B, H, Tq, D = grad_out.shape
-    if grad_out.stride(-1) != 1:  # e.g. an expanded grad: unit column stride is the specialization compiled
-        grad_out = grad_out.contiguous()
+    grad_out = unit_column_stride(grad_out)
     y = torch.empty(B, Hkv, Tk, D, dtype=torch.float32, device=grad_out.device)
     if Tk == 0:
         return y

@@ -1,7 +1,8 @@
 """Every specialization the launchers can compile, as data: the compile suite and report enumerate these.
 
 One source of truth: the flag sets are the ones the launchers check every launch against
-(:data:`attention.FLAG_SETS`, :data:`momentum.FLAG_SETS`, :data:`deep_thinking.FLAG_SETS`), and the block
+(:data:`attention.FLAG_SETS`, :data:`momentum.FLAG_SETS`; :data:`deep_thinking.FLAG_SETS` holds both values of its
+one flag), and the block
 configs are the autotuner's own lists (:func:`attention._candidates`). A flag or config added to a launcher is
 therefore compiled by ``tests/compile`` the day it is added, and a launch with a flag set missing from the table
 fails at once (``attention._check_flags``).
