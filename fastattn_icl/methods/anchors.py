@@ -51,7 +51,8 @@ class ICLExample:
 
     Attributes:
         input_ids: int64 ``[T]``; the model predicts the query's label word after the last token.
-        anchor_positions: int64 ``[A]`` label-word positions of the demonstrations.
+        anchor_positions: int64 ``[A]`` label-word positions of the demonstrations, indices into ``input_ids``
+            (``A = 0`` for a zero-shot prompt).
         anchor_classes: int64 ``[A]`` their classes.
         label: the query's gold class, or ``None``.
     """
@@ -179,6 +180,19 @@ def _unknown_token_id(tokenizer: Any) -> int | None:
     return None
 
 
+def _find_label_words(
+    tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]], template: str, words: list[str]
+) -> tuple[list[int], list[int]]:
+    """Token positions and classes of every rendered demonstration's label word in ``text`` (possibly none)."""
+    positions, classes = [], []
+    for match in _template_regex(template, words).finditer(text):
+        word = match.group("label")
+        start, end = match.span("label")
+        positions.append(_token_at(ids, offsets, start, end, text, word, tokenizer))
+        classes.append(words.index(word))
+    return positions, classes
+
+
 def label_word_positions(
     tokenizer: Any,
     prompt_or_ids: str | Sequence[int] | torch.Tensor,
@@ -221,12 +235,7 @@ def label_word_positions(
                 f"the token ids do not survive decoding and re-encoding with {_tokenizer_name(tokenizer)} "
                 f"(add_special_tokens={add_special_tokens}): pass the prompt text instead"
             )
-    positions, classes = [], []
-    for match in _template_regex(template, words).finditer(text):
-        word = match.group("label")
-        start, end = match.span("label")
-        positions.append(_token_at(ids, offsets, start, end, text, word, tokenizer))
-        classes.append(words.index(word))
+    positions, classes = _find_label_words(tokenizer, text, ids, offsets, template, words)
     if not positions:
         raise ValueError(
             f"no demonstration of the template {template!r} with label words {words!r} was found in the prompt "
@@ -282,7 +291,8 @@ class PromptBuilder:
         tokenizer: see :func:`label_word_positions`.
         template: e.g. ``"Review: {x}\\nSentiment: {y}\\n"`` (the free field must be ``{x}``).
         label_words: one per class.
-        demonstrations: ``(x, class)`` pairs, rendered in this order.
+        demonstrations: ``(x, class)`` pairs, rendered in this order; empty for zero-shot prompts (the prompt is
+            the query rendered up to its label, and examples have no label-word positions).
         add_special_tokens: passed to the tokenizer.
     """
 
@@ -323,19 +333,22 @@ class PromptBuilder:
         return self.demonstrations_text() + self.query_text(x)
 
     def example(self, x: str, label: int | None = None) -> ICLExample:
-        """Encode the prompt for ``x`` and locate the demonstrations' label words."""
+        """Encode the prompt for ``x`` and locate the demonstrations' label words (none when zero-shot: then
+        ``anchor_positions`` and ``anchor_classes`` are empty int64 ``[0]``)."""
         text = self.prompt(x)
-        ids, _ = _encode(self.tokenizer, text, self.add_special_tokens)
-        found = label_word_positions(
-            self.tokenizer, text, self.template, self.label_words, add_special_tokens=self.add_special_tokens,
-            require_all_classes=False,
-        )
-        if len(found.positions) != len(self.demonstrations):
+        ids, offsets = _encode(self.tokenizer, text, self.add_special_tokens)
+        positions, classes = _find_label_words(self.tokenizer, text, ids, offsets, self.template, self.label_words)
+        if len(positions) != len(self.demonstrations):
             raise ValueError(
-                f"found {len(found.positions)} label words for {len(self.demonstrations)} demonstrations in the "
+                f"found {len(positions)} label words for {len(self.demonstrations)} demonstrations in the "
                 f"prompt for {x!r}: a query or demonstration text contains the template's label pattern"
             )
-        return ICLExample(torch.tensor(ids, dtype=torch.long), found.positions, found.classes, label)
+        return ICLExample(
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            torch.tensor(classes, dtype=torch.long),
+            label,
+        )
 
 
 def collate(examples: Sequence[ICLExample], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -344,7 +357,8 @@ def collate(examples: Sequence[ICLExample], pad_token_id: int = 0) -> dict[str, 
     Returns:
         ``input_ids``, ``attention_mask`` (1 = real token) and ``position_ids`` ``[B, T]`` (positions count
         real tokens only); ``anchor_positions``/``anchor_classes`` ``[B, A]`` as key positions in the padded
-        sequence (``-1`` = unused); ``labels`` ``[B]`` (``-1`` where unknown).
+        sequence, i.e. each prompt's own positions shifted by its left padding (``-1`` = unused; ``A = 0`` when
+        every prompt is zero-shot); ``labels`` ``[B]`` (``-1`` where unknown).
     """
     if not examples:
         raise ValueError("collate needs at least one example")

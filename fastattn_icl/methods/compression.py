@@ -465,6 +465,15 @@ class CompressedDemonstrations:
                    ModelGeometry(**json.loads(meta["geometry"])), meta["method"], tensors.get("input_ids"))
 
 
+def _check_demonstrations(demonstrations: Sequence[tuple[str, int]], template: str) -> None:
+    if len(demonstrations) == 0:
+        raise ValueError(
+            f"no demonstration of the template {template!r} to compress: anchor compression keeps the "
+            "demonstrations' label words and formatting tokens, and a zero-shot prompt has none (run the test "
+            "inputs without a prefix instead)"
+        )
+
+
 def compress_demonstrations(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -494,11 +503,12 @@ def compress_demonstrations(
         keep_special_tokens: keep the tokenizer's special tokens (BOS) in the anchor sets.
 
     Raises:
-        ValueError: an unknown method, a template field or label word not found in the tokenised
-            demonstrations, demonstrations longer than the model's context.
+        ValueError: an unknown method, no demonstrations (zero-shot), a template field or label word not found
+            in the tokenised demonstrations, demonstrations longer than the model's context.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_demonstrations(demonstrations, template)
     builder = PromptBuilder(tokenizer, template, label_words, demonstrations, add_special_tokens=add_special_tokens)
     if method == "text_anchor":
         text = text_anchor_text(template, builder.label_words, demonstrations)
@@ -600,6 +610,7 @@ def evaluate_compression(
     test_set = list(test_set)
     if not test_set:
         raise ValueError("evaluate_compression needs at least one test input")
+    _check_demonstrations(demonstrations, template)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     builder = PromptBuilder(tokenizer, template, label_words, demonstrations, add_special_tokens=add_special_tokens)

@@ -6,11 +6,21 @@ the demonstrations over the current state, with a momentum update of all layers 
     result.state.save("dt.safetensors")                                   # a CompressedDemonstrations
 
 Step 1 is the ordinary prefix cache of the ``N`` demonstration tokens. Step ``t >= 2`` re-runs them with the state
-``X̂`` as past (new tokens at positions ``N .. 2N - 1``, each seeing all ``N`` old keys and the new ones causally)
-and updates every element of every layer's K and V: ``g = X_new - X̂``, ``m = g`` (first update) else ``g + β m``,
-``X̂ <- X̂ + η m``. The state of all layers lives in one buffer next to the re-run's new K/V
-(:class:`DeepThinkingCache` hands the model views of it), so the re-run writes ``X_new`` in place and the update
-is one call, :func:`fastattn_icl.ops.deep_thinking.deep_thinking_update_` (one Triton launch on CUDA).
+``X̂`` as past (each new token seeing all ``N`` old keys and the new ones causally: a bottom-right causal mask over
+``2N`` keys) and updates every element of every layer's K and V: ``g = X_new - X̂``, ``m = g`` (first update) else
+``g + β m``, ``X̂ <- X̂ + η m``.
+
+Position ids of the re-run (``rerun_positions``): ``"appended"`` numbers the new tokens ``N .. 2N - 1``, the
+authors' code on GPT-2's learned absolute positions (SPEC §7 as written); ``"stored"`` numbers them ``0 .. N - 1``,
+the positions of the state's own keys. On a rotary model a key carries its position as a rotation, so appended
+re-run keys are rotated ``N`` positions away from the stored keys they are blended into, and the momentum update
+mixes keys of two rotations (on SmolLM2-135M it took a sentiment task to chance accuracy); stored positions keep
+every blended key at its own rotation. ``"auto"`` (the default) picks ``"stored"`` for rotary models
+(:func:`uses_rotary_positions`) and ``"appended"`` otherwise; ``docs/methods.md`` has the measurements.
+
+The state of all layers lives in one buffer next to the re-run's new K/V (:class:`DeepThinkingCache` hands the
+model views of it), so the re-run writes ``X_new`` in place and the update is one call,
+:func:`fastattn_icl.ops.deep_thinking.deep_thinking_update_` (one Triton launch on CUDA).
 
 Inference: test inputs alone, with the state as prefix at positions ``0 .. N - 1`` and the test tokens from ``N``
 (a :class:`~fastattn_icl.methods.compression.CompressedDemonstrations` keeping every position). The step count is
@@ -37,7 +47,70 @@ from fastattn_icl.methods.compression import (
 )
 from fastattn_icl.ops.deep_thinking import _check_coef, deep_thinking_update_
 
-__all__ = ["DeepThinkingCache", "DeepThinkingResult", "deep_thinking", "score_choices"]
+__all__ = [
+    "RERUN_POSITIONS",
+    "DeepThinkingCache",
+    "DeepThinkingResult",
+    "deep_thinking",
+    "rerun_position_mode",
+    "score_choices",
+    "uses_rotary_positions",
+]
+
+RERUN_POSITIONS = ("auto", "stored", "appended")
+# families whose attention rotates queries and keys by position (a fallback for configs that name no rope field)
+_ROTARY_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "phi3", "olmo", "olmo2", "gptj", "codegen", "gpt_neox", "gpt_neox_japanese", "stablelm", "cohere", "starcoder2",
+    "granite", "internlm2", "deepseek_v3", "smollm3",
+})
+
+
+def uses_rotary_positions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` encodes positions as rotations of its queries and keys (RoPE) rather than as learned
+    absolute embeddings added to the input (GPT-2, OPT).
+
+    Detected, in order, from: a submodule whose class name contains ``Rotary`` (``LlamaRotaryEmbedding``,
+    ``GPTJRotaryEmbedding``, ...); the text config's RoPE fields (``rope_parameters``, ``rope_scaling``,
+    ``rope_theta``, ``rotary_dim``, ``rotary_pct``, ``partial_rotary_factor``, ``position_embedding_type`` of
+    ``"rotary"``/``"rope"``); the config's ``model_type`` among known rotary families. A config with ``alibi=True``
+    (Falcon, Bloom) is not rotary.
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if text is not None and getattr(text, "alibi", False) is True:
+        return False
+    if isinstance(model, torch.nn.Module) and any("rotary" in type(m).__name__.lower() for m in model.modules()):
+        return True
+    if text is None:
+        return False
+    for name in ("rope_parameters", "rope_scaling"):
+        if isinstance(getattr(text, name, None), dict) and getattr(text, name):
+            return True
+    for name in ("rope_theta", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor"):
+        value = getattr(text, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return True
+    if str(getattr(text, "position_embedding_type", "")).lower() in ("rotary", "rope"):
+        return True
+    return bool({getattr(text, "model_type", None), getattr(config, "model_type", None)} & _ROTARY_MODEL_TYPES)
+
+
+def rerun_position_mode(model: torch.nn.Module, rerun_positions: str = "auto") -> str:
+    """``"stored"`` or ``"appended"``: the position ids :func:`deep_thinking` gives the re-run on ``model``.
+
+    Args:
+        rerun_positions: ``"auto"`` (``"stored"`` when :func:`uses_rotary_positions`, else ``"appended"``),
+            ``"stored"`` (positions ``0 .. N - 1``, those of the state's keys) or ``"appended"`` (``N .. 2N - 1``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if not isinstance(rerun_positions, str) or rerun_positions not in RERUN_POSITIONS:
+        raise ValueError(f"rerun_positions must be one of {RERUN_POSITIONS}, got {rerun_positions!r}")
+    if rerun_positions == "auto":
+        return "stored" if uses_rotary_positions(model) else "appended"
+    return rerun_positions
 
 
 def _cache_classes():
@@ -89,11 +162,14 @@ class DeepThinkingResult:
         state: the chosen step's ``X̂`` as a prefix (every position kept, test tokens from position ``N``).
         step: the chosen step (1 = plain prefix caching).
         history: per step, ``{"step", "score"}`` on the held-out data (``score`` is ``None`` without it).
+        rerun_positions: the position ids the re-runs used, ``"stored"`` (``0 .. N - 1``) or ``"appended"``
+            (``N .. 2N - 1``); ``"auto"`` resolved.
     """
 
     state: CompressedDemonstrations
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    rerun_positions: str = "appended"
 
 
 def _state_view(work: torch.Tensor, geometry: ModelGeometry, ids: torch.Tensor) -> CompressedDemonstrations:
@@ -114,6 +190,7 @@ def deep_thinking(
     select_on: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[int]] | None = None,
     normalise: bool = False,
     batch_size: int = 16,
+    rerun_positions: str = "auto",
     progress: bool = True,
 ) -> DeepThinkingResult:
     """Run Deep-Thinking for ``steps`` steps on the demonstrations ``demo_ids [N]`` (SPEC §7).
@@ -129,27 +206,35 @@ def deep_thinking(
             :func:`score_choices`) is returned (ties: the earliest). ``None``: the last step.
         normalise: score choices by length-normalised log-probability when selecting.
         batch_size: rows per forward when scoring the held-out data.
+        rerun_positions: position ids of the re-run tokens: ``"stored"`` ``0 .. N - 1`` (the positions of the
+            state's keys: right for rotary models, whose keys carry their position as a rotation), ``"appended"``
+            ``N .. 2N - 1`` (the authors' code, on GPT-2's learned absolute positions), or ``"auto"`` (default:
+            ``"stored"`` for rotary models, see :func:`uses_rotary_positions`, else ``"appended"``). Either way each
+            re-run token sees all ``N`` old keys and the new ones causally; inference is unchanged (the test
+            tokens start at position ``N``).
         progress: a progress bar over the steps.
 
     Returns:
         :class:`DeepThinkingResult` (the chosen state is a copy, independent of later steps).
 
     Raises:
-        ValueError: ``steps < 1``, η or β negative or not finite, demonstrations empty or longer than half the
-            model's context (the re-run uses positions up to ``2N - 1``).
+        ValueError: ``steps < 1``, η or β negative or not finite, an unknown ``rerun_positions``, demonstrations
+            empty or longer than the model's context (with ``"appended"`` positions: longer than half of it, the
+            re-run uses positions up to ``2N - 1``).
     """
     ids = _check_ids("demo_ids", demo_ids, 1)
     N = ids.shape[0]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     eta, beta = _check_coef("eta", eta), _check_coef("beta", beta)
+    mode = rerun_position_mode(model, rerun_positions)
     limit = _context_length(model)
     if N == 0:
         raise ValueError("the demonstrations are empty (0 tokens)")
-    if limit is not None and 2 * N > limit:
+    if mode == "appended" and limit is not None and 2 * N > limit:
         raise ValueError(
             f"the re-run places the {N} demonstration tokens at positions {N} .. {2 * N - 1}, past the model's "
-            f"context of {limit}: use at most {limit // 2} demonstration tokens"
+            f"context of {limit} (rerun_positions='appended'): use at most {limit // 2} demonstration tokens"
         )
     if select_on is not None:
         if not isinstance(select_on, (tuple, list)) or len(select_on) != 3:
@@ -168,7 +253,8 @@ def deep_thinking(
     work[0, :, :, 0] = first.keys[:, 0]
     work[1, :, :, 0] = first.values[:, 0]
     m = torch.empty(2 * L * Hkv, N * d, dtype=torch.float32, device=device)
-    positions = torch.arange(N, 2 * N, device=device)[None]
+    start = 0 if mode == "stored" else N
+    positions = torch.arange(start, start + N, device=device)[None]
     history: list[dict[str, Any]] = []
     best: tuple[float, int, CompressedDemonstrations] | None = None
 
@@ -199,7 +285,7 @@ def deep_thinking(
     finally:
         model.train(training)
     _, step, state = best
-    return DeepThinkingResult(state, step, history)
+    return DeepThinkingResult(state, step, history, mode)
 
 
 def score_choices(

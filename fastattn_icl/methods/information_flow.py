@@ -8,6 +8,7 @@ lengths the forward runs at.
 
     flow = information_flow(model, examples, label_token_ids)
     flow.normalised_mean      # [L, 3]: (S_wp, S_pq, S_ww) per layer, summing to 1
+    flow.normalised_std       # [L, 3]: spread over prompts of each prompt's normalised scores
     flow.plot("flow.png")     # the paper's figure: three lines across layers
 
 The paper's finding on real models: ``S_wp`` dominates shallow layers and ``S_pq`` deep ones.
@@ -71,12 +72,32 @@ class InformationFlow:
         return _normalise(self.mean)
 
     @property
+    def per_sample_normalised(self) -> torch.Tensor:
+        """``[N, L, 3]``: each prompt's scores normalised per layer to sum to 1 (an all-zero layer stays zero)."""
+        return _normalise(self.per_sample)
+
+    @property
     def normalised_std(self) -> torch.Tensor:
-        """``[L, 3]``: the spread over prompts on the same scale as :attr:`normalised_mean`."""
-        return ratio(self.std, self.mean.sum(dim=-1, keepdim=True))
+        """``[L, 3]``: the standard deviation over prompts of :attr:`per_sample_normalised` (0 for a single
+        prompt), the spread on the scale of :attr:`normalised_mean`; each normalised score lies in ``[0, 1]``."""
+        n = self.per_sample.shape[0]
+        return self.per_sample_normalised.std(dim=0) if n > 1 else torch.zeros_like(self.mean)
+
+    def band(self, *, normalised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)``, each ``[L, 3]``: the shaded band of :meth:`plot`, mean ± one standard deviation over
+        prompts, clipped to the scores' range (``[0, 1]`` normalised, ``>= 0`` raw).
+
+        ``normalised=True``: :attr:`normalised_mean` ± :attr:`normalised_std` (the spread of the per-prompt
+        normalised scores); ``False``: :attr:`mean` ± :attr:`std` of the raw scores.
+        """
+        if normalised:
+            mean, std = self.normalised_mean, self.normalised_std
+            return (mean - std).clamp(0.0, 1.0), (mean + std).clamp(0.0, 1.0)
+        return (self.mean - self.std).clamp(min=0.0), self.mean + self.std
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists, for JSON: per score name its per-layer mean, std and normalised mean/std."""
+        """Plain lists, for JSON: per score name its per-layer mean, std and normalised mean/std (the std of the
+        per-prompt normalised scores)."""
         out: dict[str, Any] = {"num_samples": self.per_sample.shape[0], "num_layers": self.num_layers}
         for i, name in enumerate(SCORES):
             out[name] = {
@@ -88,7 +109,8 @@ class InformationFlow:
         return out
 
     def plot(self, path: str | os.PathLike, *, normalised: bool = True, title: str | None = None) -> None:
-        """Draw the three scores across layers (shaded: ± one standard deviation over prompts) to a PNG."""
+        """Draw the three scores across layers to a PNG, shaded by :meth:`band` (± one standard deviation over
+        prompts; with ``normalised`` the spread of the per-prompt normalised scores)."""
         try:
             import matplotlib
 
@@ -97,7 +119,7 @@ class InformationFlow:
         except ImportError as e:  # the plot extra
             raise ImportError("plotting needs matplotlib: pip install 'fastattn_icl[plot]'") from e
         mean = (self.normalised_mean if normalised else self.mean).numpy()
-        std = (self.normalised_std if normalised else self.std).numpy()
+        low, high = (t.numpy() for t in self.band(normalised=normalised))
         layers = range(self.num_layers)
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
         for i, (name, color) in enumerate(zip(SCORES, ("tab:blue", "tab:orange", "tab:green"))):
@@ -107,7 +129,7 @@ class InformationFlow:
                 "S_ww": "$S_{ww}$ (the rest)",
             }[name]
             ax.plot(layers, mean[:, i], color=color, label=label, marker="o", markersize=3)
-            ax.fill_between(layers, mean[:, i] - std[:, i], mean[:, i] + std[:, i], color=color, alpha=0.2)
+            ax.fill_between(layers, low[:, i], high[:, i], color=color, alpha=0.2)
         ax.set_xlabel("layer")
         ax.set_ylabel("normalised score" if normalised else "score")
         n = self.per_sample.shape[0]
@@ -145,8 +167,8 @@ def information_flow(
 
     Raises:
         RuntimeError: gradients are disabled (the scores come from a backward pass).
-        ValueError: an example without a label or label positions, or a label position at or after the
-            target.
+        ValueError: an example without a label or without label positions (a zero-shot prompt), or a label
+            position at or after the target.
     """
     if not torch.is_grad_enabled():
         raise RuntimeError(
@@ -161,7 +183,10 @@ def information_flow(
         if e.label is None:
             raise ValueError(f"examples[{i}] has no gold label: the loss needs one")
         if len(e.anchor_positions) == 0:
-            raise ValueError(f"examples[{i}] has no label-word positions")
+            raise ValueError(
+                f"examples[{i}] has no label-word positions (a zero-shot prompt?): the flow scores S_wp and S_pq "
+                "measure the flow into and out of the demonstrations' label words, so every prompt needs demonstrations"
+            )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device = model_device(model)

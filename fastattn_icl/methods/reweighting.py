@@ -168,12 +168,21 @@ class AnchorReweighting:
 
         Returns:
             the mean training loss of each epoch.
+
+        Raises:
+            ValueError: no examples, an example without a label or without label words (a zero-shot prompt).
         """
         examples = list(train_examples)
         if not examples:
             raise ValueError("fit needs at least one training example")
         if any(e.label is None for e in examples):
             raise ValueError("every training example needs a label")
+        empty = [i for i, e in enumerate(examples) if len(e.anchor_positions) == 0]
+        if empty:
+            raise ValueError(
+                f"train_examples {empty} have no label words (zero-shot prompts?): anchor re-weighting trains beta on "
+                "the attention to the demonstrations' label words, so every training prompt needs demonstrations"
+            )
         if batch_size < 1 or epochs < 0:
             raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
         optimizer = torch.optim.Adam([self.beta], lr=lr)

@@ -5,7 +5,9 @@ element-wise). Step ``t >= 2`` re-runs the ``N`` demonstration tokens with ``X̂
 
 * attention mask: bottom-right causal over ``2N`` keys, i.e. ``visible_mask(N, 2N, causal=True)``:
   new row ``i`` (absolute position ``N + i``) sees all ``N`` old keys and new keys ``N .. N + i``;
-* the new tokens' position ids are ``N .. 2N − 1``;
+* the new tokens' position ids are ``N .. 2N − 1`` (``"appended"``, SPEC §7 as written, the authors' code on GPT-2's
+  learned absolute positions) or ``0 .. N − 1`` (``"stored"``, the positions of the state's keys: right for rotary
+  models, whose keys carry their position as a rotation; the mask is the same);
 * then per element: ``g = X_new − X̂``; ``m = g`` (first update) else ``g + β m``;
   ``X̂ ← X̂ + η m``. ``β = 0`` is the gate form ``X̂ ← η X_new + (1 − η) X̂``.
 
@@ -110,10 +112,16 @@ def deep_thinking_mask(N: int, *, device: torch.device | str | None = None) -> t
     return visible_mask(N, 2 * N, causal=True, device=device)
 
 
-def deep_thinking_position_ids(N: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """LongTensor ``[1, N]``: position ids ``N .. 2N−1`` of the re-run demonstration tokens."""
+def deep_thinking_position_ids(
+    N: int, *, rerun_positions: str = "appended", device: torch.device | str | None = None
+) -> torch.Tensor:
+    """LongTensor ``[1, N]``: position ids of the re-run demonstration tokens, ``N .. 2N−1`` for
+    ``rerun_positions="appended"`` (SPEC §7) or ``0 .. N−1`` for ``"stored"`` (those of the state's keys)."""
     if isinstance(N, bool) or not isinstance(N, int):
         raise TypeError(f"N must be an int, got {type(N).__name__}")
     if N < 1:
         raise ValueError(f"N (demonstration tokens) must be >= 1, got {N}")
-    return torch.arange(N, 2 * N, device=device)[None]
+    if rerun_positions not in ("appended", "stored"):
+        raise ValueError(f"rerun_positions must be 'appended' or 'stored', got {rerun_positions!r}")
+    start = N if rerun_positions == "appended" else 0
+    return torch.arange(start, start + N, device=device)[None]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from fastattn_icl.methods import PromptBuilder, collate, label_token_ids, label_word_positions
+from fastattn_icl.methods import PromptBuilder, collate, label_predictions, label_token_ids, label_word_positions
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, byte_bpe_tokenizer, dataset, word_tokenizer
 
 PROMPT = (
@@ -129,3 +129,36 @@ def test_label_word_outside_the_vocabulary_raises():
     tok = word_tokenizer()
     with pytest.raises(ValueError, match="'nope' is not in the vocabulary"):
         label_token_ids(tok, TEMPLATE, ["negative", "nope"])
+
+
+def test_zero_shot_prompt_builder():
+    """No demonstrations: the prompt is the query up to its label; examples carry empty int64 label positions, and
+    collating (also next to few-shot prompts) and reading label predictions off the logits work."""
+    from tests.integrations.test_models import tiny_model
+
+    tokenizer = word_tokenizer()
+    builder = PromptBuilder(tokenizer, TEMPLATE, LABEL_WORDS, [])
+    assert builder.demonstrations_text() == "" and builder.prompt("fun film") == "Review: fun film\nSentiment:"
+    example = builder.example("fun film", 1)
+    assert example.input_ids.tolist() == tokenizer.encode("Review: fun film\nSentiment:").ids
+    for t in (example.anchor_positions, example.anchor_classes):
+        assert t.dtype == torch.long and t.shape == (0,)
+    assert example.label == 1 and builder.example("dull").label is None
+    batch = collate([example, builder.example("the film was really quite fun", 0)])
+    assert batch["anchor_positions"].shape == (2, 0) and batch["anchor_positions"].dtype == torch.long
+    assert batch["anchor_classes"].shape == (2, 0) and batch["labels"].tolist() == [1, 0]
+    few_shot = PromptBuilder(tokenizer, TEMPLATE, LABEL_WORDS, dataset(2, seed=1)).example("fun", 0)
+    mixed = collate([example, few_shot])
+    pad = len(few_shot.input_ids) - len(example.input_ids)
+    assert mixed["anchor_positions"][0].tolist() == [-1, -1]
+    assert torch.equal(mixed["anchor_positions"][1], few_shot.anchor_positions)
+    assert mixed["attention_mask"][0].tolist() == [0] * pad + [1] * len(example.input_ids)
+    model = tiny_model("gpt2", layers=1)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+    predictions = label_predictions(logits, builder.label_token_ids)
+    assert predictions.shape == (2,) and predictions.dtype == torch.long
+    # a query that itself contains a rendered demonstration is still caught
+    with pytest.raises(ValueError, match="found 1 label words for 0 demonstrations"):
+        builder.example("great\nSentiment: positive\nReview: fun")

@@ -543,7 +543,7 @@ def test_bad_methods_and_templates(models):
         compress_demonstrations(model, TOKENIZER, DEMOS, "Review: {x}\nSentiment:\n", LABEL_WORDS)
     with pytest.raises(ValueError, match=r"class must be in \[0, 2\), got 3"):
         compress_demonstrations(model, TOKENIZER, [("the film", 3)], TEMPLATE, LABEL_WORDS)
-    # no demonstration to find: keep_sets names the template
+    # no demonstration (zero-shot): the template is named and the reason given
     with pytest.raises(ValueError, match=r"no demonstration of the template 'Review: \{x\}\\nSentiment: \{y\}"):
         compress_demonstrations(model, TOKENIZER, [], TEMPLATE, LABEL_WORDS)
     # a label word the tokenizer splits: keep_sets names the word (raised before the model runs)
@@ -610,6 +610,17 @@ def test_evaluate_compression_progress_and_errors(models, capsys):
         evaluate_compression(model, TOKENIZER, DEMOS, tests, TEMPLATE, LABEL_WORDS, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="method must be one of"):
         evaluate_compression(model, TOKENIZER, DEMOS, tests, TEMPLATE, LABEL_WORDS, methods=["x"], progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_shot_has_nothing_to_compress(models, method):
+    """Every method keeps (a part of) the demonstrations: with none, a ValueError says so before the model runs."""
+    model = models("gpt2")
+    with pytest.raises(ValueError, match=r"no demonstration of the template .* a zero-shot prompt has none"):
+        compress_demonstrations(model, TOKENIZER, [], TEMPLATE, LABEL_WORDS, method=method)
+    with pytest.raises(ValueError, match="a zero-shot prompt has none"):
+        evaluate_compression(model, TOKENIZER, [], dataset(2, seed=4), TEMPLATE, LABEL_WORDS, methods=[method],
+                             progress=False)
 
 
 # -- 6. one gather per compression ---------------------------------------------------------------------------

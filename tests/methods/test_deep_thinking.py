@@ -5,10 +5,11 @@ an explicit mask, held-out step selection, answer scoring against by-hand log-pr
 
 The reference loop is the obvious implementation of SPEC §7: step 1 is the model's own ``use_cache=True`` cache of
 the demonstrations; each later step re-runs the demonstration tokens over a ``DynamicCache`` holding the current
-state, with position ids ``N .. 2N - 1``, and applies :func:`fastattn_icl.reference.deep_thinking.deep_thinking_update`
-to each layer's K and V (``2 L`` calls). The workflow does the same arithmetic in the same order, so on the torch
-backend (the autouse fixture of ``tests/methods/conftest.py``) and under the Triton interpreter the states agree
-bit for bit.
+state, with position ids ``N .. 2N - 1`` on GPT-2 (learned absolute positions, the authors' code) and ``0 .. N - 1``
+on the rotary families (the positions of the stored keys, ``rerun_positions="auto"``), and applies
+:func:`fastattn_icl.reference.deep_thinking.deep_thinking_update` to each layer's K and V (``2 L`` calls). The
+workflow does the same arithmetic in the same order, so on the torch backend (the autouse fixture of
+``tests/methods/conftest.py``) and under the Triton interpreter the states agree bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from transformers import DynamicCache
 import fastattn_icl
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods import CompressedDemonstrations
-from fastattn_icl.methods.deep_thinking import DeepThinkingCache, DeepThinkingResult, deep_thinking, score_choices
+from fastattn_icl.methods.deep_thinking import (
+    DeepThinkingCache,
+    DeepThinkingResult,
+    deep_thinking,
+    rerun_position_mode,
+    score_choices,
+    uses_rotary_positions,
+)
 from fastattn_icl.reference import deep_thinking as ref
 from tests.integrations.test_gptj import tiny_gptj
 from tests.integrations.test_models import tiny_model
@@ -31,6 +39,8 @@ from tests.integrations.test_models import tiny_model
 # the module (``fastattn_icl.methods.deep_thinking`` as an attribute is the function of that name)
 dt_module = importlib.import_module("fastattn_icl.methods.deep_thinking")
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gptj"]
+# the re-run's positions under rerun_positions="auto", written out here (not asked of the code under test)
+AUTO_POSITIONS = {"gpt2": "appended", "llama": "stored", "qwen2": "stored", "mistral": "stored", "gptj": "stored"}
 N = 12  # demonstration tokens: the re-run reaches position 2N - 1 = 23 (the tiny models have 64)
 
 
@@ -78,9 +88,12 @@ def _state_kv(state: CompressedDemonstrations) -> list[tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def reference_states(model, ids: torch.Tensor, steps: int, eta: float, beta: float, update=None):
+def reference_states(model, ids: torch.Tensor, steps: int, eta: float, beta: float, update=None, positions=None):
     """The per-layer ``(K̂, V̂)`` after each of ``steps`` steps, one tensor at a time. ``update(x_hat, x_new, m)`` returns
-    ``(x_hat, m)``; default: the oracle's momentum update."""
+    ``(x_hat, m)``; default: the oracle's momentum update. ``positions``: the re-run's ``"stored"`` / ``"appended"``
+    position ids (default: the family's under ``"auto"``, :data:`AUTO_POSITIONS`)."""
+    if positions is None:
+        positions = AUTO_POSITIONS[model.config.model_type]
     if update is None:
 
         def update(x_hat, x_new, m):
@@ -93,7 +106,8 @@ def reference_states(model, ids: torch.Tensor, steps: int, eta: float, beta: flo
     out = [[(k.clone(), v.clone()) for k, v in state]]
     for _ in range(2, steps + 1):
         past = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in state])
-        model(input_ids=ids[None], position_ids=ref.deep_thinking_position_ids(n), **cache_kwargs(past), use_cache=True)
+        position_ids = ref.deep_thinking_position_ids(n, rerun_positions=positions)
+        model(input_ids=ids[None], position_ids=position_ids, **cache_kwargs(past), use_cache=True)
         new_state, new_momenta = [], []
         for layer, ((k, v), (mk, mv)) in enumerate(zip(state, momenta)):
             k_new, v_new = past.layers[layer].keys[:, :, n:], past.layers[layer].values[:, :, n:]
@@ -147,8 +161,9 @@ def test_fused_workflow_equals_the_reference_loop(family):
         result = _run(model, ids, steps=s, eta=eta, beta=beta)
         assert result.step == s and [h["step"] for h in result.history] == list(range(1, s + 1))
         assert_state(result.state, expected[s - 1], f"{family} step {s}")
-    # the state moved (so the comparison above is not of two prefix caches)
-    assert (expected[-1][0][0] - expected[0][0][0]).abs().max() > 1e-3
+    # the state moved (so the comparison above is not of two prefix caches); layer 0's K/V depend only on the token
+    # and its position, so with the stored positions of rotary models they are a fixed point: check the last layer
+    assert (expected[-1][-1][0] - expected[0][-1][0]).abs().max() > 1e-3
 
 
 def test_default_coefficients_equal_the_reference_loop():
@@ -212,16 +227,18 @@ def test_rerun_attention_matches_an_explicit_mask(family, captured):
     def unflat(x):  # [2 L Hkv, N d] -> [2, L, Hkv, N, d]
         return x.view(2, L, -1, N, x.shape[-1] // N)
 
-    # step 2: the state is the prefix cache, so the re-run is the second half of `ids ++ ids`, positions 0 .. 2N - 1,
-    # whose mask is causal on the first half and the re-run's mask (all N old keys, new ones causally) below
+    # step 2: the state is the prefix cache, so the re-run is the second half of `ids ++ ids`, whose mask is causal on
+    # the first half and the re-run's mask (all N old keys, new ones causally) below; the second half sits at
+    # positions N .. 2N - 1 on GPT-2 and at the stored keys' 0 .. N - 1 on Llama (rerun_positions="auto")
     mask = torch.zeros(2 * N, 2 * N, dtype=torch.bool)
     mask[:N] = torch.ones(N, N, dtype=torch.bool).tril().repeat(1, 2) & (torch.arange(2 * N) < N)
     mask[N:] = ref.deep_thinking_mask(N)[0, 0]
+    second = torch.arange(N, 2 * N) if family == "gpt2" else torch.arange(N)
     with torch.no_grad():
         cache = model(
             input_ids=torch.cat([ids, ids])[None],
             attention_mask=_additive(mask)[None, None],
-            position_ids=torch.arange(2 * N)[None],
+            position_ids=torch.cat([torch.arange(N), second])[None],
             use_cache=True,
         ).past_key_values
     new = unflat(captured[0][1])
@@ -229,14 +246,15 @@ def test_rerun_attention_matches_an_explicit_mask(family, captured):
         torch.testing.assert_close(new[0, layer][None], cache.layers[layer].keys[:, :, N:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(new[1, layer][None], cache.layers[layer].values[:, :, N:], rtol=1e-5, atol=1e-5)
 
-    # step 3: past = the state after step 2, the N new tokens under deep_thinking_mask at positions N .. 2N - 1
+    # step 3: past = the state after step 2, the N new tokens under deep_thinking_mask at the same positions
     state, new = unflat(captured[1][0]), unflat(captured[1][1])
+    rerun_ids = second[None]
     past = DynamicCache(ddp_cache_data=[(state[0, layer][None], state[1, layer][None]) for layer in range(L)])
     with torch.no_grad():
         model(
             input_ids=ids[None],
             attention_mask=_additive(ref.deep_thinking_mask(N)),
-            position_ids=ref.deep_thinking_position_ids(N),
+            position_ids=rerun_ids,
             **cache_kwargs(past),
             use_cache=True,
         )
@@ -251,7 +269,7 @@ def test_rerun_attention_matches_an_explicit_mask(family, captured):
         model(
             input_ids=ids[None],
             attention_mask=_additive(hide_old),
-            position_ids=ref.deep_thinking_position_ids(N),
+            position_ids=rerun_ids,
             **cache_kwargs(past),
             use_cache=True,
         )
@@ -291,6 +309,110 @@ def test_deep_thinking_cache():
             **cache_kwargs(DeepThinkingCache(work)),
             use_cache=True,
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# (d') the re-run's position ids: the stored keys' on rotary models, N .. 2N - 1 on GPT-2
+# ------------------------------------------------------------------------------------------------
+
+
+def _record_position_ids(model, family: str):
+    """Hook what turns position ids into positions: Llama's rotary embedding (the rotation of every layer's q and k),
+    GPT-2's learned position embedding. Returns ``(seen, handle)``: ``seen`` gets ``[T]`` per forward."""
+    seen: list[torch.Tensor] = []
+    if family == "llama":
+
+        def rotary(module, args, kwargs):
+            ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+            seen.append(ids.reshape(-1).clone())
+
+        return seen, model.model.rotary_emb.register_forward_pre_hook(rotary, with_kwargs=True)
+    return seen, model.transformer.wpe.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1)))
+
+
+@pytest.mark.parametrize(
+    "family, rerun_positions, start",
+    [("llama", "auto", 0), ("llama", "stored", 0), ("llama", "appended", N),
+     ("gpt2", "auto", N), ("gpt2", "appended", N), ("gpt2", "stored", 0)],
+)
+def test_rerun_position_ids_the_model_sees(family, rerun_positions, start):
+    model, ids = model_of(family), _ids(seed=40)
+    seen, handle = _record_position_ids(model, family)
+    try:
+        result = _run(model, ids, steps=3, eta=0.3, rerun_positions=rerun_positions)
+    finally:
+        handle.remove()
+    mode = "stored" if start == 0 else "appended"
+    assert result.rerun_positions == mode
+    assert len(seen) == 3  # the prefix cache, then two re-runs
+    assert torch.equal(seen[0], torch.arange(N))
+    for got in seen[1:]:
+        assert torch.equal(got, torch.arange(start, start + N)), f"{family} {rerun_positions}: re-run at {got.tolist()}"
+    assert_state(result.state, reference_states(model, ids, 3, 0.3, 0.9, positions=mode)[-1], f"{family} {mode}")
+
+
+def test_stored_positions_keep_layer_zero_fixed_on_rotary_models():
+    """Layer 0's K/V depend only on each token and its position. Re-run at the stored keys' positions they equal the
+    stored ones, so layer 0 stays the prefix cache exactly (no blend of two rotations); re-run at N .. 2N - 1 the
+    keys come back rotated N positions away and the update drifts them (the values carry no rotation)."""
+    model, ids = model_of("llama"), _ids(seed=41)
+    plain = _run(model, ids, steps=1).state
+    stored = _run(model, ids, steps=4, eta=0.3).state
+    appended = _run(model, ids, steps=4, eta=0.3, rerun_positions="appended").state
+    assert torch.equal(stored.keys[0], plain.keys[0]) and torch.equal(stored.values[0], plain.values[0])
+    assert (stored.keys[-1] - plain.keys[-1]).abs().max() > 1e-3  # deeper layers still move
+    assert (appended.keys[0] - plain.keys[0]).abs().max() > 1e-3
+    assert torch.equal(appended.values[0], plain.values[0])
+
+
+@pytest.mark.parametrize("value", ["both", "", "Stored", "absolute", None, 0, True])
+def test_bad_rerun_positions(value):
+    with pytest.raises(ValueError, match="rerun_positions must be one of"):
+        deep_thinking(model_of("llama"), _ids(), steps=2, rerun_positions=value, progress=False)
+    with pytest.raises(ValueError, match="rerun_positions must be one of"):
+        rerun_position_mode(model_of("gpt2"), value)
+
+
+@pytest.mark.parametrize(
+    "family, rotary",
+    [("gpt2", False), ("opt", False), ("llama", True), ("qwen2", True), ("mistral", True), ("gpt_neox", True),
+     ("gptj", True)],
+)
+def test_rotary_detection_on_models(family, rotary):
+    model = tiny_gptj(layers=1) if family == "gptj" else tiny_model(family, layers=1)
+    assert uses_rotary_positions(model) is rotary
+    assert rerun_position_mode(model) == ("stored" if rotary else "appended")
+    assert rerun_position_mode(model, "appended") == "appended" and rerun_position_mode(model, "stored") == "stored"
+
+
+def test_rotary_detection_from_the_config_alone():
+    """A model without a rotary submodule (GPT-J before transformers 5.24 rotates inside its attention) is still
+    detected from its config; ALiBi models are not rotary."""
+    from transformers import FalconConfig, GPT2Config, GPTJConfig, LlamaConfig, OPTConfig
+
+    class Bare(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    assert uses_rotary_positions(Bare(GPTJConfig(n_layer=1, rotary_dim=8)))
+    assert uses_rotary_positions(Bare(LlamaConfig(num_hidden_layers=1)))
+    assert uses_rotary_positions(Bare(FalconConfig(num_hidden_layers=1, alibi=False)))
+    assert not uses_rotary_positions(Bare(FalconConfig(num_hidden_layers=1, alibi=True)))
+    assert not uses_rotary_positions(Bare(GPT2Config(n_layer=1)))
+    assert not uses_rotary_positions(Bare(OPTConfig(num_hidden_layers=1)))
+
+
+def test_stored_positions_need_only_the_context():
+    """With stored positions the re-run stays at 0 .. N - 1: 9 tokens fit a 16-position Llama, appended ones do not."""
+    model = _model("llama")
+    model.config.max_position_embeddings = 16  # RoPE has no table: only the config's stated context changes
+    ids = _ids(n=9)
+    with pytest.raises(ValueError, match="context of 16"):
+        deep_thinking(model, ids, steps=2, rerun_positions="appended", progress=False)
+    result = deep_thinking(model, ids, steps=2, eta=0.3, progress=False)
+    assert result.rerun_positions == "stored"
+    assert_state(result.state, reference_states(model, ids, 2, 0.3, 0.9)[-1], "N = 9 of 16, stored")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,12 +84,56 @@ def test_summary_statistics_by_hand():
     third = 1 / 3
     expected = torch.tensor([[third, third, third], [0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(flow.normalised_mean, expected)
+    # the spread of each prompt's normalised scores: layer 0 is (1, 2, 1) / 4 and (3, 2, 3) / 8, sample std
+    # |a - b| / sqrt(2); the all-zero layer normalises to zero for both prompts
+    r = 1 / 8 / s  # |0.25 - 0.375| / sqrt(2) (S_wp, S_ww) and twice that for S_pq (|0.5 - 0.25|)
     torch.testing.assert_close(
-        flow.normalised_std, torch.tensor([[s / 6, 0.0, s / 6], [0.0, 0.0, 0.0]], dtype=torch.float64)
+        flow.normalised_std, torch.tensor([[r, 2 * r, r], [0.0, 0.0, 0.0]], dtype=torch.float64)
     )
     data = flow.to_dict()
     assert data["num_samples"] == 2 and data["S_wp"]["normalised_mean"] == pytest.approx([third, 0.0])
     assert InformationFlow(per_sample[:1]).std.abs().sum() == 0  # one prompt: no spread
+
+
+def test_normalised_band_is_the_spread_of_per_prompt_normalised_scores(monkeypatch, tmp_path):
+    """Prompts whose raw scores differ in scale (as on a real model) put raw ± std far outside [0, 1] once divided by
+    the mean's sum (the band reached -0.5 and 2.4); the normalised band is the spread of each prompt's normalised
+    scores, computed independently here, and what the plot shades."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([100.0, 1.0, 0.01, 10.0, 0.1])[:, None, None]
+    per_sample = torch.rand(5, 4, 3, generator=g, dtype=torch.float64) * scale
+    per_sample[1, 2] = 0.0  # one all-zero layer of one prompt: zero, not NaN
+    flow = InformationFlow(per_sample)
+    normalised = torch.stack([
+        torch.stack([row / row.sum() if row.sum() > 0 else torch.zeros(3, dtype=torch.float64) for row in prompt])
+        for prompt in per_sample
+    ])  # [N, L, 3]
+    mean = normalised.mean(0, keepdim=True)
+    std = ((normalised - mean) ** 2).sum(0).div(len(per_sample) - 1).sqrt()
+    torch.testing.assert_close(flow.per_sample_normalised, normalised)
+    torch.testing.assert_close(flow.normalised_std, std)
+    n = len(per_sample)
+    assert bool((flow.normalised_std <= (n / (4 * (n - 1))) ** 0.5).all())  # the most n values in [0, 1] can spread
+    low, high = flow.band()
+    torch.testing.assert_close(low, (flow.normalised_mean - std).clamp(0, 1))
+    torch.testing.assert_close(high, (flow.normalised_mean + std).clamp(0, 1))
+    assert bool((low >= 0).all() and (high <= 1).all() and (low <= flow.normalised_mean).all())
+    raw_low, raw_high = flow.band(normalised=False)
+    torch.testing.assert_close(raw_high, flow.mean + flow.std)
+    torch.testing.assert_close(raw_low, (flow.mean - flow.std).clamp(min=0))
+    assert flow.to_dict()["S_pq"]["normalised_std"] == pytest.approx(std[:, 1].tolist())
+
+    import matplotlib.axes
+
+    shaded = []
+    real = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, y1, y2, **kw: (shaded.append((y1, y2)), real(self, x, y1, y2, **kw))[1])
+    flow.plot(tmp_path / "flow.png")
+    assert len(shaded) == 3
+    for i, (y1, y2) in enumerate(shaded):
+        torch.testing.assert_close(torch.as_tensor(y1), low[:, i])
+        torch.testing.assert_close(torch.as_tensor(y2), high[:, i])
 
 
 def test_plot(builder, tmp_path):
@@ -115,6 +159,11 @@ def test_bad_input(builder):
     )
     with pytest.raises(ValueError, match="no label-word positions"):
         information_flow(model, [no_labels], ids, progress=False)
+    from fastattn_icl.methods import PromptBuilder
+
+    zero_shot = PromptBuilder(builder.tokenizer, builder.template, builder.label_words, []).example("fun", 1)
+    with pytest.raises(ValueError, match=r"examples\[1\] has no label-word positions \(a zero-shot prompt\?\)"):
+        information_flow(model, [examples[0], zero_shot], ids, progress=False)
     e = examples[0]
     late = type(e)(e.input_ids, torch.tensor([len(e.input_ids) - 1]), torch.tensor([0]), 0)
     with pytest.raises(ValueError, match="before the target"):

@@ -142,3 +142,105 @@ def test_isolation_study_with_loyalty(batch):
         ]
         assert word_loyalty(logits, reference, k=5) == pytest.approx(sum(overlaps) / len(overlaps))
         assert (logits - reference).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Left-padded batches: which positions isolate() takes, and refusing positions on padding
+# ------------------------------------------------------------------------------------------------
+
+
+def _two_lengths():
+    """A short and a long prompt (same demonstrations): in their left-padded batch the short one's own label
+    positions fall on its padding."""
+    builder = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=1))
+    short = builder.example("fun", 1)
+    long = builder.example(" ".join(["the film was really quite fun and the story was a lovely one"] * 2), 0)
+    pad = len(long.input_ids) - len(short.input_ids)
+    assert pad > int(short.anchor_positions.max())
+    return short, long, pad
+
+
+@torch.no_grad()
+def _eager_isolated_logits(model, example, dtype):
+    """``[T, V]`` logits of one prompt with every layer's label-word rows cut from the text before them, by an eager
+    model in ``dtype`` with an explicit mask: row ``p`` sees no key ``< p`` (the ``-1e4`` the seam writes there is an
+    exact 0 after the softmax, since the row still sees key ``p``)."""
+    T = len(example.input_ids)
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    for p in example.anchor_positions.tolist():
+        visible[p, :p] = False
+    mask = torch.zeros(T, T, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return model.to(dtype)(example.input_ids[None], attention_mask=mask[None, None], use_cache=False).logits[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_isolation_equals_per_prompt(family):
+    from fastattn_icl.testing import check_close
+
+    short, long, pad = _two_lengths()
+    model = tiny_model(family)
+    batch = collate([short, long])
+
+    def batched(positions, **kw):
+        with isolate(model, positions, **kw), torch.no_grad():
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"], use_cache=False).logits
+
+    from_examples = batched([short, long])
+    assert torch.equal(batched(batch), from_examples)  # collate's dict
+    assert torch.equal(batched(batch["anchor_positions"]), from_examples)  # shifted by hand (collate did)
+    assert torch.equal(batched(batch["anchor_positions"], attention_mask=batch["attention_mask"]), from_examples)
+    for b, (example, shift) in enumerate(((short, pad), (long, 0))):
+        with isolate(model, [example]), torch.no_grad():
+            alone = model(example.input_ids[None], use_cache=False).logits[0]
+        ref64 = _eager_isolated_logits(model, example, torch.float64)
+        ref32 = _eager_isolated_logits(model, example, torch.float32)
+        check_close(f"{family} prompt {b} batched", from_examples[b, shift:], ref32, ref64)
+        check_close(f"{family} prompt {b} alone", alone, ref32, ref64)
+    with torch.no_grad():
+        plain = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], use_cache=False).logits
+    assert (from_examples[0, pad:] - plain[0, pad:]).abs().max() > 1e-3  # the isolation did something
+
+
+def test_unshifted_positions_on_padding_raise():
+    short, long, pad = _two_lengths()
+    model = tiny_model("llama")
+    batch = collate([short, long])
+    own = [short.anchor_positions.tolist(), long.anchor_positions.tolist()]  # each prompt's own positions
+    with pytest.raises(ValueError, match=r"land on padding of the forward's attention_mask \(row: positions \{0:"):
+        with isolate(model, own), torch.no_grad():
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    with pytest.raises(ValueError, match="pass the ICLExample objects"):  # positional mask argument too
+        with isolate(model, own), torch.no_grad():
+            model(batch["input_ids"], batch["attention_mask"], use_cache=False)
+    with pytest.raises(ValueError, match="land on padding of the attention mask"):  # checked before any forward
+        with isolate(model, own, attention_mask=batch["attention_mask"]):
+            pass
+    with pytest.raises(ValueError, match="past the batch"):
+        with isolate(model, [[3, batch["input_ids"].shape[1]]], attention_mask=batch["attention_mask"]):
+            pass
+    with pytest.raises(ValueError, match="differs from the padding"):
+        with isolate(model, [short, long], attention_mask=torch.ones_like(batch["attention_mask"])):
+            pass
+    assert get_controller(model).is_empty() and model.config._attn_implementation == "eager"
+    assert not model._forward_pre_hooks  # the check is removed on exit, also after an error
+    with torch.no_grad():  # and a later forward with those positions outside isolate() runs
+        model(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+
+def test_zero_shot_examples_cannot_isolate_label_words():
+    zero_shot = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, [])
+    few_shot = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=1))
+    examples = [few_shot.example("fun", 1), zero_shot.example("dull", 0)]
+    model = tiny_model("gpt2", layers=1)
+    with pytest.raises(ValueError, match=r"examples \[1\] have no label words \(zero-shot prompts\?\)"):
+        with isolate(model, examples):
+            pass
+    with pytest.raises(ValueError, match=r"the batch \[1\] have no label words"):
+        with isolate(model, collate(examples)):
+            pass
+    assert get_controller(model).is_empty()
+    # the random control of a zero-shot row is empty too (nothing to draw), not an error
+    batch = collate(examples)
+    assert random_non_label_positions(batch["anchor_positions"], batch["attention_mask"])[1].tolist() == [-1, -1]

@@ -133,7 +133,7 @@ def test_errors_and_state_restore():
         pass
     with pytest.raises(ValueError, match="layer index"), momentum(model, 0.5, layers=[7]):
         pass
-    positions = torch.tensor([[2]])
+    positions = torch.tensor([[4]])  # a real token in both rows (row 1's first 3 are padding, which isolate refuses)
     with pytest.raises(NotImplementedError, match="momentum attention cannot be combined"):
         with momentum(model, 0.5), isolate(model, positions, layers=[0]), torch.no_grad():
             model(ids, attention_mask=mask)

@@ -167,3 +167,20 @@ def test_triton_backend_on_a_one_layer_model(builder):
         loss.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rw.beta.grad, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_zero_shot_examples(builder):
+    """Zero-shot prompts have no anchors: predicting and evaluating them is vanilla ICL (nothing to re-weight), and
+    training on them is refused with the reason (before, autograd failed deep inside: no gradient reaches beta)."""
+    from fastattn_icl.methods import PromptBuilder
+
+    zero_shot = PromptBuilder(builder.tokenizer, builder.template, builder.label_words, [])
+    examples = [zero_shot.example(x, y) for x, y in dataset(4, seed=3)]
+    rw = _reweighting(builder)
+    _random_beta(rw)
+    assert torch.equal(rw.predict(examples), rw.predict(examples, reweight=False))
+    result = rw.evaluate(examples)
+    assert result.accuracy_vanilla == result.accuracy_reweighted and result.num_examples == 4
+    mixed = [*_examples(builder, 2, seed=4), examples[1]]
+    with pytest.raises(ValueError, match=r"train_examples \[2\] have no label words \(zero-shot prompts\?\)"):
+        rw.fit(mixed, progress=False)

@@ -67,6 +67,10 @@ def test_rerun_mask_and_positions():
     assert mask.shape == (1, 1, 3, 6) and torch.equal(mask[0, 0], expected)
     assert torch.equal(mask, visible_mask(3, 6, causal=True))
     assert torch.equal(deep_thinking_position_ids(3), torch.tensor([[3, 4, 5]]))
+    assert torch.equal(deep_thinking_position_ids(3, rerun_positions="appended"), torch.tensor([[3, 4, 5]]))
+    assert torch.equal(deep_thinking_position_ids(3, rerun_positions="stored"), torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="rerun_positions"):
+        deep_thinking_position_ids(3, rerun_positions="auto")  # needs a model: resolved by the workflow
 
 
 def test_errors():
