@@ -23,6 +23,7 @@ import torch
 
 from fastattn_icl.integrations.controller import (
     AnchorState,
+    AttentionRowProbe,
     ICLController,
     IsolationState,
     SharedPrefixState,
@@ -33,6 +34,7 @@ from fastattn_icl.integrations.transformers import ATTN_IMPLEMENTATION, install_
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AnchorState",
+    "AttentionRowProbe",
     "ICLController",
     "IsolationState",
     "SharedPrefixState",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,6 +92,46 @@ class SharedPrefixState:
     @property
     def length(self) -> int:
         return self.keys.shape[3]
+
+
+@dataclass
+class AttentionRowProbe:
+    """Controller state ``attention_row``: record the post-softmax attention of each prompt's last query row
+    (the target position) on a few key positions, in every layer it applies to.
+
+    The row is formed from the fused forward's log-sum-exp: ``P[q, p] = exp(scale · q · k_p − lse_q)`` for the
+    asked positions only, so no ``[T, T]`` map (nor a full row) is ever stored. Plain attention only: the seam
+    refuses it together with other method state.
+
+    Attributes:
+        positions: integer ``[B, A]`` absolute key positions (``-1`` = unused; ``B = 1`` broadcasts).
+        results: filled by the forward, ``{layer_idx: float32 [B, H, A]}`` (0 at unused slots), detached.
+    """
+
+    positions: torch.Tensor
+    results: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, layer_idx: int | None, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
+               scale: float) -> None:
+        """Record layer ``layer_idx`` from ``query [B, H, Tq, D]``, ``key [B, Hkv, Tk, D]`` and the fused
+        forward's ``lse [B, H, Tq]``."""
+        if layer_idx is None:
+            raise ValueError("attention_row needs attention modules with a layer_idx")
+        B, H, _, D = query.shape
+        Hkv, Tk = key.shape[1], key.shape[2]
+        pos = self.positions.to(query.device).long()
+        if pos.dim() != 2 or pos.shape[0] not in (1, B):
+            raise ValueError(f"attention_row positions must be [B={B} or 1, A], got {tuple(pos.shape)}")
+        if bool((pos >= Tk).any()) or bool((pos < -1).any()):
+            raise ValueError(f"attention_row positions must be key positions in [0, {Tk}) or -1, got {pos.tolist()}")
+        pos = pos.expand(B, -1)
+        with torch.no_grad():
+            idx = pos.clamp(min=0)[:, None, :, None].expand(B, Hkv, pos.shape[1], D)
+            keys = key.detach().gather(2, idx).float()  # [B, Hkv, A, D]
+            q = query.detach()[:, :, -1].float().reshape(B, Hkv, H // Hkv, D)
+            logits = torch.einsum("bgrd,bgad->bgra", q, keys).reshape(B, H, -1) * scale
+            p = torch.exp(logits - lse.detach()[:, :, -1, None].float())
+            self.results[layer_idx] = torch.where(pos[:, None, :] >= 0, p, torch.zeros_like(p))
 
 
 class ICLController:

@@ -28,7 +28,9 @@ after a prefix the batch shares, read in place by :func:`fastattn_icl.shared_pre
 not combinable with the other states; the mask covers ``[prefix, own keys]`` and must keep the whole
 prefix); ``momentum`` (η, a float in ``[0, 1)``) runs :func:`fastattn_icl.momentum_attention` over the layer's
 keys, which a Hugging Face cache holds from position 0, so prefill, chunks and decode steps add the momentum of
-absolute positions (not combinable with the other states yet). Positions in the state are absolute key
+absolute positions (not combinable with the other states yet); ``attention_row``
+(:class:`~fastattn_icl.integrations.controller.AttentionRowProbe`) records the last query row's attention on a few
+key positions from the fused forward's log-sum-exp (plain attention only). Positions in the state are absolute key
 positions; a call over a chunk of ``Tq`` queries and ``Tk`` keys (cached decoding) puts query row ``i`` at
 position ``i + Tk - Tq``,
 so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
@@ -80,7 +82,9 @@ _UNSUPPORTED_KWARGS = {
 }
 
 # method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset({"anchors", "beta", "isolation", "momentum", "saliency", "shared_prefix"})
+_CONSUMED_STATE: frozenset[str] = frozenset(
+    {"anchors", "attention_row", "beta", "isolation", "momentum", "saliency", "shared_prefix"}
+)
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -530,6 +534,7 @@ def fastattn_icl_attention_forward(
             f"the seam computes full causal attention only: keep sequences within the window or {_HINT}"
         )
     method: dict[str, Any] = {}
+    probe = None
     if controller is not None and not controller.is_neutral(layer_idx):
         state = controller.layer_state(layer_idx)
         unknown = sorted(set(state) - _CONSUMED_STATE)
@@ -537,6 +542,12 @@ def fastattn_icl_attention_forward(
             raise NotImplementedError(
                 f"fastattn_icl: method state {unknown} is set for layer {layer_idx} but the attention seam "
                 "does not implement it"
+            )
+        probe = state.get("attention_row")
+        if probe is not None and set(state) - {"attention_row"}:
+            raise NotImplementedError(
+                f"fastattn_icl: attention_row cannot be combined with other method state yet (layer {layer_idx}: "
+                f"{sorted(state)})"
             )
         method = _method_arguments(state, layer_idx, query, key)
     saliency = None if controller is None else controller.get("saliency", layer_idx)  # type-checked by the op
@@ -549,10 +560,12 @@ def fastattn_icl_attention_forward(
         # the cache holds every key from position 0, so the decayed sum counts absolute positions
         out = _momentum_forward(layer_idx, query, key, value, eta, bool(is_causal), scaling, key_padding_mask)
     else:
-        out, _ = _fused(
+        out, lse = _fused(
             query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,
             backend=None, saliency=saliency, saliency_key=layer_idx, **method,
         )
+        if probe is not None:
+            probe.record(layer_idx, query, key, lse, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
     weights = None
     if _attentions_requested(kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
