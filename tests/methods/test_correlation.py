@@ -1,0 +1,104 @@
+"""Deep-layer correlation: the target row's attention on the label words from the fused forward, and its AUC-ROC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastattn_icl.integrations import AttentionRowProbe, get_controller
+from fastattn_icl.methods import PromptBuilder, collate
+from fastattn_icl.methods.correlation import _correlation, auc_roc, deep_layer_correlation
+from fastattn_icl.testing import check_close
+from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
+from tests.integrations.test_models import tiny_model
+
+
+def _brute_auc(scores, positive):
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def test_auc_roc_counts_pairs_and_ties():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randint(0, 5, (30,), generator=gen).double()  # many ties
+        positive = torch.rand(30, generator=gen) > 0.4
+        assert auc_roc(scores, positive) == pytest.approx(_brute_auc(scores.tolist(), positive.tolist()))
+    assert auc_roc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([False, False, True])) == 1.0
+    assert auc_roc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([False, False, True])) == 0.0
+    assert math.isnan(auc_roc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])))
+    with pytest.raises(ValueError, match="one shape"):
+        auc_roc(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
+
+
+def test_cumulative_r_and_classes_without_both_outcomes():
+    # 2 layers, 4 prompts, 3 classes; class 2 is never predicted, so layer AUCs average over classes 0 and 1
+    attention = torch.tensor([[[0.9, 0.1, 0.5], [0.5, 0.5, 0.5]], [[0.8, 0.2, 0.4], [0.5, 0.5, 0.5]],
+                              [[0.1, 0.9, 0.3], [0.5, 0.5, 0.5]], [[0.2, 0.7, 0.2], [0.5, 0.5, 0.5]]]).double()
+    pred = torch.tensor([0, 0, 1, 1])
+    auc, R = _correlation(attention, pred)
+    assert auc.tolist() == [1.0, 0.5]
+    assert R.tolist() == [1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    builder = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(4, seed=1))
+    return [builder.example(x, y) for x, y in dataset(6, seed=2)], builder.label_token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_probe_equals_eager_attention_weights_on_a_padded_batch(family, examples):
+    exs, _ = examples
+    model = tiny_model(family, attn_implementation="fastattn_icl", layers=2)
+    model64 = tiny_model(family, attn_implementation="eager", layers=2).double()
+    eager32 = tiny_model(family, attn_implementation="eager", layers=2)
+    batch = collate(exs[:3] + [PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, dataset(2, seed=3))
+                                .example("the film was very dull", 0)])
+    assert (batch["attention_mask"] == 0).any()
+    probe = AttentionRowProbe(batch["anchor_positions"])
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "use_cache": False}
+    with torch.no_grad(), get_controller(model).override(attention_row=probe):
+        model(**kwargs)
+    with torch.no_grad():
+        ref32 = eager32(**kwargs, output_attentions=True).attentions
+        ref64 = model64(**kwargs, output_attentions=True).attentions
+    pos = batch["anchor_positions"]
+    used = pos >= 0
+    for layer in range(2):
+        index = pos.clamp(min=0)[:, None, :].expand(-1, ref32[layer].shape[1], -1)
+        r32 = ref32[layer][:, :, -1].gather(2, index) * used[:, None]
+        r64 = ref64[layer][:, :, -1].gather(2, index) * used[:, None]
+        check_close(f"{family} layer {layer}", probe.results[layer], r32, r64)
+
+
+def test_deep_layer_correlation_shapes_predictions_and_errors(examples):
+    exs, label_ids = examples
+    model = tiny_model("llama", attn_implementation="eager", layers=3)
+    result = deep_layer_correlation(model, exs, label_ids, batch_size=4, progress=False)
+    assert result.attention.shape == (6, 3, 2) and result.auc.shape == result.R.shape == (3,)
+    assert bool((result.attention > 0).all()) and bool((result.attention <= 1).all())
+    with torch.no_grad():
+        logits = model(collate(exs)["input_ids"], attention_mask=collate(exs)["attention_mask"],
+                       position_ids=collate(exs)["position_ids"]).logits[:, -1]
+    assert result.predictions.tolist() == logits[:, label_ids].argmax(-1).tolist()
+    assert model.config._attn_implementation == "eager"  # routed only for the call
+    zero_shot = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS, []).example("the film", 1)
+    with pytest.raises(ValueError, match="no label-word positions"):
+        deep_layer_correlation(model, [zero_shot], label_ids, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        deep_layer_correlation(model, exs, label_ids, batch_size=0, progress=False)
+
+
+def test_the_probe_refuses_other_method_state(examples):
+    exs, _ = examples
+    model = tiny_model("llama", attn_implementation="fastattn_icl", layers=2)
+    batch = collate(exs[:2])
+    probe = AttentionRowProbe(batch["anchor_positions"])
+    with get_controller(model).override(attention_row=probe, momentum=0.5), pytest.raises(
+            NotImplementedError, match="attention_row cannot be combined"):
+        model(batch["input_ids"])
