@@ -68,6 +68,7 @@ packages = find_packages(include=["fastattn_icl", "fastattn_icl.*"]) + ["fastatt
 setup(
     packages=packages,
     package_dir={"fastattn_icl._triton": "triton_kernels"},
+    package_data={"fastattn_icl.lab": ["data/*.jsonl"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

