@@ -4,9 +4,10 @@
 #   make bench   the benchmark suite on its default shapes, on whatever hardware is there
 #   make gpu     on a GPU machine: build, gpu-marked tests, the GPU benchmark set, a summary of targets
 #   make compile-report  every kernel specialization compiled for sm_80 and sm_90 (no GPU; about an hour of CPU)
+#   make reproduce  the "Label Words are Anchors" study on SmolLM2-135M (CPU, ~20 min) into docs/reproduction/
 # VENV, PYTHON and CONSTRAINTS (environment variables) choose the environment, see scripts/setup_env.sh.
 
-.PHONY: test bench gpu gpu-dry-run compile-report lint env
+.PHONY: test bench gpu gpu-dry-run compile-report reproduce lint env
 
 SETUP = PY=$$(scripts/setup_env.sh) || { echo "make: environment set-up failed (scripts/setup_env.sh, see above)" >&2; exit 1; }
 
@@ -24,6 +25,9 @@ gpu:
 
 compile-report:
 	@$(SETUP); $$PY -m benchmarks.compile_report
+
+reproduce:
+	@$(SETUP); $$PY -m fastattn_icl reproduce --out docs/reproduction
 
 gpu-dry-run:
 	@$(SETUP); $$PY scripts/gpu.py --dry-run

@@ -54,18 +54,18 @@ ISOLATION_CONDITIONS = ("label_first", "random_first", "label_last", "random_las
 class Plan:
     """Sample sizes of one run (test inputs are the first ``n`` of a seeded shuffle of the test split)."""
 
-    n_icl: int = 64  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
-    n_flow: int = 24  # prompts for information flow
-    n_isolation: int = 48  # prompts for isolation
+    n_icl: int = 100  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
+    n_flow: int = 32  # prompts for information flow
+    n_isolation: int = 64  # prompts for isolation
     isolation_layers: int = 5  # k of the first-k / last-k study
     reweight_train_per_class: int = 4  # the paper: 4 extra examples per class
     reweight_epochs: int = 10  # the paper: 10 epochs, Adam lr 0.01, batch 1
-    n_reweight: int = 64  # test inputs for re-weighting
-    n_compression: int = 64  # test inputs for compression metrics
+    n_reweight: int = 100  # test inputs for re-weighting
+    n_compression: int = 100  # test inputs for compression metrics
     n_compression_timing: int = 16  # test inputs timed at batch 1, full vs compressed
     deep_thinking_steps: int = 15  # the authors' default
-    n_deep_thinking_dev: int = 32  # dev inputs for the step choice
-    n_deep_thinking: int = 64  # test inputs
+    n_deep_thinking_dev: int = 40  # dev inputs for the step choice
+    n_deep_thinking: int = 100  # test inputs
     n_eager: int = 8  # prompts of the fused-vs-eager timing (information flow: half of them)
     batch_size: int = 8
 
@@ -436,20 +436,20 @@ def plot_flow(flows: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         flow = flows[name]
-        mean, std = flow.normalised_mean.numpy(), flow.normalised_std.numpy()
+        mean = flow.normalised_mean.numpy()
+        low, high = (t.numpy() for t in flow.band(normalised=True))
         layers = range(1, mean.shape[0] + 1)
         for j, (label, color) in enumerate((("$S_{wp}$", "tab:blue"), ("$S_{pq}$", "tab:orange"),
                                             ("$S_{ww}$", "tab:green"))):
             ax.plot(layers, mean[:, j], label=label, color=color)
-            ax.fill_between(layers, (mean[:, j] - std[:, j]).clip(0, 1), (mean[:, j] + std[:, j]).clip(0, 1),
-                            color=color, alpha=0.15)
+            ax.fill_between(layers, low[:, j], high[:, j], color=color, alpha=0.15)
         ax.set_title(f"{name} (n = {flow.per_sample.shape[0]})")
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("information flow per layer (normalised, mean ± std over prompts)")
+    fig.suptitle("information flow per layer (mean over prompts, normalised; band: ± std of per-prompt shares)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -557,12 +557,6 @@ def render(report: dict[str, Any]) -> str:
               f"Command: `{meta['command']}`", "",
               "Data: written for this project (`fastattn_icl/lab/data/*.jsonl`); every number below is measured "
               "in this run, and a finding that does not reproduce is reported as it came out.", ""]
-    lines += ["## Findings (paper vs this model)", "",
-              "| finding of the paper | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-
-    def cells(fn: Callable[[dict[str, Any]], str]) -> str:
-        return " | ".join(fn(tasks[t]) for t in names)
-
     def get(t: dict[str, Any], *keys: str) -> Any:
         for k in keys:
             if not isinstance(t, dict) or k not in t:
@@ -570,32 +564,48 @@ def render(report: dict[str, Any]) -> str:
             t = t[k]
         return t
 
-    lines.append("| shallow layers: S_wp > S_pq (first third) | " + cells(lambda t: "–" if get(t, "flow") is None else
-                 f"{_f(get(t, 'flow', 'first_third', 'S_wp'))} vs {_f(get(t, 'flow', 'first_third', 'S_pq'))}") + " |")
-    lines.append("| deep layers: S_pq > S_wp (last third) | " + cells(lambda t: "–" if get(t, "flow") is None else
-                 f"{_f(get(t, 'flow', 'last_third', 'S_pq'))} vs {_f(get(t, 'flow', 'last_third', 'S_wp'))}") + " |")
-    lines.append("| isolating label words in the first layers hurts most (word loyalty: label vs random) | " + cells(
-        lambda t: "–" if get(t, "isolation") is None else
-        f"{_f(get(t, 'isolation', 'label_first', 'word_loyalty'))} vs "
-        f"{_f(get(t, 'isolation', 'random_first', 'word_loyalty'))}") + " |")
-    lines.append("| isolating them in the last layers barely matters (word loyalty) | " + cells(
-        lambda t: _f(get(t, "isolation", "label_last", "word_loyalty"))) + " |")
-    lines.append("| deep layers' label attention predicts the output (AUC, last layer; layer where R ≥ 0.5) | "
-                 + cells(lambda t: "–" if get(t, "correlation") is None else
-                         f"{_f(get(t, 'correlation', 'auc')[-1])}; layer {get(t, 'correlation', 'R_half_layer')}")
-                 + " |")
-    lines.append("| anchor re-weighting raises accuracy (vanilla → re-weighted) | " + cells(
-        lambda t: "–" if get(t, "reweighting") is None else
-        f"{_f(get(t, 'reweighting', 'accuracy_vanilla'))} → {_f(get(t, 'reweighting', 'accuracy_reweighted'))}")
-        + " |")
-    lines.append("| Hidden_anchor keeps ICL's labels, Hidden_random does not (label loyalty) | " + cells(
-        lambda t: "–" if get(t, "compression") is None else
-        f"{_f(get(t, 'compression', 'methods', 'hidden_anchor', 'label_loyalty'))} vs "
-        f"{_f(get(t, 'compression', 'methods', 'hidden_random', 'label_loyalty'))}") + " |")
-    lines.append("| Deep-Thinking (held-out step) vs plain ICL (accuracy) | " + cells(
-        lambda t: "–" if get(t, "deep_thinking") is None else
-        f"{_f(get(t, 'deep_thinking', 'accuracy_icl'))} → {_f(get(t, 'deep_thinking', 'accuracy_deep_thinking'))} "
-        f"(step {get(t, 'deep_thinking', 'chosen_step')})") + " |")
+    def pair(t: dict[str, Any], a: tuple[str, ...], b: tuple[str, ...], sep: str = " vs ") -> str:
+        x, y = get(t, *a), get(t, *b)
+        return "–" if x is None or y is None else f"{_f(x)}{sep}{_f(y)}"
+
+    def auc_cell(t: dict[str, Any]) -> str:
+        c = get(t, "correlation")
+        return "–" if c is None else f"{_f(c['auc'][0])} → {_f(c['auc'][-1])}; R ≥ 0.5 at layer {c['R_half_layer']}"
+
+    def dt_cell(t: dict[str, Any]) -> str:
+        d = get(t, "deep_thinking")
+        return "–" if d is None else (f"{_f(d['accuracy_icl'])} → {_f(d['accuracy_deep_thinking'])} "
+                                      f"(step {d['chosen_step']})")
+
+    findings = [
+        ("shallow layers: S_wp > S_pq (first third of layers)", "yes (GPT2-XL, GPT-J)",
+         lambda t: pair(t, ("flow", "first_third", "S_wp"), ("flow", "first_third", "S_pq"))),
+        ("deep layers: S_pq > S_wp (last third)", "yes",
+         lambda t: pair(t, ("flow", "last_third", "S_pq"), ("flow", "last_third", "S_wp"))),
+        (f"isolating label words in the first {get(next(iter(tasks.values())), 'isolation', 'layers') or 5} layers "
+         "hurts most (word loyalty: label words vs random words)", "label ≪ random",
+         lambda t: pair(t, ("isolation", "label_first", "word_loyalty"),
+                        ("isolation", "random_first", "word_loyalty"))),
+        ("isolating label words in the last layers barely matters (word loyalty)", "high",
+         lambda t: _f(get(t, "isolation", "label_last", "word_loyalty"))),
+        ("the target's attention on label words predicts the output in deep layers (AUC first → last layer)",
+         "≈ 0.5 shallow, 0.8–0.9 deep", auc_cell),
+        ("anchor re-weighting raises accuracy (vanilla → re-weighted)", "51.9 → 68.6 (GPT2-XL, mean of 4)",
+         lambda t: pair(t, ("reweighting", "accuracy_vanilla"), ("reweighting", "accuracy_reweighted"), " → ")),
+        ("Hidden_anchor keeps ICL's predictions (label / word loyalty)", "label ≈ 0.89 (GPT-J)",
+         lambda t: pair(t, ("compression", "methods", "hidden_anchor", "label_loyalty"),
+                        ("compression", "methods", "hidden_anchor", "word_loyalty"), " / ")),
+        ("Hidden_random does not (label / word loyalty)", "much lower",
+         lambda t: pair(t, ("compression", "methods", "hidden_random", "label_loyalty"),
+                        ("compression", "methods", "hidden_random", "word_loyalty"), " / ")),
+        ("compressed inference is faster at batch 1 (speed-up)", "1.1–2.9×",
+         lambda t: "–" if get(t, "compression") is None else f"{get(t, 'compression', 'timing', 'speedup'):.2f}×"),
+        ("Deep-Thinking (step chosen on dev) vs plain ICL (accuracy)", "gains over ICL", dt_cell),
+    ]
+    lines += ["## Findings (paper vs this model)", "",
+              "| finding | paper | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for text, paper, fn in findings:
+        lines.append(f"| {text} | {paper} | " + " | ".join(fn(tasks[t]) for t in names) + " |")
     lines.append("")
 
     if any("icl" in tasks[t] for t in names):
@@ -610,8 +620,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     if any("flow" in tasks[t] for t in names):
         lines += ["## Information flow", "", "![information flow](information_flow.png)", "",
-                  "Normalised per prompt, then mean ± std over the prompts. Crossover = first layer where "
-                  "S_pq > S_wp.", "", "| task | n | first third S_wp / S_pq / S_ww | last third S_wp / S_pq | "
+                  "Mean over the prompts, normalised per layer to sum to 1 (the paper's figure); the band is ± one "
+                  "std of the per-prompt normalised scores. Crossover = first layer (0-based) where S_pq > S_wp.", "",
+                  "| task | n | first third S_wp / S_pq / S_ww | last third S_wp / S_pq | "
                   "crossover layer |", "|---|---|---|---|---|"]
         for t in names:
             f = tasks[t].get("flow")

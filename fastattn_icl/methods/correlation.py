@@ -2,9 +2,10 @@
 layer ``l`` predict which label the model outputs?
 
 For each prompt and layer, ``A_l(q, p_c)`` is the post-softmax attention of the target position ``q`` (the last
-token) on class ``c``'s label word(s), summed over heads (and over the class's demonstrations). Per layer and class,
-the AUC-ROC of ``A_l(q, p_c)`` as a score for "the model predicts class ``c``" is averaged over the classes that are
-both predicted and not predicted somewhere in the set; ``R_l = Σ_{i≤l}(AUC_i − 0.5) / Σ_{i≤L}(AUC_i − 0.5)`` is the
+token) on class ``c``'s label word(s), summed over heads (and over the class's demonstrations). As the paper's
+analysis code does, per layer: keep the classes the model predicts at least once, turn each prompt's ``A_l(q, p_c)``
+into shares over them, and take the AUC-ROC of the shares against the predicted class (two classes: of the second
+class's share; more: the one-vs-one macro average). ``R_l = Σ_{i≤l}(AUC_i − 0.5) / Σ_{i≤L}(AUC_i − 0.5)`` is the
 cumulative share. The paper finds AUC near 0.5 in shallow layers, rising to 0.8–0.9 in deep ones, with ``R_l``
 reaching 0.5 only around the middle-to-late layers.
 
@@ -53,7 +54,7 @@ class LabelAttentionCorrelation:
         attention: float64 ``[N, L, C]`` the target's attention on each class's label words, heads summed.
         predictions: int64 ``[N]`` predicted class (argmax over the label-word logits); labels: ``[N]`` gold
             class (``-1`` where unknown).
-        auc: ``[L]`` AUC-ROC per layer (mean over the classes with both outcomes present); ``R``: ``[L]``.
+        auc: ``[L]`` AUC-ROC per layer (see the module docstring); ``R``: ``[L]`` its cumulative share.
     """
 
     attention: torch.Tensor
@@ -92,14 +93,33 @@ class LabelAttentionCorrelation:
         plt.close(fig)
 
 
+def _layer_auc(shares: torch.Tensor, predictions: torch.Tensor, classes: list[int]) -> float:
+    """AUC-ROC of one layer's label-attention shares ``[N, K]`` (over the predicted ``classes``) against the
+    predictions: binary, the AUC of the second class's share; more classes, the one-vs-one macro average
+    (Hand & Till: for each pair, the mean of both directions' AUC on the prompts predicted as either)."""
+    if len(classes) == 2:
+        return auc_roc(shares[:, 1], predictions == classes[1])
+    values = []
+    for a in range(len(classes)):
+        for b in range(a + 1, len(classes)):
+            rows = (predictions == classes[a]) | (predictions == classes[b])
+            values.append(0.5 * (auc_roc(shares[rows, a], predictions[rows] == classes[a])
+                                 + auc_roc(shares[rows, b], predictions[rows] == classes[b])))
+    return sum(values) / len(values)
+
+
 def _correlation(attention: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(AUC [L], R [L])`` as the paper's analysis computes them: only classes the model predicts at least once
+    count, each prompt's attention on their label words is turned into shares (summing to 1), and the AUC is that
+    of :func:`_layer_auc`. ``nan`` everywhere when fewer than two classes are predicted."""
     N, L, C = attention.shape
+    classes = [c for c in range(C) if bool((predictions == c).any())]
     auc = torch.full((L,), math.nan, dtype=torch.float64)
-    for layer in range(L):
-        values = [auc_roc(attention[:, layer, c], predictions == c) for c in range(C)]
-        values = [v for v in values if not math.isnan(v)]
-        if values:
-            auc[layer] = sum(values) / len(values)
+    if len(classes) >= 2:
+        for layer in range(L):
+            picked = attention[:, layer, classes].double()
+            shares = picked / picked.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+            auc[layer] = _layer_auc(shares, predictions, classes)
     excess = auc - 0.5
     total = excess.sum()
     R = excess.cumsum(0) / total if bool(total != 0) else torch.full_like(auc, math.nan)

@@ -34,8 +34,25 @@ def test_auc_roc_counts_pairs_and_ties():
         auc_roc(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
 
 
-def test_cumulative_r_and_classes_without_both_outcomes():
-    # 2 layers, 4 prompts, 3 classes; class 2 is never predicted, so layer AUCs average over classes 0 and 1
+def test_multi_class_auc_is_the_one_vs_one_macro_average_of_shares():
+    gen = torch.Generator().manual_seed(1)
+    attention = torch.rand(40, 1, 3, generator=gen).double()
+    pred = torch.randint(0, 3, (40,), generator=gen)
+    auc, _ = _correlation(attention, pred)
+    shares = (attention[:, 0] / attention[:, 0].sum(-1, keepdim=True)).tolist()
+    pairs = []
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        rows = [i for i in range(40) if pred[i] in (a, b)]
+        ab = _brute_auc([shares[i][a] for i in rows], [bool(pred[i] == a) for i in rows])
+        ba = _brute_auc([shares[i][b] for i in rows], [bool(pred[i] == b) for i in rows])
+        pairs.append((ab + ba) / 2)
+    assert float(auc[0]) == pytest.approx(sum(pairs) / 3)
+    one_class = _correlation(attention, torch.zeros(40, dtype=torch.long))[0]
+    assert bool(one_class.isnan().all())  # nothing to separate
+
+
+def test_cumulative_r_and_classes_never_predicted():
+    # 2 layers, 4 prompts, 3 classes; class 2 is never predicted: shares over classes 0 and 1, a binary AUC
     attention = torch.tensor([[[0.9, 0.1, 0.5], [0.5, 0.5, 0.5]], [[0.8, 0.2, 0.4], [0.5, 0.5, 0.5]],
                               [[0.1, 0.9, 0.3], [0.5, 0.5, 0.5]], [[0.2, 0.7, 0.2], [0.5, 0.5, 0.5]]]).double()
     pred = torch.tensor([0, 0, 1, 1])
