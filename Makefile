@@ -10,12 +10,14 @@
 .PHONY: test bench gpu gpu-dry-run compile-report reproduce lint env
 
 SETUP = PY=$$(scripts/setup_env.sh) || { echo "make: environment set-up failed (scripts/setup_env.sh, see above)" >&2; exit 1; }
+# test and reproduce also set up the real model (SmolLM2-135M) in a virtual environment; REAL_MODEL=0 skips it
+SETUP_MODEL = PY=$$(REAL_MODEL=$${REAL_MODEL:-auto} scripts/setup_env.sh) || { echo "make: environment set-up failed (scripts/setup_env.sh, see above)" >&2; exit 1; }
 
 env:
 	@$(SETUP); echo "$$PY"
 
 test:
-	@$(SETUP); $$PY -m pytest -q tests
+	@$(SETUP_MODEL); $$PY -m pytest -q tests
 
 bench:
 	@$(SETUP); $$PY -m benchmarks.run
@@ -27,7 +29,7 @@ compile-report:
 	@$(SETUP); $$PY -m benchmarks.compile_report
 
 reproduce:
-	@$(SETUP); $$PY -m fastattn_icl reproduce --out docs/reproduction
+	@$(SETUP_MODEL); $$PY -m fastattn_icl reproduce --out docs/reproduction
 
 gpu-dry-run:
 	@$(SETUP); $$PY scripts/gpu.py --dry-run

@@ -71,7 +71,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
             hit = (p >= 0) & (q_pos[None, :, None] >= p) & (q_pos[None, :, None] <= p + state.window)
             cut |= hit & (k_pos[None, None, :] < p)
         s = s.masked_fill(cut[:, None], -1e4)
-    P = torch.softmax(s.float(), dim=-1)
+    P = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)  # float32, float64 stays
     if state is not None and state.beta is not None:
         pos = state.anchor_positions.to(s.device).expand(B, -1)
         cls = state.anchor_classes.to(s.device).expand(B, -1)
@@ -129,29 +129,25 @@ def eager_study(model: torch.nn.Module, *, probe: bool = False, isolation: torch
 def eager_information_flow(model: torch.nn.Module, examples: Sequence[ICLExample],
                            label_token_ids: Sequence[int] | torch.Tensor, *, progress: bool = False) -> torch.Tensor:
     """float64 ``[N, L, 3]`` raw ``(S_wp, S_pq, S_ww)`` by the paper's probe method, one prompt at a time."""
+    from fastattn_icl.methods._model import frozen_weights
     from fastattn_icl.reference.saliency import flow_scores
 
-    ids = torch.as_tensor(label_token_ids, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(label_token_ids, dtype=torch.long, device=device)
     L = model.config.num_hidden_layers
     out = []
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         for e in tqdm(examples, desc="information flow (eager probe)", disable=not progress):
             batch = collate([e])
             with eager_study(model, probe=True) as state:
-                logits = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1).logits[:, -1, ids]
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+                logits = model(input_ids=batch["input_ids"].to(device), use_cache=False,
+                               logits_to_keep=1).logits[:, -1, ids]
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"].to(device))
                 grads = torch.autograd.grad(loss, [state.probes[layer] for layer in range(L)])
             T = batch["input_ids"].shape[1]
             rows = []
             for g in grads:
-                I = g.double().sum(1).abs()  # noqa: E741 - heads summed before the absolute value (SPEC §4)
+                I = g.double().sum(1).abs().cpu()  # noqa: E741 - heads summed before the absolute value (SPEC §4)
                 rows.append(torch.stack(flow_scores(I[0], e.anchor_positions, T - 1)))
             out.append(torch.stack(rows))
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
     return torch.stack(out)

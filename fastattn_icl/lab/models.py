@@ -134,7 +134,7 @@ def load_model(
         )
     except ImportError as exc:
         raise ModelNotFound(f"loading {where} needs a package that is missing ({exc}): {INSTALL_HINT}") from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken file surfaces as many types (struct.error, IndexError, ...)
         raise ValueError(f"transformers could not load the model at {where}: {type(exc).__name__}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"the tokenizer of {where} is not a fast tokenizer (character offsets are needed)")

@@ -54,19 +54,19 @@ ISOLATION_CONDITIONS = ("label_first", "random_first", "label_last", "random_las
 class Plan:
     """Sample sizes of one run (test inputs are the first ``n`` of a seeded shuffle of the test split)."""
 
-    n_icl: int = 100  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
-    n_flow: int = 32  # prompts for information flow
-    n_isolation: int = 64  # prompts for isolation
+    n_icl: int = 64  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
+    n_flow: int = 24  # prompts for information flow
+    n_isolation: int = 32  # prompts for isolation
     isolation_layers: int = 5  # k of the first-k / last-k study
     reweight_train_per_class: int = 4  # the paper: 4 extra examples per class
     reweight_epochs: int = 10  # the paper: 10 epochs, Adam lr 0.01, batch 1
-    n_reweight: int = 100  # test inputs for re-weighting
-    n_compression: int = 100  # test inputs for compression metrics
-    n_compression_timing: int = 16  # test inputs timed at batch 1, full vs compressed
+    n_reweight: int = 64  # test inputs for re-weighting
+    n_compression: int = 64  # test inputs for compression metrics
+    n_compression_timing: int = 12  # test inputs timed at batch 1, full vs compressed
     deep_thinking_steps: int = 15  # the authors' default
-    n_deep_thinking_dev: int = 40  # dev inputs for the step choice
-    n_deep_thinking: int = 100  # test inputs
-    n_eager: int = 8  # prompts of the fused-vs-eager timing (information flow: half of them)
+    n_deep_thinking_dev: int = 32  # dev inputs for the step choice
+    n_deep_thinking: int = 64  # test inputs
+    n_eager: int = 6  # prompts of the fused-vs-eager timing (information flow: half of them)
     batch_size: int = 8
 
     @classmethod
@@ -106,6 +106,7 @@ class _Prompts:
         self.tokenizer = lm.tokenizer
         self.label_ids = task.check_tokenizer(self.tokenizer)  # TaskDataError before anything runs
         self.context = getattr(lm.model.config, "max_position_embeddings", None)
+        self.device = next(lm.model.parameters()).device
         rng = random.Random(f"{task.name}/test/{seed}")
         self.test = task.split("test")[:]
         rng.shuffle(self.test)
@@ -154,21 +155,31 @@ class _Prompts:
 # ---------------------------------------------------------------------------------------------- studies
 
 
+def _inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The model's keyword arguments for a collated batch (on ``device``), last position's logits only."""
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            "position_ids": batch["position_ids"].to(device), "use_cache": False, "logits_to_keep": 1}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _forward_logits(model, examples, batch_size: int, pad: int, implementation: str | None = None) -> torch.Tensor:
-    """``[N, V]`` next-token logits at each prompt's end (left-padded batches)."""
+    """``[N, V]`` next-token logits at each prompt's end (left-padded batches), on the CPU."""
     from fastattn_icl.methods import collate
 
     previous = model.config._attn_implementation
     if implementation is not None:
         model.set_attn_implementation(implementation)
+    device = next(model.parameters()).device
     out = []
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = collate(examples[start : start + batch_size], pad)
-                out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
-                           .logits[:, -1].float())
+                out.append(model(**_inputs(batch, device)).logits[:, -1].float().cpu())
     finally:
         model.set_attn_implementation(previous)
     return torch.cat(out)
@@ -220,7 +231,7 @@ def study_flow(p: _Prompts, plan: Plan, clock: _Clock):
         "normalised_std": flow.normalised_std.tolist(),
         "first_third": {"S_wp": float(norm[:third, 0].mean()), "S_pq": float(norm[:third, 1].mean())},
         "last_third": {"S_wp": float(norm[-third:, 0].mean()), "S_pq": float(norm[-third:, 1].mean())},
-        "crossover_layer": next((layer for layer in range(L) if bool(norm[layer, 1] > norm[layer, 0])), None),
+        "crossover_layer": next((layer + 1 for layer in range(L) if bool(norm[layer, 1] > norm[layer, 0])), None),
     }
     return summary, flow
 
@@ -241,16 +252,15 @@ def study_isolation(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any]:
             for start in range(0, n, plan.batch_size):
                 chunk = examples[start : start + plan.batch_size]
                 batch = collate(chunk, pad)
-                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                          "position_ids": batch["position_ids"], "use_cache": False, "logits_to_keep": 1}
-                logits["none"].append(model(**kwargs).logits[:, -1].float())
+                kwargs = _inputs(batch, p.device)
+                logits["none"].append(model(**kwargs).logits[:, -1].float().cpu())
                 rows = {"label": batch["anchor_positions"],
                         "random": random_non_label_positions(batch["anchor_positions"], batch["attention_mask"],
                                                              seed=p.seed * 7919 + start)}
                 for cond in ISOLATION_CONDITIONS:
                     what, where = cond.split("_")
                     with isolate(model, rows[what], layers[where]):
-                        logits[cond].append(model(**kwargs).logits[:, -1].float())
+                        logits[cond].append(model(**kwargs).logits[:, -1].float().cpu())
 
     clock.run("isolation", run)
     ref = torch.cat(logits["none"])
@@ -280,11 +290,13 @@ def study_reweighting(p: _Prompts, plan: Plan, clock: _Clock) -> tuple[dict[str,
              "loss_history": history, "beta_abs_mean": float(rw.beta.detach().abs().mean())}, (rw, train_examples))
 
 
-def _time_per_input(fn: Callable[[int], Any], n: int) -> float:
+def _time_per_input(fn: Callable[[int], Any], n: int, device: torch.device) -> float:
     fn(0)  # warm-up
+    _sync(device)
     start = time.perf_counter()
     for i in range(n):
         fn(i)
+    _sync(device)
     return (time.perf_counter() - start) / n
 
 
@@ -303,11 +315,11 @@ def study_compression(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any]:
     # time per test input at batch 1: the full prompt vs the Hidden_anchor cache as prefix
     m = min(plan.n_compression_timing, n)
     comp = compress_demonstrations(model, tok, p.fixed_demos, task.template, list(task.label_words))
-    full = [torch.tensor([tok(p.fixed.prompt(x))["input_ids"]]) for x, _ in test[:m]]
-    own = [torch.tensor([p.query_tokens(x)]) for x, _ in test[:m]]
+    full = [torch.tensor([tok(p.fixed.prompt(x))["input_ids"]], device=p.device) for x, _ in test[:m]]
+    own = [torch.tensor([p.query_tokens(x)], device=p.device) for x, _ in test[:m]]
     with torch.no_grad():
-        t_full = _time_per_input(lambda i: model(input_ids=full[i], use_cache=False, logits_to_keep=1), m)
-        t_comp = _time_per_input(lambda i: comp.forward(model, own[i], logits_to_keep=1), m)
+        t_full = _time_per_input(lambda i: model(input_ids=full[i], use_cache=False, logits_to_keep=1), m, p.device)
+        t_comp = _time_per_input(lambda i: comp.forward(model, own[i], logits_to_keep=1), m, p.device)
     out["timing"] = {"n": m, "full_ms": 1e3 * t_full, "hidden_anchor_ms": 1e3 * t_comp,
                      "speedup": t_full / t_comp, "demonstration_tokens": comp.num_tokens, "kept": comp.num_kept}
     return out
@@ -341,83 +353,84 @@ def study_deep_thinking(p: _Prompts, plan: Plan, clock: _Clock) -> dict[str, Any
 
 
 def study_eager_timing(p: _Prompts, plan: Plan, reweighting: Any) -> dict[str, Any]:
-    """The same steps with fused and with eager attention on a subset: time of each and the largest difference
-    of their results."""
+    """The same steps with fused and with eager attention on a subset: each path warmed up at the timed shape,
+    then run twice, alternating; the faster of the two runs counts. Also the largest difference of the results."""
     from fastattn_icl.lab.eager import eager_information_flow, eager_study
     from fastattn_icl.methods import collate, first_layers, information_flow, isolate
+    from fastattn_icl.methods._model import frozen_weights
 
-    model, pad = p.lm.model, p.tokenizer.pad_token_id
+    model, pad, device = p.lm.model, p.tokenizer.pad_token_id, p.device
     n = min(plan.n_eager, len(p.test))
     examples = [p.example(i, 1) for i in range(n)]
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
 
-    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-        start = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - start
+    def compare(name: str, fused_fn: Callable[[], torch.Tensor], eager_fn: Callable[[], torch.Tensor],
+                relative: bool = False, note: str | None = None, repeats: int = 2) -> None:
+        fused_fn(), eager_fn()  # warm-up at the timed shape
+        times: dict[str, list[float]] = {"fused": [], "eager": []}
+        out: dict[str, torch.Tensor] = {}
+        for _ in range(repeats):
+            for which, fn in (("fused", fused_fn), ("eager", eager_fn)):
+                _sync(device)
+                start = time.perf_counter()
+                out[which] = fn()
+                _sync(device)
+                times[which].append(time.perf_counter() - start)
+        diff = float((out["fused"] - out["eager"]).abs().max())
+        if relative:
+            diff /= float(out["eager"].abs().max())
+        rows[name] = {"fastattn_icl_s": min(times["fused"]), "eager_s": min(times["eager"]),
+                      "eager_over_fastattn_icl": min(times["eager"]) / min(times["fused"]),
+                      "max_abs_difference": diff, "repeats": repeats, **({"note": note} if note else {})}
 
-    def row(name: str, fused: tuple[Any, float], eager: tuple[Any, float], difference: float) -> None:
-        rows[name] = {"fastattn_icl_s": fused[1], "eager_s": eager[1], "eager_over_fastattn_icl": eager[1] / fused[1],
-                      "max_abs_difference": difference}
-
-    _forward_logits(model, examples[:1], 1, pad)  # warm-up both implementations
-    _forward_logits(model, examples[:1], 1, pad, "eager")
-    fused = timed(lambda: _forward_logits(model, examples, plan.batch_size, pad))
-    eager = timed(lambda: _forward_logits(model, examples, plan.batch_size, pad, "eager"))
-    row("ICL forward (k = 1)", fused, eager, float((fused[0] - eager[0]).abs().max()))
+    compare("ICL forward (k = 1)", lambda: _forward_logits(model, examples, plan.batch_size, pad),
+            lambda: _forward_logits(model, examples, plan.batch_size, pad, "eager"))
 
     few = examples[: max(1, n // 2)]
-    fused = timed(lambda: information_flow(model, few, p.label_ids, batch_size=1, progress=False).per_sample)
-    eager = timed(lambda: eager_information_flow(model, few, p.label_ids))
-    row("information flow", fused, eager, float((fused[0] - eager[0]).abs().max() / eager[0].abs().max()))
-    rows["information flow"]["note"] = "batch 1 both; difference relative to the largest score"
+    compare("information flow",
+            lambda: information_flow(model, few, p.label_ids, batch_size=1, progress=False).per_sample,
+            lambda: eager_information_flow(model, few, p.label_ids), relative=True,
+            note="batch 1 both; difference relative to the largest score")
 
     batch = collate(examples, pad)
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "position_ids": batch["position_ids"], "use_cache": False, "logits_to_keep": 1}
+    kwargs = _inputs(batch, device)
     layers = first_layers(model, plan.isolation_layers)
 
-    def fused_isolation():
+    def fused_isolation() -> torch.Tensor:
         with torch.no_grad(), isolate(model, batch["anchor_positions"], layers):
-            return model(**kwargs).logits[:, -1].float()
+            return model(**kwargs).logits[:, -1].float().cpu()
 
-    def eager_isolation():
+    def eager_isolation() -> torch.Tensor:
         with torch.no_grad(), eager_study(model, isolation=batch["anchor_positions"], isolation_layers=layers):
-            return model(**kwargs).logits[:, -1].float()
+            return model(**kwargs).logits[:, -1].float().cpu()
 
-    fused, eager = timed(fused_isolation), timed(eager_isolation)
-    row("isolation forward (label words, first layers)", fused, eager, float((fused[0] - eager[0]).abs().max()))
+    compare("isolation forward (label words, first layers)", fused_isolation, eager_isolation)
 
     rw, train = reweighting
     steps = train[: max(1, n // 2)]
 
-    def fused_step():
+    def fused_step() -> torch.Tensor:
         grads = []
         for e in steps:
             rw.beta.grad = None
             rw.loss([e]).backward()
-            grads.append(rw.beta.grad.clone())
+            grads.append(rw.beta.grad.detach().cpu().clone())
         return torch.stack(grads)
 
-    def eager_step():
+    def eager_step() -> torch.Tensor:
         grads = []
-        ids = rw.label_token_ids
         for e in steps:
             rw.beta.grad = None
             b = collate([e], pad)
             with eager_study(model, anchor_positions=b["anchor_positions"], anchor_classes=b["anchor_classes"],
                              beta=rw.beta):
-                logits = model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=1).logits[:, -1, ids]
-            torch.nn.functional.cross_entropy(logits.float(), b["labels"]).backward()
-            grads.append(rw.beta.grad.clone())
+                logits = model(**_inputs(b, device)).logits[:, -1, rw.label_token_ids]
+            torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device)).backward()
+            grads.append(rw.beta.grad.detach().cpu().clone())
         return torch.stack(grads)
 
-    from fastattn_icl.methods._model import frozen_weights
-
     with frozen_weights(model):
-        fused, eager = timed(fused_step), timed(eager_step)
-    row("anchor re-weighting training step (batch 1)", fused, eager, float((fused[0] - eager[0]).abs().max()))
-    rows["anchor re-weighting training step (batch 1)"]["note"] = "difference of dL/dβ"
+        compare("anchor re-weighting training step (batch 1)", fused_step, eager_step, note="difference of dL/dβ")
     return {"n": n, "steps": rows}
 
 
@@ -425,6 +438,7 @@ def study_eager_timing(p: _Prompts, plan: Plan, reweighting: Any) -> dict[str, A
 
 
 def plot_flow(flows: dict[str, Any], path: Path) -> None:
+    """Every task's :meth:`InformationFlow.plot` as one panel of one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,20 +447,9 @@ def plot_flow(flows: dict[str, Any], path: Path) -> None:
     names = list(flows)
     cols = min(2, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        flow = flows[name]
-        mean = flow.normalised_mean.numpy()
-        low, high = (t.numpy() for t in flow.band(normalised=True))
-        layers = range(1, mean.shape[0] + 1)
-        for j, (label, color) in enumerate((("$S_{wp}$", "tab:blue"), ("$S_{pq}$", "tab:orange"),
-                                            ("$S_{ww}$", "tab:green"))):
-            ax.plot(layers, mean[:, j], label=label, color=color)
-            ax.fill_between(layers, low[:, j], high[:, j], color=color, alpha=0.15)
-        ax.set_title(f"{name} (n = {flow.per_sample.shape[0]})")
-        ax.set_xlabel("layer")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+        flows[name].plot(ax=ax, title=f"{name} (n = {flows[name].per_sample.shape[0]})")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("information flow per layer (mean over prompts, normalised; band: ± std of per-prompt shares)")
@@ -482,23 +485,21 @@ def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def plot_correlation(correlations: dict[str, Any], path: Path) -> None:
+    """Every task's :meth:`LabelAttentionCorrelation.plot` (AUC-ROC_l and R_l) as one panel of one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name, corr in correlations.items():
-        layers = range(1, len(corr.auc) + 1)
-        axes[0].plot(layers, corr.auc.numpy(), label=name)
-        axes[1].plot(layers, corr.R.numpy(), label=name)
-    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[0].set_title("AUC-ROC$_l$: target's attention on label words vs prediction")
-    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[1].set_title("$R_l$ (cumulative)")
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=8)
+    names = list(correlations)
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        correlations[name].plot(ax=ax, title=f"{name} (n = {correlations[name].predictions.numel()})")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("target's attention on the label words vs the prediction, per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -621,7 +622,8 @@ def render(report: dict[str, Any]) -> str:
     if any("flow" in tasks[t] for t in names):
         lines += ["## Information flow", "", "![information flow](information_flow.png)", "",
                   "Mean over the prompts, normalised per layer to sum to 1 (the paper's figure); the band is ± one "
-                  "std of the per-prompt normalised scores. Crossover = first layer (0-based) where S_pq > S_wp.", "",
+                  "std of the per-prompt normalised scores. Layers are numbered from 1; crossover = the first "
+                  "layer where S_pq > S_wp.", "",
                   "| task | n | first third S_wp / S_pq / S_ww | last third S_wp / S_pq | "
                   "crossover layer |", "|---|---|---|---|---|"]
         for t in names:
@@ -648,6 +650,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     if any("correlation" in tasks[t] for t in names):
         lines += ["## Deep-layer correlation", "", "![correlation](correlation.png)", "",
+                  "AUC-ROC of the target's attention on the label words against the prediction (the paper's "
+                  "analysis: raw attention on the second class when two classes are predicted, one-vs-one AUC of "
+                  "the shares beyond); layers numbered from 1.", "",
                   "| task | n | AUC first layer | AUC middle | AUC last | max AUC (layer) | first layer with R ≥ 0.5 |",
                   "|---|---|---|---|---|---|---|"]
         for t in names:
@@ -656,6 +661,7 @@ def render(report: dict[str, Any]) -> str:
                 auc = c["auc"]
                 finite = [(a, i) for i, a in enumerate(auc) if not math.isnan(a)]
                 best = max(finite) if finite else (math.nan, None)
+                best = (best[0], None if best[1] is None else best[1] + 1)
                 lines.append(f"| {t} | {c['num_examples']} | {_f(auc[0])} | {_f(auc[len(auc) // 2])} | "
                              f"{_f(auc[-1])} | {_f(best[0])} ({best[1]}) | {c['R_half_layer']} |")
         lines.append("")
@@ -712,7 +718,7 @@ def render(report: dict[str, Any]) -> str:
                     lines.append(f"| {t} | {step} | {e['n']} | {r['fastattn_icl_s']:.2f} | {r['eager_s']:.2f} | "
                                  f"{r['eager_over_fastattn_icl']:.2f} | {r['max_abs_difference']:.1e} |")
         lines.append("")
-    lines += ["## Run time per step (s)", "", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["## Run time per step (s)", "", "| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     steps = sorted({s for t in names for s in tasks[t].get("times", {})})
     for s in steps:
         lines.append(f"| {s} | " + " | ".join(f"{tasks[t]['times'].get(s, math.nan):.1f}" for t in names) + " |")
@@ -726,36 +732,66 @@ def render(report: dict[str, Any]) -> str:
 STUDIES = ("icl", "flow", "isolation", "reweighting", "compression", "deep_thinking", "eager")
 
 
-def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str | os.PathLike = "reproduction",
-        quick: bool = False, seed: int = 0, studies: Sequence[str] = STUDIES, threads: int | None = None,
-        device: str = "cpu", plan: Plan | None = None, command: str | None = None) -> dict[str, Any]:
-    """Run the reproduction and write ``report.md``, ``report.json`` and the figures into ``out``.
+@dataclass
+class _Prepared:
+    lm: LoadedModel
+    prompts: dict[str, _Prompts]
+    plan: Plan
 
-    Every input is checked before the first long step: the model loads, each task's file parses, its label
-    words are single tokens, and every prompt fits the model's context.
+
+def prepare(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), quick: bool = False, seed: int = 0,
+            studies: Sequence[str] = STUDIES, device: str = "cpu", plan: Plan | None = None) -> _Prepared:
+    """Check every input before the first long step: the arguments, each task's file, the model, its tokenizer's
+    label words, and that every prompt the run will build fits the model's context.
+
+    Raises:
+        ValueError, KeyError, TaskDataError, ModelNotFound: naming the argument, file and line, word or prompt.
     """
-    started = time.perf_counter()
     unknown = sorted(set(studies) - set(STUDIES))
     if unknown:
         raise ValueError(f"unknown studies {unknown}; studies: {', '.join(STUDIES)}")
     if "eager" in studies and "reweighting" not in studies:
         raise ValueError("the eager timing uses the re-weighting study's β: add 'reweighting' or drop 'eager'")
     bad = sorted(set(tasks) - set(TASKS))
-    if bad:
-        raise ValueError(f"unknown tasks {bad}; tasks: {', '.join(TASKS)}")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if bad or not tasks:
+        raise ValueError(f"unknown tasks {bad or 'none given'}; tasks: {', '.join(TASKS)}")
     plan = plan or (Plan.quick() if quick else Plan())
-    torch.manual_seed(seed)
     loaded_tasks = {name: load_task(name) for name in tasks}  # file errors before the model loads
     _log(f"loading model {model!r}")
     lm = load_model(model, device=device)
     prompts = {}
     for name, task in loaded_tasks.items():
         p = _Prompts(lm, task, seed)
-        for i in range(min(len(p.test), max(plan.n_icl, plan.n_isolation, plan.n_flow))):
-            p.example(i, 2)  # the longest prompts: context errors now, not after an hour
+        for i in range(min(len(p.test), max(plan.n_icl, plan.n_isolation, plan.n_flow, plan.n_eager))):
+            p.example(i, 2)  # the longest prompts of the analyses
+        for e in p.test[: max(plan.n_reweight, plan.n_compression, plan.n_deep_thinking)] + p.dev:
+            p.fixed_example(e.text, e.label, e.id)  # the fixed demonstrations' prompts
+        if "deep_thinking" in studies and p.context is not None:
+            from fastattn_icl.methods.deep_thinking import rerun_position_mode
+
+            N = len(p.tokenizer(p.fixed.demonstrations_text())["input_ids"])
+            longest = max(len(p.query_tokens(e.text)) for e in p.test + p.dev)
+            need = N + (N if rerun_position_mode(lm.model) == "appended" else 0)
+            if max(need, N + longest) > p.context:
+                raise ValueError(f"task {name}: Deep-Thinking needs positions up to {max(need, N + longest)}, "
+                                 f"more than the model's context of {p.context}")
         prompts[name] = p
+    return _Prepared(lm, prompts, plan)
+
+
+def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str | os.PathLike = "reproduction",
+        quick: bool = False, seed: int = 0, studies: Sequence[str] = STUDIES, threads: int | None = None,
+        device: str = "cpu", plan: Plan | None = None, command: str | None = None,
+        prepared: _Prepared | None = None) -> dict[str, Any]:
+    """Run the reproduction and write ``report.md``, ``report.json`` and the figures into ``out`` (checked first by
+    :func:`prepare`, unless ``prepared`` is its result)."""
+    started = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    prepared = prepared or prepare(model=model, tasks=tasks, quick=quick, seed=seed, studies=studies, device=device,
+                                   plan=plan)
+    lm, prompts, plan = prepared.lm, prepared.prompts, prepared.plan
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"meta": {
@@ -765,7 +801,7 @@ def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str
         "attn_implementation": "fastattn_icl", "studies": list(studies)}, "tasks": {}}
     flows, correlations, isolations = {}, {}, {}
     order = [s for s in STUDIES if s in studies]
-    bar = tqdm(total=len(tasks) * len(order), desc="reproduce", unit="study")
+    bar = tqdm(total=len(prompts) * len(order), desc="reproduce", unit="study")
     with bar:
         for name, p in prompts.items():
             clock = _Clock()
@@ -780,9 +816,8 @@ def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str
                 if study == "icl":
                     entry["icl"], corr = study_icl(p, plan, clock)
                     correlations[name] = corr
-                    R = corr.R
                     entry["correlation"] = {**corr.to_dict(), "R_half_layer": next(
-                        (i for i, r in enumerate(R.tolist()) if not math.isnan(r) and r >= 0.5), None)}
+                        (i + 1 for i, r in enumerate(corr.R.tolist()) if not math.isnan(r) and r >= 0.5), None)}
                 elif study == "flow":
                     entry["flow"], flows[name] = study_flow(p, plan, clock)
                 elif study == "isolation":
@@ -811,9 +846,20 @@ def run(*, model: str = "smollm2", tasks: Sequence[str] = tuple(TASKS), out: str
     return report
 
 
+def _strict(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become ``null``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _write(report: dict[str, Any], out: Path, started: float) -> None:
     report["meta"]["wall_s"] = time.perf_counter() - started
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "report.json").write_text(json.dumps(_strict(report), indent=1, default=float, allow_nan=False) + "\n")
     (out / "report.md").write_text(render(report))
 
 
@@ -842,10 +888,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = args.tasks.split(",") if args.tasks else (["sst2"] if args.quick else list(TASKS))
     studies = [s for s in args.studies.split(",") if s]
     command = "python -m fastattn_icl reproduce " + " ".join(sys.argv[2:] if argv is None else argv)
-    try:
-        run(model=args.model, tasks=tasks, out=args.out, quick=args.quick, seed=args.seed, studies=studies,
-            threads=args.threads, device=args.device, command=command.strip())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:  # bad input: a one-line message and exit code 2; errors of the run itself keep their traceback
+        prepared = prepare(model=args.model, tasks=tasks, quick=args.quick, seed=args.seed, studies=studies,
+                           device=args.device)
     except (TaskDataError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"reproduce: {exc}", file=sys.stderr)
         return 2
+    run(model=args.model, tasks=tasks, out=args.out, quick=args.quick, seed=args.seed, studies=studies,
+        device=args.device, command=command.strip(), prepared=prepared)
     return 0

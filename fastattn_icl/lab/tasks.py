@@ -86,28 +86,31 @@ class Task:
         return [(pools[c][i].text, c) for i in range(k) for c in range(self.num_classes)]
 
     def check_tokenizer(self, tokenizer: Any) -> list[int]:
-        """The label words' token ids after the template, checking each is a single token.
+        """The label words' token ids, checking each is one token both in a demonstration and right after a query
+        (the query is rendered up to ``{y}`` with trailing spaces stripped, so the predicted token must be the
+        demonstrations' own, leading space included).
 
         Raises:
-            TaskDataError: a label word is not one token (named, with its tokens).
+            TaskDataError: a label word that is not a single token, or whose token after a query differs (named).
         """
         from fastattn_icl.methods.anchors import label_token_ids
 
-        # the query is rendered up to the label with trailing spaces stripped, so the label token carries them
+        try:
+            ids = label_token_ids(tokenizer, self.template, list(self.label_words)).tolist()
+        except ValueError as exc:
+            raise TaskDataError(f"task {self.name}: {exc}; choose a word that is one token") from exc
         head = self.template.split("{y}")[0].split("{x}")[-1]  # e.g. "\nSentiment: "
         stripped = head.rstrip()
         alone = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-        for word in self.label_words:
-            ids = tokenizer(stripped + head[len(stripped):] + word, add_special_tokens=False)["input_ids"]
-            tail = ids[len(alone):] if ids[: len(alone)] == alone else ids
-            if len(tail) != 1:
+        for word, expected in zip(self.label_words, ids):
+            full = tokenizer(head + word, add_special_tokens=False)["input_ids"]
+            tail = full[len(alone):] if full[: len(alone)] == alone else full
+            if tail != [expected]:
                 pieces = [tokenizer.decode([t]) for t in tail]
-                raise TaskDataError(f"task {self.name}: label word {word!r} is {len(tail)} tokens {pieces} for this "
-                                    f"tokenizer after {head!r}; choose a word that is one token")
-        try:
-            return label_token_ids(tokenizer, self.template, list(self.label_words)).tolist()
-        except ValueError as exc:
-            raise TaskDataError(f"task {self.name}: {exc}") from exc
+                raise TaskDataError(f"task {self.name}: after a query ({stripped!r}) the label word {word!r} is "
+                                    f"{len(tail)} token(s) {pieces}, not the demonstrations' single token "
+                                    f"{tokenizer.decode([expected])!r}; choose a word that is one token")
+        return ids
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "template": self.template,

@@ -12,6 +12,8 @@
 - :mod:`~fastattn_icl.methods.momentum`: momentum attention (SPEC §6) in every layer of a model, also in ``generate``.
 - :mod:`~fastattn_icl.methods.deep_thinking`: Deep-Thinking (SPEC §7), iterative forward tuning of the
   demonstrations' K/V with one fused update of all layers per step, and answer-choice scoring.
+- :mod:`~fastattn_icl.methods.correlation`: deep-layer correlation (the anchors paper §2.3), AUC-ROC per layer of
+  the target's attention on the label words against the prediction.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
 """
 
@@ -29,6 +31,7 @@ from fastattn_icl.methods.compression import (
     compress_demonstrations,
     evaluate_compression,
 )
+from fastattn_icl.methods.correlation import LabelAttentionCorrelation, auc_roc, deep_layer_correlation
 from fastattn_icl.methods.deep_thinking import DeepThinkingResult, deep_thinking, score_choices
 from fastattn_icl.methods.information_flow import InformationFlow, information_flow
 from fastattn_icl.methods.isolation import (
@@ -63,6 +66,9 @@ __all__ = [
     "information_flow",
     "isolate",
     "KeepSet",
+    "LabelAttentionCorrelation",
+    "auc_roc",
+    "deep_layer_correlation",
     "label_loyalty",
     "label_predictions",
     "label_token_ids",

@@ -3,11 +3,11 @@ layer ``l`` predict which label the model outputs?
 
 For each prompt and layer, ``A_l(q, p_c)`` is the post-softmax attention of the target position ``q`` (the last
 token) on class ``c``'s label word(s), summed over heads (and over the class's demonstrations). As the paper's
-analysis code does, per layer: keep the classes the model predicts at least once, turn each prompt's ``A_l(q, p_c)``
-into shares over them, and take the AUC-ROC of the shares against the predicted class (two classes: of the second
-class's share; more: the one-vs-one macro average). ``R_l = Σ_{i≤l}(AUC_i − 0.5) / Σ_{i≤L}(AUC_i − 0.5)`` is the
-cumulative share. The paper finds AUC near 0.5 in shallow layers, rising to 0.8–0.9 in deep ones, with ``R_l``
-reaching 0.5 only around the middle-to-late layers.
+analysis code does, per layer: keep the classes the model predicts at least once; with two, the AUC-ROC of the
+attention on the second one's label word against "predicted as that class"; with more, each prompt's attention
+turned into shares over the classes and the one-vs-one macro-averaged AUC.
+``R_l = Σ_{i≤l}(AUC_i − 0.5) / Σ_{i≤L}(AUC_i − 0.5)`` is the cumulative share. The paper finds AUC near 0.5 in
+shallow layers, rising to 0.8–0.9 in deep ones, with ``R_l`` reaching 0.5 only around the middle-to-late layers.
 
 The attention row comes from the fused forward (its log-sum-exp and the keys of the label words: one row, no
 ``[T, T]`` map); the same forward gives the predictions.
@@ -72,33 +72,43 @@ class LabelAttentionCorrelation:
         return {"auc": self.auc.tolist(), "R": self.R.tolist(), "accuracy": self.accuracy,
                 "num_examples": int(self.predictions.numel())}
 
-    def plot(self, path: str | os.PathLike, *, title: str | None = None) -> None:
-        """The paper's figure: AUC-ROC per layer and the cumulative ``R_l`` across layers."""
+    def plot(self, path: str | os.PathLike | None = None, *, ax: Any = None, title: str | None = None) -> None:
+        """The paper's figure: AUC-ROC per layer and the cumulative ``R_l`` (layers numbered from 1), into the PNG
+        ``path`` or onto the matplotlib axes ``ax``."""
         import matplotlib
 
-        matplotlib.use("Agg")
+        if ax is None:
+            if path is None:
+                raise ValueError("give a path to write the PNG to, or an ax to draw on")
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5.5, 3.4))
         layers = range(1, len(self.auc) + 1)
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
         ax.plot(layers, self.auc.numpy(), marker="o", ms=3, label="AUC-ROC$_l$", color="tab:blue")
         ax.plot(layers, self.R.numpy(), marker="s", ms=3, label="$R_l$ (cumulative)", color="tab:orange")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("layer")
-        ax.set_ylim(min(0.0, float(torch.nan_to_num(self.R, nan=0.0).min())) - 0.02, 1.02)
+        low = float(torch.nan_to_num(torch.cat([self.R, self.auc]), nan=0.0).min())
+        ax.set_ylim(min(0.0, low) - 0.02, 1.02)
         ax.set_title(title or "target's attention on label words vs prediction")
         ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(path, dpi=130)
+            plt.close(fig)
 
 
-def _layer_auc(shares: torch.Tensor, predictions: torch.Tensor, classes: list[int]) -> float:
-    """AUC-ROC of one layer's label-attention shares ``[N, K]`` (over the predicted ``classes``) against the
-    predictions: binary, the AUC of the second class's share; more classes, the one-vs-one macro average
-    (Hand & Till: for each pair, the mean of both directions' AUC on the prompts predicted as either)."""
+def _layer_auc(attention: torch.Tensor, predictions: torch.Tensor, classes: list[int]) -> float:
+    """AUC-ROC of one layer's label-word attention ``[N, K]`` (over the predicted ``classes``) against the
+    predictions, as the paper's analysis: two classes, the AUC of the raw attention on the second class's label
+    word; more, the attention turned into shares over the classes and the one-vs-one macro average (for each pair,
+    the mean of both directions' AUC on the prompts predicted as either)."""
     if len(classes) == 2:
-        return auc_roc(shares[:, 1], predictions == classes[1])
+        return auc_roc(attention[:, 1], predictions == classes[1])
+    shares = attention / attention.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     values = []
     for a in range(len(classes)):
         for b in range(a + 1, len(classes)):
@@ -110,16 +120,13 @@ def _layer_auc(shares: torch.Tensor, predictions: torch.Tensor, classes: list[in
 
 def _correlation(attention: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(AUC [L], R [L])`` as the paper's analysis computes them: only classes the model predicts at least once
-    count, each prompt's attention on their label words is turned into shares (summing to 1), and the AUC is that
-    of :func:`_layer_auc`. ``nan`` everywhere when fewer than two classes are predicted."""
+    count (:func:`_layer_auc`). ``nan`` everywhere when fewer than two classes are predicted."""
     N, L, C = attention.shape
     classes = [c for c in range(C) if bool((predictions == c).any())]
     auc = torch.full((L,), math.nan, dtype=torch.float64)
     if len(classes) >= 2:
         for layer in range(L):
-            picked = attention[:, layer, classes].double()
-            shares = picked / picked.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
-            auc[layer] = _layer_auc(shares, predictions, classes)
+            auc[layer] = _layer_auc(attention[:, layer, classes].double(), predictions, classes)
     excess = auc - 0.5
     total = excess.sum()
     R = excess.cumsum(0) / total if bool(total != 0) else torch.full_like(auc, math.nan)

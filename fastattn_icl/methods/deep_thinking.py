@@ -307,7 +307,8 @@ def score_choices(
         input_ids: ``n`` token lists, the test inputs alone (no BOS: the prefix has it).
         choices: ``C`` token lists, the answer choices (e.g. each label word with its leading space).
         normalise: divide each choice's summed log-probability by its length.
-        batch_size: (input, choice) rows per forward; pad_token_id: left padding (masked).
+        batch_size: (input, choice) rows per forward (inputs per forward when every choice is one token: then one
+            forward scores all choices); pad_token_id: left padding (masked).
         progress: a progress bar over the rows.
 
     Returns:
@@ -321,14 +322,25 @@ def score_choices(
         raise ValueError("score_choices needs non-empty test inputs (the first choice token is predicted from the "
                          "input's last token)")
     scores = torch.empty(len(input_ids), len(choices), dtype=torch.float32)
+    if all(len(choice) == 1 for choice in choices):
+        # one-token choices (label words): every choice is read off one forward of the input alone
+        first = torch.tensor([choice[0] for choice in choices], dtype=torch.long)
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="scoring", disable=not progress):
+            chunk = [list(x) for x in input_ids[start : start + batch_size]]
+            ids, mask = _left_pad(chunk, pad_token_id)
+            logp = state.forward(model, ids, mask, logits_to_keep=1)[:, -1].float().log_softmax(-1).cpu()
+            scores[start : start + len(chunk)] = logp[:, first]
+        return scores
+    keep = max(n for *_, n in rows) + 1  # the logits that predict any choice's tokens
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress):
         chunk = rows[start : start + batch_size]
         ids, mask = _left_pad([seq for _, _, seq, _ in chunk], pad_token_id)
         S = ids.shape[1]
-        logp = state.forward(model, ids, mask).float().log_softmax(-1).cpu()  # [b, S, V]
+        K = min(keep, S)
+        logp = state.forward(model, ids, mask, logits_to_keep=K).float().log_softmax(-1).cpu()  # [b, K, V]
         for b, (i, c, _, n) in enumerate(chunk):
             targets = ids[b, S - n :]  # the choice's tokens, predicted from the position before each
-            total = logp[b, S - n - 1 : S - 1].gather(-1, targets[:, None]).sum()
+            total = logp[b, K - n - 1 : K - 1].gather(-1, targets[:, None]).sum()
             scores[i, c] = total / n if normalise else total
     return scores
 

@@ -108,20 +108,27 @@ class InformationFlow:
             }
         return out
 
-    def plot(self, path: str | os.PathLike, *, normalised: bool = True, title: str | None = None) -> None:
-        """Draw the three scores across layers to a PNG, shaded by :meth:`band` (± one standard deviation over
-        prompts; with ``normalised`` the spread of the per-prompt normalised scores)."""
+    def plot(self, path: str | os.PathLike | None = None, *, ax: Any = None, normalised: bool = True,
+             title: str | None = None) -> None:
+        """Draw the three scores across layers (numbered from 1, as the paper) to the PNG ``path`` or onto the
+        matplotlib axes ``ax``, shaded by :meth:`band` (± one standard deviation over prompts; with ``normalised``
+        the spread of the per-prompt normalised scores)."""
+        if ax is None and path is None:
+            raise ValueError("give a path to write the PNG to, or an ax to draw on")
         try:
             import matplotlib
 
-            matplotlib.use("Agg", force=False)
+            if ax is None:
+                matplotlib.use("Agg", force=False)
             import matplotlib.pyplot as plt
         except ImportError as e:  # the plot extra
             raise ImportError("plotting needs matplotlib: pip install 'fastattn_icl[plot]'") from e
         mean = (self.normalised_mean if normalised else self.mean).numpy()
         low, high = (t.numpy() for t in self.band(normalised=normalised))
-        layers = range(self.num_layers)
-        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        layers = range(1, self.num_layers + 1)
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
         for i, (name, color) in enumerate(zip(SCORES, ("tab:blue", "tab:orange", "tab:green"))):
             label = {
                 "S_wp": "$S_{wp}$ (text → label words)",
@@ -136,9 +143,10 @@ class InformationFlow:
         ax.set_title(title or f"information flow ({n} prompt{'s' if n != 1 else ''})")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.fspath(path))
-        plt.close(fig)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(os.fspath(path))
+            plt.close(fig)
 
 
 def information_flow(

@@ -34,31 +34,44 @@ def test_auc_roc_counts_pairs_and_ties():
         auc_roc(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
 
 
-def test_multi_class_auc_is_the_one_vs_one_macro_average_of_shares():
-    gen = torch.Generator().manual_seed(1)
-    attention = torch.rand(40, 1, 3, generator=gen).double()
-    pred = torch.randint(0, 3, (40,), generator=gen)
+def _paper_auc(attention, pred):
+    """The paper's deep_analysis notebook, re-derived with pair counts: predicted classes only; 2 classes: AUC of the
+    second class's raw attention; more: shares over the classes, one-vs-one macro average (sklearn's 'ovo')."""
+    N, C = attention.shape
+    classes = [c for c in range(C) if (pred == c).any()]
+    att = attention[:, classes].tolist()
+    p = pred.tolist()
+    if len(classes) == 2:
+        return _brute_auc([row[1] for row in att], [y == classes[1] for y in p])
+    shares = [[v / sum(row) for v in row] for row in att]
+    total = []
+    for a in range(len(classes)):
+        for b in range(a + 1, len(classes)):
+            rows = [i for i in range(N) if p[i] in (classes[a], classes[b])]
+            ab = _brute_auc([shares[i][a] for i in rows], [p[i] == classes[a] for i in rows])
+            ba = _brute_auc([shares[i][b] for i in rows], [p[i] == classes[b] for i in rows])
+            total.append((ab + ba) / 2)
+    return sum(total) / len(total)
+
+
+@pytest.mark.parametrize("C, predicted", [(2, 2), (3, 3), (4, 3), (4, 2)])
+def test_layer_auc_is_the_papers(C, predicted):
+    gen = torch.Generator().manual_seed(C * 10 + predicted)
+    attention = torch.rand(40, 2, C, generator=gen).double()
+    pred = torch.randint(0, predicted, (40,), generator=gen)
     auc, _ = _correlation(attention, pred)
-    shares = (attention[:, 0] / attention[:, 0].sum(-1, keepdim=True)).tolist()
-    pairs = []
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        rows = [i for i in range(40) if pred[i] in (a, b)]
-        ab = _brute_auc([shares[i][a] for i in rows], [bool(pred[i] == a) for i in rows])
-        ba = _brute_auc([shares[i][b] for i in rows], [bool(pred[i] == b) for i in rows])
-        pairs.append((ab + ba) / 2)
-    assert float(auc[0]) == pytest.approx(sum(pairs) / 3)
+    for layer in range(2):
+        assert float(auc[layer]) == pytest.approx(_paper_auc(attention[:, layer], pred))
     one_class = _correlation(attention, torch.zeros(40, dtype=torch.long))[0]
     assert bool(one_class.isnan().all())  # nothing to separate
 
 
-def test_cumulative_r_and_classes_never_predicted():
-    # 2 layers, 4 prompts, 3 classes; class 2 is never predicted: shares over classes 0 and 1, a binary AUC
-    attention = torch.tensor([[[0.9, 0.1, 0.5], [0.5, 0.5, 0.5]], [[0.8, 0.2, 0.4], [0.5, 0.5, 0.5]],
-                              [[0.1, 0.9, 0.3], [0.5, 0.5, 0.5]], [[0.2, 0.7, 0.2], [0.5, 0.5, 0.5]]]).double()
-    pred = torch.tensor([0, 0, 1, 1])
-    auc, R = _correlation(attention, pred)
-    assert auc.tolist() == [1.0, 0.5]
-    assert R.tolist() == [1.0, 1.0]
+def test_binary_auc_uses_raw_attention_not_shares():
+    # raw attention on class 1 ranks prompt 2 (pred 1) above prompt 1 (pred 0); its share ranks it below
+    attention = torch.tensor([[[0.1, 0.2]], [[0.01, 0.3]], [[0.9, 0.4]]]).double()  # [N=3, L=1, C=2]
+    pred = torch.tensor([0, 0, 1])
+    auc, _ = _correlation(attention, pred)
+    assert float(auc[0]) == 1.0  # raw: 0.4 > 0.3 > 0.2; shares would give 0.31 < 0.67, 0.97: AUC 0.0
 
 
 @pytest.fixture(scope="module")

@@ -546,6 +546,18 @@ def test_scores_of_the_prefix_cache_are_full_context_log_probs(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_token_choices_are_read_off_one_forward_per_input(family):
+    """Label-word choices take the fast path (one forward per input, not per choice): same scores as by hand."""
+    model, ids = model_of(family), _ids(seed=20)
+    state = _run(model, ids, steps=3, eta=0.3).state
+    inputs, choices = _lists(5, 1, 4, seed=21), [[5], [7], [9]]
+    expected = by_hand_scores(model, state, ids, inputs, choices, full_context=False)
+    for batch_size in (1, 2, 100):
+        got = score_choices(model, state, inputs, choices, batch_size=batch_size, normalise=batch_size == 2)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=f"batch_size {batch_size}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_scores_of_a_tuned_state(family):
     model, ids = model_of(family), _ids(seed=18)
     state = _run(model, ids, steps=3, eta=0.3).state

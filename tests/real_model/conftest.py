@@ -13,12 +13,6 @@ import torch
 from fastattn_icl.lab import ModelNotFound, load_model
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "real_model" in str(item.fspath):
-            item.add_marker(pytest.mark.real_model)
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     try:

@@ -7,6 +7,7 @@ is what it is. Sample sizes are the smallest that keep the margins wide under a 
 """
 
 import copy
+import random
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from fastattn_icl.methods import (
 )
 from fastattn_icl.methods.compression import CompressedDemonstrations
 from fastattn_icl.testing import check_close
+
+pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_shipped_label_words_are_single_tokens(smollm2):
         assert len(ids) == len(set(ids)) == len(TASKS[name][2])
     task = load_task("trec")
     object.__setattr__(task, "label_words", ("abbreviation", "zqxjvw"))  # not a word: several tokens
-    with pytest.raises(TaskDataError, match=r"label word 'zqxjvw' is [2-9] tokens"):
+    with pytest.raises(TaskDataError, match=r"label word 'zqxjvw' is not a single token.*split into"):
         task.check_tokenizer(smollm2.tokenizer)
 
 
@@ -81,13 +84,17 @@ def test_seam_logits_equal_eager_and_sdpa(smollm2, model64):
         check_close(f"fastattn_icl vs {other}", fused, _forward(smollm2.model, batch, other)[real], oracle)
 
 
-def test_fused_flow_scores_equal_the_eager_probe(smollm2):
-    """The issue's bar: relative error <= 1e-4 against the paper's probe method on each layer's weights."""
+def test_fused_flow_scores_equal_the_eager_probe(smollm2, model64):
+    """The issue's bar (relative error <= 1e-4 against the paper's probe method on each layer's weights) and the
+    tolerance rule per score, with the float64 model's probe as the oracle."""
     _, label_ids, examples = _examples(smollm2, "sst2", 3)
     fused = information_flow(smollm2.model, examples, label_ids, batch_size=3, progress=False).per_sample
     eager = eager_information_flow(smollm2.model, examples, label_ids)
+    oracle = eager_information_flow(model64, examples, label_ids)
     assert fused.shape == eager.shape == (3, 30, 3)
     assert float((fused - eager).abs().max() / eager.abs().max()) <= 1e-4
+    for j, name in enumerate(("S_wp", "S_pq", "S_ww")):
+        check_close(name, fused[..., j], eager[..., j], oracle[..., j])
 
 
 def test_isolation_through_the_seam_equals_eager_isolation(smollm2, model64):
@@ -114,10 +121,14 @@ def test_attention_row_probe_equals_eager_weights(smollm2, model64):
     probe = AttentionRowProbe(pos)
     with get_controller(smollm2.model).override(attention_row=probe):
         _forward(smollm2.model, batch, "fastattn_icl", logits_to_keep=1)
-    got = _forward(smollm2.model, batch, "eager", output_attentions=True, logits_to_keep=1)  # noqa: F841
+    smollm2.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out32 = smollm2.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
+    finally:
+        smollm2.model.set_attn_implementation("fastattn_icl")
     with torch.no_grad():
-        out32 = smollm2.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
         out64 = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
     H = smollm2.model.config.num_attention_heads
@@ -130,7 +141,8 @@ def test_attention_row_probe_equals_eager_weights(smollm2, model64):
 
 def test_information_flow_crosses_over_on_the_shipped_sentiment_data(smollm2):
     """The paper's Fig. 2 on SST-2-like data: S_wp leads in the first third of the layers, S_pq in the last third.
-    In the committed run the margins are wide (see docs/reproduction); 12 prompts keep them wide for any seed."""
+    Measured on these 12 prompts for demonstration seeds 0 / 5 / 9: first third S_wp 0.62 vs S_pq 0.10-0.11, last
+    third S_pq 0.93-0.95 vs S_wp 0.04-0.06; a gap this wide does not close under a change of demonstrations."""
     _, label_ids, examples = _examples(smollm2, "sst2", 12, seed=5)
     flow = information_flow(smollm2.model, examples, label_ids, batch_size=6, progress=False).normalised_mean
     third = flow.shape[0] // 3
@@ -140,21 +152,29 @@ def test_information_flow_crosses_over_on_the_shipped_sentiment_data(smollm2):
 
 def test_hidden_anchor_keeps_the_first_generated_token(smollm2):
     """Compression (SPEC §5): the first greedy token with the Hidden_anchor cache as prefix equals full ICL's on most
-    shipped sentiment test prompts. Measured 0.81-0.94 over 3 demonstration seeds x 48 prompts; the bar of 0.75
-    sits below them, and far above what a broken cache gives (Hidden_random agrees on far fewer)."""
+    shipped sentiment test prompts, and with the Hidden_random cache (label words swapped for random text tokens) on
+    few. Measured on this balanced sample of 32 (16 per class) for demonstration seeds 0 / 1 / 2: Hidden_anchor
+    0.94 / 0.84 / 0.88, Hidden_random 0.00 / 0.00 / 0.00. The bars (>= 0.75, <= 0.25) sit well inside both."""
     lm, task = smollm2, load_task("sst2")
+    test = task.split("test")[:]
+    random.Random(0).shuffle(test)
+    test = test[:32]
+    assert sum(e.label for e in test) == 16
     demos = task.per_class("train", 1, seed=0)
     builder = PromptBuilder(lm.tokenizer, task.template, list(task.label_words), demos)
-    comp = compress_demonstrations(lm.model, lm.tokenizer, demos, task.template, list(task.label_words))
+    caches = {m: compress_demonstrations(lm.model, lm.tokenizer, demos, task.template, list(task.label_words),
+                                         method=m) for m in ("hidden_anchor", "hidden_random")}
     demo_ids = lm.tokenizer(builder.demonstrations_text())["input_ids"]
-    agree, n = 0, 32
+    agree = dict.fromkeys(caches, 0)
     with torch.no_grad():
-        for e in task.split("test")[:n]:
+        for e in test:
             full = lm.tokenizer(builder.prompt(e.text))["input_ids"]
             first = lm.model(input_ids=torch.tensor([full]), logits_to_keep=1).logits[0, -1].argmax()
             own = torch.tensor([full[len(demo_ids):]])
-            agree += int(comp.forward(lm.model, own, logits_to_keep=1)[0, -1].argmax() == first)
-    assert agree / n >= 0.75, agree / n
+            for m, cache in caches.items():
+                agree[m] += int(cache.forward(lm.model, own, logits_to_keep=1)[0, -1].argmax() == first)
+    assert agree["hidden_anchor"] / len(test) >= 0.75, agree
+    assert agree["hidden_random"] / len(test) <= 0.25, agree
 
 
 def test_deep_thinking_reruns_at_the_stored_positions_on_a_rotary_model(smollm2):
