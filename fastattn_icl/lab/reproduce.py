@@ -437,25 +437,30 @@ def study_eager_timing(p: _Prompts, plan: Plan, reweighting: Any) -> dict[str, A
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def plot_flow(flows: dict[str, Any], path: Path) -> None:
-    """Every task's :meth:`InformationFlow.plot` as one panel of one figure."""
+def _panels(items: dict[str, Any], path: Path, title: str, draw: Callable[[Any, str, Any], None]) -> None:
+    """One figure with a panel per task (two columns), drawn by ``draw(ax, name, item)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(flows)
-    cols = min(2, len(names))
-    rows = math.ceil(len(names) / cols)
+    cols = min(2, len(items))
+    rows = math.ceil(len(items) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        flows[name].plot(ax=ax, title=f"{name} (n = {flows[name].per_sample.shape[0]})")
-    for ax in list(axes.flat)[len(names):]:
+    for ax, (name, item) in zip(axes.flat, items.items()):
+        draw(ax, name, item)
+    for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
-    fig.suptitle("information flow per layer (mean over prompts, normalised; band: ± std of per-prompt shares)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_flow(flows: dict[str, Any], path: Path) -> None:
+    """Every task's :meth:`InformationFlow.plot` as one panel of one figure."""
+    _panels(flows, path, "information flow per layer (mean over prompts, normalised; band: ± std of per-prompt shares)",
+            lambda ax, name, flow: flow.plot(ax=ax, title=f"{name} (n = {flow.per_sample.shape[0]})"))
 
 
 def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
@@ -486,23 +491,8 @@ def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
 
 def plot_correlation(correlations: dict[str, Any], path: Path) -> None:
     """Every task's :meth:`LabelAttentionCorrelation.plot` (AUC-ROC_l and R_l) as one panel of one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(correlations)
-    cols = min(2, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        correlations[name].plot(ax=ax, title=f"{name} (n = {correlations[name].predictions.numel()})")
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle("target's attention on the label words vs the prediction, per layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _panels(correlations, path, "target's attention on the label words vs the prediction, per layer",
+            lambda ax, name, corr: corr.plot(ax=ax, title=f"{name} (n = {corr.predictions.numel()})"))
 
 
 # ---------------------------------------------------------------------------------------------- report

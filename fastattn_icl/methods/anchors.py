@@ -351,6 +351,30 @@ class PromptBuilder:
         )
 
 
+def checked_examples(who: str, examples: Sequence[ICLExample], *, need_label: bool = False,
+                     label_words_needed: str | None = None, batch_size: int | None = None) -> list[ICLExample]:
+    """The examples as a list, checked for a workflow named ``who``: at least one, each an :class:`ICLExample`,
+    with a gold label when ``need_label``, with label words when ``label_words_needed`` (the reason, for the
+    message), and ``batch_size`` (if given) an int >= 1.
+
+    Raises:
+        TypeError, ValueError: naming the example and what it lacks.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"{who} needs at least one example")
+    for i, e in enumerate(examples):
+        if not isinstance(e, ICLExample):
+            raise TypeError(f"examples[{i}] must be an ICLExample, got {type(e).__name__}")
+        if need_label and e.label is None:
+            raise ValueError(f"examples[{i}] has no gold label: the loss needs one")
+        if label_words_needed is not None and len(e.anchor_positions) == 0:
+            raise ValueError(f"examples[{i}] has no label-word positions (a zero-shot prompt?): {label_words_needed}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return examples
+
+
 def collate(examples: Sequence[ICLExample], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Left-pad a batch so every prompt ends at the last column (where the label is predicted).
 

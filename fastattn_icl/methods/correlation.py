@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fastattn_icl.integrations import AttentionRowProbe, get_controller, routed
 from fastattn_icl.methods._model import model_device
-from fastattn_icl.methods.anchors import ICLExample, collate
+from fastattn_icl.methods.anchors import ICLExample, checked_examples, collate
 
 __all__ = ["LabelAttentionCorrelation", "auc_roc", "deep_layer_correlation"]
 
@@ -155,16 +155,8 @@ def deep_layer_correlation(
     Raises:
         ValueError: no examples, a prompt without label words, a bad batch size.
     """
-    examples = list(examples)
-    if not examples:
-        raise ValueError("deep_layer_correlation needs at least one example")
-    for i, e in enumerate(examples):
-        if not isinstance(e, ICLExample):
-            raise TypeError(f"examples[{i}] must be an ICLExample, got {type(e).__name__}")
-        if len(e.anchor_positions) == 0:
-            raise ValueError(f"examples[{i}] has no label-word positions (a zero-shot prompt has nothing to attend)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    examples = checked_examples("deep_layer_correlation", examples, batch_size=batch_size,
+                                label_words_needed="a zero-shot prompt has no label words to attend")
     device = model_device(model)
     ids = torch.as_tensor(label_token_ids, dtype=torch.long).reshape(-1)
     C, L = ids.numel(), model.config.num_hidden_layers

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fastattn_icl.integrations import get_controller, routed
 from fastattn_icl.methods._model import frozen_weights, model_device
-from fastattn_icl.methods.anchors import ICLExample, collate
+from fastattn_icl.methods.anchors import ICLExample, checked_examples, collate
 from fastattn_icl.ops.saliency import Saliency, ratio
 
 __all__ = ["InformationFlow", "information_flow"]
@@ -182,21 +182,10 @@ def information_flow(
         raise RuntimeError(
             "information_flow runs a backward pass, but gradients are disabled (torch.no_grad / inference_mode)"
         )
-    examples = list(examples)
-    if not examples:
-        raise ValueError("information_flow needs at least one example")
-    for i, e in enumerate(examples):
-        if not isinstance(e, ICLExample):
-            raise TypeError(f"examples[{i}] must be an ICLExample, got {type(e).__name__}")
-        if e.label is None:
-            raise ValueError(f"examples[{i}] has no gold label: the loss needs one")
-        if len(e.anchor_positions) == 0:
-            raise ValueError(
-                f"examples[{i}] has no label-word positions (a zero-shot prompt?): the flow scores S_wp and S_pq "
-                "measure the flow into and out of the demonstrations' label words, so every prompt needs demonstrations"
-            )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    examples = checked_examples(
+        "information_flow", examples, need_label=True, batch_size=batch_size,
+        label_words_needed="the flow scores S_wp and S_pq measure the flow into and out of the demonstrations' "
+        "label words, so every prompt needs demonstrations")
     device = model_device(model)
     ids = torch.as_tensor(label_token_ids, dtype=torch.long, device=device).reshape(-1)
     layers = model.config.num_hidden_layers
