@@ -54,19 +54,19 @@ ISOLATION_CONDITIONS = ("label_first", "random_first", "label_last", "random_las
 class Plan:
     """Sample sizes of one run (test inputs are the first ``n`` of a seeded shuffle of the test split)."""
 
-    n_icl: int = 64  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
+    n_icl: int = 48  # test inputs for ICL accuracy (k = 0, 1, 2) and the deep-layer correlation
     n_flow: int = 24  # prompts for information flow
     n_isolation: int = 32  # prompts for isolation
     isolation_layers: int = 5  # k of the first-k / last-k study
     reweight_train_per_class: int = 4  # the paper: 4 extra examples per class
     reweight_epochs: int = 10  # the paper: 10 epochs, Adam lr 0.01, batch 1
-    n_reweight: int = 64  # test inputs for re-weighting
-    n_compression: int = 64  # test inputs for compression metrics
-    n_compression_timing: int = 12  # test inputs timed at batch 1, full vs compressed
+    n_reweight: int = 48  # test inputs for re-weighting
+    n_compression: int = 48  # test inputs for compression metrics
+    n_compression_timing: int = 8  # test inputs timed at batch 1, full vs compressed
     deep_thinking_steps: int = 15  # the authors' default
-    n_deep_thinking_dev: int = 32  # dev inputs for the step choice
-    n_deep_thinking: int = 64  # test inputs
-    n_eager: int = 6  # prompts of the fused-vs-eager timing (information flow: half of them)
+    n_deep_thinking_dev: int = 24  # dev inputs for the step choice
+    n_deep_thinking: int = 48  # test inputs
+    n_eager: int = 4  # prompts of the fused-vs-eager timing (information flow: half of them)
     batch_size: int = 8
 
     @classmethod
@@ -599,119 +599,93 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {text} | {paper} | " + " | ".join(fn(tasks[t]) for t in names) + " |")
     lines.append("")
 
-    if any("icl" in tasks[t] for t in names):
-        lines += ["## ICL accuracy", "", "| task | classes | n | chance | 0-shot | 1 per class | 2 per class | "
-                  "prompt tokens (k = 1) |", "|---|---|---|---|---|---|---|---|"]
+    def section(key: str, title: str, intro: list[str], columns: list[str],
+                rows: Callable[[str, dict[str, Any]], list[list[Any]]]) -> None:
+        """A report section: title, intro lines, and a table with one or more rows per task that has ``key``."""
+        if not any(tasks[t].get(key) for t in names):
+            return
+        lines.extend([f"## {title}", "", *intro, "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"])
         for t in names:
-            icl = tasks[t].get("icl")
-            if icl:
-                lines.append(f"| {t} | {tasks[t]['task']['num_classes']} | {icl['n']} | {_f(icl['chance'])} | "
-                             f"{_f(icl['k0']['accuracy'])} | {_f(icl['k1']['accuracy'])} | "
-                             f"{_f(icl['k2']['accuracy'])} | {icl['k1']['prompt_tokens_mean']:.0f} |")
+            if tasks[t].get(key):
+                lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows(t, tasks[t][key]))
         lines.append("")
-    if any("flow" in tasks[t] for t in names):
-        lines += ["## Information flow", "", "![information flow](information_flow.png)", "",
-                  "Mean over the prompts, normalised per layer to sum to 1 (the paper's figure); the band is ± one "
-                  "std of the per-prompt normalised scores. Layers are numbered from 1; crossover = the first "
-                  "layer where S_pq > S_wp.", "",
-                  "| task | n | first third S_wp / S_pq / S_ww | last third S_wp / S_pq | "
-                  "crossover layer |", "|---|---|---|---|---|"]
-        for t in names:
-            f = tasks[t].get("flow")
-            if f:
-                third = max(1, len(f["normalised_mean"]) // 3)
-                ww = sum(r[2] for r in f["normalised_mean"][:third]) / third
-                lines.append(f"| {t} | {f['n']} | {_f(f['first_third']['S_wp'])} / {_f(f['first_third']['S_pq'])} "
-                             f"/ {_f(ww)} | {_f(f['last_third']['S_wp'])} / {_f(f['last_third']['S_pq'])} | "
-                             f"{f['crossover_layer']} |")
-        lines.append("")
-    if any("isolation" in tasks[t] for t in names):
-        k = next(tasks[t]["isolation"]["layers"] for t in names if "isolation" in tasks[t])
-        lines += ["## Isolation", "", "![isolation](isolation.png)", "",
-                  f"Label / word loyalty (top-10 Jaccard) against unmodified ICL, isolating in the first or last {k} "
-                  "layers.", "", "| task | n | label words, first | random, first | label words, last | "
-                  "random, last |", "|---|---|---|---|---|---|"]
-        for t in names:
-            iso = tasks[t].get("isolation")
-            if iso:
-                lines.append(f"| {t} | {iso['n']} | " + " | ".join(
-                    f"{_f(iso[c]['label_loyalty'])} / {_f(iso[c]['word_loyalty'])}" for c in ISOLATION_CONDITIONS)
-                    + " |")
-        lines.append("")
-    if any("correlation" in tasks[t] for t in names):
-        lines += ["## Deep-layer correlation", "", "![correlation](correlation.png)", "",
-                  "AUC-ROC of the target's attention on the label words against the prediction (the paper's "
-                  "analysis: raw attention on the second class when two classes are predicted, one-vs-one AUC of "
-                  "the shares beyond); layers numbered from 1.", "",
-                  "| task | n | AUC first layer | AUC middle | AUC last | max AUC (layer) | first layer with R ≥ 0.5 |",
-                  "|---|---|---|---|---|---|---|"]
-        for t in names:
-            c = tasks[t].get("correlation")
-            if c:
-                auc = c["auc"]
-                finite = [(a, i) for i, a in enumerate(auc) if not math.isnan(a)]
-                best = max(finite) if finite else (math.nan, None)
-                best = (best[0], None if best[1] is None else best[1] + 1)
-                lines.append(f"| {t} | {c['num_examples']} | {_f(auc[0])} | {_f(auc[len(auc) // 2])} | "
-                             f"{_f(auc[-1])} | {_f(best[0])} ({best[1]}) | {c['R_half_layer']} |")
-        lines.append("")
-    if any("reweighting" in tasks[t] for t in names):
-        lines += ["## Anchor re-weighting", "", "| task | train examples | epochs | n test | vanilla | re-weighted | "
-                  "fit time (s) |", "|---|---|---|---|---|---|---|"]
-        for t in names:
-            r = tasks[t].get("reweighting")
-            if r:
-                lines.append(f"| {t} | {r['train_examples']} | {r['epochs']} | {r['n']} | "
-                             f"{_f(r['accuracy_vanilla'])} | {_f(r['accuracy_reweighted'])} | "
-                             f"{tasks[t]['times'].get('re-weighting fit', math.nan):.0f} |")
-        lines.append("")
-    if any("compression" in tasks[t] for t in names):
-        lines += ["## Anchor compression", "", "Accuracy, label loyalty and word loyalty (top-5) against full ICL; "
-                  "time per test input at batch 1.", "",
-                  "| task | n | full ICL acc | Hidden_anchor acc / label / word | Hidden_random | Text_anchor | "
-                  "kept / demo tokens | ms full → Hidden_anchor (speed-up) |", "|---|---|---|---|---|---|---|---|"]
-        for t in names:
-            c = tasks[t].get("compression")
-            if c:
-                ms = c["methods"]
 
-                def trio(m: str, ms: dict = ms) -> str:
-                    return (f"{_f(ms[m]['accuracy'])} / {_f(ms[m]['label_loyalty'])} / "
-                            f"{_f(ms[m]['word_loyalty'])}")
+    def finite(x: Any) -> bool:
+        return x is not None and not math.isnan(x)
 
-                tm = c["timing"]
-                lines.append(f"| {t} | {c['n']} | {_f(c['icl_accuracy'])} | {trio('hidden_anchor')} | "
-                             f"{trio('hidden_random')} | {trio('text_anchor')} | {tm['kept']} / "
-                             f"{tm['demonstration_tokens']} | {tm['full_ms']:.0f} → {tm['hidden_anchor_ms']:.0f} "
-                             f"({tm['speedup']:.2f}×) |")
-        lines.append("")
-    if any("deep_thinking" in tasks[t] for t in names):
-        lines += ["## Deep-Thinking", "", "Step count chosen on the dev split (never the test split); accuracy by "
-                  "answer-choice scoring.", "", "| task | steps | n dev | chosen step | n test | plain ICL | "
-                  "Deep-Thinking |", "|---|---|---|---|---|---|---|"]
-        for t in names:
-            d = tasks[t].get("deep_thinking")
-            if d:
-                lines.append(f"| {t} | {d['steps']} | {d['n_dev']} | {d['chosen_step']} | {d['n']} | "
-                             f"{_f(d['accuracy_icl'])} | {_f(d['accuracy_deep_thinking'])} |")
-        lines.append("")
-    if any("eager" in tasks[t] for t in names):
-        lines += ["## CPU time: fastattn_icl vs eager attention (same run, same inputs)", "",
-                  "Ratio > 1: the fused path is faster. Difference: the largest absolute difference of the "
-                  "results (logits, scores or dL/dβ).", "",
-                  "| task | step | n | fastattn_icl (s) | eager (s) | eager / fastattn_icl | difference |",
-                  "|---|---|---|---|---|---|---|"]
-        for t in names:
-            e = tasks[t].get("eager")
-            if e:
-                for step, r in e["steps"].items():
-                    lines.append(f"| {t} | {step} | {e['n']} | {r['fastattn_icl_s']:.2f} | {r['eager_s']:.2f} | "
-                                 f"{r['eager_over_fastattn_icl']:.2f} | {r['max_abs_difference']:.1e} |")
-        lines.append("")
+    section("icl", "ICL accuracy", [],
+            ["task", "classes", "n", "chance", "0-shot", "1 per class", "2 per class", "prompt tokens (k = 1)"],
+            lambda t, icl: [[t, tasks[t]["task"]["num_classes"], icl["n"], _f(icl["chance"]),
+                             _f(icl["k0"]["accuracy"]), _f(icl["k1"]["accuracy"]), _f(icl["k2"]["accuracy"]),
+                             f"{icl['k1']['prompt_tokens_mean']:.0f}"]])
+
+    def flow_row(t: str, f: dict[str, Any]) -> list[list[Any]]:
+        third = max(1, len(f["normalised_mean"]) // 3)
+        ww = sum(r[2] for r in f["normalised_mean"][:third]) / third
+        return [[t, f["n"], f"{_f(f['first_third']['S_wp'])} / {_f(f['first_third']['S_pq'])} / {_f(ww)}",
+                 f"{_f(f['last_third']['S_wp'])} / {_f(f['last_third']['S_pq'])}", f["crossover_layer"]]]
+
+    section("flow", "Information flow",
+            ["![information flow](information_flow.png)", "",
+             "Mean over the prompts, normalised per layer to sum to 1 (the paper's figure); the band is ± one std of "
+             "the per-prompt normalised scores. Layers are numbered from 1; crossover = the first layer where "
+             "S_pq > S_wp.", ""],
+            ["task", "n", "first third S_wp / S_pq / S_ww", "last third S_wp / S_pq", "crossover layer"], flow_row)
+    k = next((tasks[t]["isolation"]["layers"] for t in names if tasks[t].get("isolation")), None)
+    section("isolation", "Isolation",
+            ["![isolation](isolation.png)", "",
+             f"Label / word loyalty (top-10 Jaccard) against unmodified ICL, isolating in the first or last {k} "
+             "layers.", ""],
+            ["task", "n", "label words, first", "random, first", "label words, last", "random, last"],
+            lambda t, iso: [[t, iso["n"], *(f"{_f(iso[c]['label_loyalty'])} / {_f(iso[c]['word_loyalty'])}"
+                                            for c in ISOLATION_CONDITIONS)]])
+
+    def correlation_row(t: str, c: dict[str, Any]) -> list[list[Any]]:
+        auc = c["auc"]
+        best = max(((a, i + 1) for i, a in enumerate(auc) if finite(a)), default=(None, None))
+        return [[t, c["num_examples"], _f(auc[0]), _f(auc[len(auc) // 2]), _f(auc[-1]), f"{_f(best[0])} ({best[1]})",
+                 c["R_half_layer"]]]
+
+    section("correlation", "Deep-layer correlation",
+            ["![correlation](correlation.png)", "",
+             "AUC-ROC of the target's attention on the label words against the prediction (the paper's analysis: raw "
+             "attention on the second class when two classes are predicted, one-vs-one AUC of the shares beyond); "
+             "layers numbered from 1.", ""],
+            ["task", "n", "AUC first layer", "AUC middle", "AUC last", "max AUC (layer)", "first layer with R ≥ 0.5"],
+            correlation_row)
+    section("reweighting", "Anchor re-weighting", [],
+            ["task", "train examples", "epochs", "n test", "vanilla", "re-weighted", "fit time (s)"],
+            lambda t, r: [[t, r["train_examples"], r["epochs"], r["n"], _f(r["accuracy_vanilla"]),
+                           _f(r["accuracy_reweighted"]), f"{tasks[t]['times'].get('re-weighting fit', math.nan):.0f}"]])
+
+    def compression_row(t: str, c: dict[str, Any]) -> list[list[Any]]:
+        ms, tm = c["methods"], c["timing"]
+        trio = [f"{_f(ms[m]['accuracy'])} / {_f(ms[m]['label_loyalty'])} / {_f(ms[m]['word_loyalty'])}"
+                for m in ("hidden_anchor", "hidden_random", "text_anchor")]
+        return [[t, c["n"], _f(c["icl_accuracy"]), *trio, f"{tm['kept']} / {tm['demonstration_tokens']}",
+                 f"{tm['full_ms']:.0f} → {tm['hidden_anchor_ms']:.0f} ({tm['speedup']:.2f}×)"]]
+
+    section("compression", "Anchor compression",
+            ["Accuracy / label loyalty / word loyalty (top-5) against full ICL; time per test input at batch 1.", ""],
+            ["task", "n", "full ICL acc", "Hidden_anchor", "Hidden_random", "Text_anchor", "kept / demo tokens",
+             "ms full → Hidden_anchor (speed-up)"], compression_row)
+    section("deep_thinking", "Deep-Thinking",
+            ["Step count chosen on the dev split (never the test split); accuracy by answer-choice scoring.", ""],
+            ["task", "steps", "n dev", "chosen step", "n test", "plain ICL", "Deep-Thinking"],
+            lambda t, d: [[t, d["steps"], d["n_dev"], d["chosen_step"], d["n"], _f(d["accuracy_icl"]),
+                           _f(d["accuracy_deep_thinking"])]])
+    section("eager", f"Time: fastattn_icl vs eager attention ({meta['machine']['device']}, same run, same inputs)",
+            ["Each path warmed up at the timed shape, then two alternating runs; the faster counts. Ratio > 1: the "
+             "fused path is faster. Difference: the largest absolute difference of the results (logits, scores or "
+             "dL/dβ).", ""],
+            ["task", "step", "n", "fastattn_icl (s)", "eager (s)", "eager / fastattn_icl", "difference"],
+            lambda t, e: [[t, step, e["n"], f"{r['fastattn_icl_s']:.2f}", f"{r['eager_s']:.2f}",
+                           f"{r['eager_over_fastattn_icl']:.2f}", f"{r['max_abs_difference']:.1e}"]
+                          for step, r in e["steps"].items()])
     lines += ["## Run time per step (s)", "", "| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     steps = sorted({s for t in names for s in tasks[t].get("times", {})})
     for s in steps:
-        lines.append(f"| {s} | " + " | ".join(f"{tasks[t]['times'].get(s, math.nan):.1f}" for t in names) + " |")
+        lines.append(f"| {s} | " + " | ".join(_f(tasks[t]['times'].get(s), 1) for t in names) + " |")
     lines.append("")
     lines += ["## Sample sizes", "", "```", json.dumps(meta["plan"], indent=1), "```", ""]
     return "\n".join(lines)
