@@ -470,7 +470,7 @@ def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(isolation)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
     labels = {"label_first": "label words, first", "random_first": "random words, first",
               "label_last": "label words, last", "random_last": "random words, last"}
     width = 0.8 / len(ISOLATION_CONDITIONS)
@@ -483,8 +483,10 @@ def plot_isolation(isolation: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_ylim(0, 1.05)
         ax.set_title(metric.replace("_", " "))
     k = next(iter(isolation.values()))["layers"]
-    axes[1].legend(fontsize=7, loc="lower right", title=f"isolated in the {k} layers")
-    fig.tight_layout()
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=4, fontsize=8,
+               title=f"isolated in the first / last {k} layers", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

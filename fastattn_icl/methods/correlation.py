@@ -91,8 +91,8 @@ class LabelAttentionCorrelation:
         ax.plot(layers, self.R.numpy(), marker="s", ms=3, label="$R_l$ (cumulative)", color="tab:orange")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("layer")
-        low = float(torch.nan_to_num(torch.cat([self.R, self.auc]), nan=0.0).min())
-        ax.set_ylim(min(0.0, low) - 0.02, 1.02)
+        values = torch.nan_to_num(torch.cat([self.R, self.auc]), nan=0.5)
+        ax.set_ylim(min(0.0, float(values.min())) - 0.02, max(1.0, float(values.max())) + 0.02)
         ax.set_title(title or "target's attention on label words vs prediction")
         ax.legend(loc="lower right", fontsize=8)
         if fig is not None:
