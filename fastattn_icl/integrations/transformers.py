@@ -533,6 +533,7 @@ def fastattn_icl_attention_forward(
             f"fastattn_icl: sliding-window attention binds here (window {window}, {key.shape[2]} keys); "
             f"the seam computes full causal attention only: keep sequences within the window or {_HINT}"
         )
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     method: dict[str, Any] = {}
     probe = None
     if controller is not None and not controller.is_neutral(layer_idx):
@@ -564,11 +565,10 @@ def fastattn_icl_attention_forward(
             query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,
             backend=None, saliency=saliency, saliency_key=layer_idx, **method,
         )
-        if probe is not None:
-            probe.record(layer_idx, query, key, lse, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
+        if probe is not None:  # alone in this layer's state (checked above), so this branch ran
+            probe.record(layer_idx, query, key, lse, scale)
     weights = None
     if _attentions_requested(kwargs):
-        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         weights = _attention_weights(query, key, key_padding_mask, bool(is_causal), scale, method)
     return out.transpose(1, 2).contiguous(), weights
 

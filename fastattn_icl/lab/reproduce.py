@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from fastattn_icl.lab.models import LoadedModel, load_model
 from fastattn_icl.lab.tasks import TASKS, Task, TaskDataError, load_task
+from fastattn_icl.methods.anchors import PromptBuilder
 
 __all__ = ["Plan", "build_parser", "main", "run"]
 
@@ -100,8 +101,6 @@ class _Prompts:
     """Prompts of one task for one model: builders, examples, query tokens, all checked against the context."""
 
     def __init__(self, lm: LoadedModel, task: Task, seed: int):
-        from fastattn_icl.methods import PromptBuilder
-
         self.lm, self.task, self.seed = lm, task, seed
         self.tokenizer = lm.tokenizer
         self.label_ids = task.check_tokenizer(self.tokenizer)  # TaskDataError before anything runs
@@ -117,7 +116,6 @@ class _Prompts:
         self.fixed_demos = fixed
         self.fixed_ids = {e.id for e in task.split("train") if (e.text, e.label) in set(fixed)}
         self.fixed = PromptBuilder(self.tokenizer, task.template, list(task.label_words), fixed)
-        self._builder = PromptBuilder
 
     def demos_for(self, index: int, k: int) -> list[tuple[str, int]]:
         """``k`` demonstrations per class for test input ``index``, drawn and shuffled with the seed."""
@@ -129,7 +127,7 @@ class _Prompts:
 
     def example(self, index: int, k: int):
         text, label = self.test[index].text, self.test[index].label
-        builder = self._builder(self.tokenizer, self.task.template, list(self.task.label_words),
+        builder = PromptBuilder(self.tokenizer, self.task.template, list(self.task.label_words),
                                 self.demos_for(index, k))
         return self.checked(builder.example(text, label), f"test input {self.test[index].id} (k = {k})")
 
