@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from benchmarks import bench_attention as attn
-from benchmarks.harness import STATUS_OK, Benchmark, CheckViews, Provider, find, ratio_verdict, tensor_op, verdict
+from benchmarks.harness import STATUS_OK, Benchmark, CheckViews, Provider, find, ratio_target, tensor_op, verdict
 from benchmarks.shapes import anchor_cases
 
 OVERHEAD_TARGET, EAGER_TARGET, EAGER_TARGET_T, LONG_T = 1.10, 10.0, 2048, 16384
@@ -103,25 +103,18 @@ def targets_for(feature: str):
         for variant in dict.fromkeys(r["params"]["variant"] for r in rows):
             cases = list(dict.fromkeys(r["case"] for r in rows if r["params"]["variant"] == variant))
             for mode in modes:
-                parts, verdicts = [], []
-                for ours, base in ((find(rows, c, on, mode), find(rows, c, OFF, mode)) for c in cases):
-                    if ours is not None and base is not None:
-                        ok, ratio, _ = ratio_verdict(ours, base, lambda r: 1 / r <= OVERHEAD_TARGET)
-                        verdicts.append(ok)
-                        parts.append(f"{_short(ours)}: " + (f"n/a ({ours['status']}/{base['status']})" if ratio is None
-                                                            else f"{100 * (1 / ratio - 1):+.1f}%"))
-                out.append({"target": f"{variant} {mode}: overhead vs feature off <= "
-                            f"{100 * (OVERHEAD_TARGET - 1):.0f}% (every T)", "result": verdict(verdicts),
-                            "detail": ", ".join(parts) or "not measured"})
-                parts, verdicts = [], []
-                for ours, eager in ((find(rows, c, on, mode), find(rows, c, EAGER, mode)) for c in cases):
-                    if ours is not None and eager is not None and ours["params"]["Tq"] == EAGER_TARGET_T:
-                        ok, ratio, text = ratio_verdict(ours, eager, lambda r: r >= EAGER_TARGET)
-                        verdicts.append(ok)
-                        parts.append(f"{_short(ours)}: " + (text if ratio is None else f"{ratio:.1f}x"))
-                out.append({"target": f"{variant} {mode}: >= {EAGER_TARGET:g}x eager at T = {EAGER_TARGET_T}",
-                            "result": verdict(verdicts),
-                            "detail": ", ".join(parts) or f"no T = {EAGER_TARGET_T} case in this set"})
+                pairs = [(_short(o), o, b) for o, b in ((find(rows, c, on, mode), find(rows, c, OFF, mode))
+                                                       for c in cases) if o is not None and b is not None]
+                out.append(ratio_target(
+                    f"{variant} {mode}: overhead vs feature off <= {100 * (OVERHEAD_TARGET - 1):.0f}% (every T)", pairs,
+                    lambda r: 1 / r <= OVERHEAD_TARGET, lambda o, b, r, t: f"n/a ({o['status']}/{b['status']})"
+                    if r is None else f"{100 * (1 / r - 1):+.1f}%", empty="not measured"))
+                pairs = [(_short(o), o, e) for o, e in ((find(rows, c, on, mode), find(rows, c, EAGER, mode))
+                                                       for c in cases)
+                         if o is not None and e is not None and o["params"]["Tq"] == EAGER_TARGET_T]
+                out.append(ratio_target(f"{variant} {mode}: >= {EAGER_TARGET:g}x eager at T = {EAGER_TARGET_T}", pairs,
+                                        lambda r: r >= EAGER_TARGET, lambda o, b, r, t: t if r is None else f"{r:.1f}x",
+                                        empty=f"no T = {EAGER_TARGET_T} case in this set"))
             parts, verdicts = [], []
             for c in cases:
                 for mode in modes:

@@ -21,9 +21,8 @@ from benchmarks.harness import (
     find,
     fit_exponent,
     is_oom,
-    ratio_verdict,
+    ratio_target,
     tensor_op,
-    verdict,
 )
 from benchmarks.shapes import MODES, attention_cases
 
@@ -118,16 +117,9 @@ class Sdpa:
 
 
 def _ratio_target(rows, cases, mode, base, threshold, title) -> dict:
-    parts, verdicts = [], []
-    for case in cases:
-        ours, other = find(rows, case, "fastattn_icl", mode), find(rows, case, base, mode)
-        if ours is not None and other is not None:
-            ok, _, text = ratio_verdict(ours, other, lambda r: r >= threshold)
-            verdicts.append(ok)
-            parts.append(f"T{ours['params']['Tq']}: {text}")
-    if not verdicts:
-        return {"target": title, "result": "N/A", "detail": f"{mode} not measured on the acceptance set"}
-    return {"target": title, "result": verdict(verdicts), "detail": ", ".join(parts)}
+    found = ((find(rows, c, "fastattn_icl", mode), find(rows, c, base, mode)) for c in cases)
+    pairs = [(f"T{o['params']['Tq']}", o, b) for o, b in found if o is not None and b is not None]
+    return ratio_target(title, pairs, lambda r: r >= threshold, empty=f"{mode} not measured on the acceptance set")
 
 
 def _memory_target(rows, cases, mode) -> dict:

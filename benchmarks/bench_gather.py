@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import Benchmark, Provider, Timed, failure, find, make_check, ratio_verdict, verdict
+from benchmarks.harness import Benchmark, Provider, Timed, failure, find, make_check, no_grad, ratio_verdict, verdict
 from benchmarks.shapes import GATHER_CPU_LAYERS, gather_cases
 
 OURS, UNCHECKED = "gather_kv", "gather_kv_unchecked"
@@ -121,7 +121,7 @@ def _kernel(device) -> str:
 BENCH = Benchmark(
     name="gather", suffix="-gather", modes=("gather",), cases=gather_cases, inputs=make_inputs, gate=gate,
     op="KV-cache gather: keep M positions of every layer's keys and values (anchor compression)",
-    timed=lambda case, inp, group, p, mode: Timed(lambda: _no_grad_call(p, case, inp)),
+    timed=lambda case, inp, group, p, mode: Timed(no_grad(p.fn, case, inp)),
     metric=lambda case, ms: {"bytes_moved": case.bytes_moved,
                              "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
     providers=[
@@ -152,9 +152,4 @@ BENCH = Benchmark(
     columns=[("MiB moved", lambda by: f"{next(r for r in by.values() if r)['bytes_moved'] / 2**20:.2f}")],
     targets=targets,
 )
-
-
-def _no_grad_call(p, case, inp):
-    with torch.no_grad():
-        return p.fn(case, inp)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import bench_attention as attn
-from benchmarks.harness import STATUS_OK, Benchmark, Provider, Timed, find, ratio_verdict, speedup, tensor_op, verdict
+from benchmarks.harness import STATUS_OK, Benchmark, Provider, Timed, find, no_grad, ratio_target, speedup, tensor_op
 from benchmarks.shapes import momentum_cases, update_cases
 from fastattn_icl.testing import EPS, FWD_FACTOR, GRAD_FACTOR
 
@@ -64,18 +64,13 @@ def momentum_targets(rows: list[dict]) -> list[dict]:
     out = []
     for model in dict.fromkeys(r["params"]["model"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows):
-            parts, verdicts = [], []
-            for ours in rows:
-                p = ours["params"]
-                if (ours["provider"], ours["mode"], p["model"]) != (OURS, mode, model) or p["Tq"] < OVERHEAD_MIN_T:
-                    continue
-                ok, ratio, text = ratio_verdict(ours, find(rows, ours["case"], BASE, mode),
-                                                lambda r: 1 / r - 1 <= OVERHEAD_MAX)
-                verdicts.append(ok)
-                parts.append(f"T{p['Tq']}: " + (text if ratio is None else f"{100 * (1 / ratio - 1):+.1f}%"))
-            out.append({"target": f"{model} {mode}: {OURS} overhead vs {BASE} <= {100 * OVERHEAD_MAX:g}% at every T >= "
-                        f"{OVERHEAD_MIN_T}", "result": verdict(verdicts),
-                        "detail": ", ".join(parts) or f"no T >= {OVERHEAD_MIN_T} case in this set"})
+            pairs = [(f"T{o['params']['Tq']}", o, find(rows, o["case"], BASE, mode)) for o in rows
+                     if (o["provider"], o["mode"], o["params"]["model"]) == (OURS, mode, model)
+                     and o["params"]["Tq"] >= OVERHEAD_MIN_T]
+            out.append(ratio_target(f"{model} {mode}: {OURS} overhead vs {BASE} <= {100 * OVERHEAD_MAX:g}% at every T "
+                                    f">= {OVERHEAD_MIN_T}", pairs, lambda r: 1 / r - 1 <= OVERHEAD_MAX,
+                                    lambda o, b, r, t: t if r is None else f"{100 * (1 / r - 1):+.1f}%",
+                                    empty=f"no T >= {OVERHEAD_MIN_T} case in this set"))
     return out
 
 
@@ -235,27 +230,16 @@ def _gate_cell(by, name: str) -> str:
 
 def update_targets(rows: list[dict]) -> list[dict]:
     """``fused`` >= 5x ``eager_loop`` on every case."""
-    parts, verdicts = [], []
-    for ours in (r for r in rows if r["provider"] == FUSED):
-        ok, _, text = ratio_verdict(ours, find(rows, ours["case"], LOOP), lambda r: r >= UPDATE_TARGET)
-        verdicts.append(ok)
-        parts.append(f"{ours['case']}: {text}")
-    return [{"target": f"{FUSED} at least {UPDATE_TARGET:g}x faster than {LOOP} on every case (median time)",
-             "result": verdict(verdicts), "detail": ", ".join(parts) or "no cases"}]
-
-
-def _update_timed(case, inp, group, p, mode) -> Timed:
-    def call():
-        with torch.no_grad():
-            p.fn(case, inp)
-
-    return Timed(call)
+    pairs = [(o["case"], o, find(rows, o["case"], LOOP)) for o in rows if o["provider"] == FUSED]
+    return [ratio_target(f"{FUSED} at least {UPDATE_TARGET:g}x faster than {LOOP} on every case (median time)", pairs,
+                         lambda r: r >= UPDATE_TARGET)]
 
 
 DEEP_THINKING = Benchmark(
     name="deep-thinking", suffix="-deep-thinking", modes=("update",), cases=update_cases,
     op="Deep-Thinking update (SPEC §7): one step's X̂, m update over every layer's K and V",
-    inputs=make_update_inputs, gate=update_gate, timed=_update_timed,
+    inputs=make_update_inputs, gate=update_gate,
+    timed=lambda case, inp, group, p, mode: Timed(no_grad(p.fn, case, inp)),
     metric=lambda case, ms: {"bytes_moved": case.bytes_moved,
                              "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
     providers=[

@@ -29,7 +29,7 @@ from benchmarks.harness import (
     find,
     fit_exponent,
     make_check,
-    ratio_verdict,
+    ratio_target,
     verdict,
 )
 from benchmarks.shapes import saliency_cases
@@ -193,16 +193,12 @@ def targets(rows: list[dict]) -> list[dict]:
     out = []
     for model in dict.fromkeys(r["params"]["model"] for r in rows):
         mine = [r for r in rows if r["params"]["model"] == model and r["provider"] == OURS]
-        parts, verdicts = [], []
-        for ours in (r for r in mine if r["params"]["T"] == EAGER_TARGET_T):
-            eager = find(rows, ours["case"], EAGER)
-            ok, ratio, text = ratio_verdict(ours, eager, lambda r: r >= EAGER_TARGET)
-            verdicts.append(ok)
-            parts.append(f"T{EAGER_TARGET_T}: " + (text if ratio is None else
-                                                   f"{ratio:.1f}x ({_status_text(ours)} vs {_status_text(eager)})"))
-        out.append({"target": f"{model}: >= {EAGER_TARGET:g}x faster than eager_probe at T = {EAGER_TARGET_T}",
-                    "result": verdict(verdicts),
-                    "detail": ", ".join(parts) or f"no T = {EAGER_TARGET_T} case in this set"})
+        pairs = [(f"T{EAGER_TARGET_T}", o, find(rows, o["case"], EAGER)) for o in mine
+                 if o["params"]["T"] == EAGER_TARGET_T]
+        out.append(ratio_target(f"{model}: >= {EAGER_TARGET:g}x faster than eager_probe at T = {EAGER_TARGET_T}", pairs,
+                                lambda r: r >= EAGER_TARGET, lambda o, b, r, t: t if r is None else
+                                f"{r:.1f}x ({_status_text(o)} vs {_status_text(b)})",
+                                empty=f"no T = {EAGER_TARGET_T} case in this set"))
         ts, mem = _peaks(rows, model, OURS)
         exponent, eager_exp = fit_exponent(ts, mem), fit_exponent(*_peaks(rows, model, EAGER))
         if exponent is None:

@@ -16,6 +16,7 @@ import datetime as _dt
 import functools
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -150,39 +151,30 @@ def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
         x.grad = None
 
 
-def bench_cpu(fn, *, warmup_ms=50.0, rep_ms=200.0, min_reps=3, max_reps=50, grad_to_none=None) -> dict:
-    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` of ``fn`` timed with ``time.perf_counter``."""
-    _reset_grads(grad_to_none)
-    fn()
-    _reset_grads(grad_to_none)
-    t0 = time.perf_counter()
-    fn()
-    estimate_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    for _ in range(max(0, min(int(warmup_ms / estimate_ms), max_reps) - 1)):
-        _reset_grads(grad_to_none)
-        fn()
-    reps = max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))
-    times = []
-    for _ in range(reps):
+def bench(fn, device: torch.device, config: TimingConfig, grad_to_none=None) -> dict:
+    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` of ``fn``: ``do_bench`` on CUDA; on CPU a ``perf_counter``
+    loop (an untimed call, one that sizes the warm-up, the warm-up, then ``cpu_rep_ms`` worth of timed calls)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, warmup=config.cuda_warmup_ms, rep=config.cuda_rep_ms,
+                                    grad_to_none=list(grad_to_none or []) or None, quantiles=list(QUANTILES))
+        return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
+
+    def timed_call() -> float:
         _reset_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64))
+        return (time.perf_counter() - t0) * 1e3
+
+    timed_call()
+    estimate = max(timed_call(), 1e-3)
+    for _ in range(max(0, min(int(config.cpu_warmup_ms / estimate), config.cpu_max_reps) - 1)):
+        timed_call()
+    reps = max(config.cpu_min_reps, min(config.cpu_max_reps, int(config.cpu_rep_ms / estimate)))
+    times = torch.tensor([timed_call() for _ in range(reps)], dtype=torch.float64)
+    q = torch.quantile(times, torch.tensor(QUANTILES, dtype=torch.float64))
     return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2]), "reps": reps}
-
-
-def bench(fn, device: torch.device, config: TimingConfig, grad_to_none=None) -> dict:
-    """Timing statistics of ``fn`` on ``device`` (``do_bench`` on CUDA, :func:`bench_cpu` otherwise)."""
-    if device.type != "cuda":
-        c = config
-        return bench_cpu(fn, warmup_ms=c.cpu_warmup_ms, rep_ms=c.cpu_rep_ms, min_reps=c.cpu_min_reps,
-                         max_reps=c.cpu_max_reps, grad_to_none=grad_to_none)
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=config.cuda_warmup_ms, rep=config.cuda_rep_ms,
-                                grad_to_none=list(grad_to_none or []) or None, quantiles=list(QUANTILES))
-    return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
 
 
 def peak_memory_bytes(fn, device: torch.device, grad_to_none=None) -> int | None:
@@ -297,11 +289,6 @@ def correctness_check(call, oracle, inputs: Sequence[torch.Tensor], views: Check
     return make_check(errors, failures, views.scope)
 
 
-def _tensor_inputs(case, inputs, provider: Provider, views):
-    v = (provider.views or views)(case)
-    return inputs[: len(v.inputs)], v
-
-
 def tensor_op(*, oracle, views) -> dict:
     """The ``gate``, ``timed`` and ``gate_key`` of a tensor op ``provider.fn(case, *inputs) -> out``: the gate is
     :func:`correctness_check` (fwd alone, then with gradients); ``fwd`` runs under ``no_grad``, ``bwd`` times
@@ -310,7 +297,8 @@ def tensor_op(*, oracle, views) -> dict:
     def gate(case, inputs, group, providers, mode):
         out = {}
         for p in providers:
-            xs, v = _tensor_inputs(case, inputs, p, views)
+            v = (p.views or views)(case)
+            xs = inputs[: len(v.inputs)]
             try:
                 out[p.name] = correctness_check(lambda *a, _p=p: _p.fn(case, *a),
                                                 lambda *a, _p=p: (_p.oracle or oracle)(case, *a),
@@ -321,10 +309,9 @@ def tensor_op(*, oracle, views) -> dict:
         return out
 
     def timed(case, inputs, group, p, mode):
-        xs, _ = _tensor_inputs(case, inputs, p, views)
+        xs = inputs[: len((p.views or views)(case).inputs)]
         if mode == "fwd":
-            xs = [x.detach() for x in xs]
-            return Timed(_no_grad(lambda: p.fn(case, *xs)))
+            return Timed(no_grad(p.fn, case, *(x.detach() for x in xs)))
         xs = [x.detach().requires_grad_() for x in xs]
         out = p.fn(case, *xs)
         dout = torch.randn_like(out)
@@ -336,10 +323,12 @@ def tensor_op(*, oracle, views) -> dict:
     return {"gate": gate, "timed": timed, "gate_key": lambda mode: mode != "fwd"}
 
 
-def _no_grad(fn):
+def no_grad(fn, *args):
+    """``fn(*args)`` as a call without autograd."""
+
     def call():
         with torch.no_grad():
-            return fn()
+            return fn(*args)
 
     return call
 
@@ -396,6 +385,18 @@ def ratio_verdict(ours: dict, base: dict | None, ok: Callable[[float], bool]):
     return ok(ratio), ratio, text
 
 
+def ratio_target(title: str, pairs, ok: Callable[[float], bool], text=None, empty: str = "no cases",
+                 sep: str = ", ") -> dict:
+    """A speed-up target over ``pairs`` of ``(label, ours, base)`` rows, ``ok(ratio)`` per part; the detail is
+    ``label: text(ours, base, ratio, speed-up text)`` per part (default: the speed-up text)."""
+    parts, verdicts = [], []
+    for label, ours, base in pairs:
+        v, ratio, t = ratio_verdict(ours, base, ok) if ours is not None else (None, None, "n/a (no row)")
+        verdicts.append(v)
+        parts.append(f"{label}: {t if text is None or ours is None else text(ours, base, ratio, t)}")
+    return {"target": title, "result": verdict(verdicts), "detail": sep.join(parts) or empty}
+
+
 def make_row(case, provider: str, mode: str, status: str, **kw) -> dict:
     row = {"case": case.name, "group": case.group, "label": case.label, "params": case.params(),
            "provider": provider, "mode": mode, "status": status, "median_ms": None, "p20_ms": None, "p80_ms": None,
@@ -435,13 +436,6 @@ def format_progress(row: dict) -> str:
     return f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {_figures(row)}{mem}"
 
 
-def _groups(bench: Benchmark, cases) -> dict:
-    out: dict = {}
-    for c in cases:
-        out.setdefault(bench.group(c), []).append(c)
-    return out
-
-
 def _measure(spec, case, inputs, group, p, mode, check, device, timing) -> dict:
     if isinstance(check, tuple):
         status, message = check
@@ -472,29 +466,33 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
     """Gate, time and measure every provider on every case and mode; returns the results dict that
     :func:`write_results` writes."""
     timing, t_start = timing or bench.timing, time.perf_counter()
-    rows, skipped, extra = [], list(platform_notes(bench, device)), {}
+    rows, extra, skipped = [], {}, [] if device.type == "cuda" else [
+        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}",
+        "peak memory not measured: no CUDA (reported as null; torch's CPU allocator keeps no peak counter)",
+        *([bench.cpu_note] if bench.cpu_note else [])]
     emit = row_emitter(rows, len(cases) * len(providers) * len(modes), progress)
-    for members in _groups(bench, cases).values():
+
+    def fail(members, exc, where):
+        status, message = failure(exc, where)
+        for case, p, mode in itertools.product(members, providers, modes):
+            emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
+        free_memory(device)
+
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault(bench.group(c), []).append(c)
+    for members in groups.values():
         group = SimpleNamespace(device=device, notes=skipped, extra=extra, providers=providers, timing=timing)
         try:
             bench.setup(group, members)
         except Exception as exc:
-            status, message = failure(exc, "setup")
-            for case in members:
-                for p in providers:
-                    for mode in modes:
-                        emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
-            free_memory(device)
+            fail(members, exc, "setup")
             continue
         for case in members:
             try:
                 inputs = bench.inputs(case, group)
             except Exception as exc:
-                status, message = failure(exc, "inputs")
-                for p in providers:
-                    for mode in modes:
-                        emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
-                free_memory(device)
+                fail([case], exc, "inputs")
                 continue
             reasons = {p.name: p.skip(case, group) for p in providers}
             for name, reason in reasons.items():
@@ -540,15 +538,6 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
     bench.finish(results)
     results["runtime_s"] = round(time.perf_counter() - t_start, 1)
     return results
-
-
-def platform_notes(bench: Benchmark, device: torch.device) -> list[str]:
-    """What a run without CUDA does not measure, the same for every benchmark, plus its own CPU caveat."""
-    if device.type == "cuda":
-        return []
-    notes = [f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}",
-             "peak memory not measured: no CUDA (reported as null; torch's CPU allocator keeps no peak counter)"]
-    return notes + ([bench.cpu_note] if bench.cpu_note else [])
 
 
 # ---------------------------------------------------------------------------------------------- results
