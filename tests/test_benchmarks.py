@@ -322,6 +322,59 @@ def test_targets_from_synthetic_rows():
     assert t["result"] == "FAIL"
 
 
+def test_more_targets_from_synthetic_rows():
+    from benchmarks import bench_compression, bench_gather
+
+    gather = DECLARATIONS["gather"].cases("default", True, None)[:3]
+    ms = dict(zip((c.name for c in gather), (0.5, 1.25, 1.0)))
+    (t,) = bench_gather.targets(_rows(gather, {"gather_kv": lambda c: ms[c.name], "index_select_loop": 1.0}))
+    assert t["result"] == "FAIL" and "below: gpt2-xl-sst2-4pc-b1 0.80x" in t["detail"] and "best 2.00x" in t["detail"]
+    (t,) = bench_gather.targets(_rows(gather, {"gather_kv": 0.5, "index_select_loop": 1.0}, status="skipped"))
+    assert t["result"] == "N/A"
+    (t,) = bench_momentum.update_targets(_rows(bench_momentum.DEEP_THINKING.cases("default", True, None),
+                                               {"fused": 0.25, "eager_loop": 1.0}))
+    assert t["result"] == "FAIL" and "dt-gpt2-xl-agnews-4pc: 4.00x" in t["detail"]
+    sal = [c for c in bench_saliency.BENCH.cases("default", True, None) if c.model == "gpt2-xl" and c.T <= 1024]
+    rows = _rows(sal, {"fastattn_icl": 1.0, "eager_probe": 12.0},
+                 mem=lambda c, p: int(1e6 * c.T ** (2 if p == "eager_probe" else 1)))
+    got = {t["target"].split(" (")[0]: t["result"] for t in bench_saliency.targets(rows)}
+    assert got["gpt2-xl: >= 10x faster than eager_probe at T = 1024"] == "PASS"
+    assert got["gpt2-xl: peak memory linear in T"] == "PASS" and got["gpt2-xl: runs at T = 16384"] == "N/A"
+    comp = [c for c in bench_compression.BENCH.cases("default", True, None) if c.model.key == "gpt2-xl"
+            and (c.dataset, c.per_class, c.B) in (("sst2", 1, 1), ("agnews", 1, 1), ("agnews", 1, 64))]
+    got = {t["target"].split(" (")[0]: t for t in bench_compression.targets(_rows(
+        comp, {"compressed": 1.0, "full-eager": lambda c: 1.2 if c.dataset == "sst2" else 2.0 if c.B == 1 else 4.0,
+               "full-sdpa": 2.0}))}
+    assert got["gpt2-xl SST-2, B 1, 1 demo/class: compressed vs full-eager >= 1.1x"]["result"] == "PASS"
+    assert got["gpt2-xl AGNews, B 1, 1 demo/class: compressed vs full-eager >= 2.5x"]["result"] == "FAIL"
+    assert got["gpt2-xl AGNews, B 64: compressed throughput >= 3x full-eager"]["result"] == "PASS"
+    sdpa = got["gpt2-xl AGNews, B 64: compressed throughput >= 3x full-sdpa"]
+    assert sdpa["result"] == "FAIL" and "1/class: 2.00x (64000 vs 32000 inputs/s)" in sdpa["detail"]
+
+
+def test_saliency_scores_match_the_oracle():
+    # both providers agree on every layer, and with reference probe_saliency + flow_scores on the last layer
+    from fastattn_icl.reference.attention import attention
+    from fastattn_icl.reference.saliency import flow_scores, probe_saliency
+
+    case = bench_saliency.BENCH.cases("tiny", False, None)[0]
+    inp = bench_saliency.make_inputs(case, dataclasses.make_dataclass("G", ["device"])(CPU))
+    ours = bench_saliency.flow_fastattn(case, inp)
+    inp.x0.grad = None
+    assert torch.allclose(ours, bench_saliency.flow_eager_probe(case, inp), rtol=1e-4, atol=1e-7)
+    x = inp.x0.detach()
+    for layer in range(case.layers):
+        q, k, v = (torch.matmul(bench_saliency._rms_norm(x), inp.w_qkv[layer, i]) for i in range(3))
+        x_in, x = x, x + attention(q, k, v, causal=True)
+
+    def loss_fn(o):
+        logits = (x_in + o)[:, :, inp.target, :].reshape(case.B, -1) @ inp.w_out
+        return torch.nn.functional.cross_entropy(logits, inp.gold)
+
+    ref = torch.stack(flow_scores(probe_saliency(q, k, v, loss_fn, causal=True), inp.labels, inp.target_rows), -1)
+    assert ours.shape == (case.layers, case.B, 3) and torch.allclose(ours[-1], ref, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bench", list(SMOKE))
 def test_declarations_on_cuda(bench):
