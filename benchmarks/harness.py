@@ -1,32 +1,22 @@
-"""Benchmark harness shared by every ``bench_<op>.py``: timing, peak memory, the correctness gate,
-OOM handling, the environment header and the JSON + markdown results.
+"""The one benchmark runner. A benchmark is a :class:`Benchmark` declaration (its cases come from ``shapes.py``);
+:func:`run` checks, times and records it, and :func:`write_results` writes JSON + markdown.
 
-Timing. On CUDA, ``triton.testing.do_bench`` (L2 flushed before every call, CUDA events) with
-``quantiles=[0.5, 0.2, 0.8]``: the median and the 20th/80th percentiles in ms. On CPU (``do_bench``
-needs a GPU) a ``time.perf_counter`` loop reporting the same three statistics over the same kind
-of sample: one untimed call, a warm-up sized from an estimate, then ``rep_ms`` worth of timed calls
-(no cache flush). Gradients named in ``grad_to_none`` are reset before every timed call.
-
-Peak memory. On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` just before one
-call, after ``reset_peak_memory_stats``, measured after the timing (so compilation and autotuning
-are not counted). On CPU: ``None`` (torch's CPU allocator keeps no peak counter).
-
-Correctness gate. Before a provider is timed on a case, its output (and, when a backward mode is
-asked for, the gradients of its inputs for a random output gradient) are compared with the float64
-oracle under the tolerance rule of :mod:`fastattn_icl.testing` (2x / 3x the same-dtype oracle's
-error). A provider that fails is still timed but marked ``incorrect``, and no speed-up involving it
-is printed ("n/a (check failed)"). Speed-ups are only ever computed between rows of one run.
-
-OOM. ``torch.OutOfMemoryError``, ``MemoryError`` or a ``RuntimeError`` saying "not enough memory" /
-"out of memory" turns into a row with status ``oom``; any other exception of a provider into a row
-with status ``error``; the run goes on.
+The loop: for each group of cases (``Benchmark.group``, ``setup`` once per group), each case (``inputs``), the
+correctness gate of every provider (``gate``, once per ``gate_key(mode)``), then each provider's timed call
+(``timed``) in each mode: ``triton.testing.do_bench`` medians with p20/p80 on CUDA, a ``perf_counter`` loop on
+CPU; peak CUDA memory over one call; an ``oom`` / ``error`` row for any exception, and the run goes on. Then the
+speed-ups (refused where a gate failed), the targets (CUDA only) and the notes of a run without CUDA.
+benchmarks/README.md describes every benchmark, its gate and its targets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -36,10 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -48,53 +39,52 @@ from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close, max_error
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 QUANTILES = (0.5, 0.2, 0.8)
+MODES = ("fwd", "bwd", "fwd+bwd")
+# a file to which every row is appended as one JSON line the moment it is measured (set by scripts/gpu.py: a
+# benchmark stopped by its time budget still leaves every row it measured)
+ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"
 
 STATUS_OK = "ok"
 STATUS_INCORRECT = "incorrect"
+STATUS_UNCHECKED = "unchecked"
 STATUS_OOM = "oom"
 STATUS_ERROR = "error"
 STATUS_SKIPPED = "skipped"
 TIMED = (STATUS_OK, STATUS_INCORRECT)
-
-
-class Case(Protocol):
-    """What the harness needs from a benchmark case (e.g. :class:`benchmarks.shapes.AttnShape`)."""
-
-    name: str
-    group: str
-    note: str
-
-    @property
-    def label(self) -> str: ...
-
-    def flops(self, mode: str) -> float: ...
-
-    def params(self) -> dict: ...
+UNITS = {"gb_per_s": "GB/s", "ms_per_input": "ms/input", "inputs_per_s": "inputs/s", "ms_per_example": "ms/example"}
 
 
 @dataclass
 class Provider:
-    """One implementation of the op. ``fn(case, *inputs)`` returns the output tensor;
-    ``skip_reason(case, device)`` returns why it cannot run here, or ``None``;
-    ``describe(device)`` says what exactly ran (backend, dispatch)."""
+    """One implementation. ``fn`` is what the benchmark's ``timed``/``gate`` call; ``skip(case, group)`` says why
+    it cannot run, or ``None``; ``oracle``/``views`` replace the benchmark's for a tensor op (:func:`tensor_op`)."""
 
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., Any]
     describe: Callable[[torch.device], str]
-    skip_reason: Callable[[Any, torch.device], str | None] = lambda case, device: None
+    skip: Callable[[Any, SimpleNamespace], str | None] = lambda case, group: None
+    oracle: Callable[..., torch.Tensor] | None = None
+    views: Callable[[Any], CheckViews] | None = None
 
 
 @dataclass
 class CheckViews:
-    """The sub-problem the oracle is run on: ``inputs[i]`` indexes input ``i`` (and its gradient),
-    ``output`` indexes the provider's output, ``scope`` says what was checked. ``Ellipsis``
-    everywhere is the whole problem. Indices must select a self-contained sub-problem whose output
-    and input gradients are exactly those slices of the full problem."""
+    """The sub-problem a tensor op's oracle runs on: ``inputs[i]`` indexes input ``i`` (and its gradient),
+    ``output`` the output, ``scope`` says what was checked; ``Ellipsis`` everywhere is the whole problem."""
 
     inputs: Sequence[Any]
     output: Any
     scope: str
     names: Sequence[str] = ()
+
+
+@dataclass
+class Timed:
+    """A timed call: ``fn()``; ``grad_to_none`` reset before every call; run inside ``context``."""
+
+    fn: Callable[[], Any]
+    grad_to_none: Sequence[torch.Tensor] | None = None
+    context: Any = field(default_factory=contextlib.nullcontext)
 
 
 @dataclass
@@ -119,20 +109,41 @@ class TimingConfig:
 
 
 @dataclass
-class Suite:
-    """An op's benchmark: how to build inputs, the oracle, the check views and the targets."""
+class Benchmark:
+    """A benchmark as data. Hooks: ``cases(set, cuda, batch)``; ``setup(group, cases)`` once per group of
+    ``group(case)``; ``inputs(case, group)``; ``gate(case, inputs, group, providers, mode)`` returns per provider a
+    check (timed, its status), ``None`` (timed, ``ok``) or ``(status, message)`` (timed unless oom/error/skipped);
+    ``timed(case, inputs, group, provider, mode)`` returns a :class:`Timed`; ``metric(case, median_ms)`` the row's
+    extra figures; ``targets(rows)``; ``finish(results)``. ``group`` also carries ``device``, ``notes`` (the
+    results' skipped list) and ``extra`` (merged into the results; ``tables`` render its lists)."""
 
+    name: str
     op: str
-    make_inputs: Callable[[Any, torch.device], list[torch.Tensor]]
-    oracle: Callable[..., torch.Tensor]  # oracle(case, *inputs) in any dtype, float64 included
-    check_views: Callable[[Any], CheckViews]
+    providers: list[Provider]
+    cases: Callable[[str, bool, int | None], list]
+    inputs: Callable[[Any, SimpleNamespace], Any]
+    gate: Callable[..., dict]
+    timed: Callable[..., Timed]
+    modes: tuple[str, ...] = ("fwd",)
+    suffix: str = ""
+    gate_key: Callable[[str], Hashable] = lambda mode: mode
+    gate_text: str | None = None
+    flop_model: str = "none (TFLOP/s not reported)"
+    call: str = ""
+    memory: str = "the inputs are allocated before and not counted"
+    cpu_path: str = "the `fastattn_icl` rows are its CPU path (backend 'torch')"
+    cpu_note: str = ""
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    group: Callable[[Any], Hashable] = lambda case: case.name
+    setup: Callable[[SimpleNamespace, list], None] = lambda group, cases: None
+    metric: Callable[[Any, float | None], dict] = lambda case, ms: {}
     targets: Callable[[list[dict]], list[dict]] = lambda rows: []
-    notes: list[str] = field(default_factory=list)
+    finish: Callable[[dict], None] = lambda results: None
+    columns: Sequence[tuple[str, Callable[[dict], str]]] = ()
+    tables: Sequence[tuple[str, str, Sequence[tuple[str, Callable[[dict], str]]]]] = ()
 
 
-def _quantiles(times: Sequence[float], qs: Sequence[float] = QUANTILES) -> list[float]:
-    t = torch.tensor(list(times), dtype=torch.float64)
-    return [float(x) for x in torch.quantile(t, torch.tensor(list(qs), dtype=torch.float64))]
+# ---------------------------------------------------------------------------------------------- measuring
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
@@ -140,68 +151,34 @@ def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
         x.grad = None
 
 
-def bench_cpu(
-    fn: Callable[[], Any],
-    *,
-    warmup_ms: float = 50.0,
-    rep_ms: float = 200.0,
-    min_reps: int = 3,
-    max_reps: int = 50,
-    grad_to_none: Sequence[torch.Tensor] | None = None,
-) -> dict:
-    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` of ``fn`` timed with ``time.perf_counter``."""
-    _reset_grads(grad_to_none)
-    fn()
-    _reset_grads(grad_to_none)
-    t0 = time.perf_counter()
-    fn()
-    estimate_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    for _ in range(max(0, min(int(warmup_ms / estimate_ms), max_reps) - 1)):
-        _reset_grads(grad_to_none)
-        fn()
-    reps = max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))
-    times = []
-    for _ in range(reps):
+def bench(fn, device: torch.device, config: TimingConfig, grad_to_none=None) -> dict:
+    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` of ``fn``: ``do_bench`` on CUDA; on CPU a ``perf_counter``
+    loop (an untimed call, one that sizes the warm-up, the warm-up, then ``cpu_rep_ms`` worth of timed calls)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, warmup=config.cuda_warmup_ms, rep=config.cuda_rep_ms,
+                                    grad_to_none=list(grad_to_none or []) or None, quantiles=list(QUANTILES))
+        return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
+
+    def timed_call() -> float:
         _reset_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    median, p20, p80 = _quantiles(times)
-    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": reps}
+        return (time.perf_counter() - t0) * 1e3
+
+    timed_call()
+    estimate = max(timed_call(), 1e-3)
+    for _ in range(max(0, min(int(config.cpu_warmup_ms / estimate), config.cpu_max_reps) - 1)):
+        timed_call()
+    reps = max(config.cpu_min_reps, min(config.cpu_max_reps, int(config.cpu_rep_ms / estimate)))
+    times = torch.tensor([timed_call() for _ in range(reps)], dtype=torch.float64)
+    q = torch.quantile(times, torch.tensor(QUANTILES, dtype=torch.float64))
+    return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2]), "reps": reps}
 
 
-def bench_cuda(
-    fn: Callable[[], Any],
-    *,
-    warmup_ms: float = 25.0,
-    rep_ms: float = 100.0,
-    grad_to_none: Sequence[torch.Tensor] | None = None,
-) -> dict:
-    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` from ``triton.testing.do_bench``."""
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(
-        fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []) or None, quantiles=list(QUANTILES)
-    )
-    return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
-
-
-def bench(fn, device: torch.device, config: TimingConfig, grad_to_none=None) -> dict:
-    if device.type == "cuda":
-        return bench_cuda(fn, warmup_ms=config.cuda_warmup_ms, rep_ms=config.cuda_rep_ms, grad_to_none=grad_to_none)
-    return bench_cpu(
-        fn,
-        warmup_ms=config.cpu_warmup_ms,
-        rep_ms=config.cpu_rep_ms,
-        min_reps=config.cpu_min_reps,
-        max_reps=config.cpu_max_reps,
-        grad_to_none=grad_to_none,
-    )
-
-
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, grad_to_none=None) -> int | None:
-    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before it; ``None``
-    on CPU."""
+def peak_memory_bytes(fn, device: torch.device, grad_to_none=None) -> int | None:
+    """Peak CUDA memory of one call of ``fn`` above what was allocated before it; ``None`` on CPU."""
     if device.type != "cuda":
         return None
     _reset_grads(grad_to_none)
@@ -213,8 +190,8 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, grad_to_none=
     return int(torch.cuda.max_memory_allocated(device) - base)
 
 
-def tflops(flops: float, ms: float | None) -> float | None:
-    if ms is None or not ms > 0:
+def tflops(flops: float | None, ms: float | None) -> float | None:
+    if flops is None or ms is None or not ms > 0:
         return None
     return flops / (ms * 1e-3) / 1e12
 
@@ -222,21 +199,348 @@ def tflops(flops: float, ms: float | None) -> float | None:
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return any(s in msg for s in ("out of memory", "not enough memory", "can't allocate memory"))
-    return False
+    msg = str(exc).lower() if isinstance(exc, RuntimeError) else ""
+    return any(s in msg for s in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
-def _first_line(exc: BaseException) -> str:
+def failure(exc: BaseException, where: str = "") -> tuple[str, str]:
+    """``(oom | error, "where: Type: first line")`` for an exception of a provider, a gate or a set-up."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    return (STATUS_OOM if is_oom(exc) else STATUS_ERROR), (f"{where}: {line}" if where else line)
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
+    """Between calls on CUDA: collect garbage and return the cache. On CPU nothing is measured and reference
+    counting frees the tensors, so it does nothing (a ``gc.collect`` costs ~0.3 s, hundreds of them a run)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
+
+
+def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ``log y`` on ``log x`` (1 = linear, 2 = quadratic)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+
+
+# ---------------------------------------------------------------------------------------------- gates
+
+
+def compare(name: str, got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: float):
+    """The tolerance rule of :mod:`fastattn_icl.testing`: ``({"error", "tolerance"}, failure text or None)``."""
+    try:
+        err, tol = check_close(name, got, same, ref, factor=factor)
+        return {"error": err, "tolerance": tol}, None
+    except (AssertionError, ValueError) as exc:
+        try:
+            err, tol = max_error(got, ref), tolerance(same, ref, factor=factor)
+        except ValueError:
+            err, tol = float("inf"), float("nan")
+        return {"error": err, "tolerance": tol}, str(exc)
+
+
+def make_check(errors: dict, failures: Sequence[str | None], scope: str, **extra) -> dict:
+    """A check: ``{"status", "scope", "errors", "message", **extra}``, incorrect when any failure is given."""
+    failures = [f for f in failures if f]
+    status = STATUS_INCORRECT if failures else STATUS_OK
+    return {"status": status, "scope": scope, "errors": errors, "message": "; ".join(failures) or None, **extra}
+
+
+def correctness_check(call, oracle, inputs: Sequence[torch.Tensor], views: CheckViews, *, with_grad: bool,
+                      seed: int = 1234) -> dict:
+    """``call(*inputs)`` (and, ``with_grad``, its input gradients for a random output gradient) vs ``oracle`` in
+    the inputs' dtype and in float64 on the sub-problem ``views``, by the rule of :mod:`fastattn_icl.testing`."""
+    leaves = [x.detach().clone().requires_grad_(with_grad) for x in inputs]
+    dout, grads = None, []
+    with torch.set_grad_enabled(with_grad):
+        out = call(*leaves)
+    if with_grad:
+        dout = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(seed),
+                           device=out.device, dtype=out.dtype)
+        out.backward(dout)
+        grads = [None if x.grad is None else x.grad[i].detach().clone() for x, i in zip(leaves, views.inputs)]
+        dout = dout[views.output].clone()
+    got = out[views.output].detach().clone()
+    del out, leaves
+
+    def run_oracle(dtype):
+        sub = [x.detach()[i].to(dtype).requires_grad_(with_grad) for x, i in zip(inputs, views.inputs)]
+        with torch.set_grad_enabled(with_grad):
+            o = oracle(*sub)
+        if with_grad:
+            o.backward(dout.to(dtype))
+        return o.detach(), [x.grad for x in sub] if with_grad else []
+
+    (r64, g64), (rdt, gdt) = run_oracle(torch.float64), run_oracle(inputs[0].dtype)
+    errors, failures = {}, []
+    names = list(views.names) or [f"d{i}" for i in range(len(inputs))]
+    for name, x, same, ref, factor in [("out", got, rdt, r64, FWD_FACTOR),
+                                       *((n, g, s, r, GRAD_FACTOR) for n, g, s, r in zip(names, grads, gdt, g64))]:
+        if x is None:
+            failures.append(f"{name}: no gradient")
+            continue
+        errors[name], fail = compare(name, x, same, ref, factor)
+        failures.append(fail)
+    return make_check(errors, failures, views.scope)
+
+
+def tensor_op(*, oracle, views) -> dict:
+    """The ``gate``, ``timed`` and ``gate_key`` of a tensor op ``provider.fn(case, *inputs) -> out``: the gate is
+    :func:`correctness_check` (fwd alone, then with gradients); ``fwd`` runs under ``no_grad``, ``bwd`` times
+    ``out.backward`` on a retained graph, ``fwd+bwd`` both."""
+
+    def gate(case, inputs, group, providers, mode):
+        out = {}
+        for p in providers:
+            v = (p.views or views)(case)
+            xs = inputs[: len(v.inputs)]
+            try:
+                out[p.name] = correctness_check(lambda *a, _p=p: _p.fn(case, *a),
+                                                lambda *a, _p=p: (_p.oracle or oracle)(case, *a),
+                                                xs, v, with_grad=mode != "fwd")
+            except Exception as exc:  # the traceback (and the tensors its frames hold) is dropped here
+                out[p.name] = failure(exc, "check")
+            free_memory(group.device)
+        return out
+
+    def timed(case, inputs, group, p, mode):
+        xs = inputs[: len((p.views or views)(case).inputs)]
+        if mode == "fwd":
+            return Timed(no_grad(p.fn, case, *(x.detach() for x in xs)))
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = p.fn(case, *xs)
+        dout = torch.randn_like(out)
+        if mode == "bwd":
+            return Timed(functools.partial(out.backward, dout, retain_graph=True), xs)
+        del out
+        return Timed(lambda: p.fn(case, *xs).backward(dout), xs)
+
+    return {"gate": gate, "timed": timed, "gate_key": lambda mode: mode != "fwd"}
+
+
+def no_grad(fn, *args):
+    """``fn(*args)`` as a call without autograd."""
+
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def speedup(row: dict, base: dict | None) -> tuple[float | None, str]:
+    """``(base time / row time, text)``; refused (``None``) when a check failed or a row was not timed."""
+    if base is None:
+        return None, "n/a"
+    if STATUS_INCORRECT in (row["status"], base["status"]):
+        return None, "n/a (check failed)"
+    for r in (row, base):
+        if r["status"] not in TIMED or r["median_ms"] is None:
+            return None, f"n/a ({r['provider']} {r['status']})"
+    ratio = base["median_ms"] / row["median_ms"]
+    return ratio, f"{ratio:.2f}x"
+
+
+def add_speedups(rows: list[dict], providers: Sequence[str]) -> None:
+    """``speedup_vs[p]`` and ``speedup_text[p]`` of every row against the other providers' rows of its case and
+    mode (one run)."""
+    index = {(r["case"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        pairs = {p: speedup(r, index.get((r["case"], r["mode"], p))) for p in providers if p != r["provider"]}
+        r["speedup_vs"] = {p: v[0] for p, v in pairs.items()}
+        r["speedup_text"] = {p: v[1] for p, v in pairs.items()}
+
+
+def find(rows: list[dict], case: str, provider: str, mode: str | None = None) -> dict | None:
+    """The row of ``case`` and ``provider`` (and ``mode``), or ``None``."""
+    for r in rows:
+        if r["case"] == case and r["provider"] == provider and mode in (None, r["mode"]):
+            return r
+    return None
+
+
+def verdict(verdicts: Sequence[bool | None]) -> str:
+    """A target's result from its parts: FAIL if any failed, N/A if any is open or there are none, else PASS."""
+    if not verdicts:
+        return "N/A"
+    if False in verdicts:
+        return "FAIL"
+    return "N/A" if None in verdicts else "PASS"
+
+
+def ratio_verdict(ours: dict, base: dict | None, ok: Callable[[float], bool]):
+    """``(verdict, ratio, text)`` of a speed-up target part: an incorrect or failed ``ours`` misses it, a missing
+    or failed baseline leaves it open."""
+    ratio, text = speedup(ours, base)
+    if ratio is None:
+        return (None if ours["status"] in (STATUS_OK, STATUS_SKIPPED) else False), None, text
+    return ok(ratio), ratio, text
+
+
+def ratio_target(title: str, pairs, ok: Callable[[float], bool], text=None, empty: str = "no cases",
+                 sep: str = ", ") -> dict:
+    """A speed-up target over ``pairs`` of ``(label, ours, base)`` rows, ``ok(ratio)`` per part; the detail is
+    ``label: text(ours, base, ratio, speed-up text)`` per part (default: the speed-up text)."""
+    parts, verdicts = [], []
+    for label, ours, base in pairs:
+        v, ratio, t = ratio_verdict(ours, base, ok) if ours is not None else (None, None, "n/a (no row)")
+        verdicts.append(v)
+        parts.append(f"{label}: {t if text is None or ours is None else text(ours, base, ratio, t)}")
+    return {"target": title, "result": verdict(verdicts), "detail": sep.join(parts) or empty}
+
+
+def make_row(case, provider: str, mode: str, status: str, **kw) -> dict:
+    row = {"case": case.name, "group": case.group, "label": case.label, "params": case.params(),
+           "provider": provider, "mode": mode, "status": status, "median_ms": None, "p20_ms": None, "p80_ms": None,
+           "reps": None, "flops": case.flops(mode), "tflops": None, "peak_mem_bytes": None, "check": None,
+           "message": None}
+    row.update(kw)
+    return row
+
+
+def row_emitter(rows: list, total: int, progress: Callable[[str], None] | None, line=None) -> Callable[[dict], None]:
+    """The row sink of :func:`run`: keeps the row, prints ``[i/total] line(row)`` (None: quiet) and appends it to
+    the file named by ``$FASTATTN_ICL_BENCH_ROWS`` when that is set."""
+    stream, line = os.environ.get(ROWS_ENV), line or format_progress
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if progress is not None:
+            progress(f"[{len(rows)}/{total}] {line(row)}")
+        if stream:
+            with open(stream, "a") as f:
+                f.write(json.dumps(_json_safe(row)) + "\n")
+
+    return emit
+
+
+def _figures(row: dict) -> str:
+    parts = [f"{row['tflops']:.3g} TFLOP/s"] if row.get("tflops") is not None else []
+    parts += [f"{row[k]:.4g} {u}" for k, u in UNITS.items() if row.get(k) is not None]
+    return ", ".join(parts)
+
+
+def format_progress(row: dict) -> str:
+    head = f"{row['case']:<34} {row['mode']:<7} {row['provider']:<25} {row['status']:<9}"
+    if row["median_ms"] is None:
+        return f"{head} {row['message'] or ''}"
+    mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
+    return f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {_figures(row)}{mem}"
+
+
+def _measure(spec, case, inputs, group, p, mode, check, device, timing) -> dict:
+    if isinstance(check, tuple):
+        status, message = check
+        check = None
+    else:
+        status = STATUS_OK if check is None else check["status"]
+        message = None if check is None else check["message"]
+    if status in (STATUS_OOM, STATUS_ERROR, STATUS_SKIPPED):
+        return make_row(case, p.name, mode, status, message=message, **spec.metric(case, None))
+    t = None
+    try:
+        t = spec.timed(case, inputs, group, p, mode)
+        with t.context:
+            stats = bench(t.fn, device, timing, grad_to_none=t.grad_to_none)
+            mem = peak_memory_bytes(t.fn, device, grad_to_none=t.grad_to_none)
+    except Exception as exc:  # the traceback (and the tensors its frames hold) is dropped here
+        status, message = failure(exc)
+        return make_row(case, p.name, mode, status, check=check, message=message, **spec.metric(case, None))
+    finally:
+        del t
+        free_memory(device)
+    return make_row(case, p.name, mode, status, **stats, tflops=tflops(case.flops(mode), stats["median_ms"]),
+                    peak_mem_bytes=mem, check=check, message=message, **spec.metric(case, stats["median_ms"]))
+
+
+def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes: Sequence[str],
+        device: torch.device, *, timing: TimingConfig | None = None, progress=print, set_name: str = "") -> dict:
+    """Gate, time and measure every provider on every case and mode; returns the results dict that
+    :func:`write_results` writes."""
+    timing, t_start = timing or bench.timing, time.perf_counter()
+    rows, extra, skipped = [], {}, [] if device.type == "cuda" else [
+        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}",
+        "peak memory not measured: no CUDA (reported as null; torch's CPU allocator keeps no peak counter)",
+        *([bench.cpu_note] if bench.cpu_note else [])]
+    emit = row_emitter(rows, len(cases) * len(providers) * len(modes), progress)
+
+    def fail(members, exc, where):
+        status, message = failure(exc, where)
+        for case, p, mode in itertools.product(members, providers, modes):
+            emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
+        free_memory(device)
+
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault(bench.group(c), []).append(c)
+    for members in groups.values():
+        group = SimpleNamespace(device=device, notes=skipped, extra=extra, providers=providers, timing=timing)
+        try:
+            bench.setup(group, members)
+        except Exception as exc:
+            fail(members, exc, "setup")
+            continue
+        for case in members:
+            try:
+                inputs = bench.inputs(case, group)
+            except Exception as exc:
+                fail([case], exc, "inputs")
+                continue
+            reasons = {p.name: p.skip(case, group) for p in providers}
+            for name, reason in reasons.items():
+                if reason and f"{name}: {reason}" not in skipped:
+                    skipped.append(f"{name}: {reason}")
+            checks: dict = {}
+            for mode in modes:
+                key = bench.gate_key(mode)
+                if key in checks:
+                    continue
+                todo = [p for p in providers if not reasons[p.name]]
+                try:
+                    checks[key] = bench.gate(case, inputs, group, todo, mode) if todo else {}
+                except Exception as exc:
+                    checks[key] = dict.fromkeys((p.name for p in todo), failure(exc, "gate"))
+                free_memory(device)
+            for p in providers:
+                for mode in modes:
+                    skip = reasons[p.name]
+                    check = (STATUS_SKIPPED, skip) if skip else checks[bench.gate_key(mode)][p.name]
+                    emit(_measure(bench, case, inputs, group, p, mode, check, device, timing))
+            del inputs
+            free_memory(device)
+        del group
+        free_memory(device)
+    add_speedups(rows, [p.name for p in providers])
+    targets = bench.targets(rows)
+    if device.type != "cuda" and targets:
+        skipped.append("targets not evaluated: no CUDA (the CPU figures are in their detail, for information only)")
+        for t in targets:
+            t["result"], t["detail"] = "not evaluated", f"no CUDA. CPU figures, for information only: {t['detail']}"
+    memory = ("not measured on CPU (torch's CPU allocator keeps no peak counter): null" if device.type != "cuda"
+              else f"torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); "
+              f"{bench.memory}")
+    results = {
+        "op": bench.op, "set": set_name, "modes": list(modes), "header": environment(device),
+        "timing": timing.describe(device) + (f"; {bench.call}" if bench.call else ""), "memory": memory,
+        "flop_model": bench.flop_model, "gate": bench.gate_text,
+        "providers": [{"name": p.name, "description": p.describe(device)} for p in providers],
+        "cases": [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases],
+        **extra, "skipped": skipped, "rows": rows, "targets": targets,
+    }
+    bench.finish(results)
+    results["runtime_s"] = round(time.perf_counter() - t_start, 1)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- results
 
 
 def _git(*args: str) -> str | None:
@@ -255,19 +559,15 @@ def _version(dist: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
 
 
 def device_slug(device: torch.device) -> str:
-    """``"cpu"``, or the GPU name in lower case with runs of other characters turned into ``-``
-    (``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``)."""
+    """``"cpu"``, or the GPU's name in lower case, other characters as ``-`` (``"nvidia-h100-80gb-hbm3"``)."""
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-") or "cuda"
@@ -275,351 +575,22 @@ def device_slug(device: torch.device) -> str:
 
 def environment(device: torch.device) -> dict:
     """The results header: device, library versions, git commit and date."""
-    commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = torch.cuda.get_device_name(device)
-        extra = {
-            "compute_capability": f"{props.major}.{props.minor}",
-            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        }
+        extra = {"compute_capability": f"{props.major}.{props.minor}",
+                 "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
     else:
-        name = _cpu_name()
-        extra = {"cpu_count": os.cpu_count()}
+        name, extra = _cpu_name(), {"cpu_count": os.cpu_count()}
     return {
-        "device": name,
-        "device_type": device.type,
-        "device_slug": device_slug(device),
-        **extra,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "cuda": torch.version.cuda,
-        "git_commit": commit,
-        "git_dirty": None if status is None else bool(status),
+        "device": name, "device_type": device.type, "device_slug": device_slug(device), **extra,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        "triton": _version("triton"), "transformers": _version("transformers"), "cuda": torch.version.cuda,
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
         "date": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-
-
-def correctness_check(
-    call: Callable[..., torch.Tensor],
-    oracle: Callable[..., torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    views: CheckViews,
-    *,
-    with_grad: bool,
-    seed: int = 1234,
-) -> dict:
-    """Compare ``call(*inputs)`` (and its input gradients) with ``oracle`` on ``views``.
-
-    Returns ``{"status": "ok" | "incorrect", "scope", "errors": {name: {"error", "tolerance"}},
-    "message"}``; the provider's dtype is that of ``inputs``, the oracle runs in that dtype and in
-    float64 on the sliced sub-problem.
-    """
-    leaves = [x.detach().clone().requires_grad_(with_grad) for x in inputs]
-    if with_grad:
-        out = call(*leaves)
-        gen = torch.Generator(device=out.device).manual_seed(seed)
-        dout = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-        out.backward(dout)
-        grads = [None if x.grad is None else x.grad[idx].detach().clone() for x, idx in zip(leaves, views.inputs)]
-        dout = dout[views.output].clone()
-    else:
-        with torch.no_grad():
-            out = call(*leaves)
-        grads, dout = [], None
-    got = {"out": out[views.output].detach().clone()}
-    del out, leaves
-    names = list(views.names) or [f"d{i}" for i in range(len(inputs))]
-
-    def run_oracle(dtype):
-        sub = [x.detach()[idx].to(dtype).requires_grad_(with_grad) for x, idx in zip(inputs, views.inputs)]
-        if with_grad:
-            o = oracle(*sub)
-            o.backward(dout.to(dtype))
-            return o.detach(), [x.grad for x in sub]
-        with torch.no_grad():
-            return oracle(*sub), []
-
-    ref64, ref64_grads = run_oracle(torch.float64)
-    refdt, refdt_grads = run_oracle(inputs[0].dtype)
-    errors: dict[str, dict] = {}
-    failures = []
-    pairs = [("out", got["out"], refdt, ref64, FWD_FACTOR)]
-    for name, g, gdt, g64 in zip(names, grads, refdt_grads, ref64_grads):
-        pairs.append((name, g, gdt, g64, GRAD_FACTOR))
-    for name, x, same, r64, factor in pairs:
-        if x is None:
-            failures.append(f"{name}: no gradient")
-            continue
-        try:
-            err, tol = check_close(name, x, same, r64, factor=factor)
-        except (AssertionError, ValueError) as exc:
-            failures.append(str(exc))
-            try:
-                err, tol = max_error(x, r64), tolerance(same, r64, factor=factor)
-            except ValueError:
-                err, tol = float("inf"), float("nan")
-        errors[name] = {"error": err, "tolerance": tol}
-    return {
-        "status": STATUS_INCORRECT if failures else STATUS_OK,
-        "scope": views.scope,
-        "errors": errors,
-        "message": "; ".join(failures) or None,
-    }
-
-
-def _timed_fn(call, inputs: Sequence[torch.Tensor], mode: str):
-    """``(fn, grad_to_none)`` timing ``mode`` of ``call``. ``fwd`` runs without autograd (inference);
-    ``bwd`` times ``out.backward`` of a retained graph; ``fwd+bwd`` both."""
-    if mode == "fwd":
-        xs = [x.detach() for x in inputs]
-
-        def fwd():
-            with torch.no_grad():
-                call(*xs)
-
-        return fwd, None
-    xs = [x.detach().requires_grad_() for x in inputs]
-    out = call(*xs)
-    dout = torch.randn_like(out)
-    if mode == "bwd":
-        return (lambda: out.backward(dout, retain_graph=True)), xs
-    if mode == "fwd+bwd":
-        del out
-        return (lambda: call(*xs).backward(dout)), xs
-    raise ValueError(f"unknown mode {mode!r}")
-
-
-def _row(case, provider: str, mode: str, status: str, **kw) -> dict:
-    row = {
-        "case": case.name,
-        "group": case.group,
-        "label": case.label,
-        "params": case.params(),
-        "provider": provider,
-        "mode": mode,
-        "status": status,
-        "median_ms": None,
-        "p20_ms": None,
-        "p80_ms": None,
-        "reps": None,
-        "flops": case.flops(mode),
-        "tflops": None,
-        "peak_mem_bytes": None,
-        "check": None,
-        "message": None,
-    }
-    row.update(kw)
-    return row
-
-
-def memory_note(device: torch.device, not_counted: str = "", call: str = "one call") -> str:
-    """The results' ``memory`` line: what the peak-memory column measures on ``device``."""
-    if device.type != "cuda":
-        return "not measured on CPU (torch's CPU allocator keeps no peak counter): null"
-    note = f"torch.cuda.max_memory_allocated delta over {call} (after reset_peak_memory_stats)"
-    return f"{note}; {not_counted}" if not_counted else note
-
-
-def case_entries(cases) -> list[dict]:
-    """The results' ``cases`` list: name, label, note and parameters of each case."""
-    return [{"name": c.name, "label": c.label, "note": c.note, "params": c.params()} for c in cases]
-
-
-def run_suite(
-    suite: Suite,
-    cases: Sequence[Any],
-    providers: Sequence[Provider],
-    modes: Sequence[str],
-    device: torch.device,
-    *,
-    timing: TimingConfig | None = None,
-    progress: Callable[[str], None] | None = print,
-    set_name: str = "",
-) -> dict:
-    """Check and time every provider on every case and mode; returns the results dict (header,
-    providers, skipped, rows with speed-ups, targets) that :func:`write_results` writes."""
-    timing = timing or TimingConfig()
-    t_start = time.perf_counter()
-    rows: list[dict] = []
-    skipped: list[str] = list(suite.notes)
-    total = len(cases) * len(providers) * len(modes)
-
-    emit = row_emitter(rows, total, progress)
-
-    for case in cases:
-        try:
-            inputs = suite.make_inputs(case, device)
-        except Exception as exc:
-            status = STATUS_OOM if is_oom(exc) else STATUS_ERROR
-            msg = f"inputs: {_first_line(exc)}"
-            for p in providers:
-                for mode in modes:
-                    emit(_row(case, p.name, mode, status, message=msg))
-            free_memory(device)
-            continue
-        for p in providers:
-            reason = p.skip_reason(case, device)
-            if reason:
-                skipped.append(f"{p.name} on {case.name}: {reason}")
-                for mode in modes:
-                    emit(_row(case, p.name, mode, STATUS_SKIPPED, message=reason))
-                continue
-
-            def call(*xs, _p=p, _case=case):
-                return _p.fn(_case, *xs)
-
-            # the forward is checked alone first, so a provider whose backward does not fit still
-            # gets its forward measured
-            checks: dict[bool, dict | tuple[str, str]] = {}
-            for with_grad in sorted({m != "fwd" for m in modes}):
-                if with_grad in checks:
-                    continue
-                try:
-                    checks[with_grad] = correctness_check(
-                        call,
-                        lambda *xs, _case=case: suite.oracle(_case, *xs),
-                        inputs,
-                        suite.check_views(case),
-                        with_grad=with_grad,
-                    )
-                except Exception as exc:
-                    checks[with_grad] = (STATUS_OOM if is_oom(exc) else STATUS_ERROR, f"check: {_first_line(exc)}")
-                free_memory(device)
-                if isinstance(checks[with_grad], tuple):
-                    checks[True] = checks[with_grad]
-            for mode in modes:
-                check = checks[mode != "fwd"]
-                if isinstance(check, tuple):
-                    emit(_row(case, p.name, mode, check[0], message=check[1]))
-                else:
-                    emit(_measure(case, p, call, inputs, mode, device, timing, check))
-        del inputs
-        free_memory(device)
-
-    add_speedups(rows, [p.name for p in providers])
-    return {
-        "op": suite.op,
-        "set": set_name,
-        "modes": list(modes),
-        "header": environment(device),
-        "timing": timing.describe(device),
-        "memory": memory_note(device),
-        "flop_model": "4·B·H·Tq·Tk·d per forward, halved when causal and Tq == Tk; bwd 2.5x, fwd+bwd 3.5x",
-        "providers": [{"name": p.name, "description": p.describe(device)} for p in providers],
-        "cases": case_entries(cases),
-        "skipped": skipped,
-        "rows": rows,
-        "targets": suite.targets(rows) if device.type == "cuda" else [],
-        "runtime_s": round(time.perf_counter() - t_start, 1),
-    }
-
-
-def _measure(case, provider: Provider, call, inputs, mode, device, timing, check) -> dict:
-    status = check["status"]
-    fn = grads = None
-    try:
-        fn, grads = _timed_fn(call, inputs, mode)
-        stats = bench(fn, device, timing, grad_to_none=grads)
-        mem = peak_memory_bytes(fn, device, grad_to_none=grads)
-    except Exception as exc:
-        row = _row(case, provider.name, mode, STATUS_OOM if is_oom(exc) else STATUS_ERROR, check=check)
-        row["message"] = _first_line(exc)
-        return row
-    finally:
-        del fn, grads
-        free_memory(device)
-    return _row(
-        case,
-        provider.name,
-        mode,
-        status,
-        **stats,
-        tflops=tflops(case.flops(mode), stats["median_ms"]),
-        peak_mem_bytes=mem,
-        check=check,
-        message=check.get("message") if status == STATUS_INCORRECT else None,
-    )
-
-
-def targets_not_evaluated(targets: list[dict]) -> list[dict]:
-    """Mark GPU targets as not evaluated (no CUDA), keeping their CPU figures in the detail for information."""
-    for t in targets:
-        t["result"] = "not evaluated"
-        t["detail"] = f"no CUDA. CPU figures, for information only: {t['detail']}"
-    return targets
-
-
-def speedup(row: dict, base: dict | None) -> tuple[float | None, str]:
-    """``(base time / row time, text)``; refused (``None``) when either check failed or either row
-    was not timed."""
-    if base is None:
-        return None, "n/a"
-    if STATUS_INCORRECT in (row["status"], base["status"]):
-        return None, "n/a (check failed)"
-    for r in (row, base):
-        if r["status"] not in TIMED or r["median_ms"] is None:
-            return None, f"n/a ({r['provider']} {r['status']})"
-    ratio = base["median_ms"] / row["median_ms"]
-    return ratio, f"{ratio:.2f}x"
-
-
-def add_speedups(rows: list[dict], providers: Sequence[str]) -> None:
-    """Add ``speedup_vs[p]`` (float or ``None``) and ``speedup_text[p]`` to every row, against every
-    other provider's row of the same case and mode in ``rows`` (one run)."""
-    index = {(r["case"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        r["speedup_vs"], r["speedup_text"] = {}, {}
-        for p in providers:
-            if p == r["provider"]:
-                continue
-            ratio, text = speedup(r, index.get((r["case"], r["mode"], p)))
-            r["speedup_vs"][p], r["speedup_text"][p] = ratio, text
-
-
-PROGRESS_COLUMNS = (("case", 34), ("mode", 7), ("provider", 13))
-# a file to which every benchmark appends each row, as one JSON line, the moment it is measured (set by
-# scripts/gpu.py: a benchmark stopped by its time budget still leaves every row it measured)
-ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"
-
-
-def row_emitter(rows: list, total: int, progress: Callable[[str], None] | None, line=None) -> Callable[[dict], None]:
-    """The row sink of a benchmark's run loop: keeps the row in ``rows``, prints ``[i/total] line(row)``
-    (``line`` default :func:`format_progress`) through ``progress`` (None: quiet), and appends the row to
-    the file named by ``$FASTATTN_ICL_BENCH_ROWS`` when that is set."""
-    stream = os.environ.get(ROWS_ENV)
-    line = line or format_progress
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{len(rows)}/{total}] {line(row)}")
-        if stream:
-            with open(stream, "a") as f:
-                f.write(json.dumps(_json_safe(row)) + "\n")
-
-    return emit
-
-
-def format_progress(row: dict, *, columns=PROGRESS_COLUMNS, rate=None) -> str:
-    """One progress line: the ``columns`` (field, width), the status, the median and p20/p80 and a rate
-    (``rate(row)``, default TFLOP/s), and the peak memory when measured."""
-    head = " ".join(f"{row[name]:<{width}}" for name, width in columns) + f" {row['status']:<9}"
-    if row["median_ms"] is None:
-        return f"{head} {row['message'] or ''}"
-    mem = "" if row["peak_mem_bytes"] is None else f"  peak {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-    rate_text = f"{row['tflops']:.3g} TFLOP/s" if rate is None else rate(row)
-    return f"{head} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]  {rate_text}{mem}"
-
-
-def bandwidth(row: dict) -> str:
-    """The GB/s rate of a memory-bound row (for :func:`format_progress`)."""
-    return f"{row['gb_per_s']:.3g} GB/s"
 
 
 def _fmt_ms(row: dict) -> str:
@@ -630,69 +601,87 @@ def _fmt_ms(row: dict) -> str:
 
 def _fmt_check(row: dict) -> str:
     check = row.get("check")
-    if not check:
+    if not check or not check["errors"]:
         return "—"
     worst = max(check["errors"].items(), key=lambda kv: kv[1]["error"] / max(kv[1]["tolerance"], 1e-300))
     mark = "pass" if check["status"] == STATUS_OK else "FAIL"
     return f"{mark} ({worst[0]} {worst[1]['error']:.1e} / tol {worst[1]['tolerance']:.1e})"
 
 
-def render_markdown(results: dict) -> str:
-    h = results["header"]
-    providers = [p["name"] for p in results["providers"]]
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    if row["median_ms"] is None:
+        return row["status"]
+    notes = [x for x in (_figures(row),) if x]
+    if row["peak_mem_bytes"] is not None:
+        notes.append(f"{row['peak_mem_bytes'] / 2**20:.1f} MiB")
+    if row["status"] != STATUS_OK:
+        notes.append(row["status"])
+    return f"{row['median_ms']:.4g}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _side_by_side(results: dict, columns) -> list[str]:
+    """Per case and mode: every provider's median ms (figures, peak MiB), the first provider's speed-up vs each
+    other one, and the benchmark's own columns."""
+    provs = [p["name"] for p in results["providers"]]
+    ours, others = provs[0], provs[1:]
+    heads = ["case", "shape", "mode", *(f"{p} ms" for p in provs), *(f"{ours} vs {p}" for p in others),
+             *(c[0] for c in columns)]
+    lines = ["## Side by side", "", "median ms (figures, peak MiB); speed-up = the other's median / this one's, "
+             "same run", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     rows = results["rows"]
-    lines = [f"# Benchmark: {results['op']} on {h['device']}", ""]
+    for name in dict.fromkeys(r["case"] for r in rows):
+        for mode in results["modes"]:
+            by = {p: find(rows, name, p, mode) for p in provs}
+            some = next((r for r in by.values() if r is not None), None)
+            if some is None:
+                continue
+            vs = [by[ours]["speedup_text"].get(p, "n/a") if by[ours] else "n/a" for p in others]
+            cells = [name, some["label"], mode, *(_cell(by[p]) for p in provs), *vs, *(c[1](by) for c in columns)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(results: dict, bench: Benchmark | None = None) -> str:
+    h, rows = results["header"], results["rows"]
+    providers = [p["name"] for p in results["providers"]]
     dirty = {True: " (dirty)", False: "", None: " (dirty: unknown)"}[h["git_dirty"]]
-    lines += [
+    lines = [
+        f"# Benchmark: {results['op']} on {h['device']}", "",
         f"- date: {h['date']}; git commit: {h['git_commit'] or 'unknown'}{dirty}",
         f"- torch {h['torch']}, triton {h['triton']}, transformers {h['transformers']}, CUDA {h['cuda']}, "
         f"python {h['python']}, torch threads {h['torch_threads']}",
         f"- shape set: `{results['set']}`; modes: {', '.join(results['modes'])}; runtime {results['runtime_s']} s",
-        f"- timing: {results['timing']}",
-        f"- peak memory: {results['memory']}",
+        f"- timing: {results['timing']}", f"- peak memory: {results['memory']}",
+        *([f"- correctness gate: {results['gate']}"] if results.get("gate") else []),
         f"- FLOP model: {results['flop_model']}",
         "- speed-up vs X = X's median time / this row's median time, same run; refused when a correctness check failed",
-        "",
-        "## Providers",
-        "",
+        "", "## Providers", "", *(f"- `{p['name']}`: {p['description']}" for p in results["providers"]),
     ]
-    lines += [f"- `{p['name']}`: {p['description']}" for p in results["providers"]]
     if results["skipped"]:
-        lines += ["", "## Skipped or not measured", ""] + [f"- {s}" for s in results["skipped"]]
+        lines += ["", "## Skipped or not measured", "", *(f"- {s}" for s in results["skipped"])]
     if results["targets"]:
         lines += ["", "## Targets", "", "| target | result | detail |", "|---|---|---|"]
         lines += [f"| {t['target']} | **{t['result']}** | {t['detail']} |" for t in results["targets"]]
-
-    ours = providers[0]
-    others = providers[1:]
-    lines += ["", f"## Summary: `{ours}`", ""]
-    lines += [
-        "| case | shape | mode | median ms (p20–p80) | TFLOP/s | " + " | ".join(f"vs {o}" for o in others) + " |",
-        "|---|---|---|---|---|" + "---|" * len(others),
-    ]
-    for r in rows:
-        if r["provider"] != ours:
-            continue
-        tf = "—" if r["tflops"] is None else f"{r['tflops']:.3g}"
-        ms = _fmt_ms(r) if r["median_ms"] is not None else r["status"]
-        sp = " | ".join(r["speedup_text"].get(o, "n/a") for o in others)
-        lines.append(f"| {r['case']} | {r['label']} | {r['mode']} | {ms} | {tf} | {sp} |")
-
+    for key, title, cols in bench.tables if bench else ():
+        lines += ["", f"## {title}", "", "| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(c[1](e) for c in cols) + " |" for e in results.get(key, [])]
+    if rows:
+        lines += ["", *_side_by_side(results, bench.columns if bench else ())]
     lines += ["", "## All rows", ""]
-    cols = ["mode", "provider", "status", "median ms (p20–p80)", "TFLOP/s", "peak MiB", "check (worst)"]
-    cols += [f"vs {p}" for p in providers]
+    cols = ["mode", "provider", "status", "median ms (p20–p80)", "figures", "peak MiB", "check (worst)",
+            *(f"vs {p}" for p in providers)]
     notes = {c["name"]: c["note"] for c in results.get("cases", [])}
     for name in dict.fromkeys(r["case"] for r in rows):
         crows = [r for r in rows if r["case"] == name]
-        note = f" ({notes[name]})" if notes.get(name) else ""
-        lines += [f"### {name}: {crows[0]['label']}{note}", ""]
+        lines += [f"### {name}: {crows[0]['label']}" + (f" ({notes[name]})" if notes.get(name) else ""), ""]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in crows:
             mem = "null" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
-            tf = "—" if r["tflops"] is None else f"{r['tflops']:.3g}"
-            sp = [("—" if p == r["provider"] else r["speedup_text"].get(p, "n/a")) for p in providers]
             status = r["status"] if r["status"] in TIMED else f"{r['status']}: {r['message']}"
-            cells = [r["mode"], r["provider"], status, _fmt_ms(r), tf, mem, _fmt_check(r), *sp]
+            sp = [("—" if p == r["provider"] else r["speedup_text"].get(p, "n/a")) for p in providers]
+            cells = [r["mode"], r["provider"], status, _fmt_ms(r), _figures(r) or "—", mem, _fmt_check(r), *sp]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
@@ -708,32 +697,12 @@ def _json_safe(obj):
     return obj
 
 
-def write_results(
-    results: dict, out_dir: str | os.PathLike | None = None, *, suffix: str = "", markdown: str | None = None
-) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<device-slug><suffix>.json`` and ``.md`` (``markdown``, default
-    :func:`render_markdown` of ``results``); return both paths."""
+def write_results(results: dict, out_dir=None, bench: Benchmark | None = None) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<device-slug><bench.suffix>.json`` and ``.md``; return both paths."""
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['header']['device_slug']}{suffix}"
+    stem = f"{results['header']['device_slug']}{bench.suffix if bench else ''}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-    md_path.write_text(render_markdown(results) if markdown is None else markdown)
+    md_path.write_text(render_markdown(results, bench))
     return json_path, md_path
-
-
-def markdown_with_gate(results: dict) -> str:
-    """``render_markdown(results)`` with the results' correctness-gate line put before the FLOP model."""
-    md = render_markdown(results)
-    return md.replace("- FLOP model:", f"- correctness gate: {results['gate']}\n- FLOP model:", 1)
-
-
-def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Least-squares slope of ``log y`` on ``log x`` (1 = linear, 2 = quadratic)."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = statistics.fmean(p[0] for p in pts)
-    my = statistics.fmean(p[1] for p in pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None

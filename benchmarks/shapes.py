@@ -1,42 +1,23 @@
-"""Named attention shape sets for the benchmarks.
+"""Every benchmark's cases, as data: the case types and the named sets of ``benchmarks.run --set``.
 
-Four sets:
-
-* ``acceptance``: the issue's targets, bf16, ``d = 128``, causal, ``T`` in 1k, 2k, 4k, 8k, 16k with
-  ``B · T = 16k`` tokens (``B = 16384 // T``) and ``H = 16`` heads. ``H = 16`` at ``d = 128`` is
-  model dim 2048, the setting of the FlashAttention benchmark that the published H100 figures in
-  SPEC.md ("hd 128, 16k tokens") come from, so our TFLOP/s can be compared with them.
-* ``papers``: the papers' models at the prompt lengths of 1, 2, 4, 8 and 16 demonstrations, bf16,
-  batch 1 (the authors' code runs batch 1; ``--batch`` in ``benchmarks.run`` changes it):
-  GPT2-XL (H 25, d 64), GPT-J (H 16, d 256), Llama-7B-like (H 32, d 128), GQA (H 32 / Hkv 8, d 128).
-* ``cpu``: float32 shapes small enough for a 2-core CPU (``make bench`` without a GPU): the same
-  head geometries at short prompts.
-* ``tiny``: one tiny shape for the smoke test.
-
-Prompt geometry (SPEC.md, "Reference figures for benchmarks"), the rule that turns a number of
-demonstrations into tokens, :func:`prompt_tokens`::
-
-    text_tokens = ceil(words_per_input · TOKENS_PER_WORD)            # TOKENS_PER_WORD = 1.3
-    T(n) = n · (text_tokens + DEMO_TEMPLATE_TOKENS) + (text_tokens + QUERY_TEMPLATE_TOKENS)
-
-A demonstration is ``"<Input prefix>: <text>\\n<Answer prefix>: <label>\\n"``: prefix word + colon
-(2 tokens), the newline, answer prefix + colon (2), one label token and the trailing newline, so
-``DEMO_TEMPLATE_TOKENS = 7``; the test input has no label and no trailing newline
-(``QUERY_TEMPLATE_TOKENS = 5``). 1.3 tokens per word is the usual GPT-2 BPE rate on English text.
-Average input lengths in words: SST-2 20, TREC 10, AGNews 40, EmoC 15. The ``papers`` set uses
-AGNews, the longest inputs (the compression paper's largest speed-up), e.g. 16 demonstrations are
-1001 tokens; SST-2 at one demonstration per class (n = 2) is 97 tokens.
+Per benchmark a GPU set (``default``/``all`` on a GPU, and the benchmark's own set name), a CPU set (``default``
+/``all`` without a GPU, ``cpu``) and a ``tiny`` set for the smoke test; other set names give ``[]`` (see
+:func:`select`). The attention benchmark also has ``acceptance`` and ``papers``. Prompt geometry follows the
+demonstrations → tokens rule of :func:`prompt_tokens`; benchmarks/README.md explains every set.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import asdict, dataclass
 
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SET_NAMES = ("default", "acceptance", "papers", "anchors", "saliency", "cpu", "all", "tiny")
 
 TOKENS_PER_WORD = 1.3
 DEMO_TEMPLATE_TOKENS = 7
@@ -44,63 +25,11 @@ QUERY_TEMPLATE_TOKENS = 5
 TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
 
 
-class DemonstrationGeometry:
-    """Properties of a benchmark case with fields ``dataset`` (a :data:`DATASETS` key) and ``per_class``
-    (demonstrations per class): the demonstrations' count and lengths by the rule of :func:`prompt_tokens`, and the
-    kept anchor positions of :func:`template_positions`."""
-
-    dataset: str
-    per_class: int
-
-    @property
-    def demonstrations(self) -> int:
-        return DATASETS[self.dataset].classes * self.per_class
-
-    @property
-    def demo_tokens(self) -> int:
-        """Tokens of one demonstration (text + template), by the rule of :func:`prompt_tokens`."""
-        return prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0)
-
-    @property
-    def T_demo(self) -> int:
-        """Tokens of all the demonstrations."""
-        return self.demonstrations * self.demo_tokens
-
-    @property
-    def M(self) -> int:
-        """Kept positions: every demonstration's template tokens."""
-        return self.demonstrations * DEMO_TEMPLATE_TOKENS
-
-    def positions(self) -> list[int]:
-        """The kept positions (:func:`template_positions`), in order; position 0 is among them."""
-        return template_positions(self.demonstrations, self.demo_tokens)
-
-
-def template_positions(demonstrations: int, demo_tokens: int) -> list[int]:
-    """The anchor positions of ``demonstrations`` back-to-back demonstrations of ``demo_tokens`` tokens each: every
-    demonstration's template tokens, its first ``TEMPLATE_HEAD`` and its last ``DEMO_TEMPLATE_TOKENS -
-    TEMPLATE_HEAD`` (newline, answer prefix, colon, label, newline), in order; position 0 is among them."""
-    tail = DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD
-    out: list[int] = []
-    for i in range(demonstrations):
-        start, end = i * demo_tokens, (i + 1) * demo_tokens
-        out += list(range(start, start + TEMPLATE_HEAD)) + list(range(end - tail, end))
-    return out
-
-
 @dataclass(frozen=True)
 class Dataset:
     name: str
     words_per_input: int
     classes: int
-
-
-DATASETS = {
-    "sst2": Dataset("SST-2", 20, 2),
-    "trec": Dataset("TREC", 10, 6),
-    "agnews": Dataset("AGNews", 40, 4),
-    "emoc": Dataset("EmoC", 15, 4),
-}
 
 
 @dataclass(frozen=True)
@@ -111,13 +40,10 @@ class Model:
     head_dim: int
 
 
-MODELS = {
-    "gpt2-xl": Model("GPT2-XL", 25, 25, 64),
-    "gpt-j": Model("GPT-J", 16, 16, 256),
-    "llama-7b": Model("Llama-7B-like", 32, 32, 128),
-    "llama-gqa": Model("GQA 32/8", 32, 8, 128),
-}
-
+DATASETS = {"sst2": Dataset("SST-2", 20, 2), "trec": Dataset("TREC", 10, 6), "agnews": Dataset("AGNews", 40, 4),
+            "emoc": Dataset("EmoC", 15, 4)}
+MODELS = {"gpt2-xl": Model("GPT2-XL", 25, 25, 64), "gpt-j": Model("GPT-J", 16, 16, 256),
+          "llama-7b": Model("Llama-7B-like", 32, 32, 128), "llama-gqa": Model("GQA 32/8", 32, 8, 128)}
 DEMONSTRATIONS = (1, 2, 4, 8, 16)
 ACCEPTANCE_TOKENS = 16384
 ACCEPTANCE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -131,9 +57,87 @@ def prompt_tokens(dataset: str, demonstrations: int) -> int:
     return demonstrations * (text + DEMO_TEMPLATE_TOKENS) + text + QUERY_TEMPLATE_TOKENS
 
 
+def template_positions(demonstrations: int, demo_tokens: int) -> list[int]:
+    """The template tokens of back-to-back demonstrations (the first ``TEMPLATE_HEAD`` and the last
+    ``DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD`` of each), in order; position 0 is among them."""
+    tail = DEMO_TEMPLATE_TOKENS - TEMPLATE_HEAD
+    out: list[int] = []
+    for i in range(demonstrations):
+        start, end = i * demo_tokens, (i + 1) * demo_tokens
+        out += list(range(start, start + TEMPLATE_HEAD)) + list(range(end - tail, end))
+    return out
+
+
+def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, *, causal: bool, mode: str) -> float:
+    """FlashAttention's FLOP model: forward ``4·B·H·Tq·Tk·D``, halved when causal and square; bwd 2.5x, fwd+bwd
+    3.5x the forward."""
+    fwd = 4.0 * B * H * Tq * Tk * D / (2.0 if causal and Tq == Tk else 1.0)
+    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+    if mode not in factor:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return fwd * factor[mode]
+
+
+def select(name: str, own: str, gpu, cpu, tiny, cuda: bool, batch: int | None = None) -> list:
+    """A benchmark's cases of set ``name``: ``default``/``all`` the GPU set on a GPU and the CPU set otherwise,
+    ``own`` (the benchmark's set name) the GPU set, ``cpu``, ``tiny``; any other known set ``[]``."""
+    kw = {} if batch is None else {"batch": batch}
+    if name in ("default", "all"):
+        return gpu(**kw) if cuda else cpu(**kw)
+    if name == own:
+        return gpu(**kw)
+    if name == "cpu":
+        return cpu(**kw)
+    if name == "tiny":
+        return tiny()
+    if name in SET_NAMES:
+        return []
+    raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+
+
+class _Case:
+    """``torch_dtype``, ``flops`` (none unless a case says) and ``params`` of a case dataclass."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def flops(self, mode: str) -> float | None:
+        return None
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+class DemonstrationGeometry(_Case):
+    """Cases with ``dataset`` and ``per_class``: ``demonstrations``, their tokens and kept anchor positions."""
+
+    @property
+    def demonstrations(self) -> int:
+        return DATASETS[self.dataset].classes * self.per_class
+
+    @property
+    def demo_tokens(self) -> int:
+        return prompt_tokens(self.dataset, 1) - prompt_tokens(self.dataset, 0)
+
+    @property
+    def T_demo(self) -> int:
+        return self.demonstrations * self.demo_tokens
+
+    @property
+    def M(self) -> int:
+        return self.demonstrations * DEMO_TEMPLATE_TOKENS
+
+    def positions(self) -> list[int]:
+        return template_positions(self.demonstrations, self.demo_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
 @dataclass(frozen=True)
-class AttnShape:
-    """One benchmark case of ``attention(q [B, H, Tq, D], k/v [B, Hkv, Tk, D])``."""
+class AttnShape(_Case):
+    """One case of ``attention(q [B, H, Tq, D], k/v [B, Hkv, Tk, D])``."""
 
     name: str
     group: str
@@ -148,10 +152,6 @@ class AttnShape:
     note: str = ""
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def label(self) -> str:
         heads = f"H{self.H}" if self.H == self.Hkv else f"H{self.H}/{self.Hkv}"
         length = f"T{self.Tq}" if self.Tq == self.Tk else f"Tq{self.Tq} Tk{self.Tk}"
@@ -160,94 +160,36 @@ class AttnShape:
     def flops(self, mode: str) -> float:
         return attention_flops(self.B, self.H, self.Tq, self.Tk, self.D, causal=self.causal, mode=mode)
 
-    def params(self) -> dict:
-        return asdict(self)
 
-
-def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, *, causal: bool, mode: str) -> float:
-    """FLOP model of SPEC.md (FlashAttention convention).
-
-    Forward ``4·B·H·Tq·Tk·D`` (two matmuls of ``2·Tq·Tk·D``), halved when causal and square;
-    backward 2.5x the forward; forward + backward 3.5x.
-    """
-    fwd = 4.0 * B * H * Tq * Tk * D
-    if causal and Tq == Tk:
-        fwd /= 2.0
-    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-    if mode not in factor:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return fwd * factor[mode]
-
-
-def model_shape(
-    name: str, group: str, model: str, T: int, *, B: int = 1, Tq: int | None = None, dtype: str = "bf16", note: str = ""
-) -> AttnShape:
-    """A self-attention case with ``model``'s head geometry (``Tq`` < ``T``: a chunk over a cache)."""
+def model_shape(name, group, model, T, *, B=1, Tq=None, dtype="bf16", note="") -> AttnShape:
+    """A causal case with ``model``'s head geometry (``Tq`` < ``T``: a chunk over a cache)."""
     m = MODELS[model]
     return AttnShape(name, group, B, m.heads, m.kv_heads, T if Tq is None else Tq, T, m.head_dim, True, dtype, note)
 
 
 def acceptance_set() -> list[AttnShape]:
-    return [
-        AttnShape(
-            f"acceptance-T{T}",
-            "acceptance",
-            B=ACCEPTANCE_TOKENS // T,
-            H=16,
-            Hkv=16,
-            Tq=T,
-            Tk=T,
-            D=128,
-            note="B·T = 16k, H 16, d 128 (FlashAttention benchmark setting)",
-        )
-        for T in ACCEPTANCE_LENGTHS
-    ]
+    note = "B·T = 16k, H 16, d 128 (FlashAttention benchmark setting)"
+    return [AttnShape(f"acceptance-T{T}", "acceptance", ACCEPTANCE_TOKENS // T, 16, 16, T, T, 128, note=note)
+            for T in ACCEPTANCE_LENGTHS]
 
 
-def papers_set(
-    *, batch: int = 1, dataset: str = "agnews", dtype: str = "bf16", models=tuple(MODELS)
-) -> list[AttnShape]:
-    return [
-        model_shape(
-            f"{key}-{dataset}-{n}demo",
-            "papers",
-            key,
-            prompt_tokens(dataset, n),
-            B=batch,
-            dtype=dtype,
-            note=f"{MODELS[key].name}, {n} {DATASETS[dataset].name} demonstration(s)",
-        )
-        for key in models
-        for n in DEMONSTRATIONS
-    ]
+def papers_set(*, batch: int = 1, dataset: str = "agnews", dtype: str = "bf16", models=tuple(MODELS)):
+    return [model_shape(f"{key}-{dataset}-{n}demo", "papers", key, prompt_tokens(dataset, n), B=batch, dtype=dtype,
+                        note=f"{MODELS[key].name}, {n} {DATASETS[dataset].name} demonstration(s)")
+            for key in models for n in DEMONSTRATIONS]
 
 
 def cpu_set() -> list[AttnShape]:
-    sst2_per_class = prompt_tokens("sst2", DATASETS["sst2"].classes)
     ag1, ag4 = prompt_tokens("agnews", 1), prompt_tokens("agnews", 4)
     return [
-        model_shape(
-            "cpu-gpt2-xl-sst2-2demo",
-            "cpu",
-            "gpt2-xl",
-            sst2_per_class,
-            dtype="fp32",
-            note="GPT2-XL, SST-2 one demonstration per class (the anchors paper's setting)",
-        ),
+        model_shape("cpu-gpt2-xl-sst2-2demo", "cpu", "gpt2-xl", prompt_tokens("sst2", DATASETS["sst2"].classes),
+                    dtype="fp32", note="GPT2-XL, SST-2 one demonstration per class (the anchors paper's setting)"),
         model_shape("cpu-gpt2-xl-agnews-4demo", "cpu", "gpt2-xl", ag4, dtype="fp32", note="GPT2-XL, 4 AGNews demos"),
         model_shape("cpu-gpt-j-agnews-1demo", "cpu", "gpt-j", ag1, dtype="fp32", note="GPT-J (d 256), 1 AGNews demo"),
-        model_shape(
-            "cpu-llama-gqa-agnews-1demo", "cpu", "llama-gqa", ag1, dtype="fp32", note="GQA 32/8, 1 AGNews demo"
-        ),
-        model_shape(
-            "cpu-llama-7b-chunk-over-cache",
-            "cpu",
-            "llama-7b",
-            ag4,
-            Tq=64,
-            dtype="fp32",
-            note="64 new query rows over a 4-demo cache (bottom-right causal, Tq < Tk)",
-        ),
+        model_shape("cpu-llama-gqa-agnews-1demo", "cpu", "llama-gqa", ag1, dtype="fp32",
+                    note="GQA 32/8, 1 AGNews demo"),
+        model_shape("cpu-llama-7b-chunk-over-cache", "cpu", "llama-7b", ag4, Tq=64, dtype="fp32",
+                    note="64 new query rows over a 4-demo cache (bottom-right causal, Tq < Tk)"),
     ]
 
 
@@ -255,46 +197,24 @@ def tiny_set() -> list[AttnShape]:
     return [AttnShape("tiny-gqa", "tiny", 2, 4, 2, 17, 17, 16, dtype="fp32", note="smoke test")]
 
 
-SETS = {
-    "acceptance": acceptance_set,
-    "papers": papers_set,
-    "cpu": cpu_set,
-    "tiny": tiny_set,
-}
+def attention_cases(name: str, cuda: bool, batch: int | None = None) -> list[AttnShape]:
+    """``default``: acceptance + papers on a GPU, ``cpu`` otherwise; ``all``: every GPU set (+ ``cpu`` on CPU)."""
+    papers = papers_set(batch=batch) if batch is not None else papers_set()
+    if name in ("default", "all"):
+        gpu = acceptance_set() + papers
+        return gpu if cuda else (gpu if name == "all" else []) + cpu_set()
+    sets = {"acceptance": acceptance_set, "papers": lambda: papers, "cpu": cpu_set, "tiny": tiny_set}
+    if name not in SET_NAMES:
+        raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+    return sets[name]() if name in sets else []
 
 
-def get_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AttnShape]:
-    """Shapes of set ``name``; ``default`` is acceptance + papers on a GPU and ``cpu`` otherwise,
-    ``all`` is every GPU set (plus the CPU set without a GPU)."""
-    papers = (lambda: papers_set(batch=batch)) if batch is not None else papers_set
-    if name == "default":
-        return acceptance_set() + papers() if cuda else cpu_set()
-    if name == "all":
-        return acceptance_set() + papers() + ([] if cuda else cpu_set())
-    if name == "papers":
-        return papers()
-    if name not in SETS:
-        raise ValueError(f"unknown shape set {name!r}; choose from {('default', 'all', *SETS)}")
-    return SETS[name]()
+# ---------------------------------------------------------------------------------------------- anchors, isolation
 
-
-# --------------------------------------------------------------------------------------------------
-# Anchor re-weighting (SPEC §2) and isolation (SPEC §3) cases, for ``benchmarks/bench_anchors.py``.
-#
-# ICL prompt geometry: ``ANCHOR_DEMONSTRATIONS`` demonstrations (4 classes x 4 demonstrations = 16
-# label words) followed by the test input. The prompt of ``T`` tokens is cut into 17 equal segments
-# (``seg = T // 17``): demonstration ``i`` fills ``[i·seg, (i+1)·seg)`` and ends with
-# ``"<label>\n"``, so its label word (the anchor) sits at ``(i+1)·seg - 2``; the test input fills
-# ``[16·seg, T)``. Classes cycle 0, 1, 2, 3, 0, ... (balanced). The 16 anchors are spread over the
-# whole prompt, as in the papers' prompts, at any ``T``.
-# --------------------------------------------------------------------------------------------------
-
-ANCHOR_CLASSES = 4
-ANCHOR_DEMOS_PER_CLASS = 4
+ANCHOR_CLASSES, ANCHOR_DEMOS_PER_CLASS = 4, 4
 ANCHOR_DEMONSTRATIONS = ANCHOR_CLASSES * ANCHOR_DEMOS_PER_CLASS
 ANCHOR_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-ANCHOR_MODES = ("fwd", "fwd+bwd")
-# feature variant -> what it does
+ANCHOR_MODELS = ("gpt2-xl", "llama-7b")
 ANCHOR_VARIANTS = {
     "anchors-last": "anchor re-weighting of the last query row only (the paper's setting)",
     "anchors-from": "anchor re-weighting of every query row from the first label word on (worst case)",
@@ -302,20 +222,19 @@ ANCHOR_VARIANTS = {
 }
 
 
-def icl_anchor_layout(
-    T: int, demonstrations: int = ANCHOR_DEMONSTRATIONS, classes: int = ANCHOR_CLASSES
-) -> tuple[list[int], list[int], int]:
-    """``(label positions, their classes, first token of the test input)`` of a ``T``-token prompt."""
+def icl_anchor_layout(T: int, demonstrations: int = ANCHOR_DEMONSTRATIONS, classes: int = ANCHOR_CLASSES):
+    """``(label positions, their classes, first token of the test input)``: the prompt is cut into
+    ``demonstrations + 1`` equal segments, each demonstration's label word 2 tokens before its segment's end."""
     seg = T // (demonstrations + 1)
     if seg < 3:
         raise ValueError(f"T = {T} is too short for {demonstrations} demonstrations (need >= 3 tokens each)")
-    positions = [(i + 1) * seg - 2 for i in range(demonstrations)]
-    return positions, [i % classes for i in range(demonstrations)], demonstrations * seg
+    return [(i + 1) * seg - 2 for i in range(demonstrations)], [i % classes for i in range(demonstrations)], \
+        demonstrations * seg
 
 
 @dataclass(frozen=True)
 class AnchorShape(AttnShape):
-    """An :class:`AttnShape` (self-attention, ``Tq == Tk``) with an anchor / isolation variant."""
+    """An :class:`AttnShape` (``Tq == Tk``) with an anchor / isolation variant."""
 
     variant: str = "anchors-last"
     demonstrations: int = ANCHOR_DEMONSTRATIONS
@@ -323,26 +242,20 @@ class AnchorShape(AttnShape):
 
     @property
     def feature(self) -> str:
-        """``"anchors"`` or ``"isolation"``."""
         return "isolation" if self.variant == "isolation" else "anchors"
 
-    def layout(self) -> tuple[list[int], list[int], int]:
+    def layout(self):
         return icl_anchor_layout(self.Tk, self.demonstrations, self.classes)
 
     @property
     def reweight_from(self) -> int | None:
-        """``None`` (last row) for ``anchors-last``; the first label word's row for ``anchors-from``."""
-        if self.variant == "anchors-from":
-            return self.layout()[0][0] + (self.Tq - self.Tk)
-        return None
+        return self.layout()[0][0] + (self.Tq - self.Tk) if self.variant == "anchors-from" else None
 
     @property
     def label(self) -> str:
-        what = {
-            "anchors-last": f"{self.demonstrations} anchors/{self.classes} classes, last row",
-            "anchors-from": f"{self.demonstrations} anchors/{self.classes} classes, rows >= {self.reweight_from}",
-            "isolation": f"{self.demonstrations} isolated rows, window 0",
-        }[self.variant]
+        what = {"anchors-last": f"{self.demonstrations} anchors/{self.classes} classes, last row",
+                "anchors-from": f"{self.demonstrations} anchors/{self.classes} classes, rows >= {self.reweight_from}",
+                "isolation": f"{self.demonstrations} isolated rows, window 0"}[self.variant]
         return f"{super().label}, {what}"
 
 
@@ -350,108 +263,32 @@ def anchor_shape(variant: str, model: str, T: int, *, B: int = 1, dtype: str = "
     if variant not in ANCHOR_VARIANTS:
         raise ValueError(f"variant must be one of {tuple(ANCHOR_VARIANTS)}, got {variant!r}")
     m = MODELS[model]
-    return AnchorShape(
-        f"{variant}-{model}-T{T}",
-        group,
-        B,
-        m.heads,
-        m.kv_heads,
-        T,
-        T,
-        m.head_dim,
-        True,
-        dtype,
-        f"{m.name}, {ANCHOR_VARIANTS[variant]}",
-        variant=variant,
-    )
+    return AnchorShape(f"{variant}-{model}-T{T}", group, B, m.heads, m.kv_heads, T, T, m.head_dim, True, dtype,
+                       f"{m.name}, {ANCHOR_VARIANTS[variant]}", variant=variant)
 
 
-ANCHOR_MODELS = ("gpt2-xl", "llama-7b")
+def anchor_cases(name: str, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
+    """GPU: bf16, GPT2-XL and Llama-7B-like at T = 256 ... 16k, every variant; CPU: fp32 at T = 256; tiny: B 2,
+    H 4, T 40, d 16, 2 classes x 2 demonstrations."""
+    def gpu(batch=1):
+        return [anchor_shape(v, m, T, B=batch) for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS for T in ANCHOR_LENGTHS]
+
+    def cpu(batch=1):
+        return [anchor_shape(v, m, 256, B=batch, dtype="fp32", group="anchors-cpu")
+                for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS]
+
+    def tiny():
+        return [AnchorShape(f"tiny-{v}", "tiny", 2, 4, 4, 40, 40, 16, dtype="fp32", note="smoke test", variant=v,
+                            demonstrations=4, classes=2) for v in ANCHOR_VARIANTS]
+
+    return select(name, "anchors", gpu, cpu, tiny, cuda, batch)
 
 
-def anchors_gpu_set(*, batch: int = 1) -> list[AnchorShape]:
-    """bf16, GPT2-XL (H 25, d 64) and Llama-7B-like (H 32, d 128), T = 256 ... 16k, every variant."""
-    return [
-        anchor_shape(variant, model, T, B=batch)
-        for variant in ANCHOR_VARIANTS
-        for model in ANCHOR_MODELS
-        for T in ANCHOR_LENGTHS
-    ]
-
-
-ANCHOR_CPU_LENGTHS = (256,)
-
-
-def anchors_cpu_set(*, batch: int = 1) -> list[AnchorShape]:
-    """fp32, both head geometries at T = 256: small enough for ``make bench`` on a 2-core CPU."""
-    return [
-        anchor_shape(variant, model, T, B=batch, dtype="fp32", group="anchors-cpu")
-        for variant in ANCHOR_VARIANTS
-        for model in ANCHOR_MODELS
-        for T in ANCHOR_CPU_LENGTHS
-    ]
-
-
-def anchors_tiny_set() -> list[AnchorShape]:
-    """One tiny case per variant for the smoke test (B 2, H 4, T 40, d 16, fp32, 2 classes x 2
-    demonstrations)."""
-    return [
-        AnchorShape(
-            f"tiny-{v}",
-            "tiny",
-            2,
-            4,
-            4,
-            40,
-            40,
-            16,
-            dtype="fp32",
-            note="smoke test",
-            variant=v,
-            demonstrations=4,
-            classes=2,
-        )
-        for v in ANCHOR_VARIANTS
-    ]
-
-
-def _feature_set(name: str, own: str, gpu_set, cpu_set, tiny_set, cuda: bool, batch: int | None) -> list:
-    """Shape-set dispatch of a feature benchmark: ``default``/``all`` = its GPU set on a GPU, else its CPU set;
-    ``own`` (the feature's set name) = always the GPU set; ``cpu``; ``tiny``; any other known set = ``[]``."""
-    kw = {} if batch is None else {"batch": batch}
-    if name in ("default", "all"):
-        return gpu_set(**kw) if cuda else cpu_set(**kw)
-    if name == own:
-        return gpu_set(**kw)
-    if name == "cpu":
-        return cpu_set(**kw)
-    if name == "tiny":
-        return tiny_set()
-    if name in ("acceptance", "papers", "anchors", "saliency"):
-        return []
-    raise ValueError(f"unknown shape set {name!r}")
-
-
-def get_anchor_set(name: str, *, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
-    """Anchor / isolation cases of shape set ``name`` (the names of ``benchmarks.run --set``):
-    ``default`` and ``all`` are the GPU set on a GPU and the CPU set otherwise, ``anchors`` always
-    the GPU set, ``cpu`` the CPU set, ``tiny`` the smoke test's; the attention-only sets
-    (``acceptance``, ``papers``) and ``saliency`` have no anchor cases (``[]``)."""
-    return _feature_set(name, "anchors", anchors_gpu_set, anchors_cpu_set, anchors_tiny_set, cuda, batch)
-
-
-# --------------------------------------------------------------------------------------------------
-# Information-flow saliency (SPEC §4) cases, for ``benchmarks/bench_saliency.py``.
-#
-# A case is a chain of ``layers`` attention layers (no MLP) over one ``T``-token prompt with the ICL
-# geometry of ``icl_anchor_layout``: the label words of ``demonstrations`` demonstrations are the
-# ``p_c`` of the flow scores, the last position is the target ``q``.
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- saliency
 
 SALIENCY_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
 SALIENCY_CPU_LENGTHS = (128, 256, 512)
-# model key -> (layers, heads, head dim, what it mirrors)
-SALIENCY_MODELS = {
+SALIENCY_MODELS = {  # key -> (layers, heads, head dim, what it mirrors)
     "gpt2-xl": (48, 25, 64, "GPT2-XL-shaped stack: 48 attention layers, H 25, d 64"),
     "llama-7b": (1, 32, 128, "Llama-7B-shaped layer: one attention layer, H 32, d 128"),
     "cpu-stack": (4, 4, 64, "small stack for a 2-core CPU: 4 attention layers, H 4, d 64"),
@@ -460,9 +297,8 @@ SALIENCY_MODELS = {
 
 
 @dataclass(frozen=True)
-class SaliencyCase:
-    """One flow-score case: ``layers`` causal self-attention layers of ``H`` heads of dimension ``D`` over
-    ``B`` prompts of ``T`` tokens, ``demonstrations`` label words (``classes`` classes)."""
+class SaliencyCase(_Case):
+    """``layers`` causal attention layers of ``H`` heads of dim ``D`` over ``B`` prompts of ``T`` tokens."""
 
     name: str
     group: str
@@ -478,55 +314,401 @@ class SaliencyCase:
     note: str = ""
 
     @property
+    def label(self) -> str:
+        return (f"L{self.layers} B{self.B} H{self.H} T{self.T} d{self.D} {self.dtype} causal, "
+                f"{self.demonstrations} label words/{self.classes} classes")
+
+    def layout(self):
+        return icl_anchor_layout(self.T, self.demonstrations, self.classes)
+
+    def flops(self, mode: str) -> float:
+        """Every layer's attention forward + backward; the saliency pass and projections are not counted."""
+        return self.layers * attention_flops(self.B, self.H, self.T, self.T, self.D, causal=True, mode="fwd+bwd")
+
+
+def saliency_case(model: str, T: int, *, B: int = 1, dtype: str = "fp16", group: str = "saliency"):
+    layers, heads, head_dim, note = SALIENCY_MODELS[model]
+    return SaliencyCase(f"{model}-T{T}", group, model, layers, heads, head_dim, T, B, dtype, note=note)
+
+
+def saliency_cases(name: str, cuda: bool, batch: int | None = None) -> list[SaliencyCase]:
+    """GPU: fp16, the GPT2-XL stack and Llama-7B layer at T = 256 ... 16k; CPU: fp32 small stack and layer at
+    T = 128, 256, 512; tiny: 2 layers, B 2, H 2, d 16, T 40 and 48."""
+    def gpu(batch=1):
+        return [saliency_case(m, T, B=batch) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS]
+
+    def cpu(batch=1):
+        return [saliency_case(m, T, B=batch, dtype="fp32", group="saliency-cpu")
+                for m in ("cpu-stack", "cpu-layer") for T in SALIENCY_CPU_LENGTHS]
+
+    def tiny():
+        return [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test")
+                for T in (40, 48)]
+
+    return select(name, "saliency", gpu, cpu, tiny, cuda, batch)
+
+
+# ---------------------------------------------------------------------------------------------- KV-cache gather
+
+GATHER_LAYERS = {"gpt2-xl": 48, "gpt-j": 28}
+FOUR_DATASETS = ("sst2", "trec", "agnews", "emoc")
+GATHER_CPU_LAYERS = 24  # every CPU output under glibc's 32 MiB mmap ceiling (benchmarks/README.md)
+
+
+@dataclass(frozen=True)
+class GatherCase(DemonstrationGeometry):
+    """Keep the template tokens of ``per_class`` demos per class from an ``L``-layer cache ``[B, Hkv, T, D]``."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    Hkv: int
+    D: int
+    dataset: str
+    per_class: int
+    B: int = 1
+    dtype: str = "fp16"
+    note: str = ""
+
+    @property
+    def T(self) -> int:
+        return self.T_demo
+
+    @property
+    def bytes_moved(self) -> int:
+        """``4 · L · B · Hkv · M · D · element size``: K and V, each kept element read once and written once."""
+        return 4 * self.layers * self.B * self.Hkv * self.M * self.D * DTYPES[self.dtype].itemsize
+
+    @property
+    def label(self) -> str:
+        return (f"L{self.layers} B{self.B} Hkv{self.Hkv} T{self.T} M{self.M} d{self.D} {self.dtype}, "
+                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+
+    def params(self) -> dict:
+        return {**asdict(self), "T": self.T, "M": self.M, "demonstrations": self.demonstrations,
+                "bytes_moved": self.bytes_moved}
+
+
+def gather_case(model, dataset, per_class, *, B=1, dtype="fp16", group="gather", layers=None) -> GatherCase:
+    m, full = MODELS[model], GATHER_LAYERS[model]
+    L = layers or full
+    depth = f"L {L}" if L == full else f"L {L} of its {full}"
+    return GatherCase(f"{model}-{dataset}-{per_class}pc-b{B}" + ("" if L == full else f"-L{L}"), group, model, L,
+                      m.kv_heads, m.head_dim, dataset, per_class, B, dtype,
+                      f"{m.name} cache ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
+
+
+def gather_cases(name: str, cuda: bool, batch: int | None = None) -> list[GatherCase]:
+    """GPU: fp16 GPT2-XL and GPT-J caches, 4 datasets at 1 and 4 demos/class, plus B 16 at SST-2 1/class and
+    AGNews 4/class; CPU: fp32, GPT2-XL's heads at 24 layers, SST-2 and AGNews; tiny: L 3, Hkv 2, d 8, B 1, 2."""
+    def gpu(batch=1):
+        cases = [gather_case(m, ds, pc, B=batch) for m in GATHER_LAYERS for ds in FOUR_DATASETS for pc in (1, 4)]
+        cases += [gather_case(m, ds, pc, B=16) for m in GATHER_LAYERS for ds, pc in (("sst2", 1), ("agnews", 4))]
+        return list({c.name: c for c in cases}.values())  # --batch 16 would repeat the batched cases
+
+    def cpu(batch=1):
+        return [gather_case("gpt2-xl", ds, pc, B=batch, dtype="fp32", group="gather-cpu", layers=GATHER_CPU_LAYERS)
+                for ds in ("sst2", "agnews") for pc in (1, 4)]
+
+    def tiny():
+        return [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)]
+
+    return select(name, "gather", gpu, cpu, tiny, cuda, batch)
+
+
+# ---------------------------------------------------------------------------------------------- compression
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A random-weight decoder of one family (``"gpt2"`` or ``"gptj"``) and shape."""
+
+    key: str
+    family: str
+    name: str
+    layers: int
+    d_model: int
+    heads: int
+    vocab: int
+    positions: int
+    rotary_dim: int | None = None
+    dtype: str = "fp16"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
     @property
     def label(self) -> str:
-        return (
-            f"L{self.layers} B{self.B} H{self.H} T{self.T} d{self.D} {self.dtype} causal, "
-            f"{self.demonstrations} label words/{self.classes} classes"
-        )
+        rotary = f" rotary {self.rotary_dim}" if self.rotary_dim else ""
+        return f"L{self.layers} d_model {self.d_model} H{self.heads}{rotary} vocab {self.vocab} {self.dtype}"
 
-    def layout(self) -> tuple[list[int], list[int], int]:
-        """``(label positions, their classes, first token of the test input)``; the target is ``T - 1``."""
-        return icl_anchor_layout(self.T, self.demonstrations, self.classes)
+    def config(self):
+        from transformers import GPT2Config, GPTJConfig
 
-    def flops(self, mode: str) -> float:
-        """Attention forward + backward of every layer (SPEC's model, 3.5x the forward); the saliency
-        pass, the projections and the score reduction are not counted."""
-        return self.layers * attention_flops(self.B, self.H, self.T, self.T, self.D, causal=True, mode="fwd+bwd")
+        common = dict(vocab_size=self.vocab, bos_token_id=self.vocab - 1, eos_token_id=self.vocab - 1,
+                      n_positions=self.positions, n_embd=self.d_model, n_layer=self.layers, n_head=self.heads,
+                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        if self.family == "gpt2":
+            return GPT2Config(**common)
+        if self.family == "gptj":
+            return GPTJConfig(rotary_dim=self.rotary_dim, **common)
+        raise ValueError(f"unknown model family {self.family!r}")
+
+
+CPU_VOCAB = 1024  # the LM head a GPT2-XL-like share of the parameters (8%); at 50k it would be 80% of them
+MODEL_SPECS = {
+    "gpt2-xl": ModelSpec("gpt2-xl", "gpt2", "GPT2-XL-shaped", 48, 1600, 25, 50257, 1024),
+    "gpt-j": ModelSpec("gpt-j", "gptj", "GPT-J-shaped", 28, 4096, 16, 50400, 2048, rotary_dim=64),
+    "gpt2-cpu": ModelSpec("gpt2-cpu", "gpt2", "small GPT-2", 4, 256, 4, CPU_VOCAB, 1024, dtype="fp32"),
+    "gptj-cpu": ModelSpec("gptj-cpu", "gptj", "small GPT-J", 4, 256, 4, CPU_VOCAB, 2048, rotary_dim=16, dtype="fp32"),
+    "gpt2-tiny": ModelSpec("gpt2-tiny", "gpt2", "tiny GPT-2", 2, 64, 4, 512, 1024, dtype="fp32"),
+    "gptj-tiny": ModelSpec("gptj-tiny", "gptj", "tiny GPT-J", 2, 64, 4, 512, 1024, rotary_dim=8, dtype="fp32"),
+}
+
+
+@dataclass(frozen=True)
+class ServeCase(DemonstrationGeometry):
+    """Serve ``B`` test inputs of ``dataset`` after ``per_class`` demonstrations per class on ``model``."""
+
+    name: str
+    group: str
+    model: ModelSpec
+    dataset: str
+    per_class: int
+    B: int
+    note: str = ""
+
+    @property
+    def geometry(self) -> tuple[str, str, int]:
+        """What the compressed cache and the gate depend on: (model, dataset, demonstrations per class)."""
+        return self.model.key, self.dataset, self.per_class
+
+    @property
+    def S(self) -> int:
+        return prompt_tokens(self.dataset, 0)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.model.name} {self.model.label}, {self.demonstrations} {DATASETS[self.dataset].name} demos "
+                f"({self.per_class}/class), B{self.B}, T_demo {self.T_demo} + S {self.S}, M {self.M}")
 
     def params(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "model_key": self.model.key, "family": self.model.family,
+                "demonstrations": self.demonstrations, "T_demo": self.T_demo, "S": self.S,
+                "T_full": self.T_demo + self.S, "M": self.M}
 
 
-def saliency_case(model: str, T: int, *, B: int = 1, dtype: str = "fp16", group: str = "saliency") -> SaliencyCase:
-    layers, heads, head_dim, note = SALIENCY_MODELS[model]
-    return SaliencyCase(f"{model}-T{T}", group, model, layers, heads, head_dim, T, B, dtype, note=note)
+def serve_case(model: str, dataset: str, per_class: int, B: int) -> ServeCase:
+    spec = MODEL_SPECS[model]
+    return ServeCase(f"{model}-{dataset}-{per_class}pc-b{B}", model, spec, dataset, per_class, B,
+                     f"{spec.name} ({spec.label}), {DATASETS[dataset].name}")
 
 
-def saliency_gpu_set(*, batch: int = 1) -> list[SaliencyCase]:
-    """fp16, batch 1: the GPT2-XL-shaped stack and the Llama-7B-shaped layer at T = 256 ... 16k."""
-    return [saliency_case(m, T, B=batch) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS]
+def compression_cases(name: str, cuda: bool, batch: int | None = None) -> list[ServeCase]:
+    """GPU: fp16 GPT2-XL- and GPT-J-shaped, 4 datasets, 1 and 4 per class, B 1, 16, 64; CPU: fp32 small GPT-2 and
+    GPT-J, SST-2 and AGNews, B 1, 8; tiny: 2 layers, SST-2 1/class, B 1, 2 (``--batch`` replaces the B's)."""
+    def cases(models, datasets, per_class, batches, batch=None):
+        return [serve_case(m, ds, n, B) for m in models for ds in datasets for n in per_class
+                for B in ((batch,) if batch else batches)]
+
+    return select(name, "compression", lambda batch=None: cases(("gpt2-xl", "gpt-j"), FOUR_DATASETS, (1, 4),
+                                                                (1, 16, 64), batch),
+                  lambda batch=None: cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8), batch),
+                  lambda: cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), cuda, batch)
 
 
-def saliency_cpu_set(*, batch: int = 1) -> list[SaliencyCase]:
-    """fp32, a 4-layer H 4 d 64 stack and a one-layer H 4 d 128 layer at T = 128, 256, 512."""
-    return [
-        saliency_case(m, T, B=batch, dtype="fp32", group="saliency-cpu")
-        for m in ("cpu-stack", "cpu-layer")
-        for T in SALIENCY_CPU_LENGTHS
-    ]
+# ---------------------------------------------------------------------------------------------- momentum, Deep-Thinking
+
+MOMENTUM_ETA = 0.9
+DT_LAYERS = {"gpt2-xl": 48, "llama-7b": 32}
+DT_CPU_LAYERS = 4
 
 
-def saliency_tiny_set() -> list[SaliencyCase]:
-    """The smoke test's two cases: 2 layers, B 2, H 2, d 16, T 40 and 48, fp32, 4 label words/2 classes."""
-    return [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test") for T in (40, 48)]
+@dataclass(frozen=True)
+class MomentumShape(AttnShape):
+    """An :class:`AttnShape` (self-attention) with the momentum coefficient ``eta``."""
+
+    eta: float = MOMENTUM_ETA
+    model: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{super().label}, η {self.eta:g}"
 
 
-def get_saliency_set(name: str, *, cuda: bool, batch: int | None = None) -> list[SaliencyCase]:
-    """Saliency cases of shape set ``name`` (the names of ``benchmarks.run --set``): ``default`` and
-    ``all`` are the GPU set on a GPU and the CPU set otherwise, ``saliency`` always the GPU set, ``cpu``
-    the CPU set, ``tiny`` the smoke test's; the other sets have no saliency cases (``[]``)."""
-    return _feature_set(name, "saliency", saliency_gpu_set, saliency_cpu_set, saliency_tiny_set, cuda, batch)
+def momentum_cases(name: str, cuda: bool, batch: int | None = None) -> list[MomentumShape]:
+    """GPU: bf16 Llama-7B-like and GQA 32/8 at T = 1k ... 16k with B·T = 16k; CPU: fp32 H 4 d 64 B 1 at T = 128,
+    256, 512; tiny: B 2, H 4/2, T 33, d 16. ``--batch`` does not apply."""
+    def gpu():
+        return [MomentumShape(f"momentum-{key}-T{T}", "momentum", ACCEPTANCE_TOKENS // T, m.heads, m.kv_heads, T, T,
+                              m.head_dim, True, "bf16", f"{m.name}, B·T = {ACCEPTANCE_TOKENS}", model=key)
+                for key, m in ((k, MODELS[k]) for k in ("llama-7b", "llama-gqa")) for T in ACCEPTANCE_LENGTHS]
+
+    def cpu():
+        return [MomentumShape(f"momentum-cpu-T{T}", "momentum-cpu", 1, 4, 4, T, T, 64, True, "fp32", "small CPU shape",
+                              model="cpu-h4") for T in (128, 256, 512)]
+
+    def tiny():
+        return [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test",
+                              model="tiny")]
+
+    return select(name, "momentum", gpu, cpu, tiny, cuda)
+
+
+@dataclass(frozen=True)
+class UpdateCase(DemonstrationGeometry):
+    """One Deep-Thinking update of an ``L``-layer state ``[1, Hkv, N, d]`` per K and V, ``N`` demo tokens."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    Hkv: int
+    D: int
+    dataset: str
+    per_class: int
+    dtype: str = "fp16"
+    eta: float = 0.01
+    beta: float = 0.9
+    note: str = ""
+
+    @property
+    def N(self) -> int:
+        return self.T_demo
+
+    @property
+    def rows(self) -> int:
+        """``R = 2·L·Hkv``: the rows of ``work.view(R, 2, N·d)``."""
+        return 2 * self.layers * self.Hkv
+
+    @property
+    def bytes_moved(self) -> int:
+        """``R·N·d · (3·e + 8)``: ``X̂``, ``X_new`` read, ``X̂`` written (``e`` each); ``m`` read and written."""
+        return self.rows * self.N * self.D * (3 * DTYPES[self.dtype].itemsize + 8)
+
+    @property
+    def label(self) -> str:
+        return (f"L{self.layers} B1 Hkv{self.Hkv} N{self.N} d{self.D} {self.dtype}, η {self.eta:g} β {self.beta:g}, "
+                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+
+    def params(self) -> dict:
+        return {**asdict(self), "N": self.N, "demonstrations": self.demonstrations, "bytes_moved": self.bytes_moved}
+
+
+def update_case(model: str, dataset: str, *, dtype="fp16", layers=None, group="deep-thinking") -> UpdateCase:
+    m, full = MODELS[model], DT_LAYERS[model]
+    L = layers or full
+    depth = f"L {L}" if L == full else f"L {L} of its {full}"
+    return UpdateCase(f"dt-{model}-{dataset}-4pc" + ("" if L == full else f"-L{L}"), group, model, L, m.kv_heads,
+                      m.head_dim, dataset, 4, dtype,
+                      note=f"{m.name}-shaped state ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), "
+                      f"{DATASETS[dataset].name}")
+
+
+def update_cases(name: str, cuda: bool, batch: int | None = None) -> list[UpdateCase]:
+    """GPU: fp16 GPT2-XL- and Llama-7B-shaped states, SST-2 and AGNews at 4 per class; CPU: fp32 at 4 layers;
+    tiny: L 2, Hkv 2, d 8, SST-2 1/class, fp32 and fp16. ``--batch`` does not apply."""
+    return select(name, "momentum", lambda: [update_case(m, ds) for m in DT_LAYERS for ds in ("sst2", "agnews")],
+                  lambda: [update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group="deep-thinking-cpu")
+                           for m in DT_LAYERS for ds in ("sst2", "agnews")],
+                  lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
+                           for dt in ("fp32", "fp16")], cuda)
+
+
+# ---------------------------------------------------------------------------------------------- re-weighting epoch
+
+TEMPLATE = "Review: {x}\nSentiment: {y}\n"
+LABEL_WORDS = ["negative", "positive"]
+_POSITIVE = ["great", "lovely", "superb", "fun", "charming", "moving", "brilliant", "warm", "funny", "smart"]
+_NEGATIVE = ["awful", "dull", "boring", "bad", "clumsy", "tedious", "weak", "bland", "flat", "messy"]
+_NEUTRAL = ("the film movie was plot and acting story a very quite really it is of this that with its to in as but "
+            "director cast script scenes ending characters performance music").split()
+REVIEW_WORDS = (20, 24)  # SST-2 averages about 20 words per sentence, so ~27 tokens per demonstration
+
+
+@functools.lru_cache(maxsize=1)
+def word_tokenizer():
+    """A word-level ``tokenizers.Tokenizer`` over the task's words (one token per word or punctuation)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(_POSITIVE + _NEGATIVE + _NEUTRAL + LABEL_WORDS + ["Review", "Sentiment", ":"]))
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def _review(rng: random.Random, label: int) -> str:
+    n, sentiment = rng.randint(*REVIEW_WORDS), rng.sample(_POSITIVE if label else _NEGATIVE, 3)
+    words = [rng.choice(_NEUTRAL) for _ in range(n - 3)] + sentiment
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@functools.lru_cache(maxsize=32)
+def epoch_examples(demos_per_class: int, train_per_class: int, classes: int = 2) -> tuple:
+    """``(builder, examples)``: demonstrations interleaved by class, training examples alternating."""
+    from fastattn_icl.methods import PromptBuilder
+
+    rng = random.Random(1000 * demos_per_class + train_per_class)
+    demos = [(_review(rng, c), c) for _ in range(demos_per_class) for c in range(classes)]
+    builder = PromptBuilder(word_tokenizer(), TEMPLATE, LABEL_WORDS[:classes], demos)
+    return builder, tuple(builder.example(_review(rng, c), c) for _ in range(train_per_class) for c in range(classes))
+
+
+@dataclass(frozen=True)
+class EpochCase(_Case):
+    """One epoch setting: model shape, prompt geometry, training set and batch size."""
+
+    name: str
+    group: str
+    layers: int
+    heads: int
+    d_model: int
+    vocab: int
+    demos_per_class: int
+    train_per_class: int
+    batch_size: int
+    dtype: str = "bf16"
+    classes: int = 2
+    note: str = ""
+
+    @property
+    def examples(self) -> tuple:
+        return epoch_examples(self.demos_per_class, self.train_per_class, self.classes)[1]
+
+    @property
+    def num_examples(self) -> int:
+        return self.train_per_class * self.classes
+
+    @property
+    def steps(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    @property
+    def label(self) -> str:
+        lengths = [len(e.input_ids) for e in self.examples]
+        return (f"L{self.layers} H{self.heads} d_model {self.d_model} vocab {self.vocab} {self.dtype}, "
+                f"{self.demos_per_class} demo/class, T {min(lengths)}-{max(lengths)}, {self.num_examples} examples, "
+                f"batch {self.batch_size} ({self.steps} step{'s' if self.steps > 1 else ''})")
+
+    def params(self) -> dict:
+        lengths = [len(e.input_ids) for e in self.examples]
+        return {**asdict(self), "T_min": min(lengths), "T_max": max(lengths), "steps": self.steps}
+
+
+def epoch_cases(name: str, cuda: bool, batch: int | None = None) -> list[EpochCase]:
+    """GPU: GPT2-XL-shaped (48 layers, 25 heads, d_model 1600) bf16; CPU: 2 layers, the 25 heads at head dim 16,
+    fp32; each at 1 and 4 demos/class, batch 1 (4 examples per class) and 16 (one full batch). Vocab 512."""
+    def case(prefix, layers, d_model, dtype, demos, batch, note):
+        return EpochCase(f"{prefix}-sst2-{demos}demo-b{batch}", prefix, layers, 25, d_model, 512, demos,
+                         4 if batch == 1 else batch // 2, batch, dtype, note=note)
+
+    gpu_note = "GPT2-XL-shaped, vocab 512 instead of 50257"
+    cpu_note = "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512"
+    return select(name, "epoch", lambda: [case("gpt2-xl", 48, 1600, "bf16", d, b, gpu_note) for d in (1, 4)
+                                          for b in (1, 16)],
+                  lambda: [case("gpt2-xl-cpu", 2, 400, "fp32", d, b, cpu_note) for d in (1, 4) for b in (1, 16)],
+                  lambda: [EpochCase("tiny-b1", "tiny", 1, 4, 64, 128, 1, 1, 1, "fp32"),
+                           EpochCase("tiny-b2", "tiny", 1, 4, 64, 128, 1, 1, 2, "fp32")], cuda)
