@@ -1,13 +1,4 @@
-"""Anchor compression end to end: time per test input of serving a batch over the compressed demonstrations
-(``compressed``, one shared prefix through the seam) vs the full prompts (``full-eager``, ``full-sdpa``) and vs the
-expanded Hugging Face cache (``compressed-expanded-sdpa``/``-eager``), on random-weight GPT-2 / GPT-J models.
-
-Per model (one ``setup``): every geometry's compression is timed (the ``compress`` table) and gated on the first
-4 test inputs' last-position logits against the eager implementation of the same computation on a
-higher-precision copy of the model; then every provider is timed at every ``B``. Targets (CUDA): the paper's
-per-dataset speed-ups at B = 1, 1 demo/class; 3x the throughput of the full prompts at B = 64 on AGNews.
-benchmarks/README.md has the details.
-"""
+"""Anchor compression end to end: compressed prefix vs full prompts; benchmarks/README.md."""
 
 from __future__ import annotations
 

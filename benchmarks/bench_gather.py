@@ -1,9 +1,4 @@
-"""KV-cache gather of anchor compression: ``gather_kv`` (one op for every layer) vs per-layer ``index_select`` loops.
-
-One timed call keeps the ``M`` template positions of every layer's keys and values of a demonstrations-only cache
-(outputs allocated in the call). Gate: every provider's output equals ``gather_kv_reference`` bit for bit. Target
-(CUDA): ``gather_kv`` at least as fast as ``index_select_loop`` on every case. benchmarks/README.md has the details.
-"""
+"""KV-cache gather: ``gather_kv`` vs per-layer ``index_select`` loops; benchmarks/README.md."""
 
 from __future__ import annotations
 

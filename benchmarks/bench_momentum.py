@@ -1,12 +1,4 @@
-"""Momentum attention and the Deep-Thinking update step: two declarations, results ``-momentum`` and ``-deep-thinking``.
-
-Momentum: ``fastattn_icl.momentum_attention`` vs ``base`` (the same kernel without momentum, gated against base
-attention) and ``eager`` (the reference, also the oracle), fwd and fwd+bwd; target (CUDA): overhead over ``base``
-<= 5% at every T >= 2k. Deep-Thinking: one step's in-place update of every layer's K and V, ``fused`` (one op on the
-state buffer) vs ``eager_loop`` (the authors' per-tensor loop); gate: ``X̂`` and ``m`` bitwise or <= 1 ulp from the
-loop's, else within the float64 rule, ``X_new`` unchanged; target (CUDA): fused >= 5x the loop.
-benchmarks/README.md has the details.
-"""
+"""Momentum attention (``-momentum``) and the Deep-Thinking update (``-deep-thinking``); benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Every benchmark's cases, as data: the case types and the named sets of ``benchmarks.run --set``.
-
-Per benchmark a GPU set (``default``/``all`` on a GPU, and the benchmark's own set name), a CPU set (``default``
-/``all`` without a GPU, ``cpu``) and a ``tiny`` set for the smoke test; other set names give ``[]`` (see
-:func:`select`). The attention benchmark also has ``acceptance`` and ``papers``. Prompt geometry follows the
-demonstrations → tokens rule of :func:`prompt_tokens`; benchmarks/README.md explains every set.
-"""
+"""Every benchmark's cases, as data: the case types and the named sets of ``benchmarks.run --set``
+(benchmarks/README.md explains every set)."""
 
 from __future__ import annotations
 
@@ -78,21 +73,20 @@ def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, *, causal: bool, m
     return fwd * factor[mode]
 
 
-def select(name: str, own: str, gpu, cpu, tiny, cuda: bool, batch: int | None = None) -> list:
-    """A benchmark's cases of set ``name``: ``default``/``all`` the GPU set on a GPU and the CPU set otherwise,
-    ``own`` (the benchmark's set name) the GPU set, ``cpu``, ``tiny``; any other known set ``[]``."""
-    kw = {} if batch is None else {"batch": batch}
-    if name in ("default", "all"):
-        return gpu(**kw) if cuda else cpu(**kw)
-    if name == own:
-        return gpu(**kw)
-    if name == "cpu":
-        return cpu(**kw)
-    if name == "tiny":
-        return tiny()
-    if name in SET_NAMES:
-        return []
-    raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+def case_set(own: str, gpu, cpu, tiny, batch: int | None = 1):
+    """A benchmark's ``cases(name, cuda, batch)``: ``default``/``all`` the GPU set on a GPU and the CPU set otherwise,
+    ``own`` (the benchmark's set name) the GPU set, ``cpu``, ``tiny``; any other known set ``[]``. ``gpu`` and
+    ``cpu`` take the batch (``batch`` when not given)."""
+
+    def cases(name: str, cuda: bool, b: int | None = None) -> list:
+        if name in ("default", "all"):
+            name = own if cuda else "cpu"
+        if name not in (own, *SET_NAMES):
+            raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+        make = {own: gpu, "cpu": cpu, "tiny": lambda _: tiny()}.get(name)
+        return make(batch if b is None else b) if make else []
+
+    return cases
 
 
 class _Case:
@@ -267,21 +261,13 @@ def anchor_shape(variant: str, model: str, T: int, *, B: int = 1, dtype: str = "
                        f"{m.name}, {ANCHOR_VARIANTS[variant]}", variant=variant)
 
 
-def anchor_cases(name: str, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
-    """GPU: bf16, GPT2-XL and Llama-7B-like at T = 256 ... 16k, every variant; CPU: fp32 at T = 256; tiny: B 2,
-    H 4, T 40, d 16, 2 classes x 2 demonstrations."""
-    def gpu(batch=1):
-        return [anchor_shape(v, m, T, B=batch) for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS for T in ANCHOR_LENGTHS]
-
-    def cpu(batch=1):
-        return [anchor_shape(v, m, 256, B=batch, dtype="fp32", group="anchors-cpu")
-                for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS]
-
-    def tiny():
-        return [AnchorShape(f"tiny-{v}", "tiny", 2, 4, 4, 40, 40, 16, dtype="fp32", note="smoke test", variant=v,
-                            demonstrations=4, classes=2) for v in ANCHOR_VARIANTS]
-
-    return select(name, "anchors", gpu, cpu, tiny, cuda, batch)
+anchor_cases = case_set(
+    "anchors", lambda b: [anchor_shape(v, m, T, B=b) for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS
+                          for T in ANCHOR_LENGTHS],
+    lambda b: [anchor_shape(v, m, 256, B=b, dtype="fp32", group="anchors-cpu") for v in ANCHOR_VARIANTS
+               for m in ANCHOR_MODELS],
+    lambda: [AnchorShape(f"tiny-{v}", "tiny", 2, 4, 4, 40, 40, 16, dtype="fp32", note="smoke test", variant=v,
+                         demonstrations=4, classes=2) for v in ANCHOR_VARIANTS])
 
 
 # ---------------------------------------------------------------------------------------------- saliency
@@ -331,21 +317,11 @@ def saliency_case(model: str, T: int, *, B: int = 1, dtype: str = "fp16", group:
     return SaliencyCase(f"{model}-T{T}", group, model, layers, heads, head_dim, T, B, dtype, note=note)
 
 
-def saliency_cases(name: str, cuda: bool, batch: int | None = None) -> list[SaliencyCase]:
-    """GPU: fp16, the GPT2-XL stack and Llama-7B layer at T = 256 ... 16k; CPU: fp32 small stack and layer at
-    T = 128, 256, 512; tiny: 2 layers, B 2, H 2, d 16, T 40 and 48."""
-    def gpu(batch=1):
-        return [saliency_case(m, T, B=batch) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS]
-
-    def cpu(batch=1):
-        return [saliency_case(m, T, B=batch, dtype="fp32", group="saliency-cpu")
-                for m in ("cpu-stack", "cpu-layer") for T in SALIENCY_CPU_LENGTHS]
-
-    def tiny():
-        return [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test")
-                for T in (40, 48)]
-
-    return select(name, "saliency", gpu, cpu, tiny, cuda, batch)
+saliency_cases = case_set(
+    "saliency", lambda b: [saliency_case(m, T, B=b) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS],
+    lambda b: [saliency_case(m, T, B=b, dtype="fp32", group="saliency-cpu") for m in ("cpu-stack", "cpu-layer")
+               for T in SALIENCY_CPU_LENGTHS],
+    lambda: [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test") for T in (40, 48)])
 
 
 # ---------------------------------------------------------------------------------------------- KV-cache gather
@@ -399,22 +375,17 @@ def gather_case(model, dataset, per_class, *, B=1, dtype="fp16", group="gather",
                       f"{m.name} cache ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
 
 
-def gather_cases(name: str, cuda: bool, batch: int | None = None) -> list[GatherCase]:
-    """GPU: fp16 GPT2-XL and GPT-J caches, 4 datasets at 1 and 4 demos/class, plus B 16 at SST-2 1/class and
-    AGNews 4/class; CPU: fp32, GPT2-XL's heads at 24 layers, SST-2 and AGNews; tiny: L 3, Hkv 2, d 8, B 1, 2."""
-    def gpu(batch=1):
-        cases = [gather_case(m, ds, pc, B=batch) for m in GATHER_LAYERS for ds in FOUR_DATASETS for pc in (1, 4)]
-        cases += [gather_case(m, ds, pc, B=16) for m in GATHER_LAYERS for ds, pc in (("sst2", 1), ("agnews", 4))]
-        return list({c.name: c for c in cases}.values())  # --batch 16 would repeat the batched cases
+def _gather_gpu(batch: int) -> list[GatherCase]:
+    cases = [gather_case(m, ds, pc, B=batch) for m in GATHER_LAYERS for ds in FOUR_DATASETS for pc in (1, 4)]
+    cases += [gather_case(m, ds, pc, B=16) for m in GATHER_LAYERS for ds, pc in (("sst2", 1), ("agnews", 4))]
+    return list({c.name: c for c in cases}.values())  # --batch 16 would repeat the batched cases
 
-    def cpu(batch=1):
-        return [gather_case("gpt2-xl", ds, pc, B=batch, dtype="fp32", group="gather-cpu", layers=GATHER_CPU_LAYERS)
-                for ds in ("sst2", "agnews") for pc in (1, 4)]
 
-    def tiny():
-        return [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)]
-
-    return select(name, "gather", gpu, cpu, tiny, cuda, batch)
+gather_cases = case_set(
+    "gather", _gather_gpu,
+    lambda b: [gather_case("gpt2-xl", ds, pc, B=b, dtype="fp32", group="gather-cpu", layers=GATHER_CPU_LAYERS)
+               for ds in ("sst2", "agnews") for pc in (1, 4)],
+    lambda: [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)])
 
 
 # ---------------------------------------------------------------------------------------------- compression
@@ -506,17 +477,15 @@ def serve_case(model: str, dataset: str, per_class: int, B: int) -> ServeCase:
                      f"{spec.name} ({spec.label}), {DATASETS[dataset].name}")
 
 
-def compression_cases(name: str, cuda: bool, batch: int | None = None) -> list[ServeCase]:
-    """GPU: fp16 GPT2-XL- and GPT-J-shaped, 4 datasets, 1 and 4 per class, B 1, 16, 64; CPU: fp32 small GPT-2 and
-    GPT-J, SST-2 and AGNews, B 1, 8; tiny: 2 layers, SST-2 1/class, B 1, 2 (``--batch`` replaces the B's)."""
-    def cases(models, datasets, per_class, batches, batch=None):
-        return [serve_case(m, ds, n, B) for m in models for ds in datasets for n in per_class
-                for B in ((batch,) if batch else batches)]
+def _serve_cases(models, datasets, per_class, batches):
+    return lambda batch=None: [serve_case(m, ds, n, B) for m in models for ds in datasets for n in per_class
+                               for B in ((batch,) if batch else batches)]
 
-    return select(name, "compression", lambda batch=None: cases(("gpt2-xl", "gpt-j"), FOUR_DATASETS, (1, 4),
-                                                                (1, 16, 64), batch),
-                  lambda batch=None: cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8), batch),
-                  lambda: cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), cuda, batch)
+
+compression_cases = case_set(
+    "compression", _serve_cases(("gpt2-xl", "gpt-j"), FOUR_DATASETS, (1, 4), (1, 16, 64)),
+    _serve_cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8)),
+    _serve_cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), batch=None)
 
 
 # ---------------------------------------------------------------------------------------------- momentum, Deep-Thinking
@@ -538,23 +507,14 @@ class MomentumShape(AttnShape):
         return f"{super().label}, η {self.eta:g}"
 
 
-def momentum_cases(name: str, cuda: bool, batch: int | None = None) -> list[MomentumShape]:
-    """GPU: bf16 Llama-7B-like and GQA 32/8 at T = 1k ... 16k with B·T = 16k; CPU: fp32 H 4 d 64 B 1 at T = 128,
-    256, 512; tiny: B 2, H 4/2, T 33, d 16. ``--batch`` does not apply."""
-    def gpu():
-        return [MomentumShape(f"momentum-{key}-T{T}", "momentum", ACCEPTANCE_TOKENS // T, m.heads, m.kv_heads, T, T,
-                              m.head_dim, True, "bf16", f"{m.name}, B·T = {ACCEPTANCE_TOKENS}", model=key)
-                for key, m in ((k, MODELS[k]) for k in ("llama-7b", "llama-gqa")) for T in ACCEPTANCE_LENGTHS]
-
-    def cpu():
-        return [MomentumShape(f"momentum-cpu-T{T}", "momentum-cpu", 1, 4, 4, T, T, 64, True, "fp32", "small CPU shape",
-                              model="cpu-h4") for T in (128, 256, 512)]
-
-    def tiny():
-        return [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test",
-                              model="tiny")]
-
-    return select(name, "momentum", gpu, cpu, tiny, cuda)
+momentum_cases = case_set(
+    "momentum", lambda _: [MomentumShape(f"momentum-{key}-T{T}", "momentum", ACCEPTANCE_TOKENS // T, MODELS[key].heads,
+                                         MODELS[key].kv_heads, T, T, MODELS[key].head_dim, True, "bf16",
+                                         f"{MODELS[key].name}, B·T = {ACCEPTANCE_TOKENS}", model=key)
+                           for key in ("llama-7b", "llama-gqa") for T in ACCEPTANCE_LENGTHS],
+    lambda _: [MomentumShape(f"momentum-cpu-T{T}", "momentum-cpu", 1, 4, 4, T, T, 64, True, "fp32", "small CPU shape",
+                             model="cpu-h4") for T in (128, 256, 512)],
+    lambda: [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test", model="tiny")])
 
 
 @dataclass(frozen=True)
@@ -607,14 +567,12 @@ def update_case(model: str, dataset: str, *, dtype="fp16", layers=None, group="d
                       f"{DATASETS[dataset].name}")
 
 
-def update_cases(name: str, cuda: bool, batch: int | None = None) -> list[UpdateCase]:
-    """GPU: fp16 GPT2-XL- and Llama-7B-shaped states, SST-2 and AGNews at 4 per class; CPU: fp32 at 4 layers;
-    tiny: L 2, Hkv 2, d 8, SST-2 1/class, fp32 and fp16. ``--batch`` does not apply."""
-    return select(name, "momentum", lambda: [update_case(m, ds) for m in DT_LAYERS for ds in ("sst2", "agnews")],
-                  lambda: [update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group="deep-thinking-cpu")
-                           for m in DT_LAYERS for ds in ("sst2", "agnews")],
-                  lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
-                           for dt in ("fp32", "fp16")], cuda)
+update_cases = case_set(
+    "momentum", lambda _: [update_case(m, ds) for m in DT_LAYERS for ds in ("sst2", "agnews")],
+    lambda _: [update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group="deep-thinking-cpu") for m in DT_LAYERS
+               for ds in ("sst2", "agnews")],
+    lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
+             for dt in ("fp32", "fp16")])
 
 
 # ---------------------------------------------------------------------------------------------- re-weighting epoch
@@ -698,17 +656,15 @@ class EpochCase(_Case):
         return {**asdict(self), "T_min": min(lengths), "T_max": max(lengths), "steps": self.steps}
 
 
-def epoch_cases(name: str, cuda: bool, batch: int | None = None) -> list[EpochCase]:
-    """GPU: GPT2-XL-shaped (48 layers, 25 heads, d_model 1600) bf16; CPU: 2 layers, the 25 heads at head dim 16,
-    fp32; each at 1 and 4 demos/class, batch 1 (4 examples per class) and 16 (one full batch). Vocab 512."""
-    def case(prefix, layers, d_model, dtype, demos, batch, note):
-        return EpochCase(f"{prefix}-sst2-{demos}demo-b{batch}", prefix, layers, 25, d_model, 512, demos,
-                         4 if batch == 1 else batch // 2, batch, dtype, note=note)
+def _epoch_case(prefix, layers, d_model, dtype, demos, batch, note):
+    return EpochCase(f"{prefix}-sst2-{demos}demo-b{batch}", prefix, layers, 25, d_model, 512, demos,
+                     4 if batch == 1 else batch // 2, batch, dtype, note=note)
 
-    gpu_note = "GPT2-XL-shaped, vocab 512 instead of 50257"
-    cpu_note = "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512"
-    return select(name, "epoch", lambda: [case("gpt2-xl", 48, 1600, "bf16", d, b, gpu_note) for d in (1, 4)
-                                          for b in (1, 16)],
-                  lambda: [case("gpt2-xl-cpu", 2, 400, "fp32", d, b, cpu_note) for d in (1, 4) for b in (1, 16)],
-                  lambda: [EpochCase("tiny-b1", "tiny", 1, 4, 64, 128, 1, 1, 1, "fp32"),
-                           EpochCase("tiny-b2", "tiny", 1, 4, 64, 128, 1, 1, 2, "fp32")], cuda)
+
+epoch_cases = case_set(
+    "epoch", lambda _: [_epoch_case("gpt2-xl", 48, 1600, "bf16", d, b, "GPT2-XL-shaped, vocab 512 instead of 50257")
+                        for d in (1, 4) for b in (1, 16)],
+    lambda _: [_epoch_case("gpt2-xl-cpu", 2, 400, "fp32", d, b,
+                           "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512")
+               for d in (1, 4) for b in (1, 16)],
+    lambda: [EpochCase(f"tiny-b{b}", "tiny", 1, 4, 64, 128, 1, 1, b, "fp32") for b in (1, 2)])
