@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,21 +21,8 @@ QUERY_TEMPLATE_TOKENS = 5
 TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
 
 
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    words_per_input: int
-    classes: int
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
+Dataset = namedtuple("Dataset", "name words_per_input classes")
+Model = namedtuple("Model", "name heads kv_heads head_dim")
 DATASETS = {"sst2": Dataset("SST-2", 20, 2), "trec": Dataset("TREC", 10, 6), "agnews": Dataset("AGNews", 40, 4),
             "emoc": Dataset("EmoC", 15, 4)}
 MODELS = {"gpt2-xl": Model("GPT2-XL", 25, 25, 64), "gpt-j": Model("GPT-J", 16, 16, 256),
@@ -125,8 +113,32 @@ class DemonstrationGeometry(_Case):
     def positions(self) -> list[int]:
         return template_positions(self.demonstrations, self.demo_tokens)
 
+    @property
+    def demos_text(self) -> str:
+        return f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)"
 
-# ---------------------------------------------------------------------------------------------- attention
+
+@dataclass(frozen=True)
+class CacheCase(DemonstrationGeometry):
+    """An ``L``-layer K/V cache (or state) of ``per_class`` demos per class: the fields gather and update share."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    Hkv: int
+    D: int
+    dataset: str
+    per_class: int
+
+
+def cache_case(cls, name: str, model: str, full: int, layers: int | None, dataset: str, what: str, group: str,
+               per_class: int, *rest):
+    """A ``cls`` case of ``model``'s kv heads at ``layers`` of its ``full`` (``-L{layers}`` named when fewer)."""
+    m, L = MODELS[model], layers or full
+    depth = f"L {L}" if L == full else f"L {L} of its {full}"
+    return cls(name + ("" if L == full else f"-L{L}"), group, model, L, m.kv_heads, m.head_dim, dataset, per_class,
+               *rest, note=f"{m.name}{what} ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
 
 
 @dataclass(frozen=True)
@@ -203,8 +215,6 @@ def attention_cases(name: str, cuda: bool, batch: int | None = None) -> list[Att
     return sets[name]() if name in sets else []
 
 
-# ---------------------------------------------------------------------------------------------- anchors, isolation
-
 ANCHOR_CLASSES, ANCHOR_DEMOS_PER_CLASS = 4, 4
 ANCHOR_DEMONSTRATIONS = ANCHOR_CLASSES * ANCHOR_DEMOS_PER_CLASS
 ANCHOR_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -270,8 +280,6 @@ anchor_cases = case_set(
                          demonstrations=4, classes=2) for v in ANCHOR_VARIANTS])
 
 
-# ---------------------------------------------------------------------------------------------- saliency
-
 SALIENCY_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
 SALIENCY_CPU_LENGTHS = (128, 256, 512)
 SALIENCY_MODELS = {  # key -> (layers, heads, head dim, what it mirrors)
@@ -324,25 +332,15 @@ saliency_cases = case_set(
     lambda: [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test") for T in (40, 48)])
 
 
-# ---------------------------------------------------------------------------------------------- KV-cache gather
-
 GATHER_LAYERS = {"gpt2-xl": 48, "gpt-j": 28}
 FOUR_DATASETS = ("sst2", "trec", "agnews", "emoc")
 GATHER_CPU_LAYERS = 24  # every CPU output under glibc's 32 MiB mmap ceiling (benchmarks/README.md)
 
 
 @dataclass(frozen=True)
-class GatherCase(DemonstrationGeometry):
+class GatherCase(CacheCase):
     """Keep the template tokens of ``per_class`` demos per class from an ``L``-layer cache ``[B, Hkv, T, D]``."""
 
-    name: str
-    group: str
-    model: str
-    layers: int
-    Hkv: int
-    D: int
-    dataset: str
-    per_class: int
     B: int = 1
     dtype: str = "fp16"
     note: str = ""
@@ -358,8 +356,7 @@ class GatherCase(DemonstrationGeometry):
 
     @property
     def label(self) -> str:
-        return (f"L{self.layers} B{self.B} Hkv{self.Hkv} T{self.T} M{self.M} d{self.D} {self.dtype}, "
-                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+        return f"L{self.layers} B{self.B} Hkv{self.Hkv} T{self.T} M{self.M} d{self.D} {self.dtype}, {self.demos_text}"
 
     def params(self) -> dict:
         return {**asdict(self), "T": self.T, "M": self.M, "demonstrations": self.demonstrations,
@@ -367,12 +364,8 @@ class GatherCase(DemonstrationGeometry):
 
 
 def gather_case(model, dataset, per_class, *, B=1, dtype="fp16", group="gather", layers=None) -> GatherCase:
-    m, full = MODELS[model], GATHER_LAYERS[model]
-    L = layers or full
-    depth = f"L {L}" if L == full else f"L {L} of its {full}"
-    return GatherCase(f"{model}-{dataset}-{per_class}pc-b{B}" + ("" if L == full else f"-L{L}"), group, model, L,
-                      m.kv_heads, m.head_dim, dataset, per_class, B, dtype,
-                      f"{m.name} cache ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
+    return cache_case(GatherCase, f"{model}-{dataset}-{per_class}pc-b{B}", model, GATHER_LAYERS[model], layers,
+                      dataset, " cache", group, per_class, B, dtype)
 
 
 def _gather_gpu(batch: int) -> list[GatherCase]:
@@ -388,11 +381,8 @@ gather_cases = case_set(
     lambda: [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)])
 
 
-# ---------------------------------------------------------------------------------------------- compression
-
-
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Case):
     """A random-weight decoder of one family (``"gpt2"`` or ``"gptj"``) and shape."""
 
     key: str
@@ -405,10 +395,6 @@ class ModelSpec:
     positions: int
     rotary_dim: int | None = None
     dtype: str = "fp16"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def label(self) -> str:
@@ -462,8 +448,8 @@ class ServeCase(DemonstrationGeometry):
 
     @property
     def label(self) -> str:
-        return (f"{self.model.name} {self.model.label}, {self.demonstrations} {DATASETS[self.dataset].name} demos "
-                f"({self.per_class}/class), B{self.B}, T_demo {self.T_demo} + S {self.S}, M {self.M}")
+        return (f"{self.model.name} {self.model.label}, {self.demos_text}, B{self.B}, T_demo {self.T_demo} + "
+                f"S {self.S}, M {self.M}")
 
     def params(self) -> dict:
         return {**asdict(self), "model_key": self.model.key, "family": self.model.family,
@@ -487,8 +473,6 @@ compression_cases = case_set(
     _serve_cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8)),
     _serve_cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), batch=None)
 
-
-# ---------------------------------------------------------------------------------------------- momentum, Deep-Thinking
 
 MOMENTUM_ETA = 0.9
 DT_LAYERS = {"gpt2-xl": 48, "llama-7b": 32}
@@ -518,17 +502,9 @@ momentum_cases = case_set(
 
 
 @dataclass(frozen=True)
-class UpdateCase(DemonstrationGeometry):
+class UpdateCase(CacheCase):
     """One Deep-Thinking update of an ``L``-layer state ``[1, Hkv, N, d]`` per K and V, ``N`` demo tokens."""
 
-    name: str
-    group: str
-    model: str
-    layers: int
-    Hkv: int
-    D: int
-    dataset: str
-    per_class: int
     dtype: str = "fp16"
     eta: float = 0.01
     beta: float = 0.9
@@ -551,20 +527,15 @@ class UpdateCase(DemonstrationGeometry):
     @property
     def label(self) -> str:
         return (f"L{self.layers} B1 Hkv{self.Hkv} N{self.N} d{self.D} {self.dtype}, η {self.eta:g} β {self.beta:g}, "
-                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+                f"{self.demos_text}")
 
     def params(self) -> dict:
         return {**asdict(self), "N": self.N, "demonstrations": self.demonstrations, "bytes_moved": self.bytes_moved}
 
 
 def update_case(model: str, dataset: str, *, dtype="fp16", layers=None, group="deep-thinking") -> UpdateCase:
-    m, full = MODELS[model], DT_LAYERS[model]
-    L = layers or full
-    depth = f"L {L}" if L == full else f"L {L} of its {full}"
-    return UpdateCase(f"dt-{model}-{dataset}-4pc" + ("" if L == full else f"-L{L}"), group, model, L, m.kv_heads,
-                      m.head_dim, dataset, 4, dtype,
-                      note=f"{m.name}-shaped state ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), "
-                      f"{DATASETS[dataset].name}")
+    return cache_case(UpdateCase, f"dt-{model}-{dataset}-4pc", model, DT_LAYERS[model], layers, dataset,
+                      "-shaped state", group, 4, dtype)
 
 
 update_cases = case_set(
@@ -574,8 +545,6 @@ update_cases = case_set(
     lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
              for dt in ("fp32", "fp16")])
 
-
-# ---------------------------------------------------------------------------------------------- re-weighting epoch
 
 TEMPLATE = "Review: {x}\nSentiment: {y}\n"
 LABEL_WORDS = ["negative", "positive"]
