@@ -1,10 +1,4 @@
-"""Anchor re-weighting and isolation: ours with the feature on, ours with it off, and the seed-style eager oracle.
-
-Two declarations, one results file each (``-anchors``, ``-isolation``). Every provider is gated against the
-float64 oracle of what it computes (the feature's, or base attention's for the feature-off provider); the anchors'
-``fwd+bwd`` gate includes ``dbeta``. Targets (CUDA): feature-on <= 1.10x feature-off at every T, >= 10x eager at
-T = 2k, runs at T = 16k. benchmarks/README.md has the details.
-"""
+"""Anchor re-weighting and isolation (results ``-anchors``, ``-isolation``); benchmarks/README.md."""
 
 from __future__ import annotations
 

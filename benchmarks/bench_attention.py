@@ -1,9 +1,4 @@
-"""Base attention: ``fastattn_icl.attention`` vs the eager reference and SDPA (flash on CUDA), fwd, bwd, fwd+bwd.
-
-Gate: output and ``dq, dk, dv`` vs the float64 oracle (one self-contained slice of large shapes). Targets (CUDA,
-``acceptance`` set): forward >= 0.9x and backward >= 0.8x SDPA-flash, >= 5x eager at T = 4k, peak memory linear in
-T. benchmarks/README.md has the details.
-"""
+"""Base attention: ``fastattn_icl.attention`` vs the eager reference and SDPA; benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""KV-cache gather of anchor compression: ``gather_kv`` (one op for every layer) vs per-layer ``index_select`` loops.
-
-One timed call keeps the ``M`` template positions of every layer's keys and values of a demonstrations-only cache
-(outputs allocated in the call). Gate: every provider's output equals ``gather_kv_reference`` bit for bit. Target
-(CUDA): ``gather_kv`` at least as fast as ``index_select_loop`` on every case. benchmarks/README.md has the details.
-"""
+"""KV-cache gather: ``gather_kv`` vs per-layer ``index_select`` loops; benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -12,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import Benchmark, Provider, Timed, failure, find, make_check, no_grad, ratio_verdict, verdict
+from benchmarks.harness import Benchmark, Provider, failure, find, make_check, memory_bound_op, ratio_verdict, verdict
 from benchmarks.shapes import GATHER_CPU_LAYERS, gather_cases
 
 OURS, UNCHECKED = "gather_kv", "gather_kv_unchecked"
@@ -121,9 +116,7 @@ def _kernel(device) -> str:
 BENCH = Benchmark(
     name="gather", suffix="-gather", modes=("gather",), cases=gather_cases, inputs=make_inputs, gate=gate,
     op="KV-cache gather: keep M positions of every layer's keys and values (anchor compression)",
-    timed=lambda case, inp, group, p, mode: Timed(no_grad(p.fn, case, inp)),
-    metric=lambda case, ms: {"bytes_moved": case.bytes_moved,
-                             "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
+    **memory_bound_op(),
     providers=[
         Provider(OURS, gather, lambda d: (
             f"fastattn_icl.ops.gather.gather_kv(keys, values, index) with its defaults ({_kernel(d)}); "
@@ -149,7 +142,6 @@ BENCH = Benchmark(
     cpu_path="the gather_kv rows are the op's C++ CPU kernel (csrc/gather_kv.cpp)",
     cpu_note=f"CPU set: GPT2-XL's head geometry at {GATHER_CPU_LAYERS} of its 48 layers, so that every stacked output "
     "stays under glibc's 32 MiB mmap ceiling (benchmarks/README.md); CPU times are a smoke signal, not the GPU result",
-    columns=[("MiB moved", lambda by: f"{next(r for r in by.values() if r)['bytes_moved'] / 2**20:.2f}")],
     targets=targets,
 )
 

@@ -1,12 +1,4 @@
-"""Momentum attention and the Deep-Thinking update step: two declarations, results ``-momentum`` and ``-deep-thinking``.
-
-Momentum: ``fastattn_icl.momentum_attention`` vs ``base`` (the same kernel without momentum, gated against base
-attention) and ``eager`` (the reference, also the oracle), fwd and fwd+bwd; target (CUDA): overhead over ``base``
-<= 5% at every T >= 2k. Deep-Thinking: one step's in-place update of every layer's K and V, ``fused`` (one op on the
-state buffer) vs ``eager_loop`` (the authors' per-tensor loop); gate: ``X̂`` and ``m`` bitwise or <= 1 ulp from the
-loop's, else within the float64 rule, ``X_new`` unchanged; target (CUDA): fused >= 5x the loop.
-benchmarks/README.md has the details.
-"""
+"""Momentum attention (``-momentum``) and the Deep-Thinking update (``-deep-thinking``); benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -16,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import bench_attention as attn
-from benchmarks.harness import STATUS_OK, Benchmark, Provider, Timed, find, no_grad, ratio_target, speedup, tensor_op
+from benchmarks.harness import STATUS_OK, Benchmark, Provider, find, memory_bound_op, ratio_target, speedup, tensor_op
 from benchmarks.shapes import momentum_cases, update_cases
 from fastattn_icl.testing import EPS, FWD_FACTOR, GRAD_FACTOR
 
@@ -239,9 +231,7 @@ DEEP_THINKING = Benchmark(
     name="deep-thinking", suffix="-deep-thinking", modes=("update",), cases=update_cases,
     op="Deep-Thinking update (SPEC §7): one step's X̂, m update over every layer's K and V",
     inputs=make_update_inputs, gate=update_gate,
-    timed=lambda case, inp, group, p, mode: Timed(no_grad(p.fn, case, inp)),
-    metric=lambda case, ms: {"bytes_moved": case.bytes_moved,
-                             "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
+    **memory_bound_op(("gate X̂", lambda by: _gate_cell(by, "X_hat")), ("gate m", lambda by: _gate_cell(by, "m"))),
     providers=[
         Provider(FUSED, fused, lambda device: (
             "fastattn_icl.ops.deep_thinking.deep_thinking_update_(work.view(2·L·Hkv, 2, N·d), m, eta, beta, "
@@ -267,8 +257,6 @@ DEEP_THINKING = Benchmark(
     "chunks), not the GPU kernel the target is about",
     cpu_note="CPU set: fp32 at 4 layers (the GPU set's head geometries) so that it runs in seconds; CPU times are a "
     "smoke signal, not the GPU result",
-    columns=[("MiB moved", lambda by: f"{next(r for r in by.values() if r)['bytes_moved'] / 2**20:.2f}"),
-             ("gate X̂", lambda by: _gate_cell(by, "X_hat")), ("gate m", lambda by: _gate_cell(by, "m"))],
     targets=update_targets,
 )
 BENCHES = [MOMENTUM, DEEP_THINKING]

@@ -1,11 +1,4 @@
-"""One anchor re-weighting training epoch end to end: ``AnchorReweighting.fit(epochs=1)`` on a frozen random-weight
-GPT-2 through the seam (``fastattn_icl``) vs the seed code's re-weighting (``eager``: materialised ``P`` times a
-materialised weight matrix, registered under the seam's name for the provider's duration).
-
-Gate: one step's ``dbeta`` (first <= 4 examples, random ``beta``) vs the seed-style implementation on a float64
-copy of the model, the gradient rule of :mod:`fastattn_icl.testing`. No targets. benchmarks/README.md has the
-details.
-"""
+"""One anchor re-weighting training epoch end to end, seam vs seed-style; benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""Information-flow saliency of a whole stack: the flow scores of every layer, fused (``fastattn_icl``) vs the
-paper's probe method (``eager_probe``).
-
-One timed call: the forward of ``L`` causal attention layers (RMS norm, per-head projections, residual), one
-``loss.backward()`` and the ``[L, B, 3]`` scores. Gate, per model on its first case (the others inherit it): the
-scores vs ``eager_probe`` in float64, the gradient rule of :mod:`fastattn_icl.testing`, each score divided by its
-largest float64 value. Targets (CUDA, per model): >= 10x the probe at T = 1k, peak memory linear in T, runs at
-T = 16k. benchmarks/README.md has the details.
-"""
+"""Information-flow saliency of a whole stack, fused vs the probe method; benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""Compile report: every kernel specialization compiled ahead of time for sm_80 and sm_90, one row each.
-
-    python -m benchmarks.compile_report                 # the full enumeration (make compile-report)
-    python -m benchmarks.compile_report --scope ci      # what tests/compile compiles on every change
-
-No GPU is needed: Triton compiles for a CUDA target on any machine (ptxas ships in its wheel). Writes
-``benchmarks/results/compile-sm80.md`` / ``compile-sm90.md`` (and ``.json``): per specialization the shared memory
-per block, whether it fits the target (166,912 B on sm_80, 232,448 B on sm_90) or the autotuner prunes it,
-registers per thread, spill bytes, the tensor-core instruction, warps and stages. The full scope is every autotune
-config x fp16/bf16/fp32 x head dims 64/128/256 for every kernel's representative flag sets (each flag alone and
-every maximal combination), about an hour of CPU time per Triton version on two cores.
-"""
+"""Compile report: every kernel specialization compiled ahead of time for sm_80 and sm_90, one row each, no GPU
+(``python -m benchmarks.compile_report [--scope ci]``; benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -45,9 +35,8 @@ def _row(r) -> dict:
     if isinstance(r, S.Failed):
         row.update(status="does not compile", error=r.error.splitlines()[0][:300] if r.error else "")
         return row
-    row.update(arch=r.arch, block_d=s.block_d, elem_size=s.dtype.itemsize, shared=r.shared, registers=r.registers,
-               spill_stores=r.spill_stores, spill_loads=r.spill_loads, stack=r.stack, tensor_core=r.tensor_core,
-               seconds=round(r.seconds, 2))
+    row.update(shared=r.shared, registers=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+               stack=r.stack, tensor_core=r.tensor_core, seconds=round(r.seconds, 2))
     return _judge(row)
 
 
@@ -117,6 +106,14 @@ def _markdown(arch: int, rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(stem: Path, arch: int, rows: list[dict], env: dict) -> dict:
+    """``<stem>.md`` and ``<stem>.json`` of one target; returns the summary."""
+    summ = _summary(rows)
+    stem.with_suffix(".md").write_text(_markdown(arch, rows, env))
+    stem.with_suffix(".json").write_text(json.dumps(dict(env=env, summary=summ, rows=rows), indent=1))
+    return summ
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scope", choices=("full", "ci"), default="full")
@@ -144,10 +141,8 @@ def main(argv=None) -> int:
                 row.setdefault("arch", arch)
                 row.setdefault("block_d", row["head_dim"])
                 row.setdefault("elem_size", 4 if row["dtype"] == "fp32" else 2)
-            rows = [row if row["status"] == "does not compile" else _judge(row) for row in rows]
-            stem.with_suffix(".md").write_text(_markdown(arch, rows, old["env"]))
-            stem.with_suffix(".json").write_text(json.dumps(dict(env=old["env"], summary=_summary(rows), rows=rows),
-                                                            indent=1))
+            _write(stem, arch, [row if row["status"] == "does not compile" else _judge(row) for row in rows],
+                   old["env"])
             print(f"sm_{arch}: re-rendered {stem}.md", file=sys.stderr)
         return 0
     spec_list = _scope(args.scope)
@@ -171,9 +166,7 @@ def main(argv=None) -> int:
     for arch in archs:
         rows = [_row(r) for r in results if r.arch == arch]
         stem = args.out / f"compile-sm{arch}"
-        stem.with_suffix(".md").write_text(_markdown(arch, rows, env))
-        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, summary=_summary(rows), rows=rows), indent=1))
-        summ = _summary(rows)
+        summ = _write(stem, arch, rows, env)
         print(f"sm_{arch}: {summ['compiled']}/{summ['specializations']} compiled, {summ['pruned']} pruned, "
               f"{summ['spilling']} spilling, {summ['failed']} failed -> {stem}.md", file=sys.stderr)
     print(f"compile_report: {env['wall_seconds']} s", file=sys.stderr)

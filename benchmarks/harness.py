@@ -1,13 +1,5 @@
-"""The one benchmark runner. A benchmark is a :class:`Benchmark` declaration (its cases come from ``shapes.py``);
-:func:`run` checks, times and records it, and :func:`write_results` writes JSON + markdown.
-
-The loop: for each group of cases (``Benchmark.group``, ``setup`` once per group), each case (``inputs``), the
-correctness gate of every provider (``gate``, once per ``gate_key(mode)``), then each provider's timed call
-(``timed``) in each mode: ``triton.testing.do_bench`` medians with p20/p80 on CUDA, a ``perf_counter`` loop on
-CPU; peak CUDA memory over one call; an ``oom`` / ``error`` row for any exception, and the run goes on. Then the
-speed-ups (refused where a gate failed), the targets (CUDA only) and the notes of a run without CUDA.
-benchmarks/README.md describes every benchmark, its gate and its targets.
-"""
+"""The one benchmark runner: a benchmark is a :class:`Benchmark` declaration, :func:`run` is the loop that gates,
+times and records it, :func:`write_results` writes JSON + markdown (benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -98,24 +90,17 @@ class TimingConfig:
 
     def describe(self, device: torch.device) -> str:
         if device.type == "cuda":
-            return (
-                f"triton.testing.do_bench(warmup={self.cuda_warmup_ms:g} ms, rep={self.cuda_rep_ms:g} ms, "
-                f"quantiles={list(QUANTILES)}), L2 flushed before each call"
-            )
-        return (
-            f"time.perf_counter loop (warm-up {self.cpu_warmup_ms:g} ms, {self.cpu_rep_ms:g} ms of timed calls, "
-            f"{self.cpu_min_reps}-{self.cpu_max_reps} calls), median and p20/p80, no cache flush"
-        )
+            return (f"triton.testing.do_bench(warmup={self.cuda_warmup_ms:g} ms, rep={self.cuda_rep_ms:g} ms, "
+                    f"quantiles={list(QUANTILES)}), L2 flushed before each call")
+        return (f"time.perf_counter loop (warm-up {self.cpu_warmup_ms:g} ms, {self.cpu_rep_ms:g} ms of timed calls, "
+                f"{self.cpu_min_reps}-{self.cpu_max_reps} calls), median and p20/p80, no cache flush")
 
 
 @dataclass
 class Benchmark:
-    """A benchmark as data. Hooks: ``cases(set, cuda, batch)``; ``setup(group, cases)`` once per group of
-    ``group(case)``; ``inputs(case, group)``; ``gate(case, inputs, group, providers, mode)`` returns per provider a
-    check (timed, its status), ``None`` (timed, ``ok``) or ``(status, message)`` (timed unless oom/error/skipped);
-    ``timed(case, inputs, group, provider, mode)`` returns a :class:`Timed`; ``metric(case, median_ms)`` the row's
-    extra figures; ``targets(rows)``; ``finish(results)``. ``group`` also carries ``device``, ``notes`` (the
-    results' skipped list) and ``extra`` (merged into the results; ``tables`` render its lists)."""
+    """A benchmark as data: its cases, providers and hooks (benchmarks/README.md, "How a benchmark is written").
+    ``group`` also carries ``device``, ``notes`` (the results' skipped list) and ``extra`` (merged into the
+    results; ``tables`` render its lists)."""
 
     name: str
     op: str
@@ -141,9 +126,6 @@ class Benchmark:
     finish: Callable[[dict], None] = lambda results: None
     columns: Sequence[tuple[str, Callable[[dict], str]]] = ()
     tables: Sequence[tuple[str, str, Sequence[tuple[str, Callable[[dict], str]]]]] = ()
-
-
-# ---------------------------------------------------------------------------------------------- measuring
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
@@ -226,9 +208,6 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
     den = sum((p[0] - mx) ** 2 for p in pts)
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
-
-
-# ---------------------------------------------------------------------------------------------- gates
 
 
 def compare(name: str, got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: float):
@@ -323,6 +302,16 @@ def tensor_op(*, oracle, views) -> dict:
     return {"gate": gate, "timed": timed, "gate_key": lambda mode: mode != "fwd"}
 
 
+def memory_bound_op(*columns) -> dict:
+    """The ``timed`` (``provider.fn(case, inputs)`` without autograd), ``metric`` (``bytes_moved``, GB/s) and
+    ``columns`` (MiB moved, then ``columns``) of a memory-bound op whose cases have ``bytes_moved``."""
+    return {"timed": lambda case, inputs, group, p, mode: Timed(no_grad(p.fn, case, inputs)),
+            "metric": lambda case, ms: {"bytes_moved": case.bytes_moved,
+                                        "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
+            "columns": [("MiB moved", lambda by: f"{next(r for r in by.values() if r)['bytes_moved'] / 2**20:.2f}"),
+                        *columns]}
+
+
 def no_grad(fn, *args):
     """``fn(*args)`` as a call without autograd."""
 
@@ -331,9 +320,6 @@ def no_grad(fn, *args):
             return fn(*args)
 
     return call
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def speedup(row: dict, base: dict | None) -> tuple[float | None, str]:
@@ -540,9 +526,6 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
     return results
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
 def _git(*args: str) -> str | None:
     try:
         res = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
@@ -593,6 +576,11 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def md_table(heads, rows) -> list[str]:
+    """A markdown table: the header, its rule and one line per row of cells."""
+    return ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def _fmt_ms(row: dict) -> str:
     if row["median_ms"] is None:
         return "—"
@@ -628,9 +616,7 @@ def _side_by_side(results: dict, columns) -> list[str]:
     ours, others = provs[0], provs[1:]
     heads = ["case", "shape", "mode", *(f"{p} ms" for p in provs), *(f"{ours} vs {p}" for p in others),
              *(c[0] for c in columns)]
-    lines = ["## Side by side", "", "median ms (figures, peak MiB); speed-up = the other's median / this one's, "
-             "same run", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    rows = results["rows"]
+    rows, cells = results["rows"], []
     for name in dict.fromkeys(r["case"] for r in rows):
         for mode in results["modes"]:
             by = {p: find(rows, name, p, mode) for p in provs}
@@ -638,9 +624,16 @@ def _side_by_side(results: dict, columns) -> list[str]:
             if some is None:
                 continue
             vs = [by[ours]["speedup_text"].get(p, "n/a") if by[ours] else "n/a" for p in others]
-            cells = [name, some["label"], mode, *(_cell(by[p]) for p in provs), *vs, *(c[1](by) for c in columns)]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            cells.append([name, some["label"], mode, *(_cell(by[p]) for p in provs), *vs, *(c[1](by) for c in columns)])
+    return ["## Side by side", "", "median ms (figures, peak MiB); speed-up = the other's median / this one's, "
+            "same run", "", *md_table(heads, cells)]
+
+
+def _row_cells(r: dict, providers: Sequence[str]) -> list[str]:
+    mem = "null" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
+    status = r["status"] if r["status"] in TIMED else f"{r['status']}: {r['message']}"
+    sp = [("—" if p == r["provider"] else r["speedup_text"].get(p, "n/a")) for p in providers]
+    return [r["mode"], r["provider"], status, _fmt_ms(r), _figures(r) or "—", mem, _fmt_check(r), *sp]
 
 
 def render_markdown(results: dict, bench: Benchmark | None = None) -> str:
@@ -662,11 +655,11 @@ def render_markdown(results: dict, bench: Benchmark | None = None) -> str:
     if results["skipped"]:
         lines += ["", "## Skipped or not measured", "", *(f"- {s}" for s in results["skipped"])]
     if results["targets"]:
-        lines += ["", "## Targets", "", "| target | result | detail |", "|---|---|---|"]
-        lines += [f"| {t['target']} | **{t['result']}** | {t['detail']} |" for t in results["targets"]]
+        lines += ["", "## Targets", "", *md_table(["target", "result", "detail"], (
+            [t["target"], f"**{t['result']}**", t["detail"]] for t in results["targets"]))]
     for key, title, cols in bench.tables if bench else ():
-        lines += ["", f"## {title}", "", "| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(c[1](e) for c in cols) + " |" for e in results.get(key, [])]
+        lines += ["", f"## {title}", "", *md_table([c[0] for c in cols],
+                                                     ([c[1](e) for c in cols] for e in results.get(key, [])))]
     if rows:
         lines += ["", *_side_by_side(results, bench.columns if bench else ())]
     lines += ["", "## All rows", ""]
@@ -676,14 +669,7 @@ def render_markdown(results: dict, bench: Benchmark | None = None) -> str:
     for name in dict.fromkeys(r["case"] for r in rows):
         crows = [r for r in rows if r["case"] == name]
         lines += [f"### {name}: {crows[0]['label']}" + (f" ({notes[name]})" if notes.get(name) else ""), ""]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in crows:
-            mem = "null" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
-            status = r["status"] if r["status"] in TIMED else f"{r['status']}: {r['message']}"
-            sp = [("—" if p == r["provider"] else r["speedup_text"].get(p, "n/a")) for p in providers]
-            cells = [r["mode"], r["provider"], status, _fmt_ms(r), _figures(r) or "—", mem, _fmt_check(r), *sp]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [*md_table(cols, (_row_cells(r, providers) for r in crows)), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

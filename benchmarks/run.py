@@ -1,10 +1,6 @@
 """Run the benchmarks: ``python -m benchmarks.run [--bench NAME] [--set SET] ...`` (``make bench``: all of them).
 
-Each ``--bench`` name runs its declarations (``anchors``: anchors and isolation; ``momentum``: momentum attention
-and the Deep-Thinking update) through :func:`benchmarks.harness.run`, prints one line per row, the targets and
-where the results went: ``<out>/<device-slug><suffix>.json`` and ``.md``. A CPU run uses one torch thread unless
-``--threads`` says otherwise (with two or more, another process on a small machine stalls every parallel region).
-benchmarks/README.md lists the sets, providers, gates and targets of every benchmark.
+benchmarks/README.md: the sets, providers, gates, targets and results files of every benchmark.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
-"""Every benchmark's cases, as data: the case types and the named sets of ``benchmarks.run --set``.
-
-Per benchmark a GPU set (``default``/``all`` on a GPU, and the benchmark's own set name), a CPU set (``default``
-/``all`` without a GPU, ``cpu``) and a ``tiny`` set for the smoke test; other set names give ``[]`` (see
-:func:`select`). The attention benchmark also has ``acceptance`` and ``papers``. Prompt geometry follows the
-demonstrations → tokens rule of :func:`prompt_tokens`; benchmarks/README.md explains every set.
-"""
+"""Every benchmark's cases, as data: the case types and the named sets of ``benchmarks.run --set``
+(benchmarks/README.md explains every set)."""
 
 from __future__ import annotations
 
 import functools
 import math
 import random
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,21 +21,8 @@ QUERY_TEMPLATE_TOKENS = 5
 TEMPLATE_HEAD = 2  # template tokens that open a demonstration ("<Input prefix>", ":"); the rest close it
 
 
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    words_per_input: int
-    classes: int
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
+Dataset = namedtuple("Dataset", "name words_per_input classes")
+Model = namedtuple("Model", "name heads kv_heads head_dim")
 DATASETS = {"sst2": Dataset("SST-2", 20, 2), "trec": Dataset("TREC", 10, 6), "agnews": Dataset("AGNews", 40, 4),
             "emoc": Dataset("EmoC", 15, 4)}
 MODELS = {"gpt2-xl": Model("GPT2-XL", 25, 25, 64), "gpt-j": Model("GPT-J", 16, 16, 256),
@@ -78,21 +61,20 @@ def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, *, causal: bool, m
     return fwd * factor[mode]
 
 
-def select(name: str, own: str, gpu, cpu, tiny, cuda: bool, batch: int | None = None) -> list:
-    """A benchmark's cases of set ``name``: ``default``/``all`` the GPU set on a GPU and the CPU set otherwise,
-    ``own`` (the benchmark's set name) the GPU set, ``cpu``, ``tiny``; any other known set ``[]``."""
-    kw = {} if batch is None else {"batch": batch}
-    if name in ("default", "all"):
-        return gpu(**kw) if cuda else cpu(**kw)
-    if name == own:
-        return gpu(**kw)
-    if name == "cpu":
-        return cpu(**kw)
-    if name == "tiny":
-        return tiny()
-    if name in SET_NAMES:
-        return []
-    raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+def case_set(own: str, gpu, cpu, tiny, batch: int | None = 1):
+    """A benchmark's ``cases(name, cuda, batch)``: ``default``/``all`` the GPU set on a GPU and the CPU set otherwise,
+    ``own`` (the benchmark's set name) the GPU set, ``cpu``, ``tiny``; any other known set ``[]``. ``gpu`` and
+    ``cpu`` take the batch (``batch`` when not given)."""
+
+    def cases(name: str, cuda: bool, b: int | None = None) -> list:
+        if name in ("default", "all"):
+            name = own if cuda else "cpu"
+        if name not in (own, *SET_NAMES):
+            raise ValueError(f"unknown shape set {name!r}; choose from {SET_NAMES}")
+        make = {own: gpu, "cpu": cpu, "tiny": lambda _: tiny()}.get(name)
+        return make(batch if b is None else b) if make else []
+
+    return cases
 
 
 class _Case:
@@ -131,8 +113,32 @@ class DemonstrationGeometry(_Case):
     def positions(self) -> list[int]:
         return template_positions(self.demonstrations, self.demo_tokens)
 
+    @property
+    def demos_text(self) -> str:
+        return f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)"
 
-# ---------------------------------------------------------------------------------------------- attention
+
+@dataclass(frozen=True)
+class CacheCase(DemonstrationGeometry):
+    """An ``L``-layer K/V cache (or state) of ``per_class`` demos per class: the fields gather and update share."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    Hkv: int
+    D: int
+    dataset: str
+    per_class: int
+
+
+def cache_case(cls, name: str, model: str, full: int, layers: int | None, dataset: str, what: str, group: str,
+               per_class: int, *rest):
+    """A ``cls`` case of ``model``'s kv heads at ``layers`` of its ``full`` (``-L{layers}`` named when fewer)."""
+    m, L = MODELS[model], layers or full
+    depth = f"L {L}" if L == full else f"L {L} of its {full}"
+    return cls(name + ("" if L == full else f"-L{L}"), group, model, L, m.kv_heads, m.head_dim, dataset, per_class,
+               *rest, note=f"{m.name}{what} ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
 
 
 @dataclass(frozen=True)
@@ -209,8 +215,6 @@ def attention_cases(name: str, cuda: bool, batch: int | None = None) -> list[Att
     return sets[name]() if name in sets else []
 
 
-# ---------------------------------------------------------------------------------------------- anchors, isolation
-
 ANCHOR_CLASSES, ANCHOR_DEMOS_PER_CLASS = 4, 4
 ANCHOR_DEMONSTRATIONS = ANCHOR_CLASSES * ANCHOR_DEMOS_PER_CLASS
 ANCHOR_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -267,24 +271,14 @@ def anchor_shape(variant: str, model: str, T: int, *, B: int = 1, dtype: str = "
                        f"{m.name}, {ANCHOR_VARIANTS[variant]}", variant=variant)
 
 
-def anchor_cases(name: str, cuda: bool, batch: int | None = None) -> list[AnchorShape]:
-    """GPU: bf16, GPT2-XL and Llama-7B-like at T = 256 ... 16k, every variant; CPU: fp32 at T = 256; tiny: B 2,
-    H 4, T 40, d 16, 2 classes x 2 demonstrations."""
-    def gpu(batch=1):
-        return [anchor_shape(v, m, T, B=batch) for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS for T in ANCHOR_LENGTHS]
+anchor_cases = case_set(
+    "anchors", lambda b: [anchor_shape(v, m, T, B=b) for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS
+                          for T in ANCHOR_LENGTHS],
+    lambda b: [anchor_shape(v, m, 256, B=b, dtype="fp32", group="anchors-cpu") for v in ANCHOR_VARIANTS
+               for m in ANCHOR_MODELS],
+    lambda: [AnchorShape(f"tiny-{v}", "tiny", 2, 4, 4, 40, 40, 16, dtype="fp32", note="smoke test", variant=v,
+                         demonstrations=4, classes=2) for v in ANCHOR_VARIANTS])
 
-    def cpu(batch=1):
-        return [anchor_shape(v, m, 256, B=batch, dtype="fp32", group="anchors-cpu")
-                for v in ANCHOR_VARIANTS for m in ANCHOR_MODELS]
-
-    def tiny():
-        return [AnchorShape(f"tiny-{v}", "tiny", 2, 4, 4, 40, 40, 16, dtype="fp32", note="smoke test", variant=v,
-                            demonstrations=4, classes=2) for v in ANCHOR_VARIANTS]
-
-    return select(name, "anchors", gpu, cpu, tiny, cuda, batch)
-
-
-# ---------------------------------------------------------------------------------------------- saliency
 
 SALIENCY_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
 SALIENCY_CPU_LENGTHS = (128, 256, 512)
@@ -331,24 +325,12 @@ def saliency_case(model: str, T: int, *, B: int = 1, dtype: str = "fp16", group:
     return SaliencyCase(f"{model}-T{T}", group, model, layers, heads, head_dim, T, B, dtype, note=note)
 
 
-def saliency_cases(name: str, cuda: bool, batch: int | None = None) -> list[SaliencyCase]:
-    """GPU: fp16, the GPT2-XL stack and Llama-7B layer at T = 256 ... 16k; CPU: fp32 small stack and layer at
-    T = 128, 256, 512; tiny: 2 layers, B 2, H 2, d 16, T 40 and 48."""
-    def gpu(batch=1):
-        return [saliency_case(m, T, B=batch) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS]
+saliency_cases = case_set(
+    "saliency", lambda b: [saliency_case(m, T, B=b) for m in ("gpt2-xl", "llama-7b") for T in SALIENCY_LENGTHS],
+    lambda b: [saliency_case(m, T, B=b, dtype="fp32", group="saliency-cpu") for m in ("cpu-stack", "cpu-layer")
+               for T in SALIENCY_CPU_LENGTHS],
+    lambda: [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test") for T in (40, 48)])
 
-    def cpu(batch=1):
-        return [saliency_case(m, T, B=batch, dtype="fp32", group="saliency-cpu")
-                for m in ("cpu-stack", "cpu-layer") for T in SALIENCY_CPU_LENGTHS]
-
-    def tiny():
-        return [SaliencyCase(f"tiny-T{T}", "tiny", "tiny", 2, 2, 16, T, 2, "fp32", 4, 2, "smoke test")
-                for T in (40, 48)]
-
-    return select(name, "saliency", gpu, cpu, tiny, cuda, batch)
-
-
-# ---------------------------------------------------------------------------------------------- KV-cache gather
 
 GATHER_LAYERS = {"gpt2-xl": 48, "gpt-j": 28}
 FOUR_DATASETS = ("sst2", "trec", "agnews", "emoc")
@@ -356,17 +338,9 @@ GATHER_CPU_LAYERS = 24  # every CPU output under glibc's 32 MiB mmap ceiling (be
 
 
 @dataclass(frozen=True)
-class GatherCase(DemonstrationGeometry):
+class GatherCase(CacheCase):
     """Keep the template tokens of ``per_class`` demos per class from an ``L``-layer cache ``[B, Hkv, T, D]``."""
 
-    name: str
-    group: str
-    model: str
-    layers: int
-    Hkv: int
-    D: int
-    dataset: str
-    per_class: int
     B: int = 1
     dtype: str = "fp16"
     note: str = ""
@@ -382,8 +356,7 @@ class GatherCase(DemonstrationGeometry):
 
     @property
     def label(self) -> str:
-        return (f"L{self.layers} B{self.B} Hkv{self.Hkv} T{self.T} M{self.M} d{self.D} {self.dtype}, "
-                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+        return f"L{self.layers} B{self.B} Hkv{self.Hkv} T{self.T} M{self.M} d{self.D} {self.dtype}, {self.demos_text}"
 
     def params(self) -> dict:
         return {**asdict(self), "T": self.T, "M": self.M, "demonstrations": self.demonstrations,
@@ -391,37 +364,25 @@ class GatherCase(DemonstrationGeometry):
 
 
 def gather_case(model, dataset, per_class, *, B=1, dtype="fp16", group="gather", layers=None) -> GatherCase:
-    m, full = MODELS[model], GATHER_LAYERS[model]
-    L = layers or full
-    depth = f"L {L}" if L == full else f"L {L} of its {full}"
-    return GatherCase(f"{model}-{dataset}-{per_class}pc-b{B}" + ("" if L == full else f"-L{L}"), group, model, L,
-                      m.kv_heads, m.head_dim, dataset, per_class, B, dtype,
-                      f"{m.name} cache ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
+    return cache_case(GatherCase, f"{model}-{dataset}-{per_class}pc-b{B}", model, GATHER_LAYERS[model], layers,
+                      dataset, " cache", group, per_class, B, dtype)
 
 
-def gather_cases(name: str, cuda: bool, batch: int | None = None) -> list[GatherCase]:
-    """GPU: fp16 GPT2-XL and GPT-J caches, 4 datasets at 1 and 4 demos/class, plus B 16 at SST-2 1/class and
-    AGNews 4/class; CPU: fp32, GPT2-XL's heads at 24 layers, SST-2 and AGNews; tiny: L 3, Hkv 2, d 8, B 1, 2."""
-    def gpu(batch=1):
-        cases = [gather_case(m, ds, pc, B=batch) for m in GATHER_LAYERS for ds in FOUR_DATASETS for pc in (1, 4)]
-        cases += [gather_case(m, ds, pc, B=16) for m in GATHER_LAYERS for ds, pc in (("sst2", 1), ("agnews", 4))]
-        return list({c.name: c for c in cases}.values())  # --batch 16 would repeat the batched cases
-
-    def cpu(batch=1):
-        return [gather_case("gpt2-xl", ds, pc, B=batch, dtype="fp32", group="gather-cpu", layers=GATHER_CPU_LAYERS)
-                for ds in ("sst2", "agnews") for pc in (1, 4)]
-
-    def tiny():
-        return [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)]
-
-    return select(name, "gather", gpu, cpu, tiny, cuda, batch)
+def _gather_gpu(batch: int) -> list[GatherCase]:
+    cases = [gather_case(m, ds, pc, B=batch) for m in GATHER_LAYERS for ds in FOUR_DATASETS for pc in (1, 4)]
+    cases += [gather_case(m, ds, pc, B=16) for m in GATHER_LAYERS for ds, pc in (("sst2", 1), ("agnews", 4))]
+    return list({c.name: c for c in cases}.values())  # --batch 16 would repeat the batched cases
 
 
-# ---------------------------------------------------------------------------------------------- compression
+gather_cases = case_set(
+    "gather", _gather_gpu,
+    lambda b: [gather_case("gpt2-xl", ds, pc, B=b, dtype="fp32", group="gather-cpu", layers=GATHER_CPU_LAYERS)
+               for ds in ("sst2", "agnews") for pc in (1, 4)],
+    lambda: [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)])
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Case):
     """A random-weight decoder of one family (``"gpt2"`` or ``"gptj"``) and shape."""
 
     key: str
@@ -434,10 +395,6 @@ class ModelSpec:
     positions: int
     rotary_dim: int | None = None
     dtype: str = "fp16"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def label(self) -> str:
@@ -491,8 +448,8 @@ class ServeCase(DemonstrationGeometry):
 
     @property
     def label(self) -> str:
-        return (f"{self.model.name} {self.model.label}, {self.demonstrations} {DATASETS[self.dataset].name} demos "
-                f"({self.per_class}/class), B{self.B}, T_demo {self.T_demo} + S {self.S}, M {self.M}")
+        return (f"{self.model.name} {self.model.label}, {self.demos_text}, B{self.B}, T_demo {self.T_demo} + "
+                f"S {self.S}, M {self.M}")
 
     def params(self) -> dict:
         return {**asdict(self), "model_key": self.model.key, "family": self.model.family,
@@ -506,20 +463,16 @@ def serve_case(model: str, dataset: str, per_class: int, B: int) -> ServeCase:
                      f"{spec.name} ({spec.label}), {DATASETS[dataset].name}")
 
 
-def compression_cases(name: str, cuda: bool, batch: int | None = None) -> list[ServeCase]:
-    """GPU: fp16 GPT2-XL- and GPT-J-shaped, 4 datasets, 1 and 4 per class, B 1, 16, 64; CPU: fp32 small GPT-2 and
-    GPT-J, SST-2 and AGNews, B 1, 8; tiny: 2 layers, SST-2 1/class, B 1, 2 (``--batch`` replaces the B's)."""
-    def cases(models, datasets, per_class, batches, batch=None):
-        return [serve_case(m, ds, n, B) for m in models for ds in datasets for n in per_class
-                for B in ((batch,) if batch else batches)]
-
-    return select(name, "compression", lambda batch=None: cases(("gpt2-xl", "gpt-j"), FOUR_DATASETS, (1, 4),
-                                                                (1, 16, 64), batch),
-                  lambda batch=None: cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8), batch),
-                  lambda: cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), cuda, batch)
+def _serve_cases(models, datasets, per_class, batches):
+    return lambda batch=None: [serve_case(m, ds, n, B) for m in models for ds in datasets for n in per_class
+                               for B in ((batch,) if batch else batches)]
 
 
-# ---------------------------------------------------------------------------------------------- momentum, Deep-Thinking
+compression_cases = case_set(
+    "compression", _serve_cases(("gpt2-xl", "gpt-j"), FOUR_DATASETS, (1, 4), (1, 16, 64)),
+    _serve_cases(("gpt2-cpu", "gptj-cpu"), ("sst2", "agnews"), (1, 4), (1, 8)),
+    _serve_cases(("gpt2-tiny", "gptj-tiny"), ("sst2",), (1,), (1, 2)), batch=None)
+
 
 MOMENTUM_ETA = 0.9
 DT_LAYERS = {"gpt2-xl": 48, "llama-7b": 32}
@@ -538,37 +491,20 @@ class MomentumShape(AttnShape):
         return f"{super().label}, η {self.eta:g}"
 
 
-def momentum_cases(name: str, cuda: bool, batch: int | None = None) -> list[MomentumShape]:
-    """GPU: bf16 Llama-7B-like and GQA 32/8 at T = 1k ... 16k with B·T = 16k; CPU: fp32 H 4 d 64 B 1 at T = 128,
-    256, 512; tiny: B 2, H 4/2, T 33, d 16. ``--batch`` does not apply."""
-    def gpu():
-        return [MomentumShape(f"momentum-{key}-T{T}", "momentum", ACCEPTANCE_TOKENS // T, m.heads, m.kv_heads, T, T,
-                              m.head_dim, True, "bf16", f"{m.name}, B·T = {ACCEPTANCE_TOKENS}", model=key)
-                for key, m in ((k, MODELS[k]) for k in ("llama-7b", "llama-gqa")) for T in ACCEPTANCE_LENGTHS]
-
-    def cpu():
-        return [MomentumShape(f"momentum-cpu-T{T}", "momentum-cpu", 1, 4, 4, T, T, 64, True, "fp32", "small CPU shape",
-                              model="cpu-h4") for T in (128, 256, 512)]
-
-    def tiny():
-        return [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test",
-                              model="tiny")]
-
-    return select(name, "momentum", gpu, cpu, tiny, cuda)
+momentum_cases = case_set(
+    "momentum", lambda _: [MomentumShape(f"momentum-{key}-T{T}", "momentum", ACCEPTANCE_TOKENS // T, MODELS[key].heads,
+                                         MODELS[key].kv_heads, T, T, MODELS[key].head_dim, True, "bf16",
+                                         f"{MODELS[key].name}, B·T = {ACCEPTANCE_TOKENS}", model=key)
+                           for key in ("llama-7b", "llama-gqa") for T in ACCEPTANCE_LENGTHS],
+    lambda _: [MomentumShape(f"momentum-cpu-T{T}", "momentum-cpu", 1, 4, 4, T, T, 64, True, "fp32", "small CPU shape",
+                             model="cpu-h4") for T in (128, 256, 512)],
+    lambda: [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test", model="tiny")])
 
 
 @dataclass(frozen=True)
-class UpdateCase(DemonstrationGeometry):
+class UpdateCase(CacheCase):
     """One Deep-Thinking update of an ``L``-layer state ``[1, Hkv, N, d]`` per K and V, ``N`` demo tokens."""
 
-    name: str
-    group: str
-    model: str
-    layers: int
-    Hkv: int
-    D: int
-    dataset: str
-    per_class: int
     dtype: str = "fp16"
     eta: float = 0.01
     beta: float = 0.9
@@ -591,33 +527,24 @@ class UpdateCase(DemonstrationGeometry):
     @property
     def label(self) -> str:
         return (f"L{self.layers} B1 Hkv{self.Hkv} N{self.N} d{self.D} {self.dtype}, η {self.eta:g} β {self.beta:g}, "
-                f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)")
+                f"{self.demos_text}")
 
     def params(self) -> dict:
         return {**asdict(self), "N": self.N, "demonstrations": self.demonstrations, "bytes_moved": self.bytes_moved}
 
 
 def update_case(model: str, dataset: str, *, dtype="fp16", layers=None, group="deep-thinking") -> UpdateCase:
-    m, full = MODELS[model], DT_LAYERS[model]
-    L = layers or full
-    depth = f"L {L}" if L == full else f"L {L} of its {full}"
-    return UpdateCase(f"dt-{model}-{dataset}-4pc" + ("" if L == full else f"-L{L}"), group, model, L, m.kv_heads,
-                      m.head_dim, dataset, 4, dtype,
-                      note=f"{m.name}-shaped state ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), "
-                      f"{DATASETS[dataset].name}")
+    return cache_case(UpdateCase, f"dt-{model}-{dataset}-4pc", model, DT_LAYERS[model], layers, dataset,
+                      "-shaped state", group, 4, dtype)
 
 
-def update_cases(name: str, cuda: bool, batch: int | None = None) -> list[UpdateCase]:
-    """GPU: fp16 GPT2-XL- and Llama-7B-shaped states, SST-2 and AGNews at 4 per class; CPU: fp32 at 4 layers;
-    tiny: L 2, Hkv 2, d 8, SST-2 1/class, fp32 and fp16. ``--batch`` does not apply."""
-    return select(name, "momentum", lambda: [update_case(m, ds) for m in DT_LAYERS for ds in ("sst2", "agnews")],
-                  lambda: [update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group="deep-thinking-cpu")
-                           for m in DT_LAYERS for ds in ("sst2", "agnews")],
-                  lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
-                           for dt in ("fp32", "fp16")], cuda)
+update_cases = case_set(
+    "momentum", lambda _: [update_case(m, ds) for m in DT_LAYERS for ds in ("sst2", "agnews")],
+    lambda _: [update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group="deep-thinking-cpu") for m in DT_LAYERS
+               for ds in ("sst2", "agnews")],
+    lambda: [UpdateCase(f"tiny-dt-{dt}", "tiny", "tiny", 2, 2, 8, "sst2", 1, dt, note="smoke test")
+             for dt in ("fp32", "fp16")])
 
-
-# ---------------------------------------------------------------------------------------------- re-weighting epoch
 
 TEMPLATE = "Review: {x}\nSentiment: {y}\n"
 LABEL_WORDS = ["negative", "positive"]
@@ -698,17 +625,15 @@ class EpochCase(_Case):
         return {**asdict(self), "T_min": min(lengths), "T_max": max(lengths), "steps": self.steps}
 
 
-def epoch_cases(name: str, cuda: bool, batch: int | None = None) -> list[EpochCase]:
-    """GPU: GPT2-XL-shaped (48 layers, 25 heads, d_model 1600) bf16; CPU: 2 layers, the 25 heads at head dim 16,
-    fp32; each at 1 and 4 demos/class, batch 1 (4 examples per class) and 16 (one full batch). Vocab 512."""
-    def case(prefix, layers, d_model, dtype, demos, batch, note):
-        return EpochCase(f"{prefix}-sst2-{demos}demo-b{batch}", prefix, layers, 25, d_model, 512, demos,
-                         4 if batch == 1 else batch // 2, batch, dtype, note=note)
+def _epoch_case(prefix, layers, d_model, dtype, demos, batch, note):
+    return EpochCase(f"{prefix}-sst2-{demos}demo-b{batch}", prefix, layers, 25, d_model, 512, demos,
+                     4 if batch == 1 else batch // 2, batch, dtype, note=note)
 
-    gpu_note = "GPT2-XL-shaped, vocab 512 instead of 50257"
-    cpu_note = "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512"
-    return select(name, "epoch", lambda: [case("gpt2-xl", 48, 1600, "bf16", d, b, gpu_note) for d in (1, 4)
-                                          for b in (1, 16)],
-                  lambda: [case("gpt2-xl-cpu", 2, 400, "fp32", d, b, cpu_note) for d in (1, 4) for b in (1, 16)],
-                  lambda: [EpochCase("tiny-b1", "tiny", 1, 4, 64, 128, 1, 1, 1, "fp32"),
-                           EpochCase("tiny-b2", "tiny", 1, 4, 64, 128, 1, 1, 2, "fp32")], cuda)
+
+epoch_cases = case_set(
+    "epoch", lambda _: [_epoch_case("gpt2-xl", 48, 1600, "bf16", d, b, "GPT2-XL-shaped, vocab 512 instead of 50257")
+                        for d in (1, 4) for b in (1, 16)],
+    lambda _: [_epoch_case("gpt2-xl-cpu", 2, 400, "fp32", d, b,
+                           "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512")
+               for d in (1, 4) for b in (1, 16)],
+    lambda: [EpochCase(f"tiny-b{b}", "tiny", 1, 4, 64, 128, 1, 1, b, "fp32") for b in (1, 2)])
