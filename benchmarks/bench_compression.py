@@ -269,21 +269,17 @@ def break_even(results: dict) -> None:
 
 
 def _describe(provider: str):
-    def describe(device: torch.device) -> str:
-        kernel = "the fused Triton kernel" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)"
-        impl = IMPLEMENTATION[provider]
-        if provider == OURS:
-            return ("comp.forward(model, test_ids, share_prefix=True, logits_to_keep=1): one shared prefix copy read "
-                    f"in place through the 'fastattn_icl' seam ({kernel}); the model is switched to the seam (GPT-J: "
-                    "patch_gptj) once, outside the timed call")
-        if provider in FULL:
-            return (f"model(full_ids [B, T_demo + S], use_cache=False, logits_to_keep=1) with attn_implementation="
-                    f"'{impl}': the demonstrations run again with every test input"
-                    + (" (the paper's code)" if provider == FULL_EAGER else ""))
-        return (f"comp.forward(model, test_ids, share_prefix=False, logits_to_keep=1) with attn_implementation="
-                f"'{impl}': a DynamicCache holding B copies of the prefix (the standard Hugging Face way)")
-
-    return describe
+    impl = IMPLEMENTATION[provider]
+    if provider == OURS:
+        return lambda device: ("comp.forward(model, test_ids, share_prefix=True, logits_to_keep=1): one shared prefix "
+                               f"copy read in place through the seam ({h.kernel_text(device)}; the model is switched "
+                               "to the seam, GPT-J by patch_gptj, outside the timed call)")
+    if provider in FULL:
+        return lambda device: (f"model(full_ids [B, T_demo + S], use_cache=False, logits_to_keep=1), "
+                               f"attn_implementation='{impl}': the demonstrations run again with every test input"
+                               + (" (the paper's code)" if provider == FULL_EAGER else ""))
+    return lambda device: (f"comp.forward(model, test_ids, share_prefix=False, logits_to_keep=1), attn_implementation="
+                           f"'{impl}': a DynamicCache of B prefix copies (the Hugging Face way)")
 
 
 def _timed(case, inputs, group, p, mode) -> h.Timed:
@@ -308,17 +304,13 @@ BENCH = h.Benchmark(
                              "inputs_per_s": None if ms is None else case.B / (ms * 1e-3)},
     providers=[h.Provider(p, None, _describe(p), skip=lambda case, group, _p=p: no_sdpa(_p, group.model))
                for p in (OURS, FULL_EAGER, FULL_SDPA, EXPANDED_SDPA, EXPANDED_EAGER)],
-    gate_text=f"per model, dataset and demonstrations per class, last-position logits of the first {GATE_ROWS} test "
-    f"inputs vs the eager implementation of the same computation ({EXPANDED_EAGER} for the compressed providers, "
-    f"{FULL_EAGER} for the full ones) on a higher-precision copy of the model (float64 for float32 models, float32 "
-    f"for half-precision ones; same weights, upcast): error <= {FWD_FACTOR:g}x the same-dtype eager reference's own "
-    "error + 1e-5 * max(1, max|logit|). Fallback when the copy cannot be built (named under 'Skipped'): max abs "
-    "error vs the same-dtype eager reference <= " + ", ".join(f"{v:g} ({k})" for k, v in REL_TOL.items())
-    + " * max|logit|",
-    call="one call = one batch of B test inputs (ms per test input = median / B); compress = "
-    "CompressedDemonstrations.from_ids once (the demonstrations' forward + gather_kv)",
-    memory="the model's weights and the compressed prefix are allocated before and not counted (prefix size: the "
-    "compress table)",
+    gate_text=f"per model, dataset and demos/class: last-position logits of the first {GATE_ROWS} test inputs vs the "
+    f"eager twin ({EXPANDED_EAGER} for the compressed providers, {FULL_EAGER} for the full ones) on a copy of the "
+    f"model upcast to float64 (fp32 models) or float32 (half): error <= {FWD_FACTOR:g}x the same-dtype twin's own "
+    "error + 1e-5·max(1, max|logit|); without that copy (see Skipped): max abs error vs the same-dtype twin <= "
+    + ", ".join(f"{v:g} ({k})" for k, v in REL_TOL.items()) + " · max|logit|",
+    call="one call = B test inputs (ms/input = median / B); compress = CompressedDemonstrations.from_ids once",
+    memory="the model's weights and the compressed prefix (its size: compress table) are allocated before",
     flop_model="none (end-to-end model forwards; TFLOP/s not reported)",
     cpu_path="the compressed rows are the seam's CPU path (backend 'torch')",
     cpu_note="CPU models: 4 layers, d_model 256, vocab 1024, fp32; CPU times are a smoke signal, not the GPU result",

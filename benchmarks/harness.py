@@ -312,6 +312,11 @@ def memory_bound_op(*columns) -> dict:
                         *columns]}
 
 
+def kernel_text(device: torch.device) -> str:
+    """How the package's own providers run on ``device`` (provider descriptions)."""
+    return "the fused Triton kernel" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)"
+
+
 def no_grad(fn, *args):
     """``fn(*args)`` as a call without autograd."""
 
