@@ -240,12 +240,11 @@ DEEP_THINKING = h.Benchmark(
             "deep_thinking_update(x_hat, x_new, m, eta, beta) on per-layer tensors [1, Hkv, N, d] (m float32), 2·L "
             "calls, the results rebound into the per-layer lists")),
     ],
-    gate_text="every case: one step of `fused` on the buffer vs one step of the per-tensor loop "
-    "(fastattn_icl.reference.deep_thinking.deep_thinking_update) from the same state. X̂ (its dtype) and m (float32) "
-    f"pass when bitwise equal to the loop's or at most {ULP_TOLERANCE} ulp apart (check.ulp, check.criterion), else "
-    f"when within the fastattn_icl.testing rule against the float64 step (error <= {FWD_FACTOR:g}x the loop's own "
-    "error + 1e-5·max(1, max|ref|); check.errors holds these figures for every case); X_new must be left unchanged "
-    "bit for bit; eager_loop is the reference (no check of its own)",
+    gate_text="every case: one step of `fused` vs one step of the per-tensor loop (fastattn_icl.reference."
+    f"deep_thinking.deep_thinking_update) from the same state. X̂ (its dtype) and m (float32) pass when bitwise equal "
+    f"or at most {ULP_TOLERANCE} ulp apart (check.ulp, check.criterion), else within the fastattn_icl.testing rule vs "
+    f"the float64 step ({FWD_FACTOR:g}x the loop's own error + 1e-5·max(1, max|ref|); check.errors, every case); "
+    "X_new must stay unchanged bit for bit; eager_loop is the reference (no check of its own)",
     call="one call = one step's update of the whole state, in place",
     memory="the state and the loop's per-layer copies are allocated before and not counted",
     flop_model="none (memory-bound; TFLOP/s not reported). Bytes moved = 2·L·Hkv·N·d·(3·e + 8) (X̂, X_new read and "

@@ -211,10 +211,9 @@ BENCH = h.Benchmark(
             + ("the fused Triton kernels" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)")
             + "); loss.backward() records every layer's flow-score numerators; scores = request.result.scores()")),
         h.Provider(EAGER, flow_eager_probe, lambda device: (
-            "the paper's probe method: per layer P = reference attention_probs(q, k) (QKᵀ in the input dtype, "
-            "softmax in float32) cast to the input dtype, times a ones probe [B, H, T, T] requiring grad, "
-            "O = (P·probe) V; after loss.backward(), I = |Σ_h probe.grad| (float32) and reference flow_scores(I) "
-            "per layer")),
+            "the paper's probe method: per layer O = (P·probe) V, P = reference attention_probs(q, k) (QKᵀ in the "
+            "input dtype, float32 softmax) in the input dtype, probe = ones [B, H, T, T] requiring grad; after "
+            "loss.backward(), reference flow_scores(|Σ_h probe.grad|) (float32) per layer")),
     ],
     gate_text="per model, on its first case where it runs (the other cases carry that verdict, see check.scope): "
     "each provider's S_wp, S_pq, S_ww of every layer vs eager_probe in float64 on the same inputs upcast; error <= "
