@@ -77,19 +77,6 @@ def case_set(own: str, gpu, cpu, tiny, batch: int | None = 1):
     return cases
 
 
-def case_fields(fields: str = "", **defaults):
-    """Make the class a frozen dataclass of its case fields, declared once here: the space-separated ``fields``,
-    then ``defaults`` (name=default), after those of a case class it extends; ``params()`` keeps this order."""
-
-    def make(cls):
-        cls.__annotations__ = dict.fromkeys([*fields.split(), *defaults], "object")
-        for name, value in defaults.items():
-            setattr(cls, name, value)
-        return dataclass(frozen=True)(cls)
-
-    return make
-
-
 class _Case:
     """``torch_dtype``, ``flops`` (none unless a case says) and ``params`` of a case dataclass."""
 
@@ -131,9 +118,18 @@ class DemonstrationGeometry(_Case):
         return f"{self.demonstrations} {DATASETS[self.dataset].name} demos ({self.per_class}/class)"
 
 
-@case_fields("name group model layers Hkv D dataset per_class")
+@dataclass(frozen=True)
 class CacheCase(DemonstrationGeometry):
     """An ``L``-layer K/V cache (or state) of ``per_class`` demos per class: the fields gather and update share."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    Hkv: int
+    D: int
+    dataset: str
+    per_class: int
 
 
 def cache_case(cls, name: str, model: str, full: int, layers: int | None, dataset: str, what: str, group: str,
@@ -145,9 +141,21 @@ def cache_case(cls, name: str, model: str, full: int, layers: int | None, datase
                *rest, note=f"{m.name}{what} ({depth}, Hkv {m.kv_heads}, d {m.head_dim}), {DATASETS[dataset].name}")
 
 
-@case_fields("name group B H Hkv Tq Tk D", causal=True, dtype="bf16", note="")
+@dataclass(frozen=True)
 class AttnShape(_Case):
     """One case of ``attention(q [B, H, Tq, D], k/v [B, Hkv, Tk, D])``."""
+
+    name: str
+    group: str
+    B: int
+    H: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+    causal: bool = True
+    dtype: str = "bf16"
+    note: str = ""
 
     @property
     def label(self) -> str:
@@ -228,9 +236,13 @@ def icl_anchor_layout(T: int, demonstrations: int = ANCHOR_DEMONSTRATIONS, class
         demonstrations * seg
 
 
-@case_fields(variant="anchors-last", demonstrations=ANCHOR_DEMONSTRATIONS, classes=ANCHOR_CLASSES)
+@dataclass(frozen=True)
 class AnchorShape(AttnShape):
     """An :class:`AttnShape` (``Tq == Tk``) with an anchor / isolation variant."""
+
+    variant: str = "anchors-last"
+    demonstrations: int = ANCHOR_DEMONSTRATIONS
+    classes: int = ANCHOR_CLASSES
 
     @property
     def feature(self) -> str:
@@ -278,10 +290,22 @@ SALIENCY_MODELS = {  # key -> (layers, heads, head dim, what it mirrors)
 }
 
 
-@case_fields("name group model layers H D T", B=1, dtype="fp16", demonstrations=ANCHOR_DEMONSTRATIONS,
-             classes=ANCHOR_CLASSES, note="")
+@dataclass(frozen=True)
 class SaliencyCase(_Case):
     """``layers`` causal attention layers of ``H`` heads of dim ``D`` over ``B`` prompts of ``T`` tokens."""
+
+    name: str
+    group: str
+    model: str
+    layers: int
+    H: int
+    D: int
+    T: int
+    B: int = 1
+    dtype: str = "fp16"
+    demonstrations: int = ANCHOR_DEMONSTRATIONS
+    classes: int = ANCHOR_CLASSES
+    note: str = ""
 
     @property
     def label(self) -> str:
@@ -313,9 +337,13 @@ FOUR_DATASETS = ("sst2", "trec", "agnews", "emoc")
 GATHER_CPU_LAYERS = 24  # every CPU output under glibc's 32 MiB mmap ceiling (benchmarks/README.md)
 
 
-@case_fields(B=1, dtype="fp16", note="")
+@dataclass(frozen=True)
 class GatherCase(CacheCase):
     """Keep the template tokens of ``per_class`` demos per class from an ``L``-layer cache ``[B, Hkv, T, D]``."""
+
+    B: int = 1
+    dtype: str = "fp16"
+    note: str = ""
 
     @property
     def T(self) -> int:
@@ -353,9 +381,20 @@ gather_cases = case_set(
     lambda: [GatherCase(f"tiny-b{B}", "tiny", "tiny", 3, 2, 8, "sst2", 1, B, "fp32", "smoke test") for B in (1, 2)])
 
 
-@case_fields("key family name layers d_model heads vocab positions", rotary_dim=None, dtype="fp16")
+@dataclass(frozen=True)
 class ModelSpec(_Case):
     """A random-weight decoder of one family (``"gpt2"`` or ``"gptj"``) and shape."""
+
+    key: str
+    family: str
+    name: str
+    layers: int
+    d_model: int
+    heads: int
+    vocab: int
+    positions: int
+    rotary_dim: int | None = None
+    dtype: str = "fp16"
 
     @property
     def label(self) -> str:
@@ -386,9 +425,17 @@ MODEL_SPECS = {
 }
 
 
-@case_fields("name group model dataset per_class B", note="")
+@dataclass(frozen=True)
 class ServeCase(DemonstrationGeometry):
     """Serve ``B`` test inputs of ``dataset`` after ``per_class`` demonstrations per class on ``model``."""
+
+    name: str
+    group: str
+    model: ModelSpec
+    dataset: str
+    per_class: int
+    B: int
+    note: str = ""
 
     @property
     def geometry(self) -> tuple[str, str, int]:
@@ -432,9 +479,12 @@ DT_LAYERS = {"gpt2-xl": 48, "llama-7b": 32}
 DT_CPU_LAYERS = 4
 
 
-@case_fields(eta=MOMENTUM_ETA, model="")
+@dataclass(frozen=True)
 class MomentumShape(AttnShape):
     """An :class:`AttnShape` (self-attention) with the momentum coefficient ``eta``."""
+
+    eta: float = MOMENTUM_ETA
+    model: str = ""
 
     @property
     def label(self) -> str:
@@ -451,9 +501,14 @@ momentum_cases = case_set(
     lambda: [MomentumShape("tiny-momentum-gqa", "tiny", 2, 4, 2, 33, 33, 16, True, "fp32", "smoke test", model="tiny")])
 
 
-@case_fields(dtype="fp16", eta=0.01, beta=0.9, note="")
+@dataclass(frozen=True)
 class UpdateCase(CacheCase):
     """One Deep-Thinking update of an ``L``-layer state ``[1, Hkv, N, d]`` per K and V, ``N`` demo tokens."""
+
+    dtype: str = "fp16"
+    eta: float = 0.01
+    beta: float = 0.9
+    note: str = ""
 
     @property
     def N(self) -> int:
@@ -529,10 +584,22 @@ def epoch_examples(demos_per_class: int, train_per_class: int, classes: int = 2)
     return builder, tuple(builder.example(_review(rng, c), c) for _ in range(train_per_class) for c in range(classes))
 
 
-@case_fields("name group layers heads d_model vocab demos_per_class train_per_class batch_size", dtype="bf16",
-             classes=2, note="")
+@dataclass(frozen=True)
 class EpochCase(_Case):
     """One epoch setting: model shape, prompt geometry, training set and batch size."""
+
+    name: str
+    group: str
+    layers: int
+    heads: int
+    d_model: int
+    vocab: int
+    demos_per_class: int
+    train_per_class: int
+    batch_size: int
+    dtype: str = "bf16"
+    classes: int = 2
+    note: str = ""
 
     @property
     def examples(self) -> tuple:
