@@ -8,17 +8,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (
-    STATUS_OK,
-    Benchmark,
-    CheckViews,
-    Provider,
-    find,
-    fit_exponent,
-    is_oom,
-    ratio_target,
-    tensor_op,
-)
+from benchmarks import harness as h
 from benchmarks.shapes import MODES, attention_cases
 
 FWD_TARGET, BWD_TARGET, EAGER_TARGET, EAGER_TARGET_T = 0.9, 0.8, 5.0, 4096
@@ -43,14 +33,15 @@ def make_inputs(shape, device: torch.device) -> list[torch.Tensor]:
             randn(shape.B, shape.Hkv, shape.Tk, shape.D)]
 
 
-def check_views(shape) -> CheckViews:
+def check_views(shape) -> h.CheckViews:
     """The whole problem when small; else the last batch row and kv head with its query heads."""
     names = ("dq", "dk", "dv")
     if shape.B * shape.H * shape.Tq * shape.Tk <= FULL_CHECK_SCORES:
-        return CheckViews([..., ..., ...], ..., "full", names)
+        return h.CheckViews([..., ..., ...], ..., "full", names)
     b, g, rep = shape.B - 1, shape.Hkv - 1, shape.H // shape.Hkv
     qs, kvs = (slice(b, b + 1), slice(g * rep, (g + 1) * rep)), (slice(b, b + 1), slice(g, g + 1))
-    return CheckViews([qs, kvs, kvs], qs, f"batch {b}, kv head {g} (query heads {g * rep}..{(g + 1) * rep - 1})", names)
+    scope = f"batch {b}, kv head {g} (query heads {g * rep}..{(g + 1) * rep - 1})"
+    return h.CheckViews([qs, kvs, kvs], qs, scope, names)
 
 
 def fastattn(shape, q, k, v):
@@ -97,7 +88,7 @@ class Sdpa:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                           scale=shape.D**-0.5, enable_gqa=True)
                 except (RuntimeError, TypeError) as exc:
-                    if is_oom(exc):
+                    if h.is_oom(exc):
                         raise
                     self.gqa = "K/V repeated (repeat_interleave inside the timed call)"
                     self.gqa_note = f"; enable_gqa=True was refused: {str(exc).splitlines()[0][:160]}"
@@ -112,19 +103,19 @@ class Sdpa:
 
 
 def _ratio_target(rows, cases, mode, base, threshold, title) -> dict:
-    found = ((find(rows, c, "fastattn_icl", mode), find(rows, c, base, mode)) for c in cases)
+    found = ((h.find(rows, c, "fastattn_icl", mode), h.find(rows, c, base, mode)) for c in cases)
     pairs = [(f"T{o['params']['Tq']}", o, b) for o, b in found if o is not None and b is not None]
-    return ratio_target(title, pairs, lambda r: r >= threshold, empty=f"{mode} not measured on the acceptance set")
+    return h.ratio_target(title, pairs, lambda r: r >= threshold, empty=f"{mode} not measured on the acceptance set")
 
 
 def _memory_target(rows, cases, mode) -> dict:
     title = f"peak memory linear in T ({mode}, exponent of peak/B vs T <= {MEMORY_EXPONENT_MAX})"
     detail, exps = [], {}
     for provider in ("fastattn_icl", "eager"):
-        rs = [find(rows, c, provider, mode) for c in cases]
-        rs = [r for r in rs if r is not None and r["status"] == STATUS_OK and r["peak_mem_bytes"] is not None]
+        rs = [h.find(rows, c, provider, mode) for c in cases]
+        rs = [r for r in rs if r is not None and r["status"] == h.STATUS_OK and r["peak_mem_bytes"] is not None]
         per_seq = [r["peak_mem_bytes"] / r["params"]["B"] for r in rs]
-        exps[provider] = fit_exponent([r["params"]["Tq"] for r in rs], per_seq)
+        exps[provider] = h.fit_exponent([r["params"]["Tq"] for r in rs], per_seq)
         if exps[provider] is not None:
             steps = ", ".join(f"{b / a:.2f}" for a, b in zip(per_seq, per_seq[1:]))
             detail.append(f"{provider}: exponent {exps[provider]:.2f} (x per doubling of T: {steps})")
@@ -150,13 +141,13 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 SDPA = Sdpa()
-BENCH = Benchmark(
+BENCH = h.Benchmark(
     name="attention", op="attention", suffix="", modes=MODES, cases=attention_cases,
-    inputs=lambda case, group: make_inputs(case, group.device), **tensor_op(oracle=oracle, views=check_views),
+    inputs=lambda case, group: make_inputs(case, group.device), **h.tensor_op(oracle=oracle, views=check_views),
     providers=[
-        Provider("fastattn_icl", fastattn, describe_ours()),
-        Provider("eager", oracle, lambda device: "fastattn_icl.reference.attention (materialised S and P)"),
-        Provider("sdpa", SDPA, SDPA.describe),
+        h.Provider("fastattn_icl", fastattn, describe_ours()),
+        h.Provider("eager", oracle, lambda device: "fastattn_icl.reference.attention (materialised S and P)"),
+        h.Provider("sdpa", SDPA, SDPA.describe),
     ],
     flop_model="4·B·H·Tq·Tk·d per forward, halved when causal and Tq == Tk; bwd 2.5x, fwd+bwd 3.5x",
     cpu_note="sdpa FLASH_ATTENTION backend skipped: no CUDA; the `sdpa` rows use torch's default CPU dispatch",

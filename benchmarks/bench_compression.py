@@ -8,21 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import (
-    STATUS_OK,
-    Benchmark,
-    Provider,
-    Timed,
-    TimingConfig,
-    bench,
-    compare,
-    failure,
-    free_memory,
-    ratio_target,
-    ratio_verdict,
-    speedup,
-    verdict,
-)
+from benchmarks import harness as h
 from benchmarks.shapes import DATASETS, compression_cases
 from fastattn_icl.testing import FWD_FACTOR, max_error
 
@@ -138,8 +124,8 @@ def gate_geometry(case, model, comp, inp, names, ref_model) -> dict:
         try:
             logits[p] = _last_logits(p, model, comp, inp, rows)
         except Exception as exc:
-            failed[p] = failure(exc, "gate")
-        free_memory(device)
+            failed[p] = h.failure(exc, "gate")
+        h.free_memory(device)
     if ref_model is not None:
         try:
             comp_high = compress(ref_model, inp)
@@ -147,8 +133,8 @@ def gate_geometry(case, model, comp, inp, names, ref_model) -> dict:
                 high[ref] = _last_logits(ref, ref_model, comp_high, inp, rows).double()
             del comp_high
         except Exception as exc:
-            failed["reference copy"] = failure(exc, "gate")
-        free_memory(device)
+            failed["reference copy"] = h.failure(exc, "gate")
+        h.free_memory(device)
     dtype, head, checks = case.model.dtype, f"last-position logits of the first {rows} test inputs", {}
     for p in names:
         ref = REFERENCE[p]
@@ -160,7 +146,7 @@ def gate_geometry(case, model, comp, inp, names, ref_model) -> dict:
         if ref_model is not None:
             scope = (f"{head} vs a {str(ref_model.dtype).removeprefix('torch.')} copy of the model ({ref} there, same "
                      f"weights upcast): error <= {FWD_FACTOR:g}x {ref}'s own {dtype} error + 1e-5 * max(1, max|logit|)")
-            errors, message = compare("logits", got, same, high[ref], FWD_FACTOR)
+            errors, message = h.compare("logits", got, same, high[ref], FWD_FACTOR)
         else:
             rel = REL_TOL[dtype]
             err, tol = max_error(got, same), rel * float(same.abs().max())
@@ -169,7 +155,7 @@ def gate_geometry(case, model, comp, inp, names, ref_model) -> dict:
             errors = {"error": err, "tolerance": tol}
             message = None if err <= tol else (f"logits: max error {err:.3e} > tolerance {tol:.3e} "
                                                f"({rel:g} * max|logit|)")
-        checks[p] = {"status": "incorrect" if message else STATUS_OK, "scope": scope, "errors": {"logits": errors},
+        checks[p] = {"status": "incorrect" if message else h.STATUS_OK, "scope": scope, "errors": {"logits": errors},
                      "message": message, "logits_max_abs": float(same.abs().max())}
     return checks
 
@@ -183,9 +169,9 @@ def setup(group, cases) -> None:
         ref_model.load_state_dict(group.model.state_dict())
     except Exception as exc:
         ref_model = None
-        free_memory(device)
+        h.free_memory(device)
         group.notes.append(f"gate on {spec.key}: no {REFERENCE_DTYPE[spec.dtype]} copy of the model "
-                           f"({failure(exc)[1]}); the relative fallback rule ({REL_TOL[spec.dtype]:g} * max|logit|) "
+                           f"({h.failure(exc)[1]}); the relative fallback rule ({REL_TOL[spec.dtype]:g} * max|logit|) "
                            "applies, which is weak on random-weight models (benchmarks/README.md)")
     names = [p.name for p in group.providers if not no_sdpa(p.name, group.model)]
     group.geometries = {}
@@ -193,7 +179,7 @@ def setup(group, cases) -> None:
         members = [c for c in cases if c.geometry == geometry]
         first = members[0]
         entry = {"geometry": "-".join(map(str, geometry)) + "pc", "model": spec.key, "dataset": first.dataset,
-                 "per_class": first.per_class, "T_demo": first.T_demo, "M": first.M, "status": STATUS_OK,
+                 "per_class": first.per_class, "T_demo": first.T_demo, "M": first.M, "status": h.STATUS_OK,
                  "median_ms": None, "p20_ms": None, "p80_ms": None, "prefix_bytes": None, "message": None}
         group.extra.setdefault("compress", []).append(entry)
         try:
@@ -205,16 +191,16 @@ def setup(group, cases) -> None:
 
             with provider_context(group.model, OURS):
                 comp = build()
-                entry.update(bench(build, device, group.timing))
-            free_memory(device)
+                entry.update(h.bench(build, device, group.timing))
+            h.free_memory(device)
             entry["prefix_bytes"] = comp.keys.nbytes + comp.values.nbytes
             group.geometries[geometry] = comp, inp, gate_geometry(first, group.model, comp, inp, names, ref_model)
         except Exception as exc:
-            entry["status"], entry["message"] = failure(exc, "compress")
+            entry["status"], entry["message"] = h.failure(exc, "compress")
             group.geometries[geometry] = None, None, dict.fromkeys(names, (entry["status"], entry["message"]))
-            free_memory(device)
+            h.free_memory(device)
     del ref_model
-    free_memory(device)
+    h.free_memory(device)
 
 
 def _rate(x: float) -> str:
@@ -249,11 +235,11 @@ def targets(rows: list[dict]) -> list[dict]:
             if ours is None:
                 out.append({"target": name, "result": "N/A", "detail": "no such row in this run"})
                 continue
-            ok, ratio, text = ratio_verdict(ours, base, lambda r, _p=paper: r >= _p)
+            ok, ratio, text = h.ratio_verdict(ours, base, lambda r, _p=paper: r >= _p)
             detail = f"not compared: {text}" if ratio is None else (
                 f"{ratio:.2f}x ({OURS} {ours['median_ms']:.4g} ms vs {FULL_EAGER} {base['median_ms']:.4g} ms; T_demo "
                 f"{ours['params']['T_demo']} + S {ours['params']['S']}, M {ours['params']['M']}); paper {paper:g}x")
-            out.append({"target": name, "result": verdict([ok]), "detail": detail})
+            out.append({"target": name, "result": h.verdict([ok]), "detail": detail})
         mine = [r for r in rows if r["params"]["model_key"] == key and r["params"]["dataset"] == THROUGHPUT_DATASET]
         if not mine:
             continue
@@ -263,7 +249,7 @@ def targets(rows: list[dict]) -> list[dict]:
         per_class = sorted({r["params"]["per_class"] for r in mine})
         for base_name in FULL:
             where = [dict(model_key=key, dataset=THROUGHPUT_DATASET, per_class=n, B=B) for n in per_class]
-            t = ratio_target(f"{key} {DATASETS[THROUGHPUT_DATASET].name}, B {THROUGHPUT_BATCH}: {OURS} throughput >= "
+            t = h.ratio_target(f"{key} {DATASETS[THROUGHPUT_DATASET].name}, B {THROUGHPUT_BATCH}: {OURS} throughput >= "
                              f"{THROUGHPUT_RATIO:g}x {base_name} ({', '.join(map(str, per_class))} demo/class)",
                              [(f"{w['per_class']}/class", _find(rows, OURS, **w), _find(rows, base_name, **w))
                               for w in where], lambda r: r >= THROUGHPUT_RATIO, _throughput, sep="; ")
@@ -277,32 +263,28 @@ def break_even(results: dict) -> None:
     for e in results.get("compress", []):
         where = dict(model_key=e["model"], dataset=e["dataset"], per_class=e["per_class"], B=1)
         ours, base = _find(results["rows"], OURS, **where), _find(results["rows"], FULL_EAGER, **where)
-        ratio = speedup(ours, base)[0] if ours is not None else None
+        ratio = h.speedup(ours, base)[0] if ours is not None else None
         saved = None if ratio is None else base["median_ms"] - ours["median_ms"]
         e["break_even_inputs"] = e["median_ms"] / saved if saved and saved > 0 and e["median_ms"] else None
 
 
 def _describe(provider: str):
-    def describe(device: torch.device) -> str:
-        kernel = "the fused Triton kernel" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)"
-        impl = IMPLEMENTATION[provider]
-        if provider == OURS:
-            return ("comp.forward(model, test_ids, share_prefix=True, logits_to_keep=1): one shared prefix copy read "
-                    f"in place through the 'fastattn_icl' seam ({kernel}); the model is switched to the seam (GPT-J: "
-                    "patch_gptj) once, outside the timed call")
-        if provider in FULL:
-            return (f"model(full_ids [B, T_demo + S], use_cache=False, logits_to_keep=1) with attn_implementation="
-                    f"'{impl}': the demonstrations run again with every test input"
-                    + (" (the paper's code)" if provider == FULL_EAGER else ""))
-        return (f"comp.forward(model, test_ids, share_prefix=False, logits_to_keep=1) with attn_implementation="
-                f"'{impl}': a DynamicCache holding B copies of the prefix (the standard Hugging Face way)")
-
-    return describe
+    impl = IMPLEMENTATION[provider]
+    if provider == OURS:
+        return lambda device: ("comp.forward(model, test_ids, share_prefix=True, logits_to_keep=1): one shared prefix "
+                               f"copy read in place through the seam ({h.kernel_text(device)}; the model is switched "
+                               "to the seam, GPT-J by patch_gptj, outside the timed call)")
+    if provider in FULL:
+        return lambda device: (f"model(full_ids [B, T_demo + S], use_cache=False, logits_to_keep=1), "
+                               f"attn_implementation='{impl}': the demonstrations run again with every test input"
+                               + (" (the paper's code)" if provider == FULL_EAGER else ""))
+    return lambda device: (f"comp.forward(model, test_ids, share_prefix=False, logits_to_keep=1), attn_implementation="
+                           f"'{impl}': a DynamicCache of B prefix copies (the Hugging Face way)")
 
 
-def _timed(case, inputs, group, p, mode) -> Timed:
+def _timed(case, inputs, group, p, mode) -> h.Timed:
     comp, inp, _ = inputs
-    return Timed(serve_fn(p.name, group.model, comp, inp, case.B), context=provider_context(group.model, p.name))
+    return h.Timed(serve_fn(p.name, group.model, comp, inp, case.B), context=provider_context(group.model, p.name))
 
 
 def _ms(e) -> str:
@@ -311,28 +293,24 @@ def _ms(e) -> str:
     return f"{e['median_ms']:.4g} ({e['p20_ms']:.4g}–{e['p80_ms']:.4g})"
 
 
-BENCH = Benchmark(
+BENCH = h.Benchmark(
     name="compression", suffix="-compression", modes=("serve",), cases=compression_cases, group=lambda c: c.model.key,
     op="anchor compression end to end: serve test inputs over the compressed demonstrations vs full prompts",
     setup=setup, inputs=lambda case, group: group.geometries[case.geometry],
     gate=lambda case, inputs, group, providers, mode: {p.name: inputs[2][p.name] for p in providers},
     timed=_timed, finish=break_even,
-    timing=TimingConfig(cpu_warmup_ms=0.0, cpu_rep_ms=100.0, cpu_min_reps=2, cpu_max_reps=20),
+    timing=h.TimingConfig(cpu_warmup_ms=0.0, cpu_rep_ms=100.0, cpu_min_reps=2, cpu_max_reps=20),
     metric=lambda case, ms: {"ms_per_input": None if ms is None else ms / case.B,
                              "inputs_per_s": None if ms is None else case.B / (ms * 1e-3)},
-    providers=[Provider(p, None, _describe(p), skip=lambda case, group, _p=p: no_sdpa(_p, group.model))
+    providers=[h.Provider(p, None, _describe(p), skip=lambda case, group, _p=p: no_sdpa(_p, group.model))
                for p in (OURS, FULL_EAGER, FULL_SDPA, EXPANDED_SDPA, EXPANDED_EAGER)],
-    gate_text=f"per model, dataset and demonstrations per class, last-position logits of the first {GATE_ROWS} test "
-    f"inputs vs the eager implementation of the same computation ({EXPANDED_EAGER} for the compressed providers, "
-    f"{FULL_EAGER} for the full ones) on a higher-precision copy of the model (float64 for float32 models, float32 "
-    f"for half-precision ones; same weights, upcast): error <= {FWD_FACTOR:g}x the same-dtype eager reference's own "
-    "error + 1e-5 * max(1, max|logit|). Fallback when the copy cannot be built (named under 'Skipped'): max abs "
-    "error vs the same-dtype eager reference <= " + ", ".join(f"{v:g} ({k})" for k, v in REL_TOL.items())
-    + " * max|logit|",
-    call="one call = one batch of B test inputs (ms per test input = median / B); compress = "
-    "CompressedDemonstrations.from_ids once (the demonstrations' forward + gather_kv)",
-    memory="the model's weights and the compressed prefix are allocated before and not counted (prefix size: the "
-    "compress table)",
+    gate_text=f"per model, dataset and demos/class: last-position logits of the first {GATE_ROWS} test inputs vs the "
+    f"eager twin ({EXPANDED_EAGER} for the compressed providers, {FULL_EAGER} for the full ones) on a copy of the "
+    f"model upcast to float64 (fp32 models) or float32 (half): error <= {FWD_FACTOR:g}x the same-dtype twin's own "
+    "error + 1e-5·max(1, max|logit|); without that copy (see Skipped): max abs error vs the same-dtype twin <= "
+    + ", ".join(f"{v:g} ({k})" for k, v in REL_TOL.items()) + " · max|logit|",
+    call="one call = B test inputs (ms/input = median / B); compress = CompressedDemonstrations.from_ids once",
+    memory="the model's weights and the compressed prefix (its size: compress table) are allocated before",
     flop_model="none (end-to-end model forwards; TFLOP/s not reported)",
     cpu_path="the compressed rows are the seam's CPU path (backend 'torch')",
     cpu_note="CPU models: 4 layers, d_model 256, vocab 1024, fp32; CPU times are a smoke signal, not the GPU result",

@@ -131,11 +131,9 @@ BENCH = Benchmark(
         Provider(LOOP_NOSTACK, lambda case, inp: index_select_loop(case, inp, stack=False), lambda d: (
             "the same loop without torch.stack: two lists of L tensors [B, Hkv, M, D] (2L ops)")),
     ],
-    gate_text="every case, every provider: its output (lists stacked outside the timed call) equals "
-    "fastattn_icl.reference.compression.gather_kv_reference on the same cache bit for bit (same shape and dtype, "
-    "all bits equal; tolerance 0, the error shown is the largest absolute difference)",
-    call="one call = the provider's gather of all L layers' keys and values (outputs allocated in the call, dropped "
-    "after)",
+    gate_text="every case and provider: its output (lists stacked outside the timed call) equals fastattn_icl."
+    "reference.compression.gather_kv_reference's bit for bit (tolerance 0; error shown: largest |diff|)",
+    call="one call = the provider's gather of all L layers' keys and values (outputs allocated in it, dropped after)",
     memory="the cache and the index are allocated before and not counted",
     flop_model="none (a copy; TFLOP/s not reported). Bytes moved = 4·L·B·Hkv·M·D·element size (K and V, each kept "
     "element read once and written once; index not counted), GB/s = bytes / median time",

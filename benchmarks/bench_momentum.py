@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import bench_attention as attn
-from benchmarks.harness import STATUS_OK, Benchmark, Provider, find, memory_bound_op, ratio_target, speedup, tensor_op
+from benchmarks import harness as h
 from benchmarks.shapes import momentum_cases, update_cases
 from fastattn_icl.testing import EPS, FWD_FACTOR, GRAD_FACTOR
 
@@ -31,22 +31,18 @@ def eager_momentum(case, q, k, v):
     return momentum_attention(q, k, v, case.eta, causal=case.causal)
 
 
-def _kernel(device) -> str:
-    return "Triton" if device.type == "cuda" else "CPU path, backend 'torch', no CUDA"
-
-
 def _describe_ours(device) -> str:
     how = ("M by a Triton chunked scan (float32) added in the attention kernel's epilogue; backward: base attention's "
            "plus a reversed scan for dV") if device.type == "cuda" else \
         "chunked attention, M by chunked decay matmuls (float32)"
-    return f"fastattn_icl.momentum_attention(q, k, v, eta, causal=True) ({_kernel(device)}): {how}"
+    return f"fastattn_icl.momentum_attention(q, k, v, eta, causal=True) ({h.kernel_text(device)}): {how}"
 
 
 def add_overhead(results: dict) -> None:
     """``overhead_vs_base`` (ours / base - 1, refused as a speed-up is) and its text on the ``fastattn_icl`` rows."""
     for r in results["rows"]:
         if r["provider"] == OURS:
-            ratio, text = speedup(r, find(results["rows"], r["case"], BASE, r["mode"]))
+            ratio, text = h.speedup(r, h.find(results["rows"], r["case"], BASE, r["mode"]))
             r["overhead_vs_base"] = None if ratio is None else 1 / ratio - 1
             r["overhead_text"] = text if ratio is None else f"{100 * (1 / ratio - 1):+.1f}%"
 
@@ -56,27 +52,28 @@ def momentum_targets(rows: list[dict]) -> list[dict]:
     out = []
     for model in dict.fromkeys(r["params"]["model"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows):
-            pairs = [(f"T{o['params']['Tq']}", o, find(rows, o["case"], BASE, mode)) for o in rows
+            pairs = [(f"T{o['params']['Tq']}", o, h.find(rows, o["case"], BASE, mode)) for o in rows
                      if (o["provider"], o["mode"], o["params"]["model"]) == (OURS, mode, model)
                      and o["params"]["Tq"] >= OVERHEAD_MIN_T]
-            out.append(ratio_target(f"{model} {mode}: {OURS} overhead vs {BASE} <= {100 * OVERHEAD_MAX:g}% at every T "
-                                    f">= {OVERHEAD_MIN_T}", pairs, lambda r: 1 / r - 1 <= OVERHEAD_MAX,
-                                    lambda o, b, r, t: t if r is None else f"{100 * (1 / r - 1):+.1f}%",
-                                    empty=f"no T >= {OVERHEAD_MIN_T} case in this set"))
+            out.append(h.ratio_target(f"{model} {mode}: {OURS} overhead vs {BASE} <= {100 * OVERHEAD_MAX:g}% at every "
+                                      f"T >= {OVERHEAD_MIN_T}", pairs, lambda r: 1 / r - 1 <= OVERHEAD_MAX,
+                                      lambda o, b, r, t: t if r is None else f"{100 * (1 / r - 1):+.1f}%",
+                                      empty=f"no T >= {OVERHEAD_MIN_T} case in this set"))
     return out
 
 
-MOMENTUM = Benchmark(
+MOMENTUM = h.Benchmark(
     name="momentum", suffix="-momentum", modes=("fwd", "fwd+bwd"), cases=momentum_cases,
     op="momentum attention (SPEC §6): attention + M, M_t = Σ_{i<t} η^(t-i) v_i",
     inputs=lambda case, group: attn.make_inputs(case, group.device),
-    **tensor_op(oracle=eager_momentum, views=attn.check_views),
+    **h.tensor_op(oracle=eager_momentum, views=attn.check_views),
     providers=[
-        Provider(OURS, momentum, _describe_ours),
-        Provider(BASE, attn.fastattn, lambda device: (
-            f"fastattn_icl.attention(q, k, v, causal=True), the same kernel without momentum ({_kernel(device)}): "
-            "the overhead reference; gated against base attention's oracle"), oracle=attn.oracle),
-        Provider(EAGER, eager_momentum, lambda device: (
+        h.Provider(OURS, momentum, _describe_ours),
+        h.Provider(BASE, attn.fastattn, lambda device: (
+            f"fastattn_icl.attention(q, k, v, causal=True), the same kernel without momentum "
+            f"({h.kernel_text(device)}): the overhead reference; gated against base attention's oracle"),
+            oracle=attn.oracle),
+        h.Provider(EAGER, eager_momentum, lambda device: (
             "fastattn_icl.reference.momentum.momentum_attention in the benchmark dtype: reference attention "
             "(materialised S and P, K/V repeated for GQA) + a materialised [T, T] float64-built decay matrix times V "
             "in float32")),
@@ -204,7 +201,7 @@ def update_gate(case, inp: UpdateInputs, group=None, providers=(), mode="update"
     errors["X_new"] = {"error": 0.0 if unchanged else max(_max_abs_diff(inp.work[:, :, :, 1], x_new), 1e-300),
                        "tolerance": 0.0}
     failures += [] if unchanged else ["X_new: changed by the update"]
-    check = {"status": "incorrect" if failures else STATUS_OK,
+    check = {"status": "incorrect" if failures else h.STATUS_OK,
              "scope": "whole state (every layer's K and V), one step from the same state", "errors": errors,
              "ulp": ulps, "criterion": criterion, "bitwise": all(u["differing"] == 0 for u in ulps.values()),
              "message": "; ".join(failures) or None}
@@ -222,33 +219,32 @@ def _gate_cell(by, name: str) -> str:
 
 def update_targets(rows: list[dict]) -> list[dict]:
     """``fused`` >= 5x ``eager_loop`` on every case."""
-    pairs = [(o["case"], o, find(rows, o["case"], LOOP)) for o in rows if o["provider"] == FUSED]
-    return [ratio_target(f"{FUSED} at least {UPDATE_TARGET:g}x faster than {LOOP} on every case (median time)", pairs,
+    pairs = [(o["case"], o, h.find(rows, o["case"], LOOP)) for o in rows if o["provider"] == FUSED]
+    return [h.ratio_target(f"{FUSED} at least {UPDATE_TARGET:g}x faster than {LOOP} on every case (median time)", pairs,
                          lambda r: r >= UPDATE_TARGET)]
 
 
-DEEP_THINKING = Benchmark(
+DEEP_THINKING = h.Benchmark(
     name="deep-thinking", suffix="-deep-thinking", modes=("update",), cases=update_cases,
     op="Deep-Thinking update (SPEC §7): one step's X̂, m update over every layer's K and V",
     inputs=make_update_inputs, gate=update_gate,
-    **memory_bound_op(("gate X̂", lambda by: _gate_cell(by, "X_hat")), ("gate m", lambda by: _gate_cell(by, "m"))),
+    **h.memory_bound_op(("gate X̂", lambda by: _gate_cell(by, "X_hat")), ("gate m", lambda by: _gate_cell(by, "m"))),
     providers=[
-        Provider(FUSED, fused, lambda device: (
+        h.Provider(FUSED, fused, lambda device: (
             "fastattn_icl.ops.deep_thinking.deep_thinking_update_(work.view(2·L·Hkv, 2, N·d), m, eta, beta, "
             "first=False) on the state buffer work [2, L, Hkv, 2, N, d] and m [2·L·Hkv, N·d] float32 ("
             + ("one Triton launch" if device.type == "cuda" else "its torch twin on CPU: a few whole-buffer eager ops")
             + "), in place")),
-        Provider(LOOP, eager_loop, lambda device: (
+        h.Provider(LOOP, eager_loop, lambda device: (
             "the authors' way: for each layer and each of K, V, fastattn_icl.reference.deep_thinking."
             "deep_thinking_update(x_hat, x_new, m, eta, beta) on per-layer tensors [1, Hkv, N, d] (m float32), 2·L "
             "calls, the results rebound into the per-layer lists")),
     ],
-    gate_text="every case: one step of `fused` on the buffer vs one step of the per-tensor loop "
-    "(fastattn_icl.reference.deep_thinking.deep_thinking_update) from the same state. X̂ (its dtype) and m (float32) "
-    f"pass when bitwise equal to the loop's or at most {ULP_TOLERANCE} ulp apart (check.ulp, check.criterion), else "
-    f"when within the fastattn_icl.testing rule against the float64 step (error <= {FWD_FACTOR:g}x the loop's own "
-    "error + 1e-5·max(1, max|ref|); check.errors holds these figures for every case); X_new must be left unchanged "
-    "bit for bit; eager_loop is the reference (no check of its own)",
+    gate_text="every case: one step of `fused` vs one step of the per-tensor loop (fastattn_icl.reference."
+    f"deep_thinking.deep_thinking_update) from the same state. X̂ (its dtype) and m (float32) pass when bitwise equal "
+    f"or at most {ULP_TOLERANCE} ulp apart (check.ulp, check.criterion), else within the fastattn_icl.testing rule vs "
+    f"the float64 step ({FWD_FACTOR:g}x the loop's own error + 1e-5·max(1, max|ref|); check.errors, every case); "
+    "X_new must stay unchanged bit for bit; eager_loop is the reference (no check of its own)",
     call="one call = one step's update of the whole state, in place",
     memory="the state and the loop's per-layer copies are allocated before and not counted",
     flop_model="none (memory-bound; TFLOP/s not reported). Bytes moved = 2·L·Hkv·N·d·(3·e + 8) (X̂, X_new read and "

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from benchmarks.harness import Benchmark, Provider, Timed, TimingConfig, compare, make_check
+from benchmarks.harness import Benchmark, Provider, Timed, TimingConfig, compare, kernel_text, make_check
 from benchmarks.shapes import epoch_cases, epoch_examples
 from fastattn_icl.testing import GRAD_FACTOR
 
@@ -155,9 +155,7 @@ BENCH = Benchmark(
     metric=lambda case, ms: {"ms_per_example": None if ms is None else ms / case.num_examples},
     providers=[
         Provider(OURS, None, lambda device: (
-            "AnchorReweighting.fit through attn_implementation='fastattn_icl' (the seam: "
-            + ("the fused Triton kernel" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)")
-            + ")")),
+            f"AnchorReweighting.fit through attn_implementation='fastattn_icl' (the seam: {kernel_text(device)})")),
         Provider(EAGER, None, lambda device: (
             "AnchorReweighting.fit with benchmarks.bench_reweighting_epoch.seed_style_attention under the seam's "
             "name (seed-style: materialised P [B, H, T, T] times a materialised weight matrix, then P̂ V)")),

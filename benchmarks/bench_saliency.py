@@ -9,21 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (
-    STATUS_OK,
-    STATUS_UNCHECKED,
-    Benchmark,
-    Provider,
-    Timed,
-    TimingConfig,
-    compare,
-    failure,
-    find,
-    fit_exponent,
-    make_check,
-    ratio_target,
-    verdict,
-)
+from benchmarks import harness as h
 from benchmarks.shapes import saliency_cases
 from fastattn_icl.testing import GRAD_FACTOR
 
@@ -86,8 +72,8 @@ def stack_loss(inp: StackInputs, attend) -> torch.Tensor:
     """The stack's loss; ``attend(layer, q, k, v)`` is the attention of ``layer`` (``[B, H, T, d]`` each)."""
     x = inp.x0
     for layer in range(inp.w_qkv.shape[0]):
-        h = _rms_norm(x)
-        x = x + attend(layer, *(torch.matmul(h, inp.w_qkv[layer, i]) for i in range(3)))
+        hidden = _rms_norm(x)
+        x = x + attend(layer, *(torch.matmul(hidden, inp.w_qkv[layer, i]) for i in range(3)))
     B, H, _, D = x.shape
     logits = x[:, :, inp.target, :].reshape(B, H * D).to(inp.w_out.dtype) @ inp.w_out
     return F.cross_entropy(logits, inp.gold)
@@ -132,9 +118,9 @@ def _gate_now(case, inp: StackInputs, providers) -> dict:
     norms = [float(ref64[..., i].abs().max()) or 1.0 for i in range(len(SCORES))]
     checks = {}
     for p in providers:
-        pairs = {n: compare(n, got[p.name][..., i] / norms[i], same[..., i] / norms[i], ref64[..., i] / norms[i],
+        pairs = {n: h.compare(n, got[p.name][..., i] / norms[i], same[..., i] / norms[i], ref64[..., i] / norms[i],
                             GRAD_FACTOR) for i, n in enumerate(SCORES)}
-        checks[p.name] = make_check({n: e for n, (e, _) in pairs.items()}, [f for _, f in pairs.values()], scope,
+        checks[p.name] = h.make_check({n: e for n, (e, _) in pairs.items()}, [f for _, f in pairs.values()], scope,
                                     score_max_abs=[float(ref64[..., i].abs().max()) for i in range(len(SCORES))])
     return checks
 
@@ -147,11 +133,11 @@ def gate(case, inp, group, providers, mode) -> dict:
         try:
             gates[case.model] = (case.name, _gate_now(case, inp, providers))
         except Exception as exc:
-            status, message = failure(exc)
+            status, message = h.failure(exc)
             inp.x0.grad = None
             if note not in group.notes:
                 group.notes.append(note)
-            return {p.name: (STATUS_UNCHECKED, f"no correctness gate: {status} in it: {message}") for p in providers}
+            return {p.name: (h.STATUS_UNCHECKED, f"no correctness gate: {status} in it: {message}") for p in providers}
         inp.x0.grad = None
         if note in group.notes:
             group.notes.remove(note)
@@ -164,7 +150,7 @@ def gate(case, inp, group, providers, mode) -> dict:
 
 def _peaks(rows, model, provider):
     rs = [r for r in rows if r["params"]["model"] == model and r["provider"] == provider]
-    rs = [r for r in rs if r["status"] == STATUS_OK and r["peak_mem_bytes"]]
+    rs = [r for r in rs if r["status"] == h.STATUS_OK and r["peak_mem_bytes"]]
     return [r["params"]["T"] for r in rs], [r["peak_mem_bytes"] for r in rs]
 
 
@@ -173,7 +159,7 @@ def _status_text(row) -> str:
         return "not run"
     if row["median_ms"] is None:
         return row["status"]
-    return f"{row['median_ms']:.4g} ms" + ("" if row["status"] == STATUS_OK else f" ({row['status']})")
+    return f"{row['median_ms']:.4g} ms" + ("" if row["status"] == h.STATUS_OK else f" ({row['status']})")
 
 
 def _mib(row) -> str:
@@ -185,14 +171,14 @@ def targets(rows: list[dict]) -> list[dict]:
     out = []
     for model in dict.fromkeys(r["params"]["model"] for r in rows):
         mine = [r for r in rows if r["params"]["model"] == model and r["provider"] == OURS]
-        pairs = [(f"T{EAGER_TARGET_T}", o, find(rows, o["case"], EAGER)) for o in mine
+        pairs = [(f"T{EAGER_TARGET_T}", o, h.find(rows, o["case"], EAGER)) for o in mine
                  if o["params"]["T"] == EAGER_TARGET_T]
-        out.append(ratio_target(f"{model}: >= {EAGER_TARGET:g}x faster than eager_probe at T = {EAGER_TARGET_T}", pairs,
-                                lambda r: r >= EAGER_TARGET, lambda o, b, r, t: t if r is None else
-                                f"{r:.1f}x ({_status_text(o)} vs {_status_text(b)})",
-                                empty=f"no T = {EAGER_TARGET_T} case in this set"))
+        out.append(h.ratio_target(f"{model}: >= {EAGER_TARGET:g}x faster than eager_probe at T = {EAGER_TARGET_T}",
+                                  pairs, lambda r: r >= EAGER_TARGET, lambda o, b, r, t: t if r is None else
+                                  f"{r:.1f}x ({_status_text(o)} vs {_status_text(b)})",
+                                  empty=f"no T = {EAGER_TARGET_T} case in this set"))
         ts, mem = _peaks(rows, model, OURS)
-        exponent, eager_exp = fit_exponent(ts, mem), fit_exponent(*_peaks(rows, model, EAGER))
+        exponent, eager_exp = h.fit_exponent(ts, mem), h.fit_exponent(*_peaks(rows, model, EAGER))
         if exponent is None:
             result, detail = "N/A", "fewer than two measured peaks"
         else:
@@ -204,31 +190,30 @@ def targets(rows: list[dict]) -> list[dict]:
                     "result": result, "detail": detail})
         parts, verdicts = [], []
         for ours in (r for r in mine if r["params"]["T"] == LONG_T):
-            verdicts.append(ours["status"] == STATUS_OK)
-            eager = find(rows, ours["case"], EAGER)
+            verdicts.append(ours["status"] == h.STATUS_OK)
+            eager = h.find(rows, ours["case"], EAGER)
             parts.append(f"ours {_status_text(ours)}, peak {_mib(ours)}; eager_probe {_status_text(eager)}"
                          + ("" if eager is None or eager["median_ms"] is None else f", peak {_mib(eager)}"))
         out.append({"target": f"{model}: runs at T = {LONG_T} (eager_probe's status alongside, OOM expected)",
-                    "result": verdict(verdicts), "detail": "; ".join(parts) or f"no T = {LONG_T} case in this set"})
+                    "result": h.verdict(verdicts), "detail": "; ".join(parts) or f"no T = {LONG_T} case in this set"})
     return out
 
 
-BENCH = Benchmark(
+BENCH = h.Benchmark(
     name="saliency", suffix="-saliency", modes=("flow",), cases=saliency_cases, group=lambda case: case.model,
     op="information-flow saliency: flow scores of every layer (forward + one backward + scores)",
-    inputs=make_inputs, gate=gate, timing=TimingConfig(cuda_rep_ms=1000.0),
-    timed=lambda case, inp, group, p, mode: Timed(lambda: p.fn(case, inp), [inp.x0]),
+    inputs=make_inputs, gate=gate, timing=h.TimingConfig(cuda_rep_ms=1000.0),
+    timed=lambda case, inp, group, p, mode: h.Timed(lambda: p.fn(case, inp), [inp.x0]),
     providers=[
-        Provider(OURS, flow_fastattn, lambda device: (
+        h.Provider(OURS, flow_fastattn, lambda device: (
             "fastattn_icl.attention(causal=True, saliency=Saliency(label_positions, target), backend='auto') in "
             "every layer, one request per layer ("
             + ("the fused Triton kernels" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)")
             + "); loss.backward() records every layer's flow-score numerators; scores = request.result.scores()")),
-        Provider(EAGER, flow_eager_probe, lambda device: (
-            "the paper's probe method: per layer P = reference attention_probs(q, k) (QKᵀ in the input dtype, "
-            "softmax in float32) cast to the input dtype, times a ones probe [B, H, T, T] requiring grad, "
-            "O = (P·probe) V; after loss.backward(), I = |Σ_h probe.grad| (float32) and reference flow_scores(I) "
-            "per layer")),
+        h.Provider(EAGER, flow_eager_probe, lambda device: (
+            "the paper's probe method: per layer O = (P·probe) V, P = reference attention_probs(q, k) (QKᵀ in the "
+            "input dtype, float32 softmax) in the input dtype, probe = ones [B, H, T, T] requiring grad; after "
+            "loss.backward(), reference flow_scores(|Σ_h probe.grad|) (float32) per layer")),
     ],
     gate_text="per model, on its first case where it runs (the other cases carry that verdict, see check.scope): "
     "each provider's S_wp, S_pq, S_ww of every layer vs eager_probe in float64 on the same inputs upcast; error <= "

@@ -16,14 +16,6 @@ from pathlib import Path
 import triton
 
 
-def _scope(name: str):
-    from fastattn_icl._triton import specializations as S
-
-    if name == "ci":
-        return S.ci_specs()
-    return S.report_specs()
-
-
 def _row(r) -> dict:
     from fastattn_icl._triton import specializations as S
 
@@ -145,7 +137,7 @@ def main(argv=None) -> int:
                    old["env"])
             print(f"sm_{arch}: re-rendered {stem}.md", file=sys.stderr)
         return 0
-    spec_list = _scope(args.scope)
+    spec_list = S.ci_specs() if args.scope == "ci" else S.report_specs()
     start = time.perf_counter()
     total = len(spec_list) * len(archs)
     print(f"compile_report: {len(spec_list)} specializations x {len(archs)} targets = {total} compiles, "

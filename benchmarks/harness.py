@@ -36,12 +36,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 # benchmark stopped by its time budget still leaves every row it measured)
 ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"
 
-STATUS_OK = "ok"
-STATUS_INCORRECT = "incorrect"
-STATUS_UNCHECKED = "unchecked"
-STATUS_OOM = "oom"
-STATUS_ERROR = "error"
-STATUS_SKIPPED = "skipped"
+STATUS_OK, STATUS_INCORRECT, STATUS_UNCHECKED = "ok", "incorrect", "unchecked"
+STATUS_OOM, STATUS_ERROR, STATUS_SKIPPED = "oom", "error", "skipped"
 TIMED = (STATUS_OK, STATUS_INCORRECT)
 UNITS = {"gb_per_s": "GB/s", "ms_per_input": "ms/input", "inputs_per_s": "inputs/s", "ms_per_example": "ms/example"}
 
@@ -310,6 +306,11 @@ def memory_bound_op(*columns) -> dict:
                                         "gb_per_s": None if ms is None else case.bytes_moved / (ms * 1e-3) / 1e9},
             "columns": [("MiB moved", lambda by: f"{next(r for r in by.values() if r)['bytes_moved'] / 2**20:.2f}"),
                         *columns]}
+
+
+def kernel_text(device: torch.device) -> str:
+    """How the package's own providers run on ``device`` (provider descriptions)."""
+    return "the fused Triton kernel" if device.type == "cuda" else "its CPU path, backend 'torch' (no CUDA)"
 
 
 def no_grad(fn, *args):
