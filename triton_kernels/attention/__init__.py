@@ -25,7 +25,9 @@ taken in int64). Grids are flat (``blocks x batch x heads`` on axis 0), so batch
 at 65535, and causal programs start with the query blocks that see the most keys.
 
 Feature flags are ``tl.constexpr`` so a flag that is off compiles away: ``IS_CAUSAL``, ``HAS_PADDING``,
-``HAS_ANCHORS``, ``HAS_ISOLATION``, ``HAS_PREFIX``, ``HAS_MOMENTUM``.
+``HAS_ANCHORS``, ``HAS_ISOLATION``, ``HAS_PREFIX``, ``HAS_MOMENTUM``. Within a kernel, a block of keys (or
+rows) is masked only where it needs it: ``MASK_BOUNDS`` (the block may reach past the sequence end) and
+``MASK_CAUSAL`` (the block straddles the causal diagonal).
 
 Modules: :mod:`.primitives` (what the kernels and launchers share), :mod:`.forward` (``O``, ``lse``; the shared
 prefix and the momentum epilogue), :mod:`.backward` (``dQ``, ``dK``, ``dV``, ``d logw``), :mod:`.saliency` (the

@@ -47,14 +47,14 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
                                 H, Tq,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # D = rowsum(dO ∘ O) with the (re-weighted) output O
-    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), False)
+    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), HEAVY_FIRST=False)
     b = pid_bh // H
     h = pid_bh % H
     row0 = pid_m * BLOCK_M
     o = load_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, row0, Tq,
-                   stride_om, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                  stride_om, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     do = load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, row0, Tq,
-                    stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                   stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
@@ -67,27 +67,28 @@ def _row_stats(LSE, DELTA, row_base, offs_m, Tq):
     return lse, delta
 
 
-
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base, offs_n, lo, hi,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_isob, Tq, Tk, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
-                         CAUSAL_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         MASK_BOUNDS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Row blocks lo .. hi; MASK_BOUNDS: they may reach past Tq, MASK_CAUSAL: they straddle the causal diagonal.
     # Keys past Tk and padded keys are not masked here: each only feeds its own row of dk / dv / dlogw,
     # which the caller drops (past Tk) or zeroes (padded), so the per-iteration mask is unnecessary.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(Qh, start_m, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
-        do = load_rows(DOh, start_m, Tq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_ROWS)
+        q = load_rows(Qh, start_m, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
+        do = load_rows(DOh, start_m, Tq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
         lse, delta = _row_stats(LSE, DELTA, row_base, offs_m, Tq)
-        rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
+        rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq,
+                                   HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         if HAS_ISOLATION:
             iso_t = offs_n[:, None] < iso_lim[None, :]
             s_t = tl.where(iso_t, ISOLATION_LOG2, s_t)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if CAUSAL_MASK:
+        if MASK_CAUSAL:
             p_t = tl.where(causal_visible(offs_m[None, :], offs_n[:, None], Tq, Tk), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_ANCHORS:
@@ -120,22 +121,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LOGW, DLOGW, ROW
                           IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                           HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    pid_n, pid_bhk = block_ids(tl.cdiv(Tk, BLOCK_N), False)  # causal: block 0 sees the most rows
+    pid_n, pid_bhk = block_ids(tl.cdiv(Tk, BLOCK_N), HEAVY_FIRST=False)  # causal: block 0 sees the most rows
     b = pid_bhk // HKV
     hk = pid_bhk % HKV
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, n0, Tk,
-                   stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+                  stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     v = load_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, n0, Tk,
-                   stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+                  stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     keep = offs_n < Tk
     if HAS_PADDING:
         keep = key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)
 
-    # Row blocks [lo, mid) need the causal mask, [mid, full_end) need no mask at all, and
+    # Row blocks [lo, mid) need the causal mask (and bounds-checked loads), [mid, full_end) no mask at all, and
     # [max(mid, full_end), Tq) only bounds-checked loads. lo: first row that sees key n0;
     # mid: first row block whose rows all see key n0 + BLOCK_N - 1.
     if IS_CAUSAL:
@@ -157,40 +158,48 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LOGW, DLOGW, ROW
             wk = key_weights(LOGW + (b * H + h).to(tl.int64) * Tk, offs_n, Tk)
         dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
                                            offs_n, lo, mid, stride_qm, stride_qd, stride_dom, stride_dod,
-                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                           HAS_ANCHORS, HAS_ISOLATION, True, True, DOT_PRECISION)
+                                           stride_isob, Tq, Tk, qk_scale,
+                                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                                           HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                                           MASK_BOUNDS=True, MASK_CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
         dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
                                            offs_n, mid, full_end, stride_qm, stride_qd, stride_dom, stride_dod,
-                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                           HAS_ANCHORS, HAS_ISOLATION, False, False, DOT_PRECISION)
+                                           stride_isob, Tq, Tk, qk_scale,
+                                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                                           HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                                           MASK_BOUNDS=False, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
         dk, dv, dlw = _attn_bwd_dkdv_inner(dk, dv, dlw, k, v, wk, Qh, DOh, LSE, DELTA, ROW_FROM, ISO, b, row_base,
                                            offs_n, full_end, Tq, stride_qm, stride_qd, stride_dom, stride_dod,
-                                           stride_isob, Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                           HAS_ANCHORS, HAS_ISOLATION, False, True, DOT_PRECISION)
+                                           stride_isob, Tq, Tk, qk_scale,
+                                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                                           HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                                           MASK_BOUNDS=True, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
         if HAS_ANCHORS:
             tl.store(DLOGW + (b * H + h).to(tl.int64) * Tk + offs_n, tl.where(keep, dlw, 0.0), mask=offs_n < Tk)
     if HAS_PADDING:
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     store_rows(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, n0, Tk, stride_dkn, stride_dkd,
-                dk * sm_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+               dk * sm_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
     store_rows(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, n0, Tk, stride_dvn, stride_dvd,
-                dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+               dv, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, lo, hi,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr,
-                       HAS_ISOLATION: tl.constexpr, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
+                       MASK_BOUNDS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Key blocks lo .. hi; MASK_BOUNDS: they may reach past Tk, MASK_CAUSAL: they straddle the causal diagonal.
     # Keys past Tk load as 0 and so add 0 to dq: only the causal and padding masks matter here.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
-        v = load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
-        p, iso = recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
-        if MASK_BLOCK and IS_CAUSAL:
+        k = load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
+        v = load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
+        p, iso = recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION=HAS_ISOLATION,
+                                 DOT_PRECISION=DOT_PRECISION)
+        if MASK_CAUSAL:
             p = tl.where(causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk), p, 0.0)
         if HAS_PADDING:
             p = tl.where(key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk)[None, :], p, 0.0)
@@ -219,7 +228,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
                         IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                         HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
+    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), HEAVY_FIRST=IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // N_REP
@@ -229,23 +238,26 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     q = load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, row0, Tq,
-                   stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                  stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     do = load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, row0, Tq,
-                    stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                   stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * Tq, offs_m, Tq)
-    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
+    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq,
+                               HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi = causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    full_end, hi = causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL=IS_CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, 0, full_end,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS, HAS_ISOLATION, False,
-                            DOT_PRECISION)
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                            HAS_PADDING=HAS_PADDING, HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                            MASK_BOUNDS=False, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, rw, iso_lim, K, V, KPM, LOGWh, b, offs_m, full_end, hi,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS, HAS_ISOLATION, True,
-                            DOT_PRECISION)
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                            HAS_PADDING=HAS_PADDING, HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                            MASK_BOUNDS=True, MASK_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION)
     store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, row0, Tq, stride_dqm, stride_dqd,
-                dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
+               dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,

@@ -51,16 +51,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn,
                     Tq, Tk, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr,
-                    HAS_ISOLATION: tl.constexpr, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_PADDING: tl.constexpr, HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
+                    MASK_BOUNDS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Key blocks lo .. hi; MASK_BOUNDS: they may reach past Tk, MASK_CAUSAL: they straddle the causal diagonal
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
-        v = load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BLOCK)
+        k = load_rows(K, start_n, Tk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
+        v = load_rows(V, start_n, Tk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=MASK_BOUNDS)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        if MASK_BLOCK:
+        if MASK_BOUNDS or MASK_CAUSAL:  # both masks in one select
             vis = offs_n[None, :] < Tk
-            if IS_CAUSAL:
+            if MASK_CAUSAL:
                 vis = vis & causal_visible(offs_m[:, None], offs_n[None, :], Tq, Tk)
             s = tl.where(vis, s, float("-inf"))
         if HAS_PADDING:
@@ -98,7 +99,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
                      HAS_ANCHORS: tl.constexpr, HAS_ISOLATION: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, HAS_MOMENTUM: tl.constexpr, STORE_ATTN: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), IS_CAUSAL)
+    pid_m, pid_bh = block_ids(tl.cdiv(Tq, BLOCK_M), HEAVY_FIRST=IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // N_REP
@@ -110,8 +111,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    q = load_rows(Q, row0, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS, HAS_ISOLATION)
+    q = load_rows(Q, row0, Tq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
+    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq,
+                               HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,22 +128,28 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, PKb, PVb, KPM, LOGWh, b, offs_m, rw, iso_lim, 0, p_full,
                                         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                         stride_kpmb, stride_kpmn, Tq, Tp, qk_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, False, DOT_PRECISION)
+                                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                        HAS_PADDING=False, HAS_ANCHORS=False, HAS_ISOLATION=False,
+                                        MASK_BOUNDS=False, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, PKb, PVb, KPM, LOGWh, b, offs_m, rw, iso_lim, p_full, Tp,
                                         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                         stride_kpmb, stride_kpmn, Tq, Tp, qk_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, True, DOT_PRECISION)
-    full_end, hi = causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+                                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                        HAS_PADDING=False, HAS_ANCHORS=False, HAS_ISOLATION=False,
+                                        MASK_BOUNDS=True, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
+    full_end, hi = causal_bounds(row0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL=IS_CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, 0, full_end,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS,
-                                    HAS_ISOLATION, False, DOT_PRECISION)
+                                    HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                    HAS_PADDING=HAS_PADDING, HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                                    MASK_BOUNDS=False, MASK_CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, LOGWh, b, offs_m, rw, iso_lim, full_end, hi,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     stride_kpmb, stride_kpmn, Tq, Tk, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PADDING, HAS_ANCHORS,
-                                    HAS_ISOLATION, True, DOT_PRECISION)
+                                    HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                    HAS_PADDING=HAS_PADDING, HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION,
+                                    MASK_BOUNDS=True, MASK_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION)
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -153,7 +161,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
             OA += b.to(tl.int64) * stride_oab + h.to(tl.int64) * stride_oah
             store_rows(OA, row0, Tq, stride_oam, stride_oad, o, BLOCK_M, HEAD_DIM, BLOCK_D)
         MOM += b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
-        o = o + load_rows(MOM, row0, Tq, stride_mm, stride_md, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        o = o + load_rows(MOM, row0, Tq, stride_mm, stride_md, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
     store_rows(O, row0, Tq, stride_om, stride_od, o, BLOCK_M, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 

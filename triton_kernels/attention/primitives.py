@@ -27,14 +27,15 @@ ISOLATION_LOG2 = tl.constexpr(ISOLATION_VALUE * _LOG2E)  # the same logit in the
 
 @triton.jit
 def load_rows(base, row0, n_rows, stride_r, stride_d, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    # [BLOCK_R, BLOCK_D] tile of rows row0 .. row0 + BLOCK_R; the row offset is taken in int64 once so
-    # tile-local offsets stay int32 even when T · stride_r passes 2^31
+              BLOCK_D: tl.constexpr, MASK_BOUNDS: tl.constexpr):
+    # [BLOCK_R, BLOCK_D] tile of rows row0 .. row0 + BLOCK_R; MASK_BOUNDS: the tile may reach past n_rows (those rows
+    # load as 0). The row offset is taken in int64 once so tile-local offsets stay int32 even when T · stride_r
+    # passes 2^31
     ptr = base + tl.cast(row0, tl.int64) * stride_r
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
-    if MASK_ROWS:
+    if MASK_BOUNDS:
         return tl.load(ptrs, mask=(offs_r[:, None] < n_rows - row0) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
         return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -44,7 +45,7 @@ def load_rows(base, row0, n_rows, stride_r, stride_d, BLOCK_R: tl.constexpr, HEA
 
 @triton.jit
 def store_rows(base, row0, n_rows, stride_r, stride_d, x, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+               BLOCK_D: tl.constexpr):
     ptr = base + tl.cast(row0, tl.int64) * stride_r
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -68,7 +69,8 @@ def key_keep(KPM, b, offs_n, stride_kpmb, stride_kpmn, Tk):
 @triton.jit
 def causal_bounds(row0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # For query rows row0 .. row0 + BLOCK_M: key blocks [0, full_end) are inside Tk and visible to every
-    # row (no mask needed); blocks [full_end, hi) need the causal / bounds mask; keys >= hi are unseen.
+    # row (no mask needed); blocks [full_end, hi) need MASK_BOUNDS and, if causal, MASK_CAUSAL; keys >= hi are
+    # unseen.
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(Tk, row0 + BLOCK_M + (Tk - Tq)), 0)
         full_end = tl.maximum(tl.minimum(row0 + (Tk - Tq) + 1, Tk), 0) // BLOCK_N * BLOCK_N
@@ -91,7 +93,7 @@ def block_ids(n_blocks, HEAVY_FIRST: tl.constexpr):
 
 @triton.jit
 def row_features(ROW_FROM, ISO, b, offs_m, stride_isob, Tq, HAS_ANCHORS: tl.constexpr,
-                  HAS_ISOLATION: tl.constexpr):
+                 HAS_ISOLATION: tl.constexpr):
     # per query row: re-weighted? (row >= reweight_from[b]) and the isolation column limit (keys j < limit
     # of an isolated row are overwritten); both are placeholders when their feature is off
     rw = offs_m < 0
@@ -109,14 +111,12 @@ def key_weights(LOGWh, offs_n, Tk):
     return tl.math.exp2(tl.load(LOGWh + offs_n, mask=offs_n < Tk, other=0.0) * LOG2E)
 
 
-
 @triton.jit
 def row_lse(LSE, row_base, offs_m, Tq):
     # lse in log2 units; a row with no visible key (lse = -inf) gets +inf so exp2(s - lse) = 0.
     # Rows past Tq read 0: their q and dO tiles are 0, so they contribute exactly 0.
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-
 
 
 @triton.jit
@@ -128,7 +128,6 @@ def recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION: tl.cons
     if HAS_ISOLATION:
         s = tl.where(iso, ISOLATION_LOG2, s)
     return tl.math.exp2(s - lse[:, None]), iso
-
 
 
 def block_d(head_dim: int) -> int:

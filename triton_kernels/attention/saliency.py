@@ -75,10 +75,11 @@ def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL,
     slot = offs_m * 0 - 1
     if STORE_ROWS:  # slot r >= 0: row i of I goes to ROWS[b, r]
         slot = tl.load(ROW_SLOT + b.to(tl.int64) * stride_slotb + offs_m, mask=row_ok, other=-1)
-    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, T, HAS_ANCHORS, HAS_ISOLATION)
+    rw, iso_lim = row_features(ROW_FROM, ISO, b, offs_m, stride_isob, T,
+                               HAS_ANCHORS=HAS_ANCHORS, HAS_ISOLATION=HAS_ISOLATION)
     # named, not `_`: Triton types a loop-carried name by its first binding (an int here), and the probs'
     # isolation tile below (a bool tile) would rebind `_` inside the loop, which no CUDA target compiles
-    _full_end, hi = causal_bounds(row0, T, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    _full_end, hi = causal_bounds(row0, T, T, BLOCK_M, BLOCK_N, IS_CAUSAL=IS_CAUSAL)
     lower_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_(j<i) I[i, j]
     label_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ over label columns j of I[i, j]
     part = (pid_m.to(tl.int64) * B + b) * N_SPLIT + split  # this program's slot in the partial sums
@@ -96,15 +97,16 @@ def _attn_bwd_saliency_kernel(Q, K, V, DO, LSE, KPM, LOGW, ROW_FROM, ISO, LABEL,
             h = tl.cast(g, tl.int64)
             hk = h // N_REP
             q = load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, row0, T,
-                           stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                          stride_qm, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
             do = load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, row0, T,
-                            stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                           stride_dom, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
             k = load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, start_n, T,
-                           stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+                          stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
             v = load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, start_n, T,
-                           stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+                          stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_BOUNDS=True)
             lse = row_lse(LSE, (b * H + h) * T, offs_m, T)
-            p, _iso = recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION, DOT_PRECISION)
+            p, _iso = recompute_probs(q, k, lse, iso_lim, offs_n, qk_scale, HAS_ISOLATION=HAS_ISOLATION,
+                                      DOT_PRECISION=DOT_PRECISION)
             p = tl.where(vis, p, 0.0)
             if HAS_ANCHORS:  # the probe sits on the weights that multiply V: the re-weighted P̂
                 wk = key_weights(LOGW + (b * H + h) * T, offs_n, T)
