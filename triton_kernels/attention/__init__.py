@@ -39,7 +39,6 @@ only exercised on a GPU.
 
 from .backward import attention_bwd
 from .forward import attention_fwd, momentum_attention_fwd
-from .primitives import dot_precision_for, unit_column_stride
 from .saliency import attention_saliency
 from .tuning import FLAG_SETS, TUNED_KINDS, SharedMemoryError, device_smem_limit, prune_configs, smem_bytes
 
@@ -51,9 +50,7 @@ __all__ = [
     "attention_fwd",
     "attention_saliency",
     "device_smem_limit",
-    "dot_precision_for",
     "momentum_attention_fwd",
     "prune_configs",
     "smem_bytes",
-    "unit_column_stride",
 ]

@@ -261,19 +261,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-                  causal: bool, scale: float, *, dq=None, dk=None, dv=None, dlogw=None):
+                  causal: bool, scale: float):
     """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v`` and
-    ``dlogw [B, H, Tk]`` float32 (``None`` without anchors); all may be given (tests pass NaN-filled ones)."""
+    ``dlogw [B, H, Tk]`` float32 (``None`` without anchors)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = unit_column_stride(do)
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
-    if key_log_weights is None:
-        dlogw = None
-    elif dlogw is None:  # every element is written by the dkdv kernel
-        dlogw = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    # every element is written by the dkdv kernel
+    dlogw = None if key_log_weights is None else torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
     if Tk == 0:
         return dq.zero_(), dk, dv, dlogw
     if Tq == 0:

@@ -167,38 +167,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float, *, prefix=None, momentum=None, out_attn=None, out=None, lse=None):
+                  scale: float, *, prefix=None):
     """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
-    ``lse [B, H, Tq]`` float32 (contiguous). ``out``/``lse`` may be given (tests pass NaN-filled ones).
-    Method inputs (``None`` = feature off): see :func:`method_args`. ``prefix``: ``None`` or the shared
-    prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0 for one copy), whose keys
-    come before ``k`` and are visible to every query row (method features must be off). ``momentum``: ``None``
-    or ``M [B, Hkv, Tq, D]`` float32 added in the epilogue (MoAttn); then ``out_attn`` (``None`` or a tensor like
-    ``out``) also receives the attention part alone."""
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if out is None:
-        out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    if lse is None:
-        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    if Tq == 0:
-        return out, lse
-    kpm, s_kpmb, s_kpmn = kpm_args(key_padding_mask, q)
-    (logw, row_from, iso, s_isob), method_flags = method_args(key_log_weights, reweight_from, isolation_limit, q)
-    pk, pv = prefix if prefix is not None else (k, v)  # never read without HAS_PREFIX
-    Tp = pk.shape[2] if prefix is not None else 0
-    mom = momentum if momentum is not None else placeholder(q.device, torch.float32).view(1, 1, 1, 1)
-    oa = out_attn if out_attn is not None else out  # never written without STORE_ATTN
-    launch(
-        "fwd", _attn_fwd_kernel, q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
-        q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv, mom, oa,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob, *pk.stride(), *pv.stride(),
-        *mom.stride(), *oa.stride(),
-        H, H // Hkv, Tq, Tk, Tp, log2_scale(scale), bucket(Tq), bucket(Tp + Tk),  # tuned on all the keys read
-        HEAD_DIM=D, BLOCK_D=block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
-        HAS_PREFIX=prefix is not None, HAS_MOMENTUM=momentum is not None, STORE_ATTN=out_attn is not None,
-        DOT_PRECISION=dot_precision(q), **method_flags,
-    )
+    ``lse [B, H, Tq]`` float32 (contiguous). Method inputs (``None`` = feature off): see :func:`method_args`.
+    ``prefix``: ``None`` or the shared prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0
+    for one copy), whose keys come before ``k`` and are visible to every query row (method features must be off)."""
+    out, lse, _ = _forward(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
+                           prefix=prefix)
     return out, lse
 
 
@@ -207,9 +182,35 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     """``(out, lse, out_attn)``: the forward kernel with ``momentum [B, Hkv, Tq, D]`` (float32, from the
     decayed-sum scan of :mod:`fastattn_icl._triton.momentum`) added in its epilogue; ``out_attn`` holds the attention
     part when ``store_attn`` (the backward's ``o``), else it is an empty tensor."""
-    B, H, Tq, D = q.shape
-    out_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2) if store_attn else None
-    out, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, momentum=momentum,
-                             out_attn=out_attn)
+    out, lse, out_attn = _forward(q, k, v, key_padding_mask, None, None, None, causal, scale, momentum=momentum,
+                                  store_attn=store_attn)
     return out, lse, (out_attn if store_attn else q.new_empty(0))
 
+
+def _forward(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool, scale: float,
+             *, prefix=None, momentum=None, store_attn: bool = False):
+    # (out, lse, out_attn): out_attn is like out and holds the attention part alone when store_attn, else None
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    out_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2) if store_attn else None
+    if Tq == 0:
+        return out, lse, out_attn
+    kpm, s_kpmb, s_kpmn = kpm_args(key_padding_mask, q)
+    (logw, row_from, iso, s_isob), method_flags = method_args(key_log_weights, reweight_from, isolation_limit, q)
+    pk, pv = prefix if prefix is not None else (k, v)  # never read without HAS_PREFIX
+    Tp = pk.shape[2] if prefix is not None else 0
+    mom = momentum if momentum is not None else placeholder(q.device, torch.float32).view(1, 1, 1, 1)
+    oa = out_attn if store_attn else out  # never written without STORE_ATTN
+    launch(
+        "fwd", _attn_fwd_kernel, q, lambda bm, bn: (triton.cdiv(Tq, bm) * B * H,),
+        q, k, v, out, lse, kpm, logw, row_from, iso, pk, pv, mom, oa,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpmb, s_kpmn, s_isob, *pk.stride(), *pv.stride(),
+        *mom.stride(), *oa.stride(),
+        H, H // Hkv, Tq, Tk, Tp, log2_scale(scale), bucket(Tq), bucket(Tp + Tk),  # tuned on all the keys read
+        HEAD_DIM=D, BLOCK_D=block_d(D), IS_CAUSAL=causal, HAS_PADDING=key_padding_mask is not None,
+        HAS_PREFIX=prefix is not None, HAS_MOMENTUM=momentum is not None, STORE_ATTN=store_attn,
+        DOT_PRECISION=dot_precision(q), **method_flags,
+    )
+    return out, lse, out_attn
