@@ -63,7 +63,10 @@ def _extension():
     return cpp_extension.CppExtension("fastattn_icl._C", sources, extra_compile_args={"cxx": cxx_flags})
 
 
-packages = find_packages(include=["fastattn_icl", "fastattn_icl.*"]) + ["fastattn_icl._triton"]
+# triton_kernels/ and its subpackages (attention/) are installed under fastattn_icl._triton; package_dir's entry for
+# the parent maps the subpackages' folders too, but each must be listed
+triton_packages = ["fastattn_icl._triton"] + [f"fastattn_icl._triton.{sub}" for sub in find_packages("triton_kernels")]
+packages = list(dict.fromkeys(find_packages(include=["fastattn_icl", "fastattn_icl.*"]) + triton_packages))
 
 setup(
     packages=packages,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import unit_column_stride
+from .attention.primitives import unit_column_stride
 
 
 @triton.jit

@@ -1,11 +1,10 @@
 """Every specialization the launchers can compile, as data: the compile suite and report enumerate these.
 
 One source of truth: the flag sets are the ones the launchers check every launch against
-(:data:`attention.FLAG_SETS`, :data:`momentum.FLAG_SETS`; :data:`deep_thinking.FLAG_SETS` holds both values of its
-one flag), and the block
-configs are the autotuner's own lists (:func:`attention._candidates`). A flag or config added to a launcher is
-therefore compiled by ``tests/compile`` the day it is added, and a launch with a flag set missing from the table
-fails at once (``attention._check_flags``).
+(:data:`attention.tuning.FLAG_SETS`, :data:`momentum.FLAG_SETS`; :data:`deep_thinking.FLAG_SETS` holds both values
+of its one flag), and the block configs are the autotuner's own lists (:func:`attention.tuning.candidates`). A flag
+or config added to a launcher is therefore compiled by ``tests/compile`` the day it is added, and a launch with a
+flag set missing from the table fails at once (``attention.tuning.check_flags``).
 
 A :class:`Spec` is one ``(kernel, flags, dtype, head dim, config)``; :func:`compile_spec` compiles it ahead of
 time for a CUDA target (no GPU needed: ``triton.compile`` on an ``ASTSource`` with the argument types and
@@ -25,7 +24,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import attention, deep_thinking, momentum
+from . import deep_thinking, momentum
+from .attention import backward, forward, primitives, saliency, tuning
 
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin) on the targets the suite proves.
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
@@ -73,7 +73,7 @@ class Spec:
 
     @property
     def block_d(self) -> int:
-        return attention._block_d(self.head_dim) if self.kind != "scan" else momentum.scan_block_d(self.head_dim)
+        return primitives.block_d(self.head_dim) if self.kind != "scan" else momentum.scan_block_d(self.head_dim)
 
     @property
     def dtype_name(self) -> str:
@@ -100,12 +100,12 @@ class Spec:
 
 
 _JIT = {
-    "fwd": attention._attn_fwd_kernel, "preprocess": attention._attn_bwd_preprocess_kernel,
-    "dkdv": attention._attn_bwd_dkdv_kernel, "dq": attention._attn_bwd_dq_kernel,
-    "saliency": attention._attn_bwd_saliency_kernel, "scan": momentum._decayed_scan_kernel,
+    "fwd": forward._attn_fwd_kernel, "preprocess": backward._attn_bwd_preprocess_kernel,
+    "dkdv": backward._attn_bwd_dkdv_kernel, "dq": backward._attn_bwd_dq_kernel,
+    "saliency": saliency._attn_bwd_saliency_kernel, "scan": momentum._decayed_scan_kernel,
     "deep_thinking": deep_thinking._deep_thinking_update_kernel,
 }
-_FLAG_SETS = {**attention.FLAG_SETS, **momentum.FLAG_SETS, **deep_thinking.FLAG_SETS}
+_FLAG_SETS = {**tuning.FLAG_SETS, **momentum.FLAG_SETS, **deep_thinking.FLAG_SETS}
 KINDS = tuple(_JIT)
 
 
@@ -116,7 +116,7 @@ def flag_sets(kind: str) -> list[tuple]:
 def _fixed_config(kind: str, head_dim: int):
     # kernels launched with fixed meta-parameters: (block_m, block_n, num_warps, num_stages) as the launcher sets them
     if kind == "preprocess":
-        return attention.PREPROCESS_BLOCK_M, None, 4, 3
+        return tuning.PREPROCESS_BLOCK_M, None, 4, 3
     if kind == "scan":
         return momentum.BLOCK_T, momentum.scan_block_d(head_dim), 4, 3
     return None, deep_thinking.BLOCK, 4, 3
@@ -132,8 +132,8 @@ def specs(kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS, *, first_config_only:
                 continue
             for dtype in dtypes:
                 for d in (head_dims if kind != "deep_thinking" else (0,)):
-                    if kind in attention.TUNED_KINDS:
-                        cands = attention._candidates(kind, attention._block_d(d), dtype.itemsize)
+                    if kind in tuning.TUNED_KINDS:
+                        cands = tuning.candidates(kind, primitives.block_d(d), dtype.itemsize)
                         if first_config_only:
                             cands = cands[:1]
                         for i, (bm, bn, w, st) in enumerate(cands):
@@ -150,12 +150,12 @@ def _source(spec: Spec):
     constexpr_names = {names[i] for i in fn.constexprs}
     flags = dict(spec.flags)
     constants = dict(flags)
-    if spec.kind in attention.TUNED_KINDS or spec.kind == "preprocess":
+    if spec.kind in tuning.TUNED_KINDS or spec.kind == "preprocess":
         constants.update(HEAD_DIM=spec.head_dim, BLOCK_D=spec.block_d, BLOCK_M=spec.block_m)
         if spec.mha:
             constants["N_REP"] = 1
         if spec.kind != "preprocess":
-            constants.update(BLOCK_N=spec.block_n, DOT_PRECISION=attention.dot_precision_for(spec.dtype, True))
+            constants.update(BLOCK_N=spec.block_n, DOT_PRECISION=primitives.dot_precision_for(spec.dtype, True))
     elif spec.kind == "scan":
         constants.update(HEAD_DIM=spec.head_dim, BLOCK_T=spec.block_m, BLOCK_D=spec.block_n,
                          DOT_PRECISION=momentum.DOT_PRECISION)
@@ -343,7 +343,7 @@ def ci_specs() -> list[Spec]:
             reps = set(_representative(kind, alone=alone))  # fp32 (slow to compile): no flag and the maximal sets
             keep = lambda k, flags, reps=reps: tuple(sorted(flags.items())) in reps  # noqa: E731
             chosen += specs((kind,), dtypes, dims, first_config_only=True, flags_filter=keep)
-        if kind in attention.TUNED_KINDS or kind == "preprocess":
+        if kind in tuning.TUNED_KINDS or kind == "preprocess":
             # head dims that pad (80 -> BLOCK_D 128: the masked loads) or use the smallest blocks (32), and MHA
             # (N_REP == 1, a constant to the JIT): no flag and the maximal flag sets, fp16, first config
             ends = set(_representative(kind, alone=False))
@@ -352,7 +352,7 @@ def ci_specs() -> list[Spec]:
             if kind != "preprocess":
                 chosen += [dataclasses.replace(s, mha=True) for s in specs((kind,), (torch.float16,), (64, 128),
                                                                            first_config_only=True, flags_filter=keep)]
-        if kind in attention.TUNED_KINDS:
+        if kind in tuning.TUNED_KINDS:
             base = lambda k, flags: not any(v is True for v in flags.values())  # noqa: E731
             for dtype, dims in ((torch.float16, (64, 128)), (torch.float32, (128,))):
                 chosen += [s for s in specs((kind,), (dtype,), dims, flags_filter=base) if s.position > 0]
@@ -365,6 +365,6 @@ def report_specs() -> list[Spec]:
     kernels."""
     chosen = []
     for kind in KINDS:
-        reps = set(_representative(kind)) if kind in attention.TUNED_KINDS else set(flag_sets(kind))
+        reps = set(_representative(kind)) if kind in tuning.TUNED_KINDS else set(flag_sets(kind))
         chosen += specs((kind,), flags_filter=lambda k, flags, reps=reps: tuple(sorted(flags.items())) in reps)
     return chosen

@@ -11,16 +11,17 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 from fastattn_icl._triton import attention, momentum  # noqa: E402
 from fastattn_icl._triton import specializations as S  # noqa: E402
+from fastattn_icl._triton.attention import tuning  # noqa: E402
 
 
 def _configs(kind, block_d, elem):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in attention._candidates(kind, block_d, elem)]
+            for bm, bn, w, st in tuning.candidates(kind, block_d, elem)]
 
 
 def test_specs_enumerate_every_flag_set_dtype_head_dim_and_config():
     for kind in attention.TUNED_KINDS:
-        expected = sum(len(attention._candidates(kind, d, dt.itemsize))
+        expected = sum(len(tuning.candidates(kind, d, dt.itemsize))
                        for d in S.HEAD_DIMS for dt in S.DTYPES) * len(attention.FLAG_SETS[kind])
         assert len(S.specs((kind,))) == expected
     got = {(s.kind, s.flags) for s in S.specs()}
@@ -31,9 +32,8 @@ def test_specs_enumerate_every_flag_set_dtype_head_dim_and_config():
 def test_a_config_added_to_a_launcher_list_is_compiled(monkeypatch):
     key = (128, False)
     added = (16, 16, 4, 1)
-    table = {**attention._CANDIDATES, "dq": {**attention._CANDIDATES["dq"], key: [*attention._CANDIDATES["dq"][key],
-                                                                               added]}}
-    monkeypatch.setattr(attention, "_CANDIDATES", table)
+    table = {**tuning.CANDIDATES, "dq": {**tuning.CANDIDATES["dq"], key: [*tuning.CANDIDATES["dq"][key], added]}}
+    monkeypatch.setattr(tuning, "CANDIDATES", table)
     dq = S.specs(("dq",), (torch.float16,), (128,))
     assert any((s.block_m, s.block_n, s.num_warps, s.num_stages) == added for s in dq)
     assert any((s.block_m, s.block_n, s.num_warps, s.num_stages) == added for s in S.report_specs()
@@ -56,8 +56,8 @@ def test_launch_refuses_a_flag_set_missing_from_the_table():
     flags = dict(IS_CAUSAL=False, HAS_PADDING=False, HAS_ANCHORS=True, HAS_ISOLATION=False, HAS_PREFIX=True,
                  HAS_MOMENTUM=False, STORE_ATTN=False)
     with pytest.raises(NotImplementedError, match="not in FLAG_SETS"):
-        attention._check_flags("fwd", flags)
-    attention._check_flags("fwd", {**flags, "HAS_PREFIX": False})  # anchors alone: in the table
+        tuning.check_flags("fwd", flags)
+    tuning.check_flags("fwd", {**flags, "HAS_PREFIX": False})  # anchors alone: in the table
 
 
 def test_scan_refuses_a_form_missing_from_the_table():
@@ -118,6 +118,6 @@ def test_the_device_prune_reads_this_gpus_limit():
     limit = attention.device_smem_limit(device)
     assert 48 * 1024 <= limit <= 256 * 1024
     configs = _configs("fwd", 128, 2)
-    pruner = attention._device_pruner("fwd", 128, 2)
+    pruner = tuning._device_pruner("fwd", 128, 2)
     kept = pruner(configs, {"Q": torch.empty(1, device=device)})
     assert kept == attention.prune_configs("fwd", 128, 2, configs, limit) and kept

@@ -197,7 +197,7 @@ def test_isolated_logits_are_overwritten_not_added(backend):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_every_method_output_element_is_written(causal):
+def test_every_method_output_element_is_written(causal, nan_empty):
     """NaN-poisoned out, lse, dq, dk, dv and d(log-weights) with anchors, isolation and padding on."""
     from fastattn_icl._triton import attention as kernels
 
@@ -212,18 +212,14 @@ def test_every_method_output_element_is_written(causal):
     logw = anchor_key_log_weights(beta, pos, cls, B, H, Tk)
     start = reweight_start(20, B, Tq, q.device)
     limit = isolation_limit(pos, 0, B, Tq, Tk, q.device)
-    nan = float("nan")
-    out = torch.full((B, Tq, H, D), nan, device=DEVICE).transpose(1, 2)
-    lse = torch.full((B, H, Tq), nan, device=DEVICE)
-    kernels.attention_fwd(q, k, v, kpm, logw, start, limit, causal, D**-0.5, out=out, lse=lse)
+    with nan_empty():
+        out, lse = kernels.attention_fwd(q, k, v, kpm, logw, start, limit, causal, D**-0.5)
     ref = reweight_ref(q, k, v, beta, pos, cls, reweight_from=20, causal=causal, key_padding_mask=kpm,
                        isolation_rows=pos)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert not torch.isnan(lse).any()
-    grads = [torch.full_like(t, nan) for t in (q, k, v)]
-    dlogw = torch.full((B, H, Tk), nan, device=DEVICE)
-    kernels.attention_bwd(do, q, k, v, out, lse, kpm, logw, start, limit, causal, D**-0.5,
-                          dq=grads[0], dk=grads[1], dv=grads[2], dlogw=dlogw)
+    with nan_empty():
+        *grads, dlogw = kernels.attention_bwd(do, q, k, v, out, lse, kpm, logw, start, limit, causal, D**-0.5)
     for g in (*grads, dlogw):
         assert not torch.isnan(g).any()
 

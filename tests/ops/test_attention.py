@@ -12,7 +12,7 @@ import torch
 import fastattn_icl
 from fastattn_icl.ops.backend import resolve_backend
 from fastattn_icl.reference.attention import attention as attention_ref
-from fastattn_icl.testing import GRAD_FACTOR, check_close, poison_
+from fastattn_icl.testing import GRAD_FACTOR, check_close
 
 CPU_DTYPES = [torch.float32, torch.float16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +112,7 @@ def test_output_layout_is_bthd():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_every_output_element_is_written(causal):
+def test_every_output_element_is_written(causal, nan_empty):
     """Poison the kernel's outputs with NaN: an element it never writes fails the comparison."""
     if DEVICE == "cpu" and resolve_backend("triton", torch.device("cpu")) != "triton":
         pytest.fail("the Triton interpreter should be on in tests without a GPU")
@@ -121,19 +121,38 @@ def test_every_output_element_is_written(causal):
     B, H, Hkv, Tq, Tk, D = 2, 4, 2, 37, 45, 80
     q, k, v, do, kpm = _inputs(B, H, Hkv, Tq, Tk, D, torch.float32, pad=True, seed=7)
     scale = D**-0.5
-    out = poison_(torch.empty(B, Tq, H, D, device=DEVICE)).transpose(1, 2)
-    lse = poison_(torch.empty(B, H, Tq, device=DEVICE))
-    kernels.attention_fwd(q, k, v, kpm, None, None, None, causal, scale, out=out, lse=lse)
+    with nan_empty():
+        out, lse = kernels.attention_fwd(q, k, v, kpm, None, None, None, causal, scale)
     ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal,
                                      key_padding_mask=kpm, return_lse=True)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
-    grads = [poison_(torch.empty_like(t)) for t in (q, k, v)]
-    kernels.attention_bwd(do, q, k, v, out, lse, kpm, None, None, None, causal, scale,
-                          dq=grads[0], dk=grads[1], dv=grads[2])
+    with nan_empty():
+        *grads, _ = kernels.attention_bwd(do, q, k, v, out, lse, kpm, None, None, None, causal, scale)
     for g in grads:
         assert not torch.isnan(g).any()
+
+
+def test_nan_empty_leaves_what_no_kernel_writes_nan(nan_empty, monkeypatch):
+    """The poisoning reaches the launchers' outputs: with the attention kernels not launched, every element of out,
+    lse, dq, dk, dv and d(log-weights) is NaN, so an element a kernel never writes fails the tests above."""
+    from fastattn_icl._triton.attention import backward, forward
+
+    monkeypatch.setattr(forward, "launch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(backward, "launch", lambda *args, **kwargs: None)
+    q, k, v, do, kpm = _inputs(1, 2, 1, 5, 7, 16, torch.float32, pad=True)
+    logw = torch.zeros(1, 2, 7, device=DEVICE)
+    start = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    momentum = torch.zeros(1, 1, 5, 16, device=DEVICE)
+    allocators = (torch.empty, torch.empty_like)
+    with nan_empty():
+        out, lse = forward.attention_fwd(q, k, v, kpm, None, None, None, True, 0.25)
+        mom_out, mom_lse, out_attn = forward.momentum_attention_fwd(q, k, v, kpm, True, 0.25, momentum, True)
+        grads = backward.attention_bwd(do, q, k, v, q, lse, kpm, logw, start, None, True, 0.25)
+    for t in (out, lse, mom_out, mom_lse, out_attn, *grads):
+        assert t.numel() and torch.isnan(t).all()
+    assert (torch.empty, torch.empty_like) == allocators  # restored after the block
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -431,10 +431,10 @@ def test_cuda_anchors_and_unchanged_gradients(dtype):
 def test_cuda_autotuning_call_matches_later_calls(per_head):
     """The first call of a tune key benchmarks every block config on the same output buffers; what it returns
     must be what a later call (one config, deterministic: no atomics) returns."""
-    from fastattn_icl._triton import attention as kernels
+    from fastattn_icl._triton.attention import tuning
 
-    for key in [key for key in kernels._tuned if key[0] == "saliency"]:
-        del kernels._tuned[key]  # a fresh autotuner: the next saliency launch tunes
+    for key in [key for key in tuning._tuned if key[0] == "saliency"]:
+        del tuning._tuned[key]  # a fresh autotuner: the next saliency launch tunes
     case = _long_case(1000)
     q, k, v, w, kpm, labels, target, start = _inputs(case, torch.float16, device="cuda", seed=11)
 
