@@ -22,7 +22,7 @@ from fastattn_icl.ops.backend import resolve_backend
 __all__ = ["deep_thinking_update_"]
 
 
-def _check_coef(name: str, x) -> float:
+def check_coef(name: str, x) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
     x = float(x)
@@ -70,7 +70,7 @@ def deep_thinking_update_(
         first: the first update (``m = g``; ``m``'s old contents are not read).
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
     """
-    eta, beta = _check_coef("eta", eta), _check_coef("beta", beta)
+    eta, beta = check_coef("eta", eta), check_coef("beta", beta)
     if not isinstance(work, torch.Tensor) or not work.is_floating_point() or work.dim() != 3 or work.shape[1] != 2:
         raise TypeError(f"work must be a floating tensor [R, 2, C], got {work!r:.80}")
     if work.dtype not in (torch.float16, torch.bfloat16, torch.float32):
