@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from fastattn_icl.integrations.controller import AnchorState, IsolationState, SharedPrefixState, find_controller
-from fastattn_icl.ops.attention import _fused
+from fastattn_icl.ops.attention import attention_from_tables
 from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
 from fastattn_icl.ops.momentum import check_eta, momentum_attention, momentum_attention_with_state
 from fastattn_icl.ops.prefix import shared_prefix_attention
@@ -561,9 +561,19 @@ def fastattn_icl_attention_forward(
         # the cache holds every key from position 0, so the decayed sum counts absolute positions
         out = _momentum_forward(layer_idx, query, key, value, eta, bool(is_causal), scaling, key_padding_mask)
     else:
-        out, lse = _fused(
+        B, H, Tq, _ = query.shape
+        logw = row_from = limit = None
+        if "beta" in method:
+            logw = anchor_key_log_weights(method["beta"], method["anchor_positions"], method["anchor_classes"], B, H,
+                                          key.shape[2])
+            row_from = reweight_start(method["reweight_from"], B, Tq, query.device)
+        if "isolation_rows" in method:
+            limit = isolation_limit(method["isolation_rows"], method["isolation_window"], B, Tq, key.shape[2],
+                                    query.device)
+        out, lse = attention_from_tables(
             query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,
-            backend=None, saliency=saliency, saliency_key=layer_idx, **method,
+            key_log_weights=logw, reweight_from=row_from, isolation_limit=limit, saliency=saliency,
+            saliency_key=layer_idx,
         )
         if probe is not None:  # alone in this layer's state (checked above), so this branch ran
             probe.record(layer_idx, query, key, lse, scale)

@@ -1,4 +1,5 @@
-"""Plain-PyTorch backend of the attention op: the CPU path until a faster CPU kernel exists.
+"""Plain-PyTorch backend of every op (attention, saliency, momentum, Deep-Thinking): the CPU path until faster CPU
+kernels exist. It implements the functions that :func:`fastattn_icl.ops.backend.kernel` names.
 
 Flash-style contract, same as the Triton kernels: the forward returns ``o`` and the natural-log
 ``lse`` (``-inf`` on rows with no visible key, whose output is 0); the backward recomputes ``P``
@@ -280,3 +281,18 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + momentum[:, :, None]).reshape(B, H, Tq, D))
     return out, lse, (o_attn if store_attn else q.new_empty(0))
+
+
+def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
+    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (SPEC §7), in row chunks; the
+    contract of the Triton launcher of the same name."""
+    R, _, C = work.shape
+    step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache
+    for r0 in range(0, R, step):
+        x_hat, x_new, m_rows = work[r0 : r0 + step, 0], work[r0 : r0 + step, 1], m[r0 : r0 + step]
+        g = x_new.float() - x_hat.float()
+        if first:
+            m_rows.copy_(g)
+        else:
+            m_rows.mul_(beta).add_(g)
+        x_hat.copy_(x_hat.float() + eta * m_rows)

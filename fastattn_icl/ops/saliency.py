@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from fastattn_icl.ops.features import _any_each, _index_tensor
+from fastattn_icl.ops._validate import any_each, check_index_tensor
+from fastattn_icl.ops.backend import kernel
 
 __all__ = ["Saliency", "SaliencyResult"]
 
@@ -52,9 +53,7 @@ def _attention_saliency(
     row_slot: torch.Tensor | None,
     rows: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastattn_icl.ops.attention import _impl
-
-    sums, head_sums = _impl(backend).attention_saliency(
+    sums, head_sums = kernel(backend, "attention_saliency")(
         grad_out, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
         label_mask, target, per_head=per_head, row_slot=row_slot, rows=rows,
     )
@@ -173,7 +172,7 @@ class Saliency:
             labels = labels.to(device)
             if labels.dim() == 1:
                 labels = labels[None]
-        labels = _index_tensor("Saliency: label_positions", labels, 2, "[B, C]", device)
+        labels = check_index_tensor("Saliency: label_positions", labels, 2, "[B, C]", device)
         if labels.shape[0] == 1 and B != 1:
             labels = labels.expand(B, -1)
         if labels.shape[0] != B or labels.shape[1] == 0:
@@ -193,7 +192,7 @@ class Saliency:
             (start < 0) | (start > target),
             used & (labels < start[:, None]),
         ]
-        bad = _any_each(*checks)
+        bad = any_each(*checks)
         messages = [
             "label_positions must be >= 0 (or -1 for an unused slot)",
             f"label_positions must be < T={T}",
@@ -238,7 +237,7 @@ def _check_padding(key_padding_mask: torch.Tensor | None, labels: torch.Tensor, 
     if key_padding_mask is None:
         return
     used = labels >= 0
-    bad = _any_each(
+    bad = any_each(
         ~key_padding_mask.gather(1, target[:, None])[:, 0], used & ~key_padding_mask.gather(1, labels.clamp(min=0))
     )
     messages = [
