@@ -20,6 +20,7 @@ stores the whole head-summed ``[T, T]`` map (for plotting short prompts).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,7 @@ class Saliency:
     start: Any = 0
     results: dict[Any, SaliencyResult] = field(default_factory=dict, repr=False)
     _tables: dict[Any, tuple] = field(default_factory=dict, repr=False)
+    _checked_mask: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.per_head, bool):
@@ -163,7 +165,7 @@ class Saliency:
         cache_key = (B, T, device)
         if cache_key in self._tables:
             tables = self._tables[cache_key]
-            _check_padding(key_padding_mask, tables[4], tables[1].long())
+            self._check_padding_once(key_padding_mask, tables[4], tables[1].long())
             return tables
         labels = self.label_positions
         if isinstance(labels, (list, tuple)):
@@ -204,7 +206,7 @@ class Saliency:
             "a label position comes before its row's start (the first token)",
         ]
         _raise_first(bad, messages, labels, target)
-        _check_padding(key_padding_mask, labels, target)
+        self._check_padding_once(key_padding_mask, labels, target)
         label_mask = slot_taken.to(torch.uint8)
         row_slot, n_rows = None, 0
         if self.rows == "labels":  # slots 0..C-1: the label rows in order, slot C: the target row
@@ -224,6 +226,14 @@ class Saliency:
         tables = (label_mask, target.int(), row_slot, n_rows, labels, denominators)
         self._tables = {cache_key: tables}  # one entry: the seam reuses it for every layer of a forward
         return tables
+
+
+    def _check_padding_once(self, key_padding_mask, labels: torch.Tensor, target: torch.Tensor) -> None:
+        """:func:`_check_padding` once per mask object: the seam hands one mask to every layer of a forward."""
+        if key_padding_mask is None or (self._checked_mask is not None and self._checked_mask() is key_padding_mask):
+            return
+        _check_padding(key_padding_mask, labels, target)
+        self._checked_mask = weakref.ref(key_padding_mask)
 
 
 def _raise_first(bad: list[bool], messages: list[str], labels: torch.Tensor, target: torch.Tensor) -> None:
