@@ -69,6 +69,7 @@ import torch
 
 from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.method_state import Isolation, LayerMethods, Reweighting, SharedPrefix
+from fastattn_icl.integrations.updated_layers import take_updated_layer
 from fastattn_icl.ops._torch_backend import attention_probs
 from fastattn_icl.ops.attention import attention_from_tables
 from fastattn_icl.ops.features import isolation_limit_table, key_log_weight_table
@@ -365,8 +366,7 @@ def _momentum_forward(layer_idx, query, key, value, eta: float, is_causal, scale
     """Momentum attention (``eta`` validated at entry) over the layer's whole cache; with a
     :class:`~fastattn_icl.integrations.momentum_cache.MomentumCache` the layer's carried state (``M`` at the first new
     position, same η) replaces the rescan of the earlier values, and the new state is stored back."""
-    cache_module = sys.modules.get("fastattn_icl.integrations.momentum_cache")
-    layer = None if cache_module is None else cache_module.take_updated_layer(layer_idx)
+    layer = take_updated_layer(layer_idx)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if layer is None or eta == 0.0 or needs_grad:
         return momentum_attention(query, key, value, eta, causal=is_causal, scale=scale,
