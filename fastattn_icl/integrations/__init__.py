@@ -71,17 +71,17 @@ def _gptj_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
     modeling_gptj = sys.modules.get("transformers.models.gptj.modeling_gptj")
     if modeling_gptj is None:
         return []
-    from fastattn_icl.integrations.gptj import _routes
+    from fastattn_icl.integrations.gptj import routes_attention_class
 
-    if _routes(modeling_gptj.GPTJAttention):
+    if routes_attention_class(modeling_gptj.GPTJAttention):
         return []
     return [m for m in model.modules() if isinstance(m, modeling_gptj.GPTJAttention)]
 
 
 def _gptj_patched(modules: list[torch.nn.Module]) -> bool:
-    from fastattn_icl.integrations.gptj import _is_patched
+    from fastattn_icl.integrations.gptj import is_patched
 
-    return any(_is_patched(m) for m in modules)
+    return any(is_patched(m) for m in modules)
 
 
 def _current(model: torch.nn.Module) -> str | None:

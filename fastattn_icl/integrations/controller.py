@@ -14,124 +14,41 @@ globals, so that
 State is a set of named values. A value set without ``layers`` applies to every layer; a value set
 with ``layers=[...]`` applies to those layers only and wins over the all-layer value there. Setting
 a name to ``None`` removes it (the neutral setting). An empty controller means plain attention.
+
+Setting state validates it at once: the values that apply to each layer become one typed
+:class:`~fastattn_icl.integrations.method_state.LayerMethods` (see that module), which the seam reads in every
+call through :meth:`ICLController.methods`. Bad state raises when it is set, and leaves the previous state.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fastattn_icl.integrations.method_state import (
+    AnchorState,
+    AttentionRowProbe,
+    IsolationState,
+    LayerMethods,
+    SharedPrefixState,
+    layer_methods,
+)
+
+__all__ = [
+    "CONTROLLER_ATTR",
+    "AnchorState",
+    "AttentionRowProbe",
+    "ICLController",
+    "IsolationState",
+    "SharedPrefixState",
+    "find_controller",
+    "get_controller",
+]
+
 CONTROLLER_ATTR = "_fastattn_icl_controller"
-
-
-@dataclass(frozen=True)
-class AnchorState:
-    """Controller state ``anchors`` (SPEC §2): where the label words are and which rows are re-weighted.
-
-    Used together with the state ``beta``: a floating tensor indexed by layer first, ``[L, H, C]`` (or
-    ``[L, B, H, C]``); layer ``l`` uses ``beta[l]``.
-
-    Attributes:
-        positions: integer ``[B, A]`` absolute key positions of the label words (with left padding or a
-            KV cache: the index into the layer's key sequence), ``-1`` = unused slot. ``B = 1`` is
-            broadcast over the batch. Positions not yet in the key sequence (a chunk before them) are
-            ignored for that chunk.
-        classes: integer ``[B, A]`` class of each anchor, in ``[0, C)``.
-        reweight_from: which query rows are re-weighted. ``None``: the last query row of every attention
-            call (the paper's setting for a prompt; in cached decoding, each new single-token step).
-            An int or an integer tensor ``[B]``: an absolute position; every query at that position or
-            later is re-weighted, so a chunk whose queries all come before it is not re-weighted and a
-            chunk that starts after it is re-weighted from its first row.
-    """
-
-    positions: torch.Tensor
-    classes: torch.Tensor
-    reweight_from: int | torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class IsolationState:
-    """Controller state ``isolation`` (SPEC §3): cut the information flow into some positions.
-
-    Attributes:
-        rows: integer ``[B, R]`` absolute key positions ``p`` (``-1`` = unused; ``B = 1`` broadcasts):
-            queries at positions ``p .. p + window`` get their logits towards keys ``0 .. p - 1``
-            overwritten with ``-1e4``.
-        window: int >= 0.
-    """
-
-    rows: torch.Tensor
-    window: int = 0
-
-
-@dataclass(frozen=True)
-class SharedPrefixState:
-    """Controller state ``shared_prefix`` (SPEC §5 serving): every layer's keys start with a prefix that the
-    whole batch shares, held once and read in place by the kernel (never copied per row).
-
-    Used with :class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`, whose layers hold only each
-    row's own keys (the test inputs and the tokens decoded after them) and report the prefix in their length,
-    so the key-padding mask and the query positions count it.
-
-    Attributes:
-        keys, values: ``[L, 1, Hkv, M, D]`` (or ``[L, B, Hkv, M, D]``): layer ``l`` reads ``keys[l]``; post-RoPE
-            keys, in the model's dtype and on its device.
-        check_mask: the seam checks in every layer that the attention mask keeps every prefix column (one
-            device-to-host sync per layer and step); a caller that builds the mask itself as
-            ``[ones(M), own mask]`` (the compression workflow) passes ``False``.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    check_mask: bool = True
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[3]
-
-
-@dataclass
-class AttentionRowProbe:
-    """Controller state ``attention_row``: record the post-softmax attention of each prompt's last query row
-    (the target position) on a few key positions, in every layer it applies to.
-
-    The row is formed from the fused forward's log-sum-exp: ``P[q, p] = exp(scale · q · k_p − lse_q)`` for the
-    asked positions only, so no ``[T, T]`` map (nor a full row) is ever stored. Plain attention only: the seam
-    refuses it together with other method state.
-
-    Attributes:
-        positions: integer ``[B, A]`` absolute key positions (``-1`` = unused; ``B = 1`` broadcasts).
-        results: filled by the forward, ``{layer_idx: float32 [B, H, A]}`` (0 at unused slots), detached.
-    """
-
-    positions: torch.Tensor
-    results: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def record(self, layer_idx: int | None, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
-               scale: float) -> None:
-        """Record layer ``layer_idx`` from ``query [B, H, Tq, D]``, ``key [B, Hkv, Tk, D]`` and the fused
-        forward's ``lse [B, H, Tq]``."""
-        if layer_idx is None:
-            raise ValueError("attention_row needs attention modules with a layer_idx")
-        B, H, _, D = query.shape
-        Hkv, Tk = key.shape[1], key.shape[2]
-        pos = self.positions.to(query.device).long()
-        if pos.dim() != 2 or pos.shape[0] not in (1, B):
-            raise ValueError(f"attention_row positions must be [B={B} or 1, A], got {tuple(pos.shape)}")
-        if bool((pos >= Tk).any()) or bool((pos < -1).any()):
-            raise ValueError(f"attention_row positions must be key positions in [0, {Tk}) or -1, got {pos.tolist()}")
-        pos = pos.expand(B, -1)
-        with torch.no_grad():
-            idx = pos.clamp(min=0)[:, None, :, None].expand(B, Hkv, pos.shape[1], D)
-            keys = key.detach().gather(2, idx).float()  # [B, Hkv, A, D]
-            q = query.detach()[:, :, -1].float().reshape(B, Hkv, H // Hkv, D)
-            logits = torch.einsum("bgrd,bgad->bgra", q, keys).reshape(B, H, -1) * scale
-            p = torch.exp(logits - lse.detach()[:, :, -1, None].float())
-            self.results[layer_idx] = torch.where(pos[:, None, :] >= 0, p, torch.zeros_like(p))
 
 
 class ICLController:
@@ -148,6 +65,8 @@ class ICLController:
         self.num_layers = num_layers
         self._all_layers: dict[str, Any] = {}
         self._per_layer: dict[int, dict[str, Any]] = {}
+        self._methods_all = layer_methods({}, None, num_layers)
+        self._methods: dict[int, LayerMethods] = {}
 
     def __repr__(self) -> str:
         layers = {i: sorted(s) for i, s in sorted(self._per_layer.items())}
@@ -168,7 +87,11 @@ class ICLController:
 
     def set(self, *, layers: Iterable[int] | None = None, **state: Any) -> None:
         """Set named state for every layer (``layers=None``) or for the given layers; ``None`` removes a
-        name. Prefer :meth:`override`, which restores the previous state."""
+        name. Prefer :meth:`override`, which restores the previous state.
+
+        Raises the typed error of the first bad value (see :mod:`~fastattn_icl.integrations.method_state`), and
+        then leaves the state as it was."""
+        saved = self._snapshot()
         targets = (
             [self._all_layers]
             if layers is None
@@ -181,6 +104,17 @@ class ICLController:
                 else:
                     target[name] = value
         self._per_layer = {i: s for i, s in self._per_layer.items() if s}
+        try:
+            self._validate()
+        except Exception:
+            self._restore(saved)
+            raise
+
+    def _validate(self) -> None:
+        """Build every layer's :class:`LayerMethods` from the named state (the checks run here, once)."""
+        methods_all = layer_methods(self._all_layers, None, self.num_layers)
+        methods = {i: layer_methods({**self._all_layers, **s}, i, self.num_layers) for i, s in self._per_layer.items()}
+        self._methods_all, self._methods = methods_all, methods
 
     @contextlib.contextmanager
     def override(self, *, layers: Iterable[int] | None = None, **state: Any) -> Iterator[ICLController]:
@@ -195,8 +129,12 @@ class ICLController:
 
     def clear(self) -> None:
         """Remove all state (plain attention everywhere)."""
-        self._all_layers = {}
-        self._per_layer = {}
+        self._restore(({}, {}, layer_methods({}, None, self.num_layers), {}))
+
+    def methods(self, layer_idx: int | None) -> LayerMethods:
+        """The validated method state of layer ``layer_idx`` (``None``: a module without a layer index, which sees
+        the all-layer state only)."""
+        return self._methods.get(layer_idx, self._methods_all) if layer_idx is not None else self._methods_all
 
     def layer_state(self, layer_idx: int | None) -> dict[str, Any]:
         """The state that applies to layer ``layer_idx``: all-layer values, overridden by that layer's
@@ -219,11 +157,13 @@ class ICLController:
         """True when no state applies to layer ``layer_idx`` (plain attention there)."""
         return not self._all_layers and (layer_idx is None or layer_idx not in self._per_layer)
 
-    def _snapshot(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-        return dict(self._all_layers), {i: dict(s) for i, s in self._per_layer.items()}
+    def _snapshot(self) -> tuple:
+        """The named state and the validated state built from it (restored together: no second validation)."""
+        per_layer = {i: dict(s) for i, s in self._per_layer.items()}
+        return dict(self._all_layers), per_layer, self._methods_all, dict(self._methods)
 
-    def _restore(self, saved: tuple[dict[str, Any], dict[int, dict[str, Any]]]) -> None:
-        self._all_layers, self._per_layer = saved
+    def _restore(self, saved: tuple) -> None:
+        self._all_layers, self._per_layer, self._methods_all, self._methods = saved
 
 
 def get_controller(model: torch.nn.Module) -> ICLController:

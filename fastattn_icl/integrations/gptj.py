@@ -81,7 +81,7 @@ _OUTPUT_ATTENTIONS_ATTR = "_fastattn_icl_output_attentions"
 _OUTPUT_ATTENTIONS_POSITION = 5
 
 
-def _routes(attention_class: type) -> bool:
+def routes_attention_class(attention_class: type) -> bool:
     """True when ``attention_class.forward`` calls the attention interface instead of an eager ``_attn``."""
     forward = getattr(attention_class, "forward", None)
     names = getattr(getattr(forward, "__code__", None), "co_names", ())
@@ -93,7 +93,7 @@ def routes_attention_interface() -> bool:
     (transformers 5.24 and newer; then GPT-J needs no patch), detected on ``GPTJAttention`` itself."""
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
-    return _routes(GPTJAttention)
+    return routes_attention_class(GPTJAttention)
 
 
 def _fastattn_icl_attn(
@@ -266,7 +266,7 @@ class GPTJPatch:
         return f"GPTJPatch({type(self.model).__name__}, {len(self.modules)} attention modules, {how}, {state})"
 
 
-def _is_patched(module: torch.nn.Module) -> bool:
+def is_patched(module: torch.nn.Module) -> bool:
     method = module.__dict__.get("_attn")
     return getattr(method, "__func__", None) is _fastattn_icl_attn
 
@@ -306,10 +306,10 @@ def patch_gptj(model: torch.nn.Module) -> GPTJPatch:
     modules = [m for m in model.modules() if isinstance(m, GPTJAttention)]
     if not modules:
         raise TypeError(f"{type(model).__name__} contains no GPT-J attention modules (GPTJAttention)")
-    if _routes(GPTJAttention):
+    if routes_attention_class(GPTJAttention):
         return _route(model, modules)
     for module in modules:
-        if _is_patched(module):
+        if is_patched(module):
             raise RuntimeError(
                 f"{type(model).__name__} is already patched for fastattn_icl (GPT-J); revert() the existing "
                 "handle before patching again"

@@ -16,28 +16,14 @@ Beam reordering and batch selection reorder the state with the keys.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from fastattn_icl.integrations.updated_layers import record_updated_layer, take_updated_layer
+
 __all__ = ["MomentumCache", "take_updated_layer"]
-
-_updated = threading.local()
-
-
-def take_updated_layer(layer_idx: int | None) -> Any:
-    """The :class:`MomentumCache` layer that was just updated for ``layer_idx`` in this thread, or ``None``. Every
-    record is dropped on each call (an attention call follows its layer's update at once), so a record left by a
-    forward outside a momentum block can neither reach a later call nor keep its cache alive."""
-    records = getattr(_updated, "layers", None)
-    if not records:
-        return None
-    layer = records.get(layer_idx) if layer_idx is not None else None
-    records.clear()
-    return layer
-
 
 class _MomentumLayer(DynamicLayer):
     """A ``DynamicLayer`` that also holds ``M`` at its end: ``state [B, Hkv, D]`` float32 for ``eta`` at position
@@ -52,9 +38,7 @@ class _MomentumLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if not hasattr(_updated, "layers"):
-            _updated.layers = {}
-        _updated.layers[self.layer_idx] = self
+        record_updated_layer(self.layer_idx, self)
         return keys, values
 
     def reset(self) -> None:

@@ -17,10 +17,12 @@ Two functions are registered under the name ``"fastattn_icl"`` (see :func:`regis
   and returns ``(out [B, Tq, H, D] contiguous, weights)``. Causal unless ``is_causal=False`` is passed
   or the module has ``is_causal = False``; ``scaling`` is honoured exactly (``None``: ``D ** -0.5``).
 
-Method state (see :mod:`fastattn_icl.integrations.controller`), looked up per layer through
-``module.layer_idx``: ``anchors`` (:class:`AnchorState`) with ``beta`` (``[L, H, C]``, layer ``l`` uses
-``beta[l]``) runs :func:`fastattn_icl.anchor_reweight_attention`; ``isolation`` (:class:`IsolationState`)
-passes ``isolation_rows`` to the kernel; ``saliency`` (a :class:`fastattn_icl.Saliency` request) records
+Method state (see :mod:`fastattn_icl.integrations.controller`), validated when it is set and read per layer as
+a :class:`~fastattn_icl.integrations.method_state.LayerMethods` through ``module.layer_idx`` (the per-layer path
+reads no tensor value on the host, so a decode step never waits for the device): ``anchors``
+(:class:`AnchorState`) with ``beta`` (``[L, H, C]``, layer ``l`` uses ``beta[l]``) runs
+:func:`fastattn_icl.anchor_reweight_attention`; ``isolation`` (:class:`IsolationState`) passes
+``isolation_rows`` to the kernel; ``saliency`` (a :class:`fastattn_icl.Saliency` request) records
 layer ``layer_idx``'s information-flow saliency into ``request.results[layer_idx]`` during the backward
 (whole-prompt forwards only, ``Tq == Tk``); ``shared_prefix`` (:class:`SharedPrefixState`, with a
 :class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`) makes ``key``/``value`` the rows' own keys
@@ -35,14 +37,16 @@ positions; a call over a chunk of ``Tq`` queries and ``Tk`` keys (cached decodin
 position ``i + Tk - Tq``,
 so ``AnchorState.reweight_from`` (an absolute position) becomes the row ``reweight_from - (Tk - Tq)``,
 clamped to the chunk: a chunk entirely before it is not re-weighted (per batch row). Label words or
-isolated positions that are not keys yet (``>= Tk``) are ignored in that call. Any other state name raises.
+isolated positions that are not keys yet (``>= Tk``) are ignored in that call. Any other state name raises when
+it is set.
 
 Errors instead of silent fallbacks: a 4D (custom or pre-built) attention mask, attention dropout > 0
 in training, logit soft-capping, attention sinks, additive position bias, varlen ``cu_seq_lens``.
 
-``output_attentions=True`` returns real attention weights ``[B, H, Tq, Tk]``: they are recomputed in
-plain PyTorch from the same ``q``, ``k``, mask, scale and method state (O(Tq·Tk) memory per head, as
-eager; only when asked for, and differentiable). Query rows that see no key (left padding) get all-zero weights
+``output_attentions=True`` returns real attention weights ``[B, H, Tq, Tk]``: they are recomputed by the
+PyTorch backend's probability helper (:func:`fastattn_icl.ops._torch_backend.attention_probs`) from the same
+``q``, ``k``, mask, scale and method tables as the kernel (O(Tq·Tk) memory per head, as eager; only when asked
+for, and differentiable). Query rows that see no key (left padding) get all-zero weights
 where eager spreads them uniformly.
 
 Registration happens when ``fastattn_icl`` is imported, without importing transformers or Triton and
@@ -63,10 +67,13 @@ from typing import Any
 
 import torch
 
-from fastattn_icl.integrations.controller import AnchorState, IsolationState, SharedPrefixState, find_controller
-from fastattn_icl.ops.attention import _fused
-from fastattn_icl.ops.features import ISOLATION_VALUE, anchor_key_log_weights, isolation_limit, reweight_start
-from fastattn_icl.ops.momentum import check_eta, momentum_attention, momentum_attention_with_state
+from fastattn_icl.integrations.controller import find_controller
+from fastattn_icl.integrations.method_state import Isolation, LayerMethods, Reweighting, SharedPrefix
+from fastattn_icl.integrations.updated_layers import take_updated_layer
+from fastattn_icl.ops._torch_backend import attention_probs
+from fastattn_icl.ops.attention import attention_from_tables
+from fastattn_icl.ops.features import isolation_limit_table, key_log_weight_table
+from fastattn_icl.ops.momentum import momentum_attention, momentum_attention_with_state
 from fastattn_icl.ops.prefix import shared_prefix_attention
 
 ATTN_IMPLEMENTATION = "fastattn_icl"
@@ -81,10 +88,7 @@ _UNSUPPORTED_KWARGS = {
     "cu_seq_lens_k": "packed variable-length sequences (cu_seq_lens_k)",
 }
 
-# method state names the seam consumes; any other state set on the controller is an error here
-_CONSUMED_STATE: frozenset[str] = frozenset(
-    {"anchors", "attention_row", "beta", "isolation", "momentum", "saliency", "shared_prefix"}
-)
+_PLAIN = LayerMethods()
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -252,177 +256,82 @@ def _attentions_requested(kwargs: dict[str, Any]) -> bool:
     return isinstance(collected, dict) and "attentions" in collected
 
 
-def _attention_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    method: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """``softmax(scale · q kᵀ + mask) [B, H, Tq, Tk]``; rows that see no key are 0. With method state, the
-    weights the kernel used: isolated logits overwritten with ``-1e4`` before the softmax, anchor columns of
-    the re-weighted rows multiplied by ``exp(β)`` after it (SPEC §2/§3)."""
-    method = method or {}
-    B, H, Tq, D = query.shape
-    Hkv, Tk = key.shape[1], key.shape[2]
-    qg = query.float().reshape(B, Hkv, H // Hkv, Tq, D)
-    scores = torch.matmul(qg, key.float()[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, Tq, Tk]
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
-    if causal:
-        rows = torch.arange(Tq, device=query.device)[:, None]
-        visible = torch.arange(Tk, device=query.device)[None, :] <= rows + (Tk - Tq)
-    visible = visible[None, None, None]
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, None, :]
-    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
-    if "isolation_rows" in method:
-        limit = isolation_limit(method["isolation_rows"], method["isolation_window"], B, Tq, Tk, query.device)
-        isolated = torch.arange(Tk, device=query.device)[None, None, :] < limit[:, :, None]  # [B, Tq, Tk]
-        scores = scores.masked_fill(isolated[:, None, None] & visible, ISOLATION_VALUE)  # masking wins
-    weights = torch.softmax(scores, dim=-1) * visible
-    if "beta" in method:
-        logw = anchor_key_log_weights(method["beta"], method["anchor_positions"], method["anchor_classes"], B, H, Tk)
-        start = reweight_start(method["reweight_from"], B, Tq, query.device)
-        rows = torch.arange(Tq, device=query.device)[None, :] >= start[:, None]  # [B, Tq]
-        factor = torch.where(rows[:, None, :, None], logw.exp()[:, :, None, :], 1.0)  # [B, H, Tq, Tk]
-        weights = weights * factor.reshape(B, Hkv, H // Hkv, Tq, Tk)
-    return weights.reshape(B, H, Tq, Tk).to(query.dtype)
-
-
-def _batched(name: str, t: Any, B: int, device: torch.device) -> torch.Tensor:
-    """An integer ``[B, N]`` state tensor on ``device`` (``[1, N]`` broadcast to ``B``)."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"fastattn_icl: method state {name} must be an integer tensor [B={B}, N], got {t!r:.80}")
+def _batched(name: str, t: torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
+    """A validated ``[B or 1, N]`` state tensor as ``[B, N]`` on ``device``."""
     if t.shape[0] == 1 and B != 1:
         t = t.expand(B, -1)
     elif t.shape[0] != B:
         raise ValueError(f"fastattn_icl: method state {name} has shape {tuple(t.shape)}, expected [B={B}, N] or [1, N]")
-    return t.to(device, torch.long)
+    return t.to(device)
 
 
-def _keys_so_far(positions: torch.Tensor, Tk: int) -> torch.Tensor:
-    """Positions that are not keys of this call yet become unused (-1): with chunked prefill or cached
-    decoding a call can come before a label word. The seam cannot tell such a position from one past the
-    end of the whole input, so the workflows check positions against the input they build."""
-    return torch.where(positions >= Tk, -1, positions)
-
-
-def _isolation_arguments(state: IsolationState, B: int, Tq: int, Tk: int, device: torch.device) -> dict[str, Any]:
-    if not isinstance(state, IsolationState):
-        raise TypeError(f"fastattn_icl: method state 'isolation' must be an IsolationState, got {type(state).__name__}")
-    rows = _keys_so_far(_batched("isolation.rows", state.rows, B, device), Tk)
-    used = rows >= 0
-    if not bool(used.any()):
-        return {}
-    if bool((used & (rows + state.window > Tk - 1)).any()):
-        raise NotImplementedError(
-            f"fastattn_icl: an isolation window (window {state.window}) runs past the last key ({Tk - 1}) of this "
-            "call: every window must end inside the sequence; in cached decoding, process the prompt up to the end "
-            "of every window in one pass"
-        )
-    return {"isolation_rows": rows, "isolation_window": state.window}
-
-
-def _anchor_arguments(
-    anchors: AnchorState, beta: Any, layer_idx: int | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
-) -> dict[str, Any]:
-    """Keyword arguments of :func:`anchor_reweight_attention` for one call, or ``{}`` when no query row of
-    this call is re-weighted (then the plain kernel runs)."""
-    if not isinstance(anchors, AnchorState):
-        raise TypeError(f"fastattn_icl: method state 'anchors' must be an AnchorState, got {type(anchors).__name__}")
-    if not isinstance(beta, torch.Tensor) or not beta.is_floating_point() or beta.dim() not in (3, 4):
-        raise TypeError(
-            f"fastattn_icl: method state 'beta' must be a floating tensor [L, H, C] or [L, B, H, C] (layer l uses "
-            f"beta[l]), got {beta!r:.80}"
-        )
-    if layer_idx is None or not 0 <= layer_idx < beta.shape[0]:
-        raise ValueError(f"fastattn_icl: beta has {beta.shape[0]} layers, no entry for layer {layer_idx}")
-    layer_beta = beta[layer_idx].to(device)  # [H, C] or [B, H, C]
+def _reweighting_tables(
+    rw: Reweighting, layer_idx: int | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key_log_weights [B, H, Tk] float32, reweight_from [B] int32)`` of one call. Anchors that are not keys of
+    this call yet (a chunk before them) are unused; a batch row with no anchor among its keys, or whose queries all
+    come before ``reweight_from``, gets β = 0, which is exactly plain attention: no branch on the device's values."""
+    if layer_idx is None or not 0 <= layer_idx < rw.beta.shape[0]:
+        raise ValueError(f"fastattn_icl: beta has {rw.beta.shape[0]} layers, no entry for layer {layer_idx}")
+    layer_beta = rw.beta[layer_idx].to(device)  # [H, C] or [B, H, C]
     if layer_beta.dim() == 2:
         layer_beta = layer_beta[None].expand(B, -1, -1)
     if tuple(layer_beta.shape[:2]) != (B, H):
         raise ValueError(
-            f"fastattn_icl: beta[{layer_idx}] has shape {tuple(beta[layer_idx].shape)}, expected [H={H}, C] or "
+            f"fastattn_icl: beta[{layer_idx}] has shape {tuple(rw.beta[layer_idx].shape)}, expected [H={H}, C] or "
             f"[B={B}, H={H}, C]"
         )
-    positions = _batched("anchors.positions", anchors.positions, B, device)
-    classes = _batched("anchors.classes", anchors.classes, B, device)
-    positions = _keys_so_far(positions, Tk)
+    positions = _batched("anchors.positions", rw.positions, B, device)
+    classes = _batched("anchors.classes", rw.classes, B, device)
+    # a position that is not a key yet (chunked prefill, cached decoding) is unused in this call; the seam cannot
+    # tell it from one past the end of the whole input, so the workflows check positions against their input
+    positions = torch.where(positions >= Tk, -1, positions)
     active = (positions >= 0).any(dim=1)  # [B]
-    start = anchors.reweight_from
-    if start is None:
-        rows = None
+    if rw.reweight_from is None:
+        rows = torch.full((B,), max(Tq - 1, 0), dtype=torch.long, device=device)
     else:
-        if isinstance(start, bool) or not isinstance(start, (int, torch.Tensor)):
-            raise TypeError(
-                f"fastattn_icl: anchors.reweight_from must be None, an int or an integer tensor [B], got {start!r}"
+        if rw.reweight_from.numel() not in (1, B):
+            raise ValueError(
+                f"fastattn_icl: anchors.reweight_from must be an int or have shape [B={B}], got "
+                f"{tuple(rw.reweight_from.shape)}"
             )
-        absolute = torch.as_tensor(start, device=device).long().reshape(-1)
-        if absolute.numel() not in (1, B):
-            raise ValueError(f"fastattn_icl: anchors.reweight_from must be an int or have shape [B={B}], got {start!r}")
-        absolute = absolute.expand(B)
         # query row i sits at absolute position i + Tk - Tq (bottom-right alignment)
-        row = absolute - (Tk - Tq)
+        row = rw.reweight_from.to(device).expand(B) - (Tk - Tq)
         active = active & (row <= Tq - 1)
-        rows = row.clamp(0, Tq - 1)
-    if not bool(active.any()):
-        return {}
-    if not bool(active.all()):
-        # rows of the batch whose queries all come before reweight_from: beta 0 is exactly plain attention
-        layer_beta = torch.where(active[:, None, None], layer_beta, torch.zeros((), dtype=layer_beta.dtype))
-    return {
-        "beta": layer_beta,
-        "anchor_positions": positions,
-        "anchor_classes": classes,
-        "reweight_from": rows,
-    }
+        rows = row.clamp(0, max(Tq - 1, 0))
+    layer_beta = torch.where(active[:, None, None], layer_beta, torch.zeros((), dtype=layer_beta.dtype, device=device))
+    return key_log_weight_table(layer_beta, positions, classes, Tk), rows.to(torch.int32)
 
 
-def _method_arguments(
-    state: dict[str, Any], layer_idx: int | None, query: torch.Tensor, key: torch.Tensor
-) -> dict[str, Any]:
-    B, H, Tq, _ = query.shape
-    Tk = key.shape[2]
-    kwargs: dict[str, Any] = {}
-    if state.get("isolation") is not None:
-        kwargs.update(_isolation_arguments(state["isolation"], B, Tq, Tk, query.device))
-    anchors, beta = state.get("anchors"), state.get("beta")
-    if (anchors is None) != (beta is None):
-        missing = "beta" if beta is None else "anchors"
-        raise ValueError(
-            f"fastattn_icl: anchor re-weighting needs both 'anchors' and 'beta' state; '{missing}' is not set"
+def _isolation_table(iso: Isolation, B: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
+    """``isolation_limit [B, Tq]`` int32 of one call (positions that are not keys yet are unused)."""
+    if iso.window_past_end(Tk):
+        raise NotImplementedError(
+            f"fastattn_icl: an isolation window (window {iso.window}) runs past the last key ({Tk - 1}) of this "
+            "call: every window must end inside the sequence; in cached decoding, process the prompt up to the end "
+            "of every window in one pass"
         )
-    if anchors is not None:
-        kwargs.update(_anchor_arguments(anchors, beta, layer_idx, B, H, Tq, Tk, query.device))
-    return kwargs
+    return isolation_limit_table(_batched("isolation.rows", iso.rows, B, device), iso.window, Tq, Tk)
 
 
 def _shared_prefix_forward(
-    prefix: SharedPrefixState,
+    prefix: SharedPrefix,
     layer_idx: int | None,
-    controller: Any,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: Any,
     is_causal: bool,
-    scaling: float | None,
+    scale: float,
     kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The seam with controller state ``shared_prefix``: ``key``/``value`` are the row's own keys, which follow
-    the shared prefix ``prefix.keys[layer_idx]``; the mask (if any) covers ``[prefix, own keys]``."""
-    if not isinstance(prefix, SharedPrefixState):
-        raise TypeError(f"fastattn_icl: method state 'shared_prefix' must be a SharedPrefixState, got {prefix!r:.80}")
-    others = sorted(set(controller.layer_state(layer_idx)) - {"shared_prefix"})
-    if others:
-        raise NotImplementedError(
-            f"fastattn_icl: method state {others} cannot be combined with a shared prefix (layer {layer_idx})"
-        )
-    if layer_idx is None or not 0 <= layer_idx < prefix.keys.shape[0]:
-        raise ValueError(f"fastattn_icl: the shared prefix has {prefix.keys.shape[0]} layers, none for {layer_idx}")
-    pk, pv = prefix.keys[layer_idx], prefix.values[layer_idx]
-    M, Tk = prefix.length, key.shape[2]
+    the shared prefix ``prefix.state.keys[layer_idx]``; the mask (if any) covers ``[prefix, own keys]``."""
+    state = prefix.state
+    if layer_idx is None or not 0 <= layer_idx < state.keys.shape[0]:
+        raise ValueError(f"fastattn_icl: the shared prefix has {state.keys.shape[0]} layers, none for {layer_idx}")
+    pk, pv = state.keys[layer_idx], state.values[layer_idx]
+    M, Tk = state.length, key.shape[2]
     key_padding_mask = _key_padding_mask(attention_mask, M + Tk, query.device)
     if key_padding_mask is not None:
         if key_padding_mask.shape[1] != M + Tk:
@@ -430,39 +339,37 @@ def _shared_prefix_forward(
                 f"fastattn_icl: with a shared prefix of {M} keys the padding mask must cover {M} + {Tk} keys, got "
                 f"{key_padding_mask.shape[1]} (a static cache cannot hold a shared prefix)"
             )
-        if prefix.check_mask and not _is_tracing() and not bool(key_padding_mask[:, :M].all()):
-            raise ValueError("fastattn_icl: the attention mask hides positions of the shared prefix; its first "
-                             f"{M} columns must be 1 (every row sees the whole prefix)")
+        # one read of the mask per forward: every layer gets the same mask object
+        if state.check_mask and not _is_tracing() and not prefix.mask_checks.seen(key_padding_mask):
+            if not bool(key_padding_mask[:, :M].all()):
+                raise ValueError("fastattn_icl: the attention mask hides positions of the shared prefix; its first "
+                                 f"{M} columns must be 1 (every row sees the whole prefix)")
+            prefix.mask_checks.passed(key_padding_mask)
         key_padding_mask = key_padding_mask[:, M:]
     if pk.device != query.device or pk.dtype != query.dtype:
         raise ValueError(
             f"fastattn_icl: the shared prefix is {pk.dtype} on {pk.device} but layer {layer_idx} runs "
             f"{query.dtype} on {query.device}"
         )
-    out = shared_prefix_attention(query, pk, pv, key, value, causal=is_causal, scale=scaling,
+    out = shared_prefix_attention(query, pk, pv, key, value, causal=is_causal, scale=scale,
                                   key_padding_mask=key_padding_mask)
     weights = None
-    if _attentions_requested(kwargs):
+    if _attentions_requested(kwargs):  # only when weights are asked for
         B = query.shape[0]
-        full_k = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)  # only when weights are asked for
-        full_mask = None
-        if key_padding_mask is not None:
-            full_mask = torch.cat([key_padding_mask.new_ones(B, M), key_padding_mask], dim=1)
-        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        weights = _attention_weights(query, full_k, full_mask, is_causal, scale)
+        probs = attention_probs(query, key, key_padding_mask, None, None, None, is_causal, scale,
+                                prefix_keys=pk.expand(B, -1, -1, -1))
+        weights = probs.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
 
 
-def _momentum_forward(layer_idx, query, key, value, eta, is_causal, scaling, key_padding_mask) -> torch.Tensor:
-    """Momentum attention over the layer's whole cache; with a
+def _momentum_forward(layer_idx, query, key, value, eta: float, is_causal, scale, key_padding_mask) -> torch.Tensor:
+    """Momentum attention (``eta`` validated at entry) over the layer's whole cache; with a
     :class:`~fastattn_icl.integrations.momentum_cache.MomentumCache` the layer's carried state (``M`` at the first new
     position, same η) replaces the rescan of the earlier values, and the new state is stored back."""
-    cache_module = sys.modules.get("fastattn_icl.integrations.momentum_cache")
-    layer = None if cache_module is None else cache_module.take_updated_layer(layer_idx)
-    eta = check_eta(eta)
+    layer = take_updated_layer(layer_idx)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if layer is None or eta == 0.0 or needs_grad:
-        return momentum_attention(query, key, value, eta, causal=is_causal, scale=scaling,
+        return momentum_attention(query, key, value, eta, causal=is_causal, scale=scale,
                                   key_padding_mask=key_padding_mask)
     if layer.values is None or layer.values.data_ptr() != value.data_ptr():
         layer = None  # not the cache whose values this call reads: never touch its state
@@ -473,7 +380,7 @@ def _momentum_forward(layer_idx, query, key, value, eta, is_causal, scaling, key
         and layer.get_seq_length() == Tk and state.shape[0] == B and state.device == query.device
     )
     out, new_state = momentum_attention_with_state(
-        query, key, value, eta, state if usable else None, causal=is_causal, scale=scaling,
+        query, key, value, eta, state if usable else None, causal=is_causal, scale=scale,
         key_padding_mask=key_padding_mask,
     )
     if layer is not None:
@@ -517,12 +424,14 @@ def fastattn_icl_attention_forward(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    is_causal = bool(is_causal)
     layer_idx = getattr(module, "layer_idx", None)
     controller = find_controller(module)
-    prefix = None if controller is None else controller.get("shared_prefix", layer_idx)
-    if prefix is not None:
-        return _shared_prefix_forward(prefix, layer_idx, controller, query, key, value, attention_mask,
-                                      bool(is_causal), scaling, kwargs)
+    methods = _PLAIN if controller is None else controller.methods(layer_idx)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if methods.shared_prefix is not None:
+        return _shared_prefix_forward(methods.shared_prefix, layer_idx, query, key, value, attention_mask, is_causal,
+                                      scale, kwargs)
     key_padding_mask = _key_padding_mask(attention_mask, key.shape[2], query.device)
     if key_padding_mask is not None and key_padding_mask.shape[1] < key.shape[2]:
         n = key_padding_mask.shape[1]
@@ -533,43 +442,28 @@ def fastattn_icl_attention_forward(
             f"fastattn_icl: sliding-window attention binds here (window {window}, {key.shape[2]} keys); "
             f"the seam computes full causal attention only: keep sequences within the window or {_HINT}"
         )
-    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    method: dict[str, Any] = {}
-    probe = None
-    if controller is not None and not controller.is_neutral(layer_idx):
-        state = controller.layer_state(layer_idx)
-        unknown = sorted(set(state) - _CONSUMED_STATE)
-        if unknown:
-            raise NotImplementedError(
-                f"fastattn_icl: method state {unknown} is set for layer {layer_idx} but the attention seam "
-                "does not implement it"
-            )
-        probe = state.get("attention_row")
-        if probe is not None and set(state) - {"attention_row"}:
-            raise NotImplementedError(
-                f"fastattn_icl: attention_row cannot be combined with other method state yet (layer {layer_idx}: "
-                f"{sorted(state)})"
-            )
-        method = _method_arguments(state, layer_idx, query, key)
-    saliency = None if controller is None else controller.get("saliency", layer_idx)  # type-checked by the op
-    eta = None if controller is None else controller.get("momentum", layer_idx)
-    if eta is not None:
-        if method or saliency is not None:
-            raise NotImplementedError(
-                f"fastattn_icl: momentum attention cannot be combined with other method state yet (layer {layer_idx})"
-            )
+    B, H, Tq, _ = query.shape
+    Tk = key.shape[2]
+    logw = row_from = limit = None
+    if methods.reweighting is not None:
+        logw, row_from = _reweighting_tables(methods.reweighting, layer_idx, B, H, Tq, Tk, query.device)
+    if methods.isolation is not None:
+        limit = _isolation_table(methods.isolation, B, Tq, Tk, query.device)
+    if methods.momentum is not None:
         # the cache holds every key from position 0, so the decayed sum counts absolute positions
-        out = _momentum_forward(layer_idx, query, key, value, eta, bool(is_causal), scaling, key_padding_mask)
+        out = _momentum_forward(layer_idx, query, key, value, methods.momentum, is_causal, scale, key_padding_mask)
     else:
-        out, lse = _fused(
-            query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=key_padding_mask,
-            backend=None, saliency=saliency, saliency_key=layer_idx, **method,
+        out, lse = attention_from_tables(
+            query, key, value, causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
+            key_log_weights=logw, reweight_from=row_from, isolation_limit=limit, saliency=methods.saliency,
+            saliency_key=layer_idx,
         )
-        if probe is not None:  # alone in this layer's state (checked above), so this branch ran
-            probe.record(layer_idx, query, key, lse, scale)
+        if methods.attention_row is not None:
+            methods.attention_row.record(layer_idx, query, key, lse, scale)
     weights = None
     if _attentions_requested(kwargs):
-        weights = _attention_weights(query, key, key_padding_mask, bool(is_causal), scale, method)
+        weights = attention_probs(query, key, key_padding_mask, logw, row_from, limit, is_causal, scale)
+        weights = weights.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -63,7 +63,7 @@ class ICLExample:
     label: int | None = None
 
 
-def _tokenizer_name(tokenizer: Any) -> str:
+def tokenizer_name(tokenizer: Any) -> str:
     name = getattr(tokenizer, "name_or_path", None)
     return f"{type(tokenizer).__name__}({name!r})" if name else type(tokenizer).__name__
 
@@ -79,18 +79,18 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[i
         return list(encoding.ids), [tuple(o) for o in encoding.offsets]
     if not callable(tokenizer):
         raise TypeError(
-            f"tokenizer must be a tokenizers.Tokenizer or a transformers tokenizer, got {_tokenizer_name(tokenizer)}"
+            f"tokenizer must be a tokenizers.Tokenizer or a transformers tokenizer, got {tokenizer_name(tokenizer)}"
         )
     try:
         encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except NotImplementedError as exc:
         raise TypeError(
-            f"{_tokenizer_name(tokenizer)} gives no character offsets: label-word positions need a fast tokenizer"
+            f"{tokenizer_name(tokenizer)} gives no character offsets: label-word positions need a fast tokenizer"
         ) from exc
     return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
 
 
-def _encode_prefix(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+def encode_prefix(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
     """Like :func:`_encode` for text that the model continues (demonstrations before a query): special tokens the
     tokenizer appends at the end (an EOS, with an empty character span) are dropped, leading ones (BOS) kept."""
     ids, offsets = _encode(tokenizer, text, add_special_tokens)
@@ -106,7 +106,7 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _fields(template: str) -> list[tuple[str, str | None]]:
+def template_fields(template: str) -> list[tuple[str, str | None]]:
     parsed = [(literal, field) for literal, field, _, _ in string.Formatter().parse(template)]
     names = [field for _, field in parsed if field is not None]
     if names.count("y") != 1:
@@ -116,9 +116,9 @@ def _fields(template: str) -> list[tuple[str, str | None]]:
     return parsed
 
 
-def _template_regex(template: str, label_words: Sequence[str]) -> re.Pattern:
+def template_regex(template: str, label_words: Sequence[str]) -> re.Pattern:
     """A regex matching one rendered demonstration; group ``label`` is the label word."""
-    parsed = _fields(template)
+    parsed = template_fields(template)
     words = sorted(set(label_words), key=len, reverse=True)
     label = "(?P<label>" + "|".join(re.escape(w) for w in words) + ")"
     parts = []
@@ -132,7 +132,7 @@ def _template_regex(template: str, label_words: Sequence[str]) -> re.Pattern:
     return re.compile("".join(parts))
 
 
-def _check_label_words(label_words: Sequence[str]) -> list[str]:
+def check_label_words(label_words: Sequence[str]) -> list[str]:
     if isinstance(label_words, str) or not isinstance(label_words, Sequence) or len(label_words) < 1:
         raise TypeError(f"label_words must be a sequence of strings, one per class, got {label_words!r}")
     words = list(label_words)
@@ -143,7 +143,7 @@ def _check_label_words(label_words: Sequence[str]) -> list[str]:
     return words
 
 
-def _token_at(
+def token_at(
     ids: list[int], offsets: list[tuple[int, int]], start: int, end: int, text: str, word: str, tokenizer: Any
 ) -> int:
     """The index of the single token spelling ``text[start:end]`` (the label word)."""
@@ -151,19 +151,19 @@ def _token_at(
     if len(overlapping) != 1:
         pieces = [text[offsets[i][0] : offsets[i][1]] for i in overlapping]
         raise ValueError(
-            f"label word {word!r} is not a single token for {_tokenizer_name(tokenizer)} in this prompt: "
+            f"label word {word!r} is not a single token for {tokenizer_name(tokenizer)} in this prompt: "
             f"it is split into {pieces!r}"
         )
     i = overlapping[0]
     s, e = offsets[i]
     if text[s:e].strip() != word.strip():
         raise ValueError(
-            f"label word {word!r} is not a single token for {_tokenizer_name(tokenizer)} in this prompt: "
+            f"label word {word!r} is not a single token for {tokenizer_name(tokenizer)} in this prompt: "
             f"its token {text[s:e]!r} also covers neighbouring text"
         )
     if ids[i] == _unknown_token_id(tokenizer):
         raise ValueError(
-            f"label word {word!r} is not in the vocabulary of {_tokenizer_name(tokenizer)}: it encodes as the "
+            f"label word {word!r} is not in the vocabulary of {tokenizer_name(tokenizer)}: it encodes as the "
             "unknown token"
         )
     return i
@@ -185,10 +185,10 @@ def _find_label_words(
 ) -> tuple[list[int], list[int]]:
     """Token positions and classes of every rendered demonstration's label word in ``text`` (possibly none)."""
     positions, classes = [], []
-    for match in _template_regex(template, words).finditer(text):
+    for match in template_regex(template, words).finditer(text):
         word = match.group("label")
         start, end = match.span("label")
-        positions.append(_token_at(ids, offsets, start, end, text, word, tokenizer))
+        positions.append(token_at(ids, offsets, start, end, text, word, tokenizer))
         classes.append(words.index(word))
     return positions, classes
 
@@ -222,7 +222,7 @@ def label_word_positions(
             or (``require_all_classes``) a label word is not found; the message names the word and the
             tokenizer.
     """
-    words = _check_label_words(label_words)
+    words = check_label_words(label_words)
     if isinstance(prompt_or_ids, str):
         text = prompt_or_ids
         ids, offsets = _encode(tokenizer, text, add_special_tokens)
@@ -232,27 +232,27 @@ def label_word_positions(
         ids, offsets = _encode(tokenizer, text, add_special_tokens)
         if ids != given:
             raise ValueError(
-                f"the token ids do not survive decoding and re-encoding with {_tokenizer_name(tokenizer)} "
+                f"the token ids do not survive decoding and re-encoding with {tokenizer_name(tokenizer)} "
                 f"(add_special_tokens={add_special_tokens}): pass the prompt text instead"
             )
     positions, classes = _find_label_words(tokenizer, text, ids, offsets, template, words)
     if not positions:
         raise ValueError(
             f"no demonstration of the template {template!r} with label words {words!r} was found in the prompt "
-            f"(tokenizer {_tokenizer_name(tokenizer)})"
+            f"(tokenizer {tokenizer_name(tokenizer)})"
         )
     if require_all_classes:
         missing = [w for c, w in enumerate(words) if c not in classes]
         if missing:
             raise ValueError(
                 f"label word(s) {missing!r} not found in any demonstration of the prompt "
-                f"(template {template!r}, tokenizer {_tokenizer_name(tokenizer)})"
+                f"(template {template!r}, tokenizer {tokenizer_name(tokenizer)})"
             )
     pos = torch.tensor(positions, dtype=torch.long)
     return LabelWordPositions(pos, torch.tensor(classes, dtype=torch.long), torch.tensor(ids, dtype=torch.long)[pos])
 
 
-def _render(template: str, label: str | None, **fields: str) -> str:
+def render_template(template: str, label: str | None, **fields: str) -> str:
     """The template with ``fields``; ``label=None`` renders up to ``{y}`` with trailing spaces stripped."""
     if label is not None:
         return template.format(y=label, **fields)
@@ -269,18 +269,17 @@ def label_token_ids(
     Every free field of the template is filled with ``fill`` to render one demonstration per class.
     Raises ``ValueError`` naming the word and the tokenizer when a label word is not a single token.
     """
-    words = _check_label_words(label_words)
-    fields = {name: fill for _, name in _fields(template) if name is not None and name != "y"}
+    words = check_label_words(label_words)
+    fields = {name: fill for _, name in template_fields(template) if name is not None and name != "y"}
     ids = []
     for c, word in enumerate(words):
-        found = label_word_positions(
-            tokenizer, _render(template, word, **fields), template, [word], add_special_tokens=add_special_tokens
-        )
+        text = render_template(template, word, **fields)
+        found = label_word_positions(tokenizer, text, template, [word], add_special_tokens=add_special_tokens)
         if found.classes.tolist() != [0]:
             raise ValueError(f"could not locate label word {word!r} of class {c} in the rendered template")
         ids.append(int(found.token_ids[0]))
     if len(set(ids)) != len(ids):
-        raise ValueError(f"label words {words!r} share a token with {_tokenizer_name(tokenizer)}: {ids}")
+        raise ValueError(f"label words {words!r} share a token with {tokenizer_name(tokenizer)}: {ids}")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -306,7 +305,7 @@ class PromptBuilder:
         add_special_tokens: bool = True,
     ):
         self.tokenizer, self.template = tokenizer, template
-        self.label_words = _check_label_words(label_words)
+        self.label_words = check_label_words(label_words)
         self.add_special_tokens = add_special_tokens
         for x, y in demonstrations:
             if not isinstance(y, int) or not 0 <= y < len(self.label_words):
@@ -322,11 +321,11 @@ class PromptBuilder:
 
     def demonstrations_text(self) -> str:
         """The rendered demonstrations, each ending where the template ends."""
-        return "".join(_render(self.template, self.label_words[y], x=dx) for dx, y in self.demonstrations)
+        return "".join(render_template(self.template, self.label_words[y], x=dx) for dx, y in self.demonstrations)
 
     def query_text(self, x: str) -> str:
         """The query ``x`` rendered up to its label (trailing spaces stripped)."""
-        return _render(self.template, None, x=x)
+        return render_template(self.template, None, x=x)
 
     def prompt(self, x: str) -> str:
         """Demonstrations followed by the query ``x`` rendered up to its label."""

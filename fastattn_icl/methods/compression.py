@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from fastattn_icl.integrations.cache_keyword import cache_keyword, cache_kwargs, output_cache
 from fastattn_icl.methods._model import model_device
-from fastattn_icl.methods.anchors import PromptBuilder, _encode_prefix, _tokenizer_name
+from fastattn_icl.methods.anchors import PromptBuilder, encode_prefix, tokenizer_name
 from fastattn_icl.methods.keep_sets import hidden_anchor_keep, hidden_random_positions, text_anchor_text
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, word_loyalty
 from fastattn_icl.ops.gather import gather_kv
@@ -81,7 +81,7 @@ class ModelGeometry:
                 if getattr(self, n) != getattr(other, n)]
 
 
-def _context_length(model: torch.nn.Module) -> int | None:
+def context_length(model: torch.nn.Module) -> int | None:
     config = model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions"):
@@ -91,7 +91,7 @@ def _context_length(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _check_ids(name: str, ids: torch.Tensor, dims: int) -> torch.Tensor:
+def check_ids(name: str, ids: torch.Tensor, dims: int) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() != dims:
         shape = "[T]" if dims == 1 else "[B, S]"
         raise TypeError(f"{name} must be an integer tensor {shape}, got {ids!r:.80}")
@@ -184,9 +184,9 @@ class CompressedDemonstrations:
             ValueError: ``T`` exceeds the model's context, an empty keep set, positions out of ``[0, T)`` or
                 repeated, or a negative ``position_offset``.
         """
-        ids = _check_ids("input_ids", input_ids, 1)
+        ids = check_ids("input_ids", input_ids, 1)
         T = ids.shape[0]
-        limit = _context_length(model)
+        limit = context_length(model)
         if T == 0:
             raise ValueError("the demonstrations are empty (0 tokens)")
         if limit is not None and T > limit:
@@ -271,7 +271,7 @@ class CompressedDemonstrations:
         from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 
         self.check_model(model)
-        ids = _check_ids("input_ids", input_ids, 2)
+        ids = check_ids("input_ids", input_ids, 2)
         device = model_device(model)
         ids = ids.to(device)
         mask = _left_padded_mask(ids, attention_mask)
@@ -335,21 +335,21 @@ class CompressedDemonstrations:
         """
         if model is not None:
             self.check_model(model)
-        ids = _check_ids("input_ids", input_ids, 2)
+        ids = check_ids("input_ids", input_ids, 2)
         device = model_device(model) if model is not None else ids.device
         ids = ids.to(device)
         mask = _left_padded_mask(ids, attention_mask)
         B = ids.shape[0]
         cache = _expanded_cache(*self._prefix_on(device), B)
         start = torch.full((B,), self.position_offset, dtype=torch.long, device=device)
-        positions = self._positions(start, mask, None if model is None else _context_length(model))
+        positions = self._positions(start, mask, None if model is None else context_length(model))
         return {"input_ids": ids, cache_keyword(model): cache, "attention_mask": self._full_mask(mask),
                 "position_ids": positions}
 
     def _step(self, model: torch.nn.Module, session: _Session, ids: torch.Tensor, new_mask: torch.Tensor,
               logits_to_keep: int) -> torch.Tensor:
         """Run ``ids [B, n]`` (own-token mask ``new_mask``) through the model over the session's cache."""
-        positions = self._positions(session.next_position, new_mask, _context_length(model))
+        positions = self._positions(session.next_position, new_mask, context_length(model))
         session.mask = torch.cat([session.mask, new_mask], dim=1)
         logits = model(input_ids=ids, attention_mask=self._full_mask(session.mask), position_ids=positions,
                        use_cache=True, logits_to_keep=logits_to_keep, **cache_kwargs(session.cache, model)).logits
@@ -512,11 +512,11 @@ def compress_demonstrations(
     builder = PromptBuilder(tokenizer, template, label_words, demonstrations, add_special_tokens=add_special_tokens)
     if method == "text_anchor":
         text = text_anchor_text(template, builder.label_words, demonstrations)
-        ids, _ = _encode_prefix(tokenizer, text, add_special_tokens)
+        ids, _ = encode_prefix(tokenizer, text, add_special_tokens)
         ids = torch.tensor(ids, dtype=torch.long)
         keep = torch.arange(ids.numel())
     elif method == "full":
-        ids, _ = _encode_prefix(tokenizer, builder.demonstrations_text(), add_special_tokens)
+        ids, _ = encode_prefix(tokenizer, builder.demonstrations_text(), add_special_tokens)
         ids = torch.tensor(ids, dtype=torch.long)
         keep = torch.arange(ids.numel())
     else:
@@ -560,18 +560,18 @@ class CompressionEvaluation:
 
 def _query_ids(tokenizer: Any, builder: PromptBuilder, x: str) -> tuple[list[int], list[int]]:
     """The full prompt's tokens and the test input's tail of them (the tokens after the demonstrations)."""
-    full, _ = _encode_prefix(tokenizer, builder.prompt(x), builder.add_special_tokens)  # no EOS after the query
-    demos, _ = _encode_prefix(tokenizer, builder.demonstrations_text(), builder.add_special_tokens)
+    full, _ = encode_prefix(tokenizer, builder.prompt(x), builder.add_special_tokens)  # no EOS after the query
+    demos, _ = encode_prefix(tokenizer, builder.demonstrations_text(), builder.add_special_tokens)
     if full[: len(demos)] != demos:
         raise ValueError(
-            f"{_tokenizer_name(tokenizer)} merges the end of the demonstrations with the start of the query for "
+            f"{tokenizer_name(tokenizer)} merges the end of the demonstrations with the start of the query for "
             f"the template {builder.template!r}, so the test input has no tokens of its own; end the template "
             "with a separator such as a newline"
         )
     return full, full[len(demos):]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     S = max(len(r) for r in rows)
     ids = torch.full((len(rows), S), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), S, dtype=torch.long)
@@ -629,13 +629,13 @@ def evaluate_compression(
         with bar:
             for start in range(0, len(test_set), batch_size):
                 chunk = prompts[start : start + batch_size]
-                ids, mask = _left_pad([full for full, _ in chunk], pad_token_id)
+                ids, mask = left_pad([full for full, _ in chunk], pad_token_id)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                             position_ids=positions.to(device), logits_to_keep=1, use_cache=False).logits[:, -1]
                 logits[None].append(out.float().cpu())
                 bar.update(len(chunk))
-                ids, mask = _left_pad([own for _, own in chunk], pad_token_id)
+                ids, mask = left_pad([own for _, own in chunk], pad_token_id)
                 for m, comp in comps.items():
                     logits[m].append(comp.forward(model, ids, mask, logits_to_keep=1)[:, -1].float().cpu())
                     bar.update(len(chunk))

@@ -41,11 +41,11 @@ from fastattn_icl.methods._model import model_device
 from fastattn_icl.methods.compression import (
     CompressedDemonstrations,
     ModelGeometry,
-    _check_ids,
-    _context_length,
-    _left_pad,
+    check_ids,
+    context_length,
+    left_pad,
 )
-from fastattn_icl.ops.deep_thinking import _check_coef, deep_thinking_update_
+from fastattn_icl.ops.deep_thinking import check_coef, deep_thinking_update_
 
 __all__ = [
     "RERUN_POSITIONS",
@@ -222,13 +222,13 @@ def deep_thinking(
             empty or longer than the model's context (with ``"appended"`` positions: longer than half of it, the
             re-run uses positions up to ``2N - 1``).
     """
-    ids = _check_ids("demo_ids", demo_ids, 1)
+    ids = check_ids("demo_ids", demo_ids, 1)
     N = ids.shape[0]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    eta, beta = _check_coef("eta", eta), _check_coef("beta", beta)
+    eta, beta = check_coef("eta", eta), check_coef("beta", beta)
     mode = rerun_position_mode(model, rerun_positions)
-    limit = _context_length(model)
+    limit = context_length(model)
     if N == 0:
         raise ValueError("the demonstrations are empty (0 tokens)")
     if mode == "appended" and limit is not None and 2 * N > limit:
@@ -327,14 +327,14 @@ def score_choices(
         first = torch.tensor([choice[0] for choice in choices], dtype=torch.long)
         for start in tqdm(range(0, len(input_ids), batch_size), desc="scoring", disable=not progress):
             chunk = [list(x) for x in input_ids[start : start + batch_size]]
-            ids, mask = _left_pad(chunk, pad_token_id)
+            ids, mask = left_pad(chunk, pad_token_id)
             logp = state.forward(model, ids, mask, logits_to_keep=1)[:, -1].float().log_softmax(-1).cpu()
             scores[start : start + len(chunk)] = logp[:, first]
         return scores
     keep = max(n for *_, n in rows) + 1  # the logits that predict any choice's tokens
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress):
         chunk = rows[start : start + batch_size]
-        ids, mask = _left_pad([seq for _, _, seq, _ in chunk], pad_token_id)
+        ids, mask = left_pad([seq for _, _, seq, _ in chunk], pad_token_id)
         S = ids.shape[1]
         K = min(keep, S)
         logp = state.forward(model, ids, mask, logits_to_keep=K).float().log_softmax(-1).cpu()  # [b, K, V]

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from fastattn_icl.methods.anchors import (
-    _check_label_words,
-    _encode_prefix,
-    _fields,
-    _render,
-    _template_regex,
-    _token_at,
-    _tokenizer_name,
+    check_label_words,
+    encode_prefix,
+    render_template,
+    template_fields,
+    template_regex,
+    token_at,
+    tokenizer_name,
 )
 
 __all__ = [
@@ -69,13 +69,13 @@ class KeepSet:
 
 def _literal_spans(template: str, match: re.Match) -> list[tuple[str, int, int]]:
     """``(literal, start, end)`` of each non-empty literal part of ``template`` inside one demonstration that
-    :func:`~fastattn_icl.methods.anchors._template_regex` matched.
+    :func:`~fastattn_icl.methods.anchors.template_regex` matched.
 
     The demonstration is matched again, over exactly the same characters and with the same label word,
     by a pattern of the same structure whose literal parts are groups; the regex engine therefore splits
     the free fields exactly as the original match did.
     """
-    parsed = _fields(template)
+    parsed = template_fields(template)
     parts = []
     for i, (literal, field) in enumerate(parsed):
         parts.append(f"(?P<l{i}>{re.escape(literal)})")
@@ -160,15 +160,15 @@ def hidden_anchor_keep(
             demonstration's index); non-whitespace text between two demonstrations; or text after the last
             demonstration (a rendered query: the text must end after the last demonstration).
     """
-    words = _check_label_words(label_words)
+    words = check_label_words(label_words)
     if not isinstance(demonstrations, str):
         raise TypeError(f"demonstrations must be the rendered demonstrations text, got {type(demonstrations)}")
-    ids, offsets = _encode_prefix(tokenizer, demonstrations, add_special_tokens)
-    matches = list(_template_regex(template, words).finditer(demonstrations))
+    ids, offsets = encode_prefix(tokenizer, demonstrations, add_special_tokens)
+    matches = list(template_regex(template, words).finditer(demonstrations))
     if not matches:
         raise ValueError(
             f"no demonstration of the template {template!r} with label words {words!r} was found in the "
-            f"demonstrations text (tokenizer {_tokenizer_name(tokenizer)})"
+            f"demonstrations text (tokenizer {tokenizer_name(tokenizer)})"
         )
     tail = demonstrations[matches[-1].end() :]
     if tail.strip():
@@ -203,7 +203,7 @@ def hidden_anchor_keep(
     for match in matches:
         word = match.group("label")
         start, end = match.span("label")
-        label_positions.append(_token_at(ids, offsets, start, end, demonstrations, word, tokenizer))
+        label_positions.append(token_at(ids, offsets, start, end, demonstrations, word, tokenizer))
         label_classes.append(words.index(word))
     kept.update(label_positions)
 
@@ -214,7 +214,7 @@ def hidden_anchor_keep(
             if not any(offsets[i][1] > offsets[i][0] and offsets[i][0] < b and offsets[i][1] > a for i in kept):
                 raise ValueError(
                     f"the template literal {literal!r} gives no token of its own in demonstration {d} with "
-                    f"{_tokenizer_name(tokenizer)}: every token covering it also covers free-field text "
+                    f"{tokenizer_name(tokenizer)}: every token covering it also covers free-field text "
                     f"(template {template!r})"
                 )
     return KeepSet(
@@ -299,12 +299,12 @@ def text_anchor_text(template: str, label_words: Sequence[str], demonstrations: 
     Raises:
         ValueError: a class is not an integer in ``[0, len(label_words))``, or the template is invalid.
     """
-    words = _check_label_words(label_words)
-    empty = {name: "" for _, name in _fields(template) if name is not None and name != "y"}
+    words = check_label_words(label_words)
+    empty = {name: "" for _, name in template_fields(template) if name is not None and name != "y"}
     pieces = []
     for i, demo in enumerate(demonstrations):
         y = demo[1]
         if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < len(words):
             raise ValueError(f"demonstration {i} has class {y!r}; classes must be integers in [0, {len(words)})")
-        pieces.append(_render(template, words[y], **empty))
+        pieces.append(render_template(template, words[y], **empty))
     return "".join(pieces)

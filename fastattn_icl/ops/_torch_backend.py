@@ -1,4 +1,5 @@
-"""Plain-PyTorch backend of the attention op: the CPU path until a faster CPU kernel exists.
+"""Plain-PyTorch backend of every op (attention, saliency, momentum, Deep-Thinking): the CPU path until faster CPU
+kernels exist. It implements the functions that :func:`fastattn_icl.ops.backend.kernel` names.
 
 Flash-style contract, same as the Triton kernels: the forward returns ``o`` and the natural-log
 ``lse`` (``-inf`` on rows with no visible key, whose output is 0); the backward recomputes ``P``
@@ -77,6 +78,34 @@ def _shared_prefix(prefix):
     return pk.float(), pv.float()
 
 
+def _chunk_softmax(qg_c, kf, rows, Tq, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+                   isolation_limit, prefix_keys):
+    """``(P̂, lse)`` of a chunk of grouped query rows ``qg_c [B, Hkv, G, n, D]`` over ``kf`` (float32 ``[B, Hkv, 1, Tk,
+    D]``): the post-softmax, re-weighted probabilities the forward multiplies with the values, ``[B, Hkv, G, n, Tp +
+    Tk]`` (the shared prefix keys first, if any), and the unweighted ``lse [B, Hkv, G, n]``."""
+    B, Hkv, G = qg_c.shape[:3]
+    Tk = kf.shape[-2]
+    s = torch.matmul(qg_c, kf.transpose(-1, -2)) * scale
+    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+    s = s.masked_fill(~vis, float("-inf"))
+    iso, weights, _ = _chunk_features(rows, B, Hkv * G, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+                                      qg_c.device)
+    if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
+        s = s.masked_fill(iso & vis, ISOLATION_VALUE)
+    if prefix_keys is not None:  # every row sees every prefix key
+        s = torch.cat([_prefix_scores(qg_c, prefix_keys) * scale, s], dim=-1)
+    # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
+    # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
+    row_max = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
+    denom = p.sum(dim=-1, keepdim=True)
+    row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
+    p = p / denom.masked_fill(denom == 0, 1.0)
+    if weights is not None:  # numerator only: the denominator (lse) stays unweighted
+        p = p * weights
+    return p, row_lse
+
+
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
                   scale: float, *, prefix=None):
     """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
@@ -94,24 +123,8 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     step = _rows_per_chunk(B, H, Tq, Tk + Tp)
     for r0 in range(0, Tq, step):
         rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
-        s = torch.matmul(qg[:, :, :, rows], kf.transpose(-1, -2)) * scale
-        vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
-        s = s.masked_fill(~vis, float("-inf"))
-        iso, weights, _ = _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
-                                          q.device)
-        if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
-            s = s.masked_fill(iso & vis, ISOLATION_VALUE)
-        if prefix is not None:  # every row sees every prefix key
-            s = torch.cat([_prefix_scores(qg[:, :, :, rows], prefix[0]) * scale, s], dim=-1)
-        # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
-        # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
-        row_max = s.amax(dim=-1, keepdim=True)
-        p = torch.exp(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
-        denom = p.sum(dim=-1, keepdim=True)
-        row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
-        p = p / denom.masked_fill(denom == 0, 1.0)
-        if weights is not None:  # numerator only: the denominator (lse) stays unweighted
-            p = p * weights
+        p, row_lse = _chunk_softmax(qg[:, :, :, rows], kf, rows, Tq, causal, key_padding_mask, scale, key_log_weights,
+                                    reweight_from, isolation_limit, None if prefix is None else prefix[0])
         if prefix is not None:
             o = _prefix_output(p[..., :Tp], prefix[1]) + torch.matmul(p[..., Tp:], vf)
         else:
@@ -119,6 +132,21 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
         o_bhtd[:, :, r0 : r0 + rows.numel()] = o.reshape(B, H, rows.numel(), D).to(q.dtype)
         lse[:, :, r0 : r0 + rows.numel()] = row_lse.reshape(B, H, rows.numel())
     return o_bhtd, lse
+
+
+def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
+                    scale: float, *, prefix_keys=None) -> torch.Tensor:
+    """``P̂ [B, H, Tq, Tp + Tk]`` float32: the probabilities :func:`attention_fwd` multiplies with the values, for all
+    rows at once (``O(Tq · (Tp + Tk))`` memory per head: for callers that return attention weights), differentiable.
+    Arguments as in :func:`attention_fwd`; ``prefix_keys``: ``None`` or the shared prefix keys ``[B or 1, Hkv, Tp,
+    D]``, whose columns come first. Rows that see no key are 0."""
+    B, H, Tq, _ = q.shape
+    Hkv = k.shape[1]
+    pk = None if prefix_keys is None else _shared_prefix((prefix_keys, prefix_keys))[0]
+    rows = torch.arange(Tq, device=q.device)
+    p, _ = _chunk_softmax(_grouped(q, Hkv), k.float()[:, :, None], rows, Tq, causal, key_padding_mask, scale,
+                          key_log_weights, reweight_from, isolation_limit, pk)
+    return p.reshape(B, H, Tq, p.shape[-1])
 
 
 def _chunk_probs(q_c, kf, lse_c, rows, Tq, causal, key_padding_mask, scale, key_log_weights, reweight_from,
@@ -280,3 +308,18 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + momentum[:, :, None]).reshape(B, H, Tq, D))
     return out, lse, (o_attn if store_attn else q.new_empty(0))
+
+
+def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
+    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (SPEC §7), in row chunks; the
+    contract of the Triton launcher of the same name."""
+    R, _, C = work.shape
+    step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache
+    for r0 in range(0, R, step):
+        x_hat, x_new, m_rows = work[r0 : r0 + step, 0], work[r0 : r0 + step, 1], m[r0 : r0 + step]
+        g = x_new.float() - x_hat.float()
+        if first:
+            m_rows.copy_(g)
+        else:
+            m_rows.mul_(beta).add_(g)
+        x_hat.copy_(x_hat.float() + eta * m_rows)

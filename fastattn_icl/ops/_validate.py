@@ -61,3 +61,21 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if not scale > 0.0 or scale != scale or scale == float("inf"):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return scale
+
+
+def check_index_tensor(name: str, t, dims: int, layout: str, device: torch.device) -> torch.Tensor:
+    """``t`` as int64 if it is an integer tensor with ``dims`` dims on ``device``; the errors name ``layout``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor {layout}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor {layout}, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (as q), got {t.device}")
+    return t.long()
+
+
+def any_each(*conditions: torch.Tensor) -> list[bool]:
+    """``[c.any() for c in conditions]`` with a single device-to-host copy."""
+    return torch.stack([c.any() for c in conditions]).tolist()

@@ -10,22 +10,14 @@ from __future__ import annotations
 import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
-from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.ops.backend import kernel, resolve_backend
 from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
 from fastattn_icl.ops.saliency import Saliency
 from fastattn_icl.ops.saliency import tap as saliency_tap
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from fastattn_icl._triton import attention as impl
-    else:
-        from fastattn_icl.ops import _torch_backend as impl
-    return impl
-
-
 @torch.library.custom_op("fastattn_icl::attention_fwd", mutates_args=())
-def _attention_fwd(
+def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -37,12 +29,12 @@ def _attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).attention_fwd(
+    return kernel(backend, "attention_fwd")(
         q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale
     )
 
 
-@_attention_fwd.register_fake
+@attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend):
     B, H, Tq, D = q.shape
     out = q.new_empty(B, Tq, H, D).transpose(1, 2)
@@ -51,7 +43,7 @@ def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit
 
 
 @torch.library.custom_op("fastattn_icl::attention_bwd", mutates_args=())
-def _attention_bwd(
+def attention_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,14 +58,14 @@ def _attention_bwd(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dlogw = _impl(backend).attention_bwd(
+    dq, dk, dv, dlogw = kernel(backend, "attention_bwd")(
         grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
         causal, scale,
     )
     return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dlogw is None else dlogw)
 
 
-@_attention_bwd.register_fake
+@attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal,
       scale, backend):
     dlogw = q.new_empty(0, dtype=torch.float32) if key_log_weights is None else torch.empty_like(key_log_weights)
@@ -90,24 +82,83 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit = ctx.saved_tensors
-    dq, dk, dv, dlogw = _attention_bwd(
+    dq, dk, dv, dlogw = attention_bwd(
         grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
         ctx.causal, ctx.scale, ctx.backend,
     )
     return dq, dk, dv, None, (None if key_log_weights is None else dlogw), None, None, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anchor_positions=None,
-           anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0, saliency=None,
-           saliency_key=None):
-    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
-    check_key_padding_mask(key_padding_mask, B, Tk, q.device)
-    scale = check_scale(scale, D)
+def _check_table(name: str, t: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != device:
+        layout = ", ".join(map(str, shape))
+        raise TypeError(f"{name} must be a {dtype} tensor [{layout}] on {device}, got {t!r:.80}")
+
+
+def attention_from_tables(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None = None,
+    key_log_weights: torch.Tensor | None = None,
+    reweight_from: torch.Tensor | None = None,
+    isolation_limit: torch.Tensor | None = None,
+    saliency: Saliency | None = None,
+    saliency_key=None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the fused attention on the kernel's dense method inputs (built by
+    :mod:`fastattn_icl.ops.features`). Shapes, dtypes and devices are checked on the host; values are not, so
+    nothing waits for the device: the entry of callers that validated their method state once (the Hugging
+    Face seam). The public ops below check the values of their arguments and then call it.
+
+    Args:
+        q, k, v, causal, scale, key_padding_mask, saliency, backend: as in :func:`attention`.
+        key_log_weights: ``None`` or float32 ``[B, H, Tk]``, ``log w`` per key (0 = not re-weighted).
+        reweight_from: int32 ``[B]`` in ``[0, Tq)``, the first re-weighted query row; with ``key_log_weights``.
+        isolation_limit: ``None`` or int32 ``[B, Tq]``: row ``i``'s keys ``j < limit`` are isolated.
+        saliency_key: the key of ``saliency.results`` this call records into (the seam: the layer index).
+    """
+    (B, H, Hkv, Tq, Tk, D), scale = _check_call(q, k, v, causal, scale, key_padding_mask)
+    if (key_log_weights is None) != (reweight_from is None):
+        raise ValueError("key_log_weights and reweight_from go together: give both or neither")
+    _check_table("key_log_weights", key_log_weights, torch.float32, (B, H, Tk), q.device)
+    _check_table("reweight_from", reweight_from, torch.int32, (B,), q.device)
+    _check_table("isolation_limit", isolation_limit, torch.int32, (B, Tq), q.device)
+    return _run(q, k, v, causal, scale, key_padding_mask, key_log_weights, reweight_from, isolation_limit, saliency,
+                saliency_key, backend)
+
+
+def _check_call(q, k, v, causal, scale, key_padding_mask) -> tuple[tuple[int, ...], float]:
+    dims = check_qkv(q, k, v)
+    check_key_padding_mask(key_padding_mask, dims[0], dims[4], q.device)
+    scale = check_scale(scale, dims[5])
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return dims, scale
+
+
+def _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, saliency_key, backend):
+    backend = resolve_backend(backend, q.device)
+    out, lse = attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend)
+    if saliency is not None:
+        out = saliency_tap(out, q, k, v, lse, key_padding_mask, logw, row_from, limit, causal, scale, backend,
+                           saliency, saliency_key)
+    return out, lse
+
+
+def _checked(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anchor_positions=None,
+             anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0, saliency=None):
+    """``(out, lse)`` from the public ops' method arguments, every value checked."""
+    (B, H, Hkv, Tq, Tk, D), scale = _check_call(q, k, v, causal, scale, key_padding_mask)
     logw = row_from = limit = None
     if beta is not None:
         if isinstance(beta, torch.Tensor) and beta.device != q.device:
@@ -116,12 +167,7 @@ def _fused(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, anch
         row_from = reweight_start(reweight_from, B, Tq, q.device)
     if isolation_rows is not None:
         limit = isolation_limit(isolation_rows, isolation_window, B, Tq, Tk, q.device)
-    backend = resolve_backend(backend, q.device)
-    out, lse = _attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend)
-    if saliency is not None:
-        out = saliency_tap(out, q, k, v, lse, key_padding_mask, logw, row_from, limit, causal, scale, backend,
-                           saliency, saliency_key)
-    return out, lse
+    return _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, None, backend)
 
 
 def attention_with_lse(
@@ -139,8 +185,8 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`attention`, also returning ``lse [B, H, Tq]`` (float32, natural log, ``-inf`` on
     rows that see no key)."""
-    return _fused(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
-                  isolation_rows=isolation_rows, isolation_window=isolation_window, saliency=saliency)
+    return _checked(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
+                    isolation_rows=isolation_rows, isolation_window=isolation_window, saliency=saliency)
 
 
 def attention(
@@ -226,7 +272,7 @@ def anchor_reweight_attention(
     Returns:
         ``[B, H, Tq, D]`` as :func:`attention`. Differentiable w.r.t. ``q``, ``k``, ``v`` and ``beta``.
     """
-    out, _ = _fused(
+    out, _ = _checked(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend, beta=beta,
         anchor_positions=anchor_positions, anchor_classes=anchor_classes, reweight_from=reweight_from,
         isolation_rows=isolation_rows, isolation_window=isolation_window, saliency=saliency,

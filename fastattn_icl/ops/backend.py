@@ -6,13 +6,18 @@ were imported (that is how the test suite proves the kernels on a machine withou
 ``"torch"`` runs the plain-PyTorch backend on any device.
 The default can be changed for a block of code with :func:`use_backend`, or for the process with the
 ``FASTATTN_ICL_BACKEND`` environment variable.
+
+Every op turns its ``backend`` argument into ``"triton"`` or ``"torch"`` with :func:`resolve_backend` and then
+finds the function that computes it with :func:`kernel`: the one dispatch of the package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -21,6 +26,19 @@ BACKENDS = ("auto", "triton", "torch")
 # torch.compile(fullgraph=True) (torch 2.11's compiler refuses importlib.util.find_spec)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _default = [os.environ.get("FASTATTN_ICL_BACKEND", "auto")]
+
+# the functions both backends implement (same names, same contract), and the module of fastattn_icl._triton
+# that holds each; the plain-PyTorch backend holds all of them in fastattn_icl.ops._torch_backend
+_TRITON_MODULE = {
+    "attention_fwd": "attention",
+    "attention_bwd": "attention",
+    "attention_saliency": "attention",
+    "momentum_attention_fwd": "attention",
+    "momentum_term": "momentum",
+    "momentum_continue": "momentum",
+    "momentum_value_grad": "momentum",
+    "deep_thinking_update_": "deep_thinking",
+}
 
 
 def _check_name(name: str) -> str:
@@ -67,3 +85,20 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
         f"backend='triton' needs CUDA tensors, got {device}; on CPU it runs only under the Triton "
         "interpreter (export TRITON_INTERPRET=1 before importing fastattn_icl), which is meant for tests"
     )
+
+
+def kernel(backend: str, name: str) -> Callable:
+    """The function ``name`` (a key of ``_TRITON_MODULE``) of a resolved backend, ``"triton"`` or ``"torch"``.
+
+    Modules are imported on first use, so importing fastattn_icl never imports Triton. Called inside the
+    ``torch.library`` ops, which ``torch.compile`` does not trace into.
+    """
+    if name not in _TRITON_MODULE:
+        raise ValueError(f"no kernel named {name!r}; the kernels are {sorted(_TRITON_MODULE)}")
+    if backend == "triton":
+        module = importlib.import_module(f"fastattn_icl._triton.{_TRITON_MODULE[name]}")
+    elif backend == "torch":
+        from fastattn_icl.ops import _torch_backend as module
+    else:
+        raise ValueError(f"backend must be resolved to 'triton' or 'torch' first, got {backend!r}")
+    return getattr(module, name)

@@ -17,12 +17,12 @@ import math
 
 import torch
 
-from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["deep_thinking_update_"]
 
 
-def _check_coef(name: str, x) -> float:
+def check_coef(name: str, x) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
     x = float(x)
@@ -34,21 +34,7 @@ def _check_coef(name: str, x) -> float:
 @torch.library.custom_op("fastattn_icl::deep_thinking_update_", mutates_args=("work", "m"))
 def _deep_thinking_update(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool,
                           backend: str) -> None:
-    if backend == "triton":
-        from fastattn_icl._triton.deep_thinking import deep_thinking_update_ as launch
-
-        launch(work, m, eta, beta, first)
-        return
-    R, _, C = work.shape
-    step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache
-    for r0 in range(0, R, step):
-        x_hat, x_new, m_rows = work[r0 : r0 + step, 0], work[r0 : r0 + step, 1], m[r0 : r0 + step]
-        g = x_new.float() - x_hat.float()
-        if first:
-            m_rows.copy_(g)
-        else:
-            m_rows.mul_(beta).add_(g)
-        x_hat.copy_(x_hat.float() + eta * m_rows)
+    kernel(backend, "deep_thinking_update_")(work, m, eta, beta, first)
 
 
 @_deep_thinking_update.register_fake
@@ -70,7 +56,7 @@ def deep_thinking_update_(
         first: the first update (``m = g``; ``m``'s old contents are not read).
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
     """
-    eta, beta = _check_coef("eta", eta), _check_coef("beta", beta)
+    eta, beta = check_coef("eta", eta), check_coef("beta", beta)
     if not isinstance(work, torch.Tensor) or not work.is_floating_point() or work.dim() != 3 or work.shape[1] != 2:
         raise TypeError(f"work must be a floating tensor [R, 2, C], got {work!r:.80}")
     if work.dtype not in (torch.float16, torch.bfloat16, torch.float32):

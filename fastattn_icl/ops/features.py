@@ -14,24 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from fastattn_icl.ops._validate import any_each, check_index_tensor
+
 ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant (not -inf, not added)
-
-
-def _index_tensor(name: str, t, dims: int, layout: str, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an integer tensor {layout}, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
-        raise TypeError(f"{name} must be an integer tensor {layout}, got {t.dtype}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device} (as q), got {t.device}")
-    return t.long()
-
-
-def _any_each(*conditions: torch.Tensor) -> list[bool]:
-    """``[c.any() for c in conditions]`` with a single device-to-host copy."""
-    return torch.stack([c.any() for c in conditions]).tolist()
 
 
 def anchor_key_log_weights(
@@ -61,8 +46,8 @@ def anchor_key_log_weights(
     C = beta.shape[-1]
     if C == 0:
         raise ValueError("beta must have at least one class (C >= 1)")
-    pos = _index_tensor("anchor_positions", anchor_positions, 2, f"[B={B}, A] (-1 = unused)", device)
-    cls = _index_tensor("anchor_classes", anchor_classes, 2, f"[B={B}, A] in [0, C={C})", device)
+    pos = check_index_tensor("anchor_positions", anchor_positions, 2, f"[B={B}, A] (-1 = unused)", device)
+    cls = check_index_tensor("anchor_classes", anchor_classes, 2, f"[B={B}, A] in [0, C={C})", device)
     if pos.shape[0] != B or tuple(cls.shape) != tuple(pos.shape):
         raise ValueError(
             f"anchor_positions and anchor_classes must both have shape [B={B}, A], got "
@@ -71,7 +56,7 @@ def anchor_key_log_weights(
     used = pos >= 0
     srt = pos.sort(dim=1).values
     # every check reduced on the device and read back once: one host sync, not one per check
-    failed = _any_each(
+    failed = any_each(
         ~used.any() if pos.shape[1] else torch.ones((), dtype=torch.bool, device=device),
         (pos < -1) | (pos >= Tk),
         used & ((cls < 0) | (cls >= C)),
@@ -86,10 +71,19 @@ def anchor_key_log_weights(
         raise ValueError(f"anchor_classes must be in [0, C={C}) (C = beta.shape[-1]) for every used anchor")
     if failed[3]:
         raise ValueError("anchor_positions must not repeat a position within a batch row")
+    return key_log_weight_table(beta, pos, cls, Tk)
+
+
+def key_log_weight_table(beta: torch.Tensor, positions: torch.Tensor, classes: torch.Tensor, Tk: int) -> torch.Tensor:
+    """:func:`anchor_key_log_weights` without its checks (no device-to-host sync), for callers that validated the
+    anchors once: ``beta [B, H, C]`` floating, ``positions``/``classes`` int64 ``[B, A]``; a position outside
+    ``[0, Tk)`` is an unused slot, a class is clamped to ``[0, C)``."""
+    B, H, C = beta.shape
+    used = (positions >= 0) & (positions < Tk)
     # unused slots scatter into an extra column Tk that is dropped
-    slot = torch.where(used, pos, Tk)
-    values = torch.gather(beta.float(), 2, cls.clamp(0, C - 1)[:, None, :].expand(B, H, -1))  # [B, H, A]
-    table = torch.zeros(B, H, Tk + 1, dtype=torch.float32, device=device)
+    slot = torch.where(used, positions, Tk)
+    values = torch.gather(beta.float(), 2, classes.clamp(0, C - 1)[:, None, :].expand(B, H, -1))  # [B, H, A]
+    table = torch.zeros(B, H, Tk + 1, dtype=torch.float32, device=beta.device)
     table = table.scatter(2, slot[:, None, :].expand(B, H, -1), values)
     return table[:, :, :Tk].contiguous()
 
@@ -104,7 +98,7 @@ def reweight_start(reweight_from, B: int, Tq: int, device: torch.device) -> torc
         if not 0 <= reweight_from < Tq:
             raise ValueError(f"reweight_from must be a query row in [0, Tq={Tq}), got {reweight_from}")
         return torch.full((B,), reweight_from, dtype=torch.int32, device=device)
-    start = _index_tensor("reweight_from", reweight_from, 1, f"[B={B}]", device)
+    start = check_index_tensor("reweight_from", reweight_from, 1, f"[B={B}]", device)
     if start.shape[0] != B:
         raise ValueError(f"reweight_from must have shape [B={B}], got {tuple(start.shape)}")
     if bool(((start < 0) | (start >= Tq)).any()):
@@ -123,19 +117,27 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
         raise TypeError(f"isolation_window must be an int >= 0, got {type(window).__name__}")
     if window < 0:
         raise ValueError(f"isolation_window must be >= 0, got {window}")
-    rows = _index_tensor("isolation_rows", isolation_rows, 2, f"[B={B}, R] (-1 = unused)", device)
+    rows = check_index_tensor("isolation_rows", isolation_rows, 2, f"[B={B}, R] (-1 = unused)", device)
     if rows.shape[0] != B:
         raise ValueError(f"isolation_rows must have shape [B={B}, R] (-1 = unused), got {tuple(rows.shape)}")
     used = rows >= 0
-    out_of_range, past_end = _any_each((rows < -1) | (rows >= Tk), used & (rows + window > Tk - 1))
+    out_of_range, past_end = any_each((rows < -1) | (rows >= Tk), used & (rows + window > Tk - 1))
     if out_of_range:
         raise ValueError(f"isolation_rows entries must be positions in [0, Tk={Tk}) or -1 (unused)")
     if past_end:
         raise ValueError(
             f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
         )
+    return isolation_limit_table(rows, window, Tq, Tk)
+
+
+def isolation_limit_table(rows: torch.Tensor, window: int, Tq: int, Tk: int) -> torch.Tensor:
+    """:func:`isolation_limit` without its checks (no device-to-host sync), for callers that validated the rows
+    once: ``rows`` int64 ``[B, R]``, a position outside ``[0, Tk)`` is an unused slot."""
+    B, device = rows.shape[0], rows.device
     if rows.shape[1] == 0:
         return torch.zeros(B, Tq, dtype=torch.int32, device=device)
+    used = (rows >= 0) & (rows < Tk)
     absolute = torch.arange(Tq, device=device) + (Tk - Tq)  # [Tq]
     p = rows[:, None, :]  # [B, 1, R]
     covered = used[:, None, :] & (absolute[None, :, None] >= p) & (absolute[None, :, None] <= p + window)

@@ -19,8 +19,8 @@ import math
 import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
-from fastattn_icl.ops.attention import _attention_bwd, _fused
-from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.ops.attention import attention, attention_bwd
+from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["check_eta", "momentum_attention", "momentum_attention_with_state"]
 
@@ -39,24 +39,11 @@ def check_eta(eta) -> float:
     return eta
 
 
-def _momentum_impl(backend: str):
-    """``(attention forward with the momentum epilogue, scan module)`` of a backend; the scan module has
-    ``momentum_term``, ``momentum_continue`` and ``momentum_value_grad``."""
-    if backend == "triton":
-        from fastattn_icl._triton import attention as attn
-        from fastattn_icl._triton import momentum as scan
-
-        return attn.momentum_attention_fwd, scan
-    from fastattn_icl.ops import _torch_backend as impl
-
-    return impl.momentum_attention_fwd, impl
-
-
 def _momentum_rows(v, eta: float, Tq: int, key_padding_mask, m0, term, carry_on):
     """``(M [B, Hkv, Tq, D], state [B, Hkv, D])`` float32 for the last ``Tq`` positions of ``v [B, Hkv, Tk, D]``:
     from the carried state ``m0`` (``M`` at position ``Tk - Tq``) over those positions only, or (``m0`` None) from
     all of ``v``; ``state`` is ``M`` at position ``Tk`` (``m_(t+1) = η (m_t + v_t)``). ``term``/``carry_on`` are
-    the backend's :func:`momentum_term`/:func:`momentum_continue`."""
+    the backend's ``momentum_term``/``momentum_continue``."""
     B, Hkv, Tk, D = v.shape
     first = Tk - Tq
     if m0 is not None:
@@ -89,8 +76,9 @@ def _momentum_attention_fwd(
     backend: str,
     m0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd, scan = _momentum_impl(backend)
-    mom, state = _momentum_rows(v, eta, q.shape[2], key_padding_mask, m0, scan.momentum_term, scan.momentum_continue)
+    term, carry_on = kernel(backend, "momentum_term"), kernel(backend, "momentum_continue")
+    mom, state = _momentum_rows(v, eta, q.shape[2], key_padding_mask, m0, term, carry_on)
+    fwd = kernel(backend, "momentum_attention_fwd")
     return (*fwd(q, k, v, key_padding_mask, causal, scale, mom, store_attn), state)
 
 
@@ -107,7 +95,7 @@ def _(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend, m0=Non
 def _momentum_value_grad(
     grad_out: torch.Tensor, eta: float, num_kv_heads: int, Tk: int, key_padding_mask: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    return _momentum_impl(backend)[1].momentum_value_grad(grad_out, eta, num_kv_heads, Tk, key_padding_mask)
+    return kernel(backend, "momentum_value_grad")(grad_out, eta, num_kv_heads, Tk, key_padding_mask)
 
 
 @_momentum_value_grad.register_fake
@@ -128,7 +116,7 @@ def _backward(ctx, grad_out, grad_lse, grad_out_attn, grad_state):
     q, k, v, out_attn, lse, key_padding_mask = ctx.saved_tensors
     if not ctx.store_attn:
         raise RuntimeError("momentum_attention: the forward ran without keeping the attention part for a backward")
-    dq, dk, dv, _ = _attention_bwd(grad_out, q, k, v, out_attn, lse, key_padding_mask, None, None, None, ctx.causal,
+    dq, dk, dv, _ = attention_bwd(grad_out, q, k, v, out_attn, lse, key_padding_mask, None, None, None, ctx.causal,
                                    ctx.scale, ctx.backend)
     dv_momentum = _momentum_value_grad(grad_out, ctx.eta, k.shape[1], k.shape[2], key_padding_mask, ctx.backend)
     return dq, dk, (dv.float() + dv_momentum).to(dv.dtype), None, None, None, None, None, None, None
@@ -173,10 +161,8 @@ def momentum_attention(
     """
     eta = check_eta(eta)
     if eta == 0.0:  # exactly base attention: the term is never computed
-        out, _ = _fused(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend)
-        return out
-    return momentum_attention_with_state(q, k, v, eta, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                         backend=backend)[0]
+        return attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, backend=backend)
+    return _momentum_forward(q, k, v, eta, None, causal, scale, key_padding_mask, backend)[0]
 
 
 def momentum_attention_with_state(
@@ -207,6 +193,12 @@ def momentum_attention_with_state(
     eta = check_eta(eta)
     if eta == 0.0:
         raise ValueError("momentum_attention_with_state needs eta > 0 (eta = 0 is plain attention, with no state)")
+    return _momentum_forward(q, k, v, eta, state, causal, scale, key_padding_mask, backend)
+
+
+def _momentum_forward(q, k, v, eta: float, state, causal, scale, key_padding_mask, backend):
+    """The two public functions after their check of η (``eta`` a float in ``(0, 1)``): every other argument is
+    checked here, once."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     check_key_padding_mask(key_padding_mask, B, Tk, q.device)
     scale = check_scale(scale, D)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
-from fastattn_icl.ops.attention import _impl
-from fastattn_icl.ops.backend import resolve_backend
+from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["shared_prefix_attention"]
 
@@ -35,7 +34,7 @@ def _shared_prefix_attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).attention_fwd(
+    return kernel(backend, "attention_fwd")(
         q, k, v, key_padding_mask, None, None, None, causal, scale, prefix=(prefix_k, prefix_v)
     )
 

@@ -20,12 +20,14 @@ stores the whole head-summed ``[T, T]`` map (for plotting short prompts).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fastattn_icl.ops.features import _any_each, _index_tensor
+from fastattn_icl.ops._validate import any_each, check_index_tensor
+from fastattn_icl.ops.backend import kernel
 
 __all__ = ["Saliency", "SaliencyResult"]
 
@@ -52,9 +54,7 @@ def _attention_saliency(
     row_slot: torch.Tensor | None,
     rows: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastattn_icl.ops.attention import _impl
-
-    sums, head_sums = _impl(backend).attention_saliency(
+    sums, head_sums = kernel(backend, "attention_saliency")(
         grad_out, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
         label_mask, target, per_head=per_head, row_slot=row_slot, rows=rows,
     )
@@ -137,6 +137,7 @@ class Saliency:
     start: Any = 0
     results: dict[Any, SaliencyResult] = field(default_factory=dict, repr=False)
     _tables: dict[Any, tuple] = field(default_factory=dict, repr=False)
+    _checked_mask: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.per_head, bool):
@@ -164,7 +165,7 @@ class Saliency:
         cache_key = (B, T, device)
         if cache_key in self._tables:
             tables = self._tables[cache_key]
-            _check_padding(key_padding_mask, tables[4], tables[1].long())
+            self._check_padding_once(key_padding_mask, tables[4], tables[1].long())
             return tables
         labels = self.label_positions
         if isinstance(labels, (list, tuple)):
@@ -173,7 +174,7 @@ class Saliency:
             labels = labels.to(device)
             if labels.dim() == 1:
                 labels = labels[None]
-        labels = _index_tensor("Saliency: label_positions", labels, 2, "[B, C]", device)
+        labels = check_index_tensor("Saliency: label_positions", labels, 2, "[B, C]", device)
         if labels.shape[0] == 1 and B != 1:
             labels = labels.expand(B, -1)
         if labels.shape[0] != B or labels.shape[1] == 0:
@@ -193,7 +194,7 @@ class Saliency:
             (start < 0) | (start > target),
             used & (labels < start[:, None]),
         ]
-        bad = _any_each(*checks)
+        bad = any_each(*checks)
         messages = [
             "label_positions must be >= 0 (or -1 for an unused slot)",
             f"label_positions must be < T={T}",
@@ -205,7 +206,7 @@ class Saliency:
             "a label position comes before its row's start (the first token)",
         ]
         _raise_first(bad, messages, labels, target)
-        _check_padding(key_padding_mask, labels, target)
+        self._check_padding_once(key_padding_mask, labels, target)
         label_mask = slot_taken.to(torch.uint8)
         row_slot, n_rows = None, 0
         if self.rows == "labels":  # slots 0..C-1: the label rows in order, slot C: the target row
@@ -227,6 +228,14 @@ class Saliency:
         return tables
 
 
+    def _check_padding_once(self, key_padding_mask, labels: torch.Tensor, target: torch.Tensor) -> None:
+        """:func:`_check_padding` once per mask object: the seam hands one mask to every layer of a forward."""
+        if key_padding_mask is None or (self._checked_mask is not None and self._checked_mask() is key_padding_mask):
+            return
+        _check_padding(key_padding_mask, labels, target)
+        self._checked_mask = weakref.ref(key_padding_mask)
+
+
 def _raise_first(bad: list[bool], messages: list[str], labels: torch.Tensor, target: torch.Tensor) -> None:
     for is_bad, message in zip(bad, messages):
         if is_bad:
@@ -238,7 +247,7 @@ def _check_padding(key_padding_mask: torch.Tensor | None, labels: torch.Tensor, 
     if key_padding_mask is None:
         return
     used = labels >= 0
-    bad = _any_each(
+    bad = any_each(
         ~key_padding_mask.gather(1, target[:, None])[:, 0], used & ~key_padding_mask.gather(1, labels.clamp(min=0))
     )
     messages = [

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import fastattn_icl
-from fastattn_icl.integrations import ICLController, get_controller
+from fastattn_icl.integrations import AnchorState, ICLController, IsolationState, get_controller
 from fastattn_icl.integrations.controller import CONTROLLER_ATTR, find_controller
+from fastattn_icl.ops import Saliency
 
 
 def _gpt2():
@@ -34,33 +35,59 @@ def test_get_controller_attaches_one_controller_outside_the_state_dict():
 
 def test_override_restores_previous_state_also_on_exceptions():
     controller = ICLController(num_layers=4)
-    controller.set(eta=0.5)
-    with controller.override(eta=0.9, beta=torch.zeros(3)):
-        assert controller.get("eta") == 0.9 and controller.get("beta") is not None
-        with controller.override(eta=None):
-            assert controller.get("eta") is None
-        assert controller.get("eta") == 0.9
-    assert controller.layer_state(0) == {"eta": 0.5}
+    iso, other = IsolationState(torch.tensor([[3]])), IsolationState(torch.tensor([[5]]))
+    request = Saliency(torch.tensor([[1]]), 2)
+    controller.set(isolation=iso)
+    with controller.override(isolation=other, saliency=request):
+        assert controller.get("isolation") is other and controller.get("saliency") is request
+        with controller.override(isolation=None):
+            assert controller.get("isolation") is None and controller.methods(0).isolation is None
+        assert controller.get("isolation") is other
+        assert controller.methods(0).isolation.used_positions == (5,) and controller.methods(0).saliency is request
+    assert controller.layer_state(0) == {"isolation": iso}
     with pytest.raises(KeyError):
-        with controller.override(layers=[1], anchors=[3, 5]):
-            assert controller.get("anchors", layer_idx=1) == [3, 5]
+        with controller.override(layers=[1], saliency=request):
+            assert controller.get("saliency", layer_idx=1) is request and controller.methods(1).saliency is request
             raise KeyError("inside")
-    assert controller.layer_state(1) == {"eta": 0.5}
+    assert controller.layer_state(1) == {"isolation": iso} and controller.methods(1).saliency is None
     controller.clear()
-    assert controller.is_empty()
+    assert controller.is_empty() and controller.methods(0).is_plain
 
 
 def test_per_layer_lookup():
     controller = ICLController(num_layers=3)
-    with controller.override(eta=0.1), controller.override(layers=[2], eta=0.7, isolate=True):
-        assert controller.layer_state(0) == {"eta": 0.1}
-        assert controller.layer_state(2) == {"eta": 0.7, "isolate": True}
-        assert controller.layer_state(None) == {"eta": 0.1}
-        assert controller.get("isolate", layer_idx=0) is None
+    with controller.override(momentum=0.1), controller.override(layers=[2], momentum=0.7):
+        assert controller.layer_state(0) == {"momentum": 0.1}
+        assert controller.layer_state(2) == {"momentum": 0.7}
+        assert controller.layer_state(None) == {"momentum": 0.1}
+        assert [controller.methods(i).momentum for i in (0, 1, 2, None)] == [0.1, 0.1, 0.7, 0.1]
+        assert controller.get("saliency", layer_idx=0) is None
         assert not controller.is_neutral(0)
     assert controller.is_empty() and controller.is_neutral(2)
-    with controller.override(layers=(1,), eta=0.3):
+    with controller.override(layers=(1,), momentum=0.3):
         assert controller.is_neutral(0) and not controller.is_neutral(1)
+
+
+@pytest.mark.parametrize(
+    "state, error, message",
+    [
+        ({"momentum": 1.5}, ValueError, r"eta must be in \[0, 1\)"),
+        ({"anchors": AnchorState(torch.tensor([[1]]), torch.tensor([[0]]))}, ValueError, "'beta' is not set"),
+        ({"isolation": IsolationState(torch.tensor([[3]]), window=-1)}, ValueError, "window must be an int >= 0"),
+        ({"isolation": IsolationState(torch.tensor([[-2]]))}, ValueError, r"positions >= 0 or -1 .* \[\[-2\]\]"),
+        ({"saliency": "labels"}, TypeError, "saliency must be a fastattn_icl.ops.Saliency"),
+    ],
+)
+def test_bad_state_raises_when_it_is_set_and_leaves_the_previous_state(state, error, message):
+    controller = ICLController(num_layers=3)
+    controller.set(layers=[1], isolation=IsolationState(torch.tensor([[4]])))
+    before = controller.layer_state(1), controller.methods(1)
+    with pytest.raises(error, match=message):
+        controller.set(**state)
+    with pytest.raises(error, match=message):
+        with controller.override(**state):
+            pytest.fail("a bad state was accepted")
+    assert (controller.layer_state(1), controller.methods(1)) == before and controller.layer_state(0) == {}
 
 
 @pytest.mark.parametrize(
@@ -70,7 +97,7 @@ def test_per_layer_lookup():
 def test_bad_layer_indices_raise(layers, error):
     controller = ICLController(num_layers=3)
     with pytest.raises(error):
-        with controller.override(layers=layers, eta=0.1):
+        with controller.override(layers=layers, momentum=0.1):
             pass
     assert controller.is_empty()
 
@@ -81,7 +108,8 @@ def test_state_the_seam_does_not_implement_is_refused_not_ignored():
     with fastattn_icl.integrations.enabled(model) as controller, torch.no_grad():
         assert controller is get_controller(model)
         model(ids)
-        with controller.override(layers=[1], not_a_method=1.0):
-            with pytest.raises(NotImplementedError, match=r"\['not_a_method'\] is set for layer 1"):
-                model(ids)
+        with pytest.raises(NotImplementedError, match=r"\['not_a_method'\] is set for layer 1"):
+            with controller.override(layers=[1], not_a_method=1.0):
+                pytest.fail("state the seam does not implement was accepted")
+        assert controller.is_empty()
         model(ids)

@@ -30,7 +30,7 @@ from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.gptj import (
     GPTJPatch,
     _fastattn_icl_attn,
-    _is_patched,
+    is_patched,
     patch_gptj,
     routes_attention_interface,
 )
@@ -297,7 +297,7 @@ def test_routed_patch_switches_the_implementation_and_back(seam_calls):
     model.set_attn_implementation("eager")
     fastattn_icl.integrations.enable(model)
     assert model.config._attn_implementation == seam.ATTN_IMPLEMENTATION
-    assert not any(_is_patched(m) for m in model.modules())
+    assert not any(is_patched(m) for m in model.modules())
     assert "_fastattn_icl_gptj_patch" not in model.__dict__, "a routed GPT-J needs no patch handle"
 
 

@@ -230,16 +230,20 @@ def test_anchors_without_beta_and_attentions_with_state_raise():
     ids, mask = make_inputs(2, T, padded=False)
     beta, anchors = _state(2, 2, 4)
     controller = get_controller(model)
-    with torch.no_grad():
-        with controller.override(anchors=anchors), pytest.raises(ValueError, match="'beta' is not set"):
-            _logits(model, ids, mask)
-        with controller.override(anchors=anchors, beta=beta[0]), pytest.raises(TypeError, match=r"\[L, H, C\]"):
-            _logits(model, ids, mask)
-        with controller.override(isolation=torch.tensor([[3]])), pytest.raises(TypeError, match="IsolationState"):
-            _logits(model, ids, mask)
-        bad = AnchorState(anchors.positions, anchors.classes, reweight_from=torch.tensor([1, 2, 3]))
-        with controller.override(anchors=bad, beta=beta), pytest.raises(ValueError, match="reweight_from"):
-            _logits(model, ids, mask)
+    bad = AnchorState(anchors.positions, anchors.classes, reweight_from=torch.tensor([1, 2, 3]))
+    cases = [
+        (dict(anchors=anchors), ValueError, "'beta' is not set"),
+        (dict(anchors=anchors, beta=beta[0]), TypeError, r"\[L, H, C\]"),
+        (dict(isolation=torch.tensor([[3]])), TypeError, "IsolationState"),
+        (dict(anchors=bad, beta=beta), ValueError, "reweight_from"),
+        (dict(anchors=anchors, beta=beta[:1]), ValueError, "beta has 1 layers, no entry for all 2 layers"),
+    ]
+    for state, error, message in cases:  # refused when the block is entered, before any forward
+        with pytest.raises(error, match=message):
+            with controller.override(**state):
+                pytest.fail(f"bad state {state} was accepted")
+    with torch.no_grad(), controller.override(layers=[0], anchors=anchors, beta=beta[:1]):
+        _logits(model, ids, mask)  # beta needs an entry for layer 0 only
     assert controller.is_empty()
 
 

@@ -31,7 +31,7 @@ from transformers import (
 import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
-from fastattn_icl.integrations.gptj import _routes
+from fastattn_icl.integrations.gptj import routes_attention_class
 
 RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 100
@@ -133,7 +133,7 @@ def gptj_like_config(config_class):
 def _routed_family(module: str, attention: str) -> bool:
     import importlib
 
-    return _routes(getattr(importlib.import_module(module), attention))
+    return routes_attention_class(getattr(importlib.import_module(module), attention))
 
 
 # families that transformers routes only from 5.24 on (before, GPT-J has its own patch, tests/integrations/

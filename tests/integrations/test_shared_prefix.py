@@ -254,8 +254,8 @@ def test_other_method_state_raises(layers):
     cache = SharedPrefixCache(M, keys.shape[0])
     isolation = IsolationState(torch.tensor([[M + 1]]))
     with torch.no_grad(), cache.bound(model, keys, values):
-        with get_controller(model).override(layers=layers, isolation=isolation):
-            with pytest.raises(NotImplementedError, match="shared prefix"):
+        with pytest.raises(NotImplementedError, match="shared prefix"):  # refused when the block is entered
+            with get_controller(model).override(layers=layers, isolation=isolation):
                 model(ids, attention_mask=_full_mask(mask), position_ids=_positions(mask), **cache_kwargs(cache))
 
 

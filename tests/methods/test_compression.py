@@ -63,7 +63,7 @@ def _query_ids(x: str) -> torch.Tensor:
     return torch.tensor(TOKENIZER.encode(TEMPLATE.split("{y}")[0].format(x=x).rstrip()).ids, dtype=torch.long)
 
 
-def _left_pad(rows: list[torch.Tensor], extra: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[torch.Tensor], extra: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad ``rows``; ``extra[b]`` more pad columns before row ``b`` (different padding per row)."""
     extra = extra or [0] * len(rows)
     S = max(len(r) + e for r, e in zip(rows, extra))
@@ -158,7 +158,7 @@ def test_compressed_forward_equals_masked_full_context(models, family, keep, off
     assert comp.values.shape == comp.keys.shape and comp.num_kept == len(comp.positions)
 
     rows = _test_rows(2, trim=(0, 2))
-    ids, mask = _left_pad(rows)  # row 1 is 2 tokens shorter: 2 columns of left padding
+    ids, mask = left_pad(rows)  # row 1 is 2 tokens shorter: 2 columns of left padding
     got = comp.forward(model, ids, mask, share_prefix=share_prefix)
     assert got.shape == (2, ids.shape[1], model.config.vocab_size)
     want = torch.zeros_like(got)
@@ -220,7 +220,7 @@ def test_bos_sink_kept_and_exact(models, keep_special_tokens):
     assert no_bos.num_tokens == 40 and torch.equal(no_bos.positions, plain.positions)
     rows = [_tail_ids(tokenizer, DEMOS, x) for x, _ in dataset(2, seed=7)]
     assert torch.equal(rows[0], _query_ids(dataset(2, seed=7)[0][0]))  # no BOS in the test tokens
-    ids, mask = _left_pad(rows, extra=[0, 2])
+    ids, mask = left_pad(rows, extra=[0, 2])
     for share in (True, False):
         got = comp.forward(model, ids, mask, share_prefix=share)
         want = torch.zeros_like(got)
@@ -259,7 +259,7 @@ def test_byte_level_bpe(family):
     kept = [tokenizer.decode([int(anchor.input_ids[p])]) for p in anchor.positions]
     assert kept.count(" positive") == kept.count(" negative") == 1 and kept.count("Review") == 2
     rows = [_tail_ids(tokenizer, demos, x) for x, _ in dataset(2, seed=7)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(rows)
     for comp in (anchor, random0):
         got = comp.forward(model, ids, mask)
         want = torch.zeros_like(got)
@@ -303,7 +303,7 @@ def test_shared_prefix_equals_expanded_cache_and_single_rows(models, family, pre
     L = model.config.num_hidden_layers
     comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
     rows = _test_rows(4, trim=(0, 1, 3, 2))
-    ids, mask = _left_pad(rows, extra=[0, 2, 1, 0])
+    ids, mask = left_pad(rows, extra=[0, 2, 1, 0])
     assert len({int(m.sum()) for m in mask}) == 4 and not bool(mask[:, 0].all())  # 4 different paddings
     shared = comp.forward(model, ids, mask, share_prefix=True)
     # every layer read the ONE prefix copy (batch 1) for the batch of 4
@@ -335,7 +335,7 @@ def test_generate_continues_the_forward(models):
     model = models("llama")
     comp = compress_demonstrations(model, TOKENIZER, DEMOS, TEMPLATE, LABEL_WORDS)
     rows = _test_rows(2, trim=(0, 2))
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(rows)
     new = comp.generate(model, ids, mask, max_new_tokens=3)
     for b, r in enumerate(rows):
         seq = r
@@ -379,7 +379,7 @@ def test_save_load_roundtrip(models, tmp_path, method):
     )
     loaded_on = CompressedDemonstrations.load(str(path), device="cpu")
     assert torch.equal(loaded_on.keys, comp.keys)
-    ids, mask = _left_pad(_test_rows(3, trim=(0, 1, 0)))
+    ids, mask = left_pad(_test_rows(3, trim=(0, 1, 0)))
     for share in (True, False):
         torch.testing.assert_close(
             loaded.forward(model, ids, mask, share_prefix=share),

@@ -129,6 +129,6 @@ def test_the_probe_refuses_other_method_state(examples):
     model = tiny_model("llama", attn_implementation="fastattn_icl", layers=2)
     batch = collate(exs[:2])
     probe = AttentionRowProbe(batch["anchor_positions"])
-    with get_controller(model).override(attention_row=probe, momentum=0.5), pytest.raises(
-            NotImplementedError, match="attention_row cannot be combined"):
-        model(batch["input_ids"])
+    with pytest.raises(NotImplementedError, match="attention_row cannot be combined"):
+        with get_controller(model).override(attention_row=probe, momentum=0.5):  # refused when entered
+            model(batch["input_ids"])

@@ -17,7 +17,7 @@ import torch
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, disable, enable, enabled, get_controller, routed
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.controller import CONTROLLER_ATTR
-from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
+from fastattn_icl.integrations.gptj import is_patched, patch_gptj
 from fastattn_icl.methods import AnchorReweighting, collate, isolate
 from tests.data.icl_sentiment import dataset
 from tests.integrations.test_gptj import ROUTED, assert_close, swap_seam, tiny_gptj
@@ -94,7 +94,7 @@ def _patched(model):
     eager-core GPT-J: its attention module is patched)."""
     if ROUTED:
         return [model.config._attn_implementation == ATTN_IMPLEMENTATION for _ in model.transformer.h]
-    return [_is_patched(block.attn) for block in model.transformer.h]
+    return [is_patched(block.attn) for block in model.transformer.h]
 
 
 def test_enable_disable_patch_gptj_and_revert_exactly():
@@ -140,11 +140,11 @@ def test_codegen_is_routed_or_refused_naming_it():
     from transformers import AutoModelForCausalLM, CodeGenConfig
     from transformers.models.codegen.modeling_codegen import CodeGenAttention
 
-    from fastattn_icl.integrations.gptj import _routes
+    from fastattn_icl.integrations.gptj import routes_attention_class
 
     config = CodeGenConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=100, bos_token_id=0, eos_token_id=1)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    if _routes(CodeGenAttention):
+    if routes_attention_class(CodeGenAttention):
         assert enable(model) == "eager" and model.config._attn_implementation == ATTN_IMPLEMENTATION
         with torch.no_grad():
             model(torch.randint(3, 100, (1, 5)))

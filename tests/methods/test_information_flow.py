@@ -170,9 +170,10 @@ def test_bad_input(builder):
         information_flow(model, [late], ids, progress=False)
     with pytest.raises(ValueError, match="at least one example"):
         information_flow(model, [], ids, progress=False)
-    with routed(model) as controller, controller.override(saliency="labels"):
+    with routed(model) as controller:
         with pytest.raises(TypeError, match="saliency must be a fastattn_icl.ops.Saliency"):
-            model(examples[0].input_ids[None])
+            with controller.override(saliency="labels"):  # refused when entered
+                model(examples[0].input_ids[None])
 
 
 def test_triton_kernels_give_the_same_scores(builder):

@@ -26,7 +26,7 @@ def bpe():
     return byte_bpe_tokenizer()
 
 
-def _render(demos, template=TEMPLATE, words=LABEL_WORDS):
+def render_template(demos, template=TEMPLATE, words=LABEL_WORDS):
     """The demonstrations text and the character span of every free-field text in it."""
     text, fields = "", []
     for x, y in demos:
@@ -58,7 +58,7 @@ def _check_no_field_text_and_all_labels(tokenizer, text, fields, keep):
 
 
 def test_byte_level_bpe_keeps_formatting_newlines_and_labels(bpe):
-    text, fields = _render(DEMOS)
+    text, fields = render_template(DEMOS)
     keep = hidden_anchor_keep(bpe, text, TEMPLATE, LABEL_WORDS)
     # the space after "Review:" is its own token unless the review's first word absorbs it (" a" in demo 2)
     assert _kept_pieces(bpe, keep) == [
@@ -86,7 +86,7 @@ def test_keep_set_is_the_literal_text_of_every_demonstration(bpe):
     into the review's first token."""
     for n, seed in ((2, 0), (4, 1), (4, 7)):
         demos = dataset(n, seed=seed)
-        text, fields = _render(demos)
+        text, fields = render_template(demos)
         keep = hidden_anchor_keep(bpe, text, TEMPLATE, LABEL_WORDS)
         spelled = "".join(_kept_pieces(bpe, keep))
         allowed = {f"Review:{space}\nSentiment: {LABEL_WORDS[y]}\n" for _, y in demos for space in ("", " ")}
@@ -98,7 +98,7 @@ def test_keep_set_is_the_literal_text_of_every_demonstration(bpe):
 def test_word_level_two_and_four_demonstrations():
     tokenizer = word_tokenizer()
     for demos in (DEMOS[:2], DEMOS):
-        text, fields = _render(demos)
+        text, fields = render_template(demos)
         keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
         tokens = tokenizer.encode(text).tokens
         expected = [t for _, y in demos for t in ("Review", ":", "Sentiment", ":", LABEL_WORDS[y])]
@@ -142,7 +142,7 @@ def test_two_free_fields_template(bpe):
 
 def test_bos_is_kept_by_flag():
     tokenizer = _word_tokenizer_with_bos()
-    text, _ = _render(DEMOS[:2])
+    text, _ = render_template(DEMOS[:2])
     keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
     assert tokenizer.encode(text).tokens[0] == "[BOS]"
     assert keep.special_positions.tolist() == [0] and keep.positions[0] == 0
@@ -173,7 +173,7 @@ def _check_random_replaces_labels(keep, random, specials_kept=True):
 
 
 def test_hidden_random_replaces_each_label_word_and_is_seeded(bpe):
-    text, _ = _render(DEMOS)
+    text, _ = render_template(DEMOS)
     keep = hidden_anchor_keep(bpe, text, TEMPLATE, LABEL_WORDS)
     random0 = hidden_random_positions(keep, seed=0)
     assert len(random0) == len(keep.positions)
@@ -185,7 +185,7 @@ def test_hidden_random_replaces_each_label_word_and_is_seeded(bpe):
 def test_hidden_random_keeps_bos_by_flag():
     tokenizer = _word_tokenizer_with_bos()
     demos = [(f"{x} and {x}", y) for x, y in dataset(4, seed=0)]  # 11 review words, 5 anchors per demonstration
-    text, _ = _render(demos)
+    text, _ = render_template(demos)
     keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
     with_bos = hidden_random_positions(keep, seed=3)
     assert len(with_bos) == len(keep.positions) and with_bos[0] == 0
@@ -197,7 +197,7 @@ def test_hidden_random_keeps_bos_by_flag():
 
 def test_hidden_random_needs_text_in_every_demonstration():
     tokenizer = word_tokenizer()
-    text, _ = _render([("fun", 1), ("", 0)])  # the second demonstration has no text token
+    text, _ = render_template([("fun", 1), ("", 0)])  # the second demonstration has no text token
     keep = hidden_anchor_keep(tokenizer, text, TEMPLATE, LABEL_WORDS)
     with pytest.raises(ValueError, match=r"demonstration 1 has no non-anchor position"):
         hidden_random_positions(keep)
@@ -230,7 +230,7 @@ def test_no_demonstration_names_template_and_tokenizer():
 
 
 def test_rendered_query_raises(bpe):
-    text, _ = _render(DEMOS[:2])
+    text, _ = render_template(DEMOS[:2])
     with pytest.raises(ValueError, match=r"must end after the last demonstration.*'Review: fun\\nSentiment:'"):
         hidden_anchor_keep(bpe, text + "Review: fun\nSentiment:", TEMPLATE, LABEL_WORDS)
     with pytest.raises(ValueError, match=r"'garbage ' between demonstrations 0 and 1"):
@@ -247,12 +247,12 @@ def test_literal_without_a_token_of_its_own_names_literal_and_demonstration(bpe)
     with pytest.raises(ValueError, match=r"template literal 'Re' gives no token of its own in demonstration 1"):
         hidden_anchor_keep(bpe, text, template, LABEL_WORDS)
     # a whitespace-only literal may merge with text without error (the word-level tokenizer drops newlines)
-    keep = hidden_anchor_keep(word_tokenizer(), _render(DEMOS)[0], TEMPLATE, LABEL_WORDS)
+    keep = hidden_anchor_keep(word_tokenizer(), render_template(DEMOS)[0], TEMPLATE, LABEL_WORDS)
     assert len(keep.label_positions) == 4
 
 
 def test_label_word_not_a_single_token_names_word(bpe):
     words = ["negative", "xylophonic"]
-    text, _ = _render([("fun", 1), ("bad", 0)], words=words)
+    text, _ = render_template([("fun", 1), ("bad", 0)], words=words)
     with pytest.raises(ValueError, match=r"'xylophonic' is not a single token for Tokenizer"):
         hidden_anchor_keep(bpe, text, TEMPLATE, words)

@@ -1,0 +1,121 @@
+"""No device-to-host sync in the seam's per-layer path once method state was validated at entry.
+
+On a GPU every ``Tensor.item`` / ``tolist`` / ``bool(tensor)`` in an attention call stalls the stream in every layer
+(``torch.cuda.set_sync_debug_mode("error")`` turns such a stall into an error there). On CPU the same reads are
+counted by patching the ``Tensor`` methods that copy a value to the host, around each call of the seam only: the
+forward's one mask check (``fastattn_icl_mask``) and the checks made when a context manager is entered are outside.
+Checks of the attention mask itself (that padding hides no label word, no prefix column) read it once per forward,
+in the first layer: every layer gets the same mask object.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from fastattn_icl.integrations import AnchorState, AttentionRowProbe, IsolationState, get_controller
+from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
+from fastattn_icl.integrations.momentum_cache import MomentumCache
+from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
+from fastattn_icl.integrations.transformers import fastattn_icl_attention_forward, fastattn_icl_mask
+from fastattn_icl.ops import Saliency
+from tests.integrations.test_models import make_inputs, positions, tiny_model
+
+COUNTING = "fastattn_icl_sync_count"
+T = 10
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+class _SyncCounter:
+    """Counts host reads of tensor values made inside the seam, per call (one call = one layer)."""
+
+    def __init__(self):
+        self.per_call: list[int] = []
+        self._active = False
+
+    def seam(self, *args, **kwargs):
+        self.per_call.append(0)
+        self._active = True
+        try:
+            return fastattn_icl_attention_forward(*args, **kwargs)
+        finally:
+            self._active = False
+
+    def wrap(self, name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(tensor, *args, **kwargs):
+            if self._active:
+                self.per_call[-1] += 1
+            return original(tensor, *args, **kwargs)
+
+        return original, counted
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    counter = _SyncCounter()
+    AttentionInterface.register(COUNTING, counter.seam)
+    AttentionMaskInterface.register(COUNTING, fastattn_icl_mask)
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counter.wrap(name)[1])
+    return counter
+
+
+def _anchors(L, H):
+    anchors = AnchorState(torch.tensor([[2, 4, -1]]), torch.tensor([[0, 1, 0]]), reweight_from=5)
+    return {"anchors": anchors, "beta": torch.randn(L, H, 2, generator=torch.Generator().manual_seed(0))}
+
+
+STATES = {
+    "anchors": _anchors,
+    "isolation": lambda L, H: {"isolation": IsolationState(torch.tensor([[3, -1]]), window=1)},
+    "momentum": lambda L, H: {"momentum": 0.5},
+    "attention_row": lambda L, H: {"attention_row": AttentionRowProbe(torch.tensor([[2, 4]]))},
+    "saliency": lambda L, H: {"saliency": Saliency(torch.tensor([[4, 6]]), T - 1)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATES))
+def test_no_host_sync_per_layer_for_state_validated_at_entry(name, sync_counter):
+    model = tiny_model("llama")
+    model.set_attn_implementation(COUNTING)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    ids, mask = make_inputs(2, T, padded=True)
+    pos = positions(mask)
+    with get_controller(model).override(**STATES[name](L, H)):
+        if name == "saliency":
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        else:
+            with torch.no_grad():
+                cache = MomentumCache() if name == "momentum" else None
+                out = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
+                            **cache_kwargs(cache))
+                model(ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], use_cache=True,
+                      **cache_kwargs(output_cache(out)))
+    calls = sync_counter.per_call
+    if name == "saliency":  # the first layer checks the positions against T, once, and the padding mask
+        assert len(calls) == L and calls[0] == 2 and calls[1:] == [0] * (L - 1), f"host syncs per layer call: {calls}"
+    else:
+        assert calls == [0] * (2 * L), f"host syncs per layer call: {calls}"
+
+
+def test_no_host_sync_per_layer_with_a_shared_prefix(sync_counter):
+    model = tiny_model("llama")
+    L, M = model.config.num_hidden_layers, 4
+    ids = torch.randint(3, 100, (2, M + 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefix = output_cache(model(ids[:1, :M], use_cache=True))
+        keys = torch.stack([layer.keys for layer in prefix.layers])
+        values = torch.stack([layer.values for layer in prefix.layers])
+        cache = SharedPrefixCache(M, L)
+        mask = torch.ones(2, M + 3, dtype=torch.long)
+        mask[1, M] = 0  # a padded row: the seam gets a key-padding mask and checks the prefix columns
+        with cache.bound(model, keys, values, check_mask=True):
+            model.set_attn_implementation(COUNTING)
+            model(ids[:, M:], attention_mask=mask, position_ids=torch.arange(M, M + 3).expand(2, -1),
+                  use_cache=True, **cache_kwargs(cache))
+    assert sync_counter.per_call == [1] + [0] * (L - 1), f"host syncs per layer call: {sync_counter.per_call}"
