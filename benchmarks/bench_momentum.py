@@ -64,7 +64,7 @@ def momentum_targets(rows: list[dict]) -> list[dict]:
 
 MOMENTUM = h.Benchmark(
     name="momentum", suffix="-momentum", modes=("fwd", "fwd+bwd"), cases=momentum_cases,
-    op="momentum attention (SPEC §6): attention + M, M_t = Σ_{i<t} η^(t-i) v_i",
+    op="momentum attention (docs/methods.md §6): attention + M, M_t = Σ_{i<t} η^(t-i) v_i",
     inputs=lambda case, group: attn.make_inputs(case, group.device),
     **h.tensor_op(oracle=eager_momentum, views=attn.check_views),
     providers=[
@@ -82,7 +82,8 @@ MOMENTUM = h.Benchmark(
     "(fastattn_icl.reference.momentum.momentum_attention; for `base` reference.attention.attention), error <= "
     f"{FWD_FACTOR:g}x (output) / {GRAD_FACTOR:g}x (gradients) the same-dtype oracle's error + 1e-5·max(1, max|ref|) "
     "(fastattn_icl.testing); large shapes on one self-contained slice (check.scope)",
-    flop_model="the attention part's: 4·B·H·T²·d / 2 per causal forward, fwd+bwd 3.5x (SPEC); the momentum term "
+    flop_model="the attention part's: 4·B·H·T²·d / 2 per causal forward, fwd+bwd 3.5x (docs/methods.md §9); "
+    "the momentum term "
     "(O(T·d) scans, eager's [T, T] decay matmul) is not counted",
     cpu_path="the `fastattn_icl` and `base` rows are the CPU path (backend 'torch')",
     columns=[("overhead vs base", lambda by: by[OURS]["overhead_text"] if by.get(OURS) else "n/a")],
@@ -226,7 +227,7 @@ def update_targets(rows: list[dict]) -> list[dict]:
 
 DEEP_THINKING = h.Benchmark(
     name="deep-thinking", suffix="-deep-thinking", modes=("update",), cases=update_cases,
-    op="Deep-Thinking update (SPEC §7): one step's X̂, m update over every layer's K and V",
+    op="Deep-Thinking update (docs/methods.md §7): one step's X̂, m update over every layer's K and V",
     inputs=make_update_inputs, gate=update_gate,
     **h.memory_bound_op(("gate X̂", lambda by: _gate_cell(by, "X_hat")), ("gate m", lambda by: _gate_cell(by, "m"))),
     providers=[

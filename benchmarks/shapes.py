@@ -222,7 +222,7 @@ ANCHOR_MODELS = ("gpt2-xl", "llama-7b")
 ANCHOR_VARIANTS = {
     "anchors-last": "anchor re-weighting of the last query row only (the paper's setting)",
     "anchors-from": "anchor re-weighting of every query row from the first label word on (worst case)",
-    "isolation": "isolation of the label-word rows, window 0 (SPEC §3)",
+    "isolation": "isolation of the label-word rows, window 0 (docs/methods.md §3)",
 }
 
 

@@ -1,4 +1,4 @@
-"""The Deep-Thinking state update (SPEC §7) over every layer's K and V in one Triton launch.
+"""The Deep-Thinking state update (docs/methods.md §7) over every layer's K and V in one Triton launch.
 
 The state lives in one buffer ``work [R, 2, N·d]`` (``R`` = 2 · layers · kv heads rows; per row the current
 state ``X̂`` then the re-run's new ``X_new``), so one program grid covers all of it::

@@ -1,4 +1,4 @@
-"""The decayed sum of momentum attention (SPEC §6, MoAttn) as a memory-bound Triton scan.
+"""The decayed sum of momentum attention (docs/methods.md §6, MoAttn) as a memory-bound Triton scan.
 
 Math, per batch row and kv head, over absolute positions ``t`` of the key/value cache::
 

@@ -28,7 +28,7 @@ STATE_NAMES: frozenset[str] = frozenset(
 
 @dataclass(frozen=True)
 class AnchorState:
-    """Controller state ``anchors`` (SPEC §2): where the label words are and which rows are re-weighted.
+    """Controller state ``anchors`` (docs/methods.md §2): where the label words are and which rows are re-weighted.
 
     Used together with the state ``beta``: a floating tensor indexed by layer first, ``[L, H, C]`` (or
     ``[L, B, H, C]``); layer ``l`` uses ``beta[l]``.
@@ -53,7 +53,7 @@ class AnchorState:
 
 @dataclass(frozen=True)
 class IsolationState:
-    """Controller state ``isolation`` (SPEC §3): cut the information flow into some positions.
+    """Controller state ``isolation`` (docs/methods.md §3): cut the information flow into some positions.
 
     Attributes:
         rows: integer ``[B, R]`` absolute key positions ``p`` (``-1`` = unused; ``B = 1`` broadcasts):
@@ -68,7 +68,7 @@ class IsolationState:
 
 @dataclass(frozen=True)
 class SharedPrefixState:
-    """Controller state ``shared_prefix`` (SPEC §5 serving): every layer's keys start with a prefix that the
+    """Controller state ``shared_prefix`` (docs/methods.md §5 serving): every layer's keys start with a prefix that the
     whole batch shares, held once and read in place by the kernel (never copied per row).
 
     Used with :class:`~fastattn_icl.integrations.prefix_cache.SharedPrefixCache`, whose layers hold only each

@@ -1,4 +1,4 @@
-"""A Hugging Face cache that carries momentum attention's running state (SPEC §6) in O(d) per layer.
+"""A Hugging Face cache that carries momentum attention's running state (docs/methods.md §6) in O(d) per layer.
 
 With :func:`fastattn_icl.methods.momentum`, every attention call adds ``M_t = Σ_{i<t} η^{t-i} v_i`` at absolute
 positions. A plain ``DynamicCache`` holds every value, so the seam recomputes ``M`` from all of them in each call:

@@ -6,9 +6,9 @@ attention implementation ``"icl_eager"`` with transformers (eager's mask, eager'
 
 - a **probe**: ``P`` is multiplied by a tensor of ones that requires grad (the paper's saliency method; the
   probe's gradient is ``P ⊙ ∂L/∂P``);
-- **isolation** (SPEC §3): logits of the queries ``p .. p + window`` towards keys ``< p`` overwritten with
+- **isolation** (docs/methods.md §3): logits of the queries ``p .. p + window`` towards keys ``< p`` overwritten with
   ``-1e4`` after scaling and masking;
-- **anchor re-weighting** (SPEC §2): the last query row's ``P`` at each label word multiplied by
+- **anchor re-weighting** (docs/methods.md §2): the last query row's ``P`` at each label word multiplied by
   ``exp(β[l, h, c])``, not renormalised.
 
 Nothing here is fast or meant to be: it is the O(T²)-memory baseline.
@@ -147,7 +147,7 @@ def eager_information_flow(model: torch.nn.Module, examples: Sequence[ICLExample
             T = batch["input_ids"].shape[1]
             rows = []
             for g in grads:
-                I = g.double().sum(1).abs().cpu()  # noqa: E741 - heads summed before the absolute value (SPEC §4)
+                I = g.double().sum(1).abs().cpu()  # noqa: E741 - heads summed before the absolute value (docs/methods.md §4)
                 rows.append(torch.stack(flow_scores(I[0], e.anchor_positions, T - 1)))
             out.append(torch.stack(rows))
     return torch.stack(out)

@@ -4,15 +4,16 @@ Per task (:mod:`fastattn_icl.lab.tasks`), with the sample sizes of :class:`Plan`
 
 1. **ICL accuracy** with 0, 1 and 2 demonstrations per class (demonstrations drawn per test input from the train
    split, in a shuffled order);
-2. **information flow** ``S_wp, S_pq, S_ww`` per layer (SPEC §4), normalised per prompt, mean ± std (paper Fig. 2);
-3. **isolation** (SPEC §3): label and word loyalty (top-10) when the label words, or as many random non-label
+2. **information flow** ``S_wp, S_pq, S_ww`` per layer (docs/methods.md §4), normalised per prompt, mean ± std (paper
+   Fig. 2);
+3. **isolation** (docs/methods.md §3): label and word loyalty (top-10) when the label words, or as many random non-label
    words, are isolated in the first or the last ``k`` layers (paper Fig. 3);
 4. **deep-layer correlation** (paper §2.3): AUC-ROC per layer of the target's attention on each class's label
    word against the prediction, and the cumulative ``R_l``;
-5. **anchor re-weighting** (SPEC §2, the paper's recipe): accuracy without / with trained ``β``;
-6. **anchor compression** (SPEC §5): Hidden_anchor, Hidden_random, Text_anchor vs full ICL, and time per test
+5. **anchor re-weighting** (docs/methods.md §2, the paper's recipe): accuracy without / with trained ``β``;
+6. **anchor compression** (docs/methods.md §5): Hidden_anchor, Hidden_random, Text_anchor vs full ICL, and time per test
    input at batch 1;
-7. **Deep-Thinking** (SPEC §7): the step count chosen on the dev split, test accuracy vs plain ICL.
+7. **Deep-Thinking** (docs/methods.md §7): the step count chosen on the dev split, test accuracy vs plain ICL.
 
 Steps 1–4 use one demonstration per class (k = 1) for the analyses, as the paper; 5–7 use one fixed
 demonstration set shared by every test input (the method needs a shared prefix). The fused ``"fastattn_icl"``

@@ -1,16 +1,17 @@
 """User-level workflows of the ICL research methods, on Hugging Face models through the attention seam.
 
 - :mod:`~fastattn_icl.methods.anchors`: label-word positions in a templated prompt, prompt building, batching.
-- :mod:`~fastattn_icl.methods.reweighting`: anchor re-weighting (SPEC §2), a trainable ``β[L, H, C]``.
-- :mod:`~fastattn_icl.methods.isolation`: information-flow isolation (SPEC §3) and its random control.
-- :mod:`~fastattn_icl.methods.information_flow`: per-layer information-flow scores (SPEC §4) from the fused
+- :mod:`~fastattn_icl.methods.reweighting`: anchor re-weighting (docs/methods.md §2), a trainable ``β[L, H, C]``.
+- :mod:`~fastattn_icl.methods.isolation`: information-flow isolation (docs/methods.md §3) and its random control.
+- :mod:`~fastattn_icl.methods.information_flow`: per-layer information-flow scores (docs/methods.md §4) from the fused
   backward, with the paper-style plot.
 - :mod:`~fastattn_icl.methods.keep_sets`: the kept positions of anchor compression (Hidden_anchor, Hidden_random,
   Text_anchor) as rules of the template.
-- :mod:`~fastattn_icl.methods.compression`: anchor compression (SPEC §5), a reusable compressed demonstration
+- :mod:`~fastattn_icl.methods.compression`: anchor compression (docs/methods.md §5), a reusable compressed demonstration
   cache served to batches of test inputs from one shared prefix, and its loyalty evaluation.
-- :mod:`~fastattn_icl.methods.momentum`: momentum attention (SPEC §6) in every layer of a model, also in ``generate``.
-- :mod:`~fastattn_icl.methods.deep_thinking`: Deep-Thinking (SPEC §7), iterative forward tuning of the
+- :mod:`~fastattn_icl.methods.momentum`: momentum attention (docs/methods.md §6) in every layer of a model, also in
+  ``generate``.
+- :mod:`~fastattn_icl.methods.deep_thinking`: Deep-Thinking (docs/methods.md §7), iterative forward tuning of the
   demonstrations' K/V with one fused update of all layers per step, and answer-choice scoring.
 - :mod:`~fastattn_icl.methods.correlation`: deep-layer correlation (the anchors paper §2.3), AUC-ROC per layer of
   the target's attention on the label words against the prediction.

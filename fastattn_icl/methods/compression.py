@@ -1,4 +1,4 @@
-"""Anchor compression (SPEC §5, Hidden_anchor): run the demonstrations once, keep a few positions of every
+"""Anchor compression (docs/methods.md §5, Hidden_anchor): run the demonstrations once, keep a few positions of every
 layer's KV cache, and serve any number of test inputs with that compressed cache as their prefix.
 
     comp = compress_demonstrations(model, tokenizer, demonstrations, "Review: {x}\\nSentiment: {y}\\n",

@@ -1,5 +1,5 @@
-"""Deep-Thinking, iterative forward tuning (SPEC §7): the demonstrations' K/V of every layer are refined by re-running
-the demonstrations over the current state, with a momentum update of all layers at once.
+"""Deep-Thinking, iterative forward tuning (docs/methods.md §7): the demonstrations' K/V of every layer are refined by
+re-running the demonstrations over the current state, with a momentum update of all layers at once.
 
     result = deep_thinking(model, demo_ids, steps=15, eta=0.01, beta=0.9, select_on=(val_ids, choices, labels))
     scores = score_choices(model, result.state, test_ids, choices)        # [n, C] summed log-probabilities
@@ -11,10 +11,10 @@ Step 1 is the ordinary prefix cache of the ``N`` demonstration tokens. Step ``t 
 ``g + β m``, ``X̂ <- X̂ + η m``.
 
 Position ids of the re-run (``rerun_positions``): ``"appended"`` numbers the new tokens ``N .. 2N - 1``, the
-authors' code on GPT-2's learned absolute positions (SPEC §7 as written); ``"stored"`` numbers them ``0 .. N - 1``,
-the positions of the state's own keys. On a rotary model a key carries its position as a rotation, so appended
-re-run keys are rotated ``N`` positions away from the stored keys they are blended into, and the momentum update
-mixes keys of two rotations (on SmolLM2-135M it took a sentiment task to chance accuracy); stored positions keep
+authors' code on GPT-2's learned absolute positions (docs/methods.md §7 as written); ``"stored"`` numbers them
+``0 .. N - 1``, the positions of the state's own keys. On a rotary model a key carries its position as a rotation, so
+appended re-run keys are rotated ``N`` positions away from the stored keys they are blended into, and the momentum
+update mixes keys of two rotations (on SmolLM2-135M it took a sentiment task to chance accuracy); stored positions keep
 every blended key at its own rotation. ``"auto"`` (the default) picks ``"stored"`` for rotary models
 (:func:`uses_rotary_positions`) and ``"appended"`` otherwise; ``docs/methods.md`` has the measurements.
 
@@ -193,7 +193,7 @@ def deep_thinking(
     rerun_positions: str = "auto",
     progress: bool = True,
 ) -> DeepThinkingResult:
-    """Run Deep-Thinking for ``steps`` steps on the demonstrations ``demo_ids [N]`` (SPEC §7).
+    """Run Deep-Thinking for ``steps`` steps on the demonstrations ``demo_ids [N]`` (docs/methods.md §7).
 
     Args:
         model: a Hugging Face decoder model (any attention implementation; GPT-J included).

@@ -1,4 +1,4 @@
-"""Information flow per layer (SPEC §4): how much the label words gather from the text (``S_wp``), how much
+"""Information flow per layer (docs/methods.md §4): how much the label words gather from the text (``S_wp``), how much
 the target reads from the label words (``S_pq``), and everything else (``S_ww``).
 
 For each prompt the loss is the cross-entropy of the label-word logits at the final (target) position
@@ -159,7 +159,7 @@ def information_flow(
     pad_token_id: int = 0,
     progress: bool = True,
 ) -> InformationFlow:
-    """Per-layer information-flow scores (SPEC §4) of a Hugging Face decoder model.
+    """Per-layer information-flow scores (docs/methods.md §4) of a Hugging Face decoder model.
 
     Args:
         model: a decoder model routed through the ``"fastattn_icl"`` seam (switched to it for the call if

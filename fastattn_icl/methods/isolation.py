@@ -1,4 +1,5 @@
-"""Information-flow isolation (SPEC §3): cut what label words (or any positions) read from the text before them.
+"""Information-flow isolation (docs/methods.md §3): cut what label words (or any positions) read from the text before
+them.
 
 For each isolated position ``p`` and every head of the chosen layers, the pre-softmax logits of the queries
 at positions ``p .. p + window`` towards keys ``0 .. p - 1`` are overwritten with ``-1e4``. The paper isolates

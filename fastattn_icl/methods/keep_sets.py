@@ -1,4 +1,4 @@
-"""Which demonstration tokens anchor compression keeps (SPEC §5), and its two baselines.
+"""Which demonstration tokens anchor compression keeps (docs/methods.md §5), and its two baselines.
 
 Anchor compression ("Label Words are Anchors", Hidden_anchor) runs the demonstrations once, keeps a few
 positions of their KV cache and uses that as the prefix cache of every test input. The kept positions are,
@@ -252,8 +252,8 @@ def hidden_anchor_positions(
 
 def hidden_random_positions(keep: KeepSet, *, seed: int = 0, keep_special_tokens: bool = True) -> torch.Tensor:
     """The Hidden_random baseline: the anchor set with every label word replaced by a random non-anchor position
-    of the same demonstration; int64 ``[M]``, sorted, ``M = len(keep.positions)`` (SPEC §5: "random non-anchor
-    positions instead of label words").
+    of the same demonstration; int64 ``[M]``, sorted, ``M = len(keep.positions)`` (docs/methods.md §5: "random
+    non-anchor positions instead of label words").
 
     The formatting tokens stay, so the baseline differs from Hidden_anchor only in which token of each
     demonstration carries its label slot. Demonstration ``i`` draws uniformly (a ``torch.Generator`` seeded

@@ -1,4 +1,4 @@
-"""Loyalty metrics of the isolation and compression studies (SPEC §3, §5).
+"""Loyalty metrics of the isolation and compression studies (docs/methods.md §3, §5).
 
 - label loyalty: the fraction of examples whose predicted label (argmax over the label-word logits) is the
   same as with unmodified ICL;

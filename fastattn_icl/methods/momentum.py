@@ -1,4 +1,4 @@
-"""Momentum attention (SPEC §6, MoAttn) on a Hugging Face model: every attention layer (or some) adds
+"""Momentum attention (docs/methods.md §6, MoAttn) on a Hugging Face model: every attention layer (or some) adds
 ``M_t = Σ_{i<t} η^{t-i} v_i`` of its kv head to its output, through the ``"fastattn_icl"`` seam.
 
     with fastattn_icl.methods.momentum(model, eta=0.1):

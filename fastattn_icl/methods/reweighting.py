@@ -1,4 +1,4 @@
-"""Anchor re-weighting (SPEC §2): one trainable ``β[L, H, C]`` on top of a frozen model.
+"""Anchor re-weighting (docs/methods.md §2): one trainable ``β[L, H, C]`` on top of a frozen model.
 
 At every layer ``l`` and head ``h``, the post-softmax attention of the re-weighted query rows towards the
 label-word positions of class ``c`` is multiplied by ``exp(β[l, h, c])`` (not renormalised). ``β = 0`` is
@@ -163,7 +163,7 @@ class AnchorReweighting:
         seed: int = 0,
         progress: bool = True,
     ) -> list[float]:
-        """Train ``beta`` only (SPEC §2 defaults: Adam lr 0.01, 10 epochs, batch 1; the paper uses 4 extra
+        """Train ``beta`` only (docs/methods.md §2 defaults: Adam lr 0.01, 10 epochs, batch 1; the paper uses 4 extra
         examples per class, built with the same demonstrations as the test prompts).
 
         Returns:

@@ -207,7 +207,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
 def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
                        causal: bool, scale: float, label_mask, target, *, per_head: bool = False, row_slot=None,
                        rows=None):
-    """Saliency sums of SPEC §4 over query chunks; the contract of the Triton launcher of the same name."""
+    """Saliency sums of docs/methods.md §4 over query chunks; the contract of the Triton launcher of the same name."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     qg, dog = _grouped(q, Hkv), _grouped(do, Hkv)
@@ -254,7 +254,8 @@ def _decay(t: torch.Tensor, i: torch.Tensor, eta: float) -> torch.Tensor:
 
 
 def momentum_term(v: torch.Tensor, eta: float, first: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """``M [B, Hkv, Tk - first, D]`` float32 at absolute positions ``first .. Tk - 1`` (SPEC §6), padded keys 0."""
+    """``M [B, Hkv, Tk - first, D]`` float32 at absolute positions ``first .. Tk - 1`` (docs/methods.md §6),
+    padded keys 0."""
     B, Hkv, Tk, D = v.shape
     vf = v.float()
     if key_padding_mask is not None:
@@ -311,7 +312,7 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
 
 
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
-    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (SPEC §7), in row chunks; the
+    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7), in row chunks; the
     contract of the Triton launcher of the same name."""
     R, _, C = work.shape
     step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache

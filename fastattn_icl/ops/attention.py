@@ -214,11 +214,11 @@ def attention(
         scale: logit scale, default ``D ** -0.5``.
         key_padding_mask: optional bool ``[B, Tk]``, True = keep.
         isolation_rows: optional integer ``[B, R]`` absolute positions ``p`` (``-1`` = unused) whose
-            information flow is cut (SPEC §3): for query rows at positions ``p .. p + isolation_window``
+            information flow is cut (docs/methods.md §3): for query rows at positions ``p .. p + isolation_window``
             the logits of keys ``0 .. p - 1`` are overwritten with ``-1e4`` after scaling and masking
             (a masked key stays masked).
         saliency: optional :class:`~fastattn_icl.ops.saliency.Saliency` request: the backward of this call
-            records the information-flow saliency of SPEC §4 into it (``Tq == Tk`` only).
+            records the information-flow saliency of docs/methods.md §4 into it (``Tq == Tk`` only).
         backend: ``"auto"`` (default: Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``;
             see :mod:`fastattn_icl.ops.backend`.
 
@@ -251,7 +251,7 @@ def anchor_reweight_attention(
     saliency: Saliency | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Attention with the anchor re-weighting of SPEC §2, fused: post-softmax, numerator only.
+    """Attention with the anchor re-weighting of docs/methods.md §2, fused: post-softmax, numerator only.
 
     ``P̂[b, h, i, p] = exp(beta[.., h, c]) · P[b, h, i, p]`` for anchor key ``p`` of class ``c`` and the
     re-weighted query rows ``i``; the softmax denominator stays unweighted (no renormalisation) and

@@ -1,4 +1,4 @@
-"""The Deep-Thinking state update (SPEC §7) over every layer's K and V at once.
+"""The Deep-Thinking state update (docs/methods.md §7) over every layer's K and V at once.
 
 The state of all layers lives in one buffer ``work [R, 2, C]``: row ``r`` is one (K or V, layer, kv head) with its
 current state ``X̂`` (``work[r, 0]``, ``C = N · d`` elements) next to the re-run's new ``X_new`` (``work[r, 1]``).

@@ -2,10 +2,10 @@
 
 The kernels take per-key and per-row tables rather than lists, so one code path serves every method:
 
-- anchor re-weighting (SPEC §2) -> ``key_log_weights [B, H, Tk]`` float32, ``β[b, h, c]`` at each anchor
+- anchor re-weighting (docs/methods.md §2) -> ``key_log_weights [B, H, Tk]`` float32, ``β[b, h, c]`` at each anchor
   position of class ``c`` and 0 elsewhere, built with differentiable ops so autograd carries the kernel's
   ``d key_log_weights`` back to ``β``; plus ``reweight_from [B]`` int32, the first re-weighted query row.
-- isolation (SPEC §3) -> ``isolation_limit [B, Tq]`` int32: query row ``i`` (absolute position
+- isolation (docs/methods.md §3) -> ``isolation_limit [B, Tq]`` int32: query row ``i`` (absolute position
   ``i + Tk - Tq``) has keys ``j < limit[b, i]`` overwritten with ``-1e4``; ``limit`` is the largest
   isolated position ``p`` with ``p <= i + Tk - Tq <= p + window`` (0 = row not isolated).
 """
@@ -16,7 +16,7 @@ import torch
 
 from fastattn_icl.ops._validate import any_each, check_index_tensor
 
-ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant (not -inf, not added)
+ISOLATION_VALUE = -1e4  # docs/methods.md §3: isolated logits are overwritten with this constant (not -inf, not added)
 
 
 def anchor_key_log_weights(
@@ -107,7 +107,7 @@ def reweight_start(reweight_from, B: int, Tq: int, device: torch.device) -> torc
 
 
 def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
-    """``[B, Tq]`` int32 per-row column limit of SPEC §3 isolation (see the module docstring).
+    """``[B, Tq]`` int32 per-row column limit of docs/methods.md §3 isolation (see the module docstring).
 
     Args:
         isolation_rows: integer ``[B, R]`` absolute positions ``p`` to isolate, ``-1`` = unused slot.

@@ -1,6 +1,6 @@
 """``gather_kv``: keep some positions of every layer's KV cache, all layers in one op.
 
-This is the cache-compression step of anchor compression (SPEC §5, Hidden_anchor): the kept
+This is the cache-compression step of anchor compression (docs/methods.md §5, Hidden_anchor): the kept
 positions (label words and formatting tokens) of the demonstrations' cache become the prefix cache
 of every test input. The op is ``torch.ops.fastattn_icl.gather_kv``, compiled in ``fastattn_icl._C``
 (``csrc/gather_kv.cpp`` on CPU, ``csrc/cuda/gather_kv.cu`` on CUDA: one launch for all layers).

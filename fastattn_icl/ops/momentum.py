@@ -1,4 +1,4 @@
-"""Momentum attention (SPEC §6, MoAttn) as a ``torch.library`` op with an autograd formula.
+"""Momentum attention (docs/methods.md §6, MoAttn) as a ``torch.library`` op with an autograd formula.
 
 ``O_t = Σ_j P_tj v_j + M_t`` with ``M_t = Σ_{i<t} η^{t-i} v_i``: base attention plus a causal, unnormalised,
 decayed sum of the earlier values of the query's kv head. ``M`` comes from a memory-bound chunked scan
@@ -136,7 +136,7 @@ def momentum_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Momentum attention (SPEC §6): ``attention(q, k, v) + M`` with ``M_t = Σ_{i<t} η^{t-i} v_i``.
+    """Momentum attention (docs/methods.md §6): ``attention(q, k, v) + M`` with ``M_t = Σ_{i<t} η^{t-i} v_i``.
 
     See :func:`momentum_attention_with_state` for the decode form that carries ``M`` in O(d) state.
 

@@ -1,4 +1,5 @@
-"""Attention over a shared prefix plus each row's own keys: serving a compressed demonstration cache (SPEC §5).
+"""Attention over a shared prefix plus each row's own keys: serving a compressed demonstration cache (docs/methods.md
+§5).
 
 A batch of test inputs that all continue one prefix (the kept anchor positions of the demonstrations' cache)
 attends to ``[prefix keys, own keys]``. Materialising the prefix per row (``prefix.expand(B, ...)`` then

@@ -1,4 +1,4 @@
-"""Information-flow saliency (SPEC §4) computed inside the backward pass, never stored as a map.
+"""Information-flow saliency (docs/methods.md §4) computed inside the backward pass, never stored as a map.
 
 The paper's probe method multiplies every layer's ``[B, H, T, T]`` attention by a probe tensor and reads
 its gradient ``P ⊙ ∂L/∂P``. Since ``O = P V``, ``∂L/∂P = dO Vᵀ``: a fused backward kernel forms both per
@@ -99,7 +99,7 @@ class SaliencyResult:
     map: torch.Tensor | None = None
 
     def scores(self, *, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(S_wp, S_pq, S_ww)`` of SPEC §4, ``[B]`` each (``[B, H]`` with ``per_head=True``)."""
+        """``(S_wp, S_pq, S_ww)`` of docs/methods.md §4, ``[B]`` each (``[B, H]`` with ``per_head=True``)."""
         sums = self.sums
         den = self.denominators
         if per_head:

@@ -1,4 +1,4 @@
-"""Eager PyTorch oracles: SPEC.md §1–7 in code, one module per method.
+"""Eager PyTorch oracles: docs/methods.md §1–7 in code, one module per method.
 
 Clarity over speed, fully batched, GQA-aware and float64-capable. Imports only torch; optimized
 code never imports this package, tests and benchmarks compare against it.

@@ -1,4 +1,4 @@
-"""Oracle for anchor re-weighting (SPEC.md §2): post-softmax, numerator only, NOT renormalised.
+"""Oracle for anchor re-weighting (docs/methods.md §2): post-softmax, numerator only, NOT renormalised.
 
 For the re-weighted query rows ``q`` and every anchor key column ``p`` of class ``c``:
 ``P̂[b, h, q, p] = exp(β[h, c]) · P[b, h, q, p]``; every other entry of ``P`` is unchanged and
@@ -117,7 +117,7 @@ def anchor_reweight_attention(
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
 ) -> torch.Tensor:
-    """Attention with anchor re-weighting after the softmax, not renormalised (SPEC §2).
+    """Attention with anchor re-weighting after the softmax, not renormalised (docs/methods.md §2).
 
     Args:
         q: ``[B, H, Tq, D]``; k: ``[B, Hkv, Tk, D]``; v: ``[B, Hkv, Tk, Dv]`` (GQA: head ``h`` reads
@@ -130,7 +130,7 @@ def anchor_reweight_attention(
             = only the last row ``Tq - 1``, an int, or an integer tensor ``[B]``.
         causal: bottom-right causal mask (row ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``).
         key_padding_mask: bool ``[B, Tk]``, True = keep.
-        isolation_rows, isolation_window: the SPEC §3 knockout applied to the logits first (see
+        isolation_rows, isolation_window: the docs/methods.md §3 knockout applied to the logits first (see
             :func:`fastattn_icl.reference.attention.attention_scores`); ``None`` = none.
 
     Returns ``O [B, H, Tq, Dv]`` in the input dtype: ``O = P̂ V`` with

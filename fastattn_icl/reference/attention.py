@@ -1,4 +1,4 @@
-"""Oracle for base attention (SPEC.md §1): masks, scores, probabilities, output and ``lse``.
+"""Oracle for base attention (docs/methods.md §1): masks, scores, probabilities, output and ``lse``.
 
 Shapes: ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` with ``H % Hkv == 0``.
 Query head ``h`` reads kv head ``h // (H // Hkv)`` (GQA); the oracle simply repeats K/V.
@@ -162,7 +162,7 @@ def attention_scores(
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
 ) -> torch.Tensor:
-    """Scaled, masked logits ``S = scale · Q Kᵀ`` (SPEC §1), with the §3 isolation overwrite.
+    """Scaled, masked logits ``S = scale · Q Kᵀ`` (docs/methods.md §1), with the §3 isolation overwrite.
 
     ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``; ``key_padding_mask`` bool ``[B, Tk]`` (True = keep).
     Returns ``S [B, H, Tq, Tk]`` in the accumulation dtype (float32, float64 for float64 input):
@@ -232,13 +232,13 @@ def attention(
     isolation_rows: torch.Tensor | None = None,
     isolation_window: int = 0,
 ):
-    """Base attention ``O = softmax(scale · Q Kᵀ + mask) V`` (SPEC §1).
+    """Base attention ``O = softmax(scale · Q Kᵀ + mask) V`` (docs/methods.md §1).
 
     ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]``; ``key_padding_mask`` bool
     ``[B, Tk]`` (True = keep); causal is bottom-right aligned. Returns ``O [B, H, Tq, Dv]`` in the
     input dtype and, with ``return_lse``, ``lse [B, H, Tq]`` (natural log, accumulation dtype,
     ``-inf`` on rows with no visible key, whose output is 0). ``isolation_rows``/``isolation_window``
-    apply the SPEC §3 knockout (see :func:`attention_scores`); ``None`` is plain attention.
+    apply the docs/methods.md §3 knockout (see :func:`attention_scores`); ``None`` is plain attention.
     """
     check_qkv(q, k, v)
     s = attention_scores(

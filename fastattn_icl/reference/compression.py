@@ -1,4 +1,4 @@
-"""Oracle for the anchor KV gather of SPEC.md §5 (Hidden_anchor compression)."""
+"""Oracle for the anchor KV gather of docs/methods.md §5 (Hidden_anchor compression)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""Oracle for Deep-Thinking, iterative forward tuning (SPEC.md §7).
+"""Oracle for Deep-Thinking, iterative forward tuning (docs/methods.md §7).
 
 State per layer: ``X̂ ∈ {K̂_l, V̂_l}``, ``[1, Hkv, N, d]`` (any ``[..]`` shape works: the update is
 element-wise). Step ``t >= 2`` re-runs the ``N`` demonstration tokens with ``X̂`` as past:
 
 * attention mask: bottom-right causal over ``2N`` keys, i.e. ``visible_mask(N, 2N, causal=True)``:
   new row ``i`` (absolute position ``N + i``) sees all ``N`` old keys and new keys ``N .. N + i``;
-* the new tokens' position ids are ``N .. 2N − 1`` (``"appended"``, SPEC §7 as written, the authors' code on GPT-2's
-  learned absolute positions) or ``0 .. N − 1`` (``"stored"``, the positions of the state's keys: right for rotary
-  models, whose keys carry their position as a rotation; the mask is the same);
+* the new tokens' position ids are ``N .. 2N − 1`` (``"appended"``, docs/methods.md §7 as written, the authors' code on
+  GPT-2's learned absolute positions) or ``0 .. N − 1`` (``"stored"``, the positions of the state's keys: right for
+  rotary models, whose keys carry their position as a rotation; the mask is the same);
 * then per element: ``g = X_new − X̂``; ``m = g`` (first update) else ``g + β m``;
   ``X̂ ← X̂ + η m``. ``β = 0`` is the gate form ``X̂ ← η X_new + (1 − η) X̂``.
 
@@ -116,7 +116,7 @@ def deep_thinking_position_ids(
     N: int, *, rerun_positions: str = "appended", device: torch.device | str | None = None
 ) -> torch.Tensor:
     """LongTensor ``[1, N]``: position ids of the re-run demonstration tokens, ``N .. 2N−1`` for
-    ``rerun_positions="appended"`` (SPEC §7) or ``0 .. N−1`` for ``"stored"`` (those of the state's keys)."""
+    ``rerun_positions="appended"`` (docs/methods.md §7) or ``0 .. N−1`` for ``"stored"`` (those of the state's keys)."""
     if isinstance(N, bool) or not isinstance(N, int):
         raise TypeError(f"N must be an int, got {type(N).__name__}")
     if N < 1:

@@ -1,4 +1,4 @@
-"""Oracle for information-flow isolation (SPEC.md §3): a pre-softmax knockout of logits.
+"""Oracle for information-flow isolation (docs/methods.md §3): a pre-softmax knockout of logits.
 
 For each isolated position ``p`` (a label-word position) and every head, the logits of the query
 rows at absolute positions ``p .. p + window`` towards the keys ``0 .. p - 1`` are **overwritten**
@@ -75,7 +75,7 @@ def isolation_region(isolation_rows: torch.Tensor, Tq: int, Tk: int, window: int
 
 
 def isolate_scores(S: torch.Tensor, isolation_rows: torch.Tensor | None, window: int = 0) -> torch.Tensor:
-    """Overwrite isolated logits with ``-1e4`` (SPEC §3); returns a new tensor.
+    """Overwrite isolated logits with ``-1e4`` (docs/methods.md §3); returns a new tensor.
 
     ``S``: scaled and masked logits ``[B, H, Tq, Tk]`` (masked entries ``-inf``); use float32 or
     float64 so that ``-1e4`` is exact (bfloat16 would round it to ``-9984``).

@@ -1,4 +1,4 @@
-"""Oracle for momentum attention, MoAttn (SPEC.md §6).
+"""Oracle for momentum attention, MoAttn (docs/methods.md §6).
 
 ``O_t = Σ_j P_tj v_j + M_t`` with ``M_t = Σ_{i<t} η^{t−i} v_i``, ``η ∈ [0, 1)``: a causal,
 unnormalised, decayed sum of earlier values that excludes the current token. Recurrent form:
@@ -131,7 +131,7 @@ def momentum_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Momentum attention ``O = attention(q, k, v) + M`` (SPEC §6).
+    """Momentum attention ``O = attention(q, k, v) + M`` (docs/methods.md §6).
 
     ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]``; ``key_padding_mask`` bool
     ``[B, Tk]`` (True = keep; padded values count as 0 in ``M``); ``causal`` is the bottom-right mask

@@ -1,4 +1,4 @@
-"""Oracle for saliency and information-flow scores (SPEC.md §4).
+"""Oracle for saliency and information-flow scores (docs/methods.md §4).
 
 Per layer: ``I = | Σ_h P_h ⊙ ∂L/∂P_h |`` ``[B, Tq, Tk]``, the gradient taken w.r.t. the
 **post-softmax** ``P`` and the heads summed **before** the absolute value (as the paper's code
@@ -130,11 +130,11 @@ def _flow_inputs(I, label_positions, target):  # noqa: E741
 
 
 def flow_scores(
-    I: torch.Tensor,  # noqa: E741 (SPEC §4 notation)
+    I: torch.Tensor,  # noqa: E741 (docs/methods.md §4 notation)
     label_positions: torch.Tensor | Sequence[int],
     target: torch.Tensor | int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Information-flow scores ``(S_wp, S_pq, S_ww)`` of one layer's saliency map (SPEC §4).
+    """Information-flow scores ``(S_wp, S_pq, S_ww)`` of one layer's saliency map (docs/methods.md §4).
 
     ``I``: ``[T, T]`` or batched ``[B, T, T]`` (rows = query positions, columns = key positions,
     0-based, over the full sequence). ``label_positions``: the label-word positions ``p_c``, ``[C]``

@@ -12,10 +12,10 @@ sees no key returns 0 and ``lse = -inf``; no NaN is ever produced.
 
 Method flags (both off = plain attention, same code path):
 
-- ``HAS_ANCHORS`` (SPEC §2): per-key log-weights ``logw [B, H, Tk]`` (β of the anchor's class at anchor
+- ``HAS_ANCHORS`` (docs/methods.md §2): per-key log-weights ``logw [B, H, Tk]`` (β of the anchor's class at anchor
   keys, 0 elsewhere) and the first re-weighted query row ``[B]``. On re-weighted rows
   ``P̂ = W ∘ P`` with ``W = exp(logw)``: the numerator only, the softmax denominator stays unweighted.
-- ``HAS_ISOLATION`` (SPEC §3): a per-row column limit ``[B, Tq]``; keys ``j < limit`` get the logit
+- ``HAS_ISOLATION`` (docs/methods.md §3): a per-row column limit ``[B, Tq]``; keys ``j < limit`` get the logit
   ``-1e4`` (overwritten, after scaling and masking; a masked key stays masked).
 
 Constraints: fp16, bf16 or fp32 inputs (fp32 accumulation always; fp32 dots use tf32x3 on a GPU, three

@@ -3,16 +3,16 @@
 The online softmax walks a row block's keys in blocks of ``BLOCK_N``: first the blocks every row sees in full
 (no mask), then the blocks that straddle the causal diagonal or the sequence end (masked).
 
-- ``HAS_ANCHORS`` (SPEC §2): on re-weighted rows the numerator is multiplied by ``W = exp(logw)`` per key after
-  the softmax; the denominator ``l`` stays unweighted, so ``O = (W ∘ P) V``.
-- ``HAS_ISOLATION`` (SPEC §3): keys ``j < limit[row]`` get the logit ``-1e4`` after scaling and masking.
-- Shared prefix (``HAS_PREFIX``, SPEC §5 serving of a compressed demonstration cache; method features off): keys
-  ``PK/PV [B, Hkv, Tp, D]`` logically precede ``K/V`` and every query row sees all of them (no causal or padding
+- ``HAS_ANCHORS`` (docs/methods.md §2): on re-weighted rows the numerator is multiplied by ``W = exp(logw)`` per key
+  after the softmax; the denominator ``l`` stays unweighted, so ``O = (W ∘ P) V``.
+- ``HAS_ISOLATION`` (docs/methods.md §3): keys ``j < limit[row]`` get the logit ``-1e4`` after scaling and masking.
+- Shared prefix (``HAS_PREFIX``, docs/methods.md §5 serving of a compressed demonstration cache; method features off):
+  keys ``PK/PV [B, Hkv, Tp, D]`` logically precede ``K/V`` and every query row sees all of them (no causal or padding
   mask: causality is bottom-right over ``K`` alone, which puts every query after the prefix). They are read
   through their own strides, so a prefix shared by the whole batch is one ``[1, Hkv, Tp, D]`` copy expanded with
   batch stride 0: a batch of test inputs never materialises it ``B`` times. The online softmax runs over the
   prefix blocks first, then over ``K``, so the result is attention over the concatenation.
-- Momentum epilogue (``HAS_MOMENTUM``, SPEC §6; method features off): ``O = attention + M`` with
+- Momentum epilogue (``HAS_MOMENTUM``, docs/methods.md §6; method features off): ``O = attention + M`` with
   ``M [B, Hkv, Tq, D]`` (float32, from the decayed-sum scan in ``momentum.py``) added per kv head before the
   store; ``STORE_ATTN`` also stores the attention part, which the backward uses as its ``o``
   (``D = rowsum(dO ∘ O_attn)``; ``O - M`` rounded to the output dtype would lose the attention part under a

@@ -21,7 +21,7 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634  # the kernels work in log2 units: exp(x) = exp2(x · log2(e))
 LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
-ISOLATION_VALUE = -1e4  # SPEC §3: isolated logits are overwritten with this constant
+ISOLATION_VALUE = -1e4  # docs/methods.md §3: isolated logits are overwritten with this constant
 ISOLATION_LOG2 = tl.constexpr(ISOLATION_VALUE * _LOG2E)  # the same logit in the kernels' log2 units
 
 

@@ -1,4 +1,4 @@
-"""The saliency reduction of the attention backward (SPEC §4), one more kernel of the family.
+"""The saliency reduction of the attention backward (docs/methods.md §4), one more kernel of the family.
 
 ``I = |Σ_h P̂_h ∘ dO_h V_hᵀ|`` needs every head of a ``(query block, key block)`` tile at once (heads are summed
 before the absolute value), which the per-head dk/dv and dq programs never hold, so a backward that records it
@@ -144,7 +144,7 @@ def _saliency_split(q: torch.Tensor, B: int, T: int) -> int:
 def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
                        causal: bool, scale: float, label_mask, target, *, per_head: bool = False, row_slot=None,
                        rows=None):
-    """Launch the saliency reduction of the backward (SPEC §4) for self-attention (``Tq == Tk == T``).
+    """Launch the saliency reduction of the backward (docs/methods.md §4) for self-attention (``Tq == Tk == T``).
 
     ``I = |Σ_h P̂_h ∘ (dO_h V_hᵀ)|`` is formed per tile from ``q, k, v, dO, lse`` and reduced on the fly;
     it never exists in memory unless rows of it are asked for.
