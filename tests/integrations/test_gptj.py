@@ -20,7 +20,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, GPTJConfig
 from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 import fastattn_icl
@@ -32,35 +31,14 @@ from fastattn_icl.integrations.gptj import (
     _fastattn_icl_attn,
     _is_patched,
     patch_gptj,
-    routes_attention_interface,
 )
 from fastattn_icl.testing import check_close
-from tests.integrations import test_models as models
-from tests.integrations.test_models import PAD, VOCAB, assert_close, compare_grads, make_inputs, positions
+from tests import models
+from tests.models import PAD, ROUTED, VOCAB, assert_close, compare_grads, make_inputs, positions, swap_seam, tiny_gptj
 
 PREFILL, DECODE_STEPS = 10, 4
-ROUTED = routes_attention_interface()
 instance_patch_only = pytest.mark.skipif(ROUTED, reason="this transformers routes GPT-J: there is no _attn to patch")
 routed_only = pytest.mark.skipif(not ROUTED, reason="this transformers' GPT-J has its own eager core (_attn)")
-
-
-def swap_seam(monkeypatch, replacement) -> None:
-    """Put ``replacement`` in the seam's place for GPT-J on either path: the eager-core patch calls
-    ``seam.fastattn_icl_attention_forward`` by name, a routed GPT-J the function registered with
-    ``AttentionInterface``."""
-    seam.register()
-    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", replacement)
-    monkeypatch.setitem(AttentionInterface._global_mapping, seam.ATTN_IMPLEMENTATION, replacement)
-
-
-def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: int = 8, seed: int = 0, **overrides):
-    """Head dim ``n_embd // n_head`` (16 by default); rotary on the first ``rotary_dim`` features only."""
-    config = models.gptj_like_config(GPTJConfig)(
-        layers, n_embd=n_embd, n_head=n_head, rotary_dim=rotary_dim, n_inner=2 * n_embd, **overrides
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    return model.eval()
 
 
 def run_prefill(model, ids, mask):

@@ -21,7 +21,7 @@ from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.transformers import fastattn_icl_mask
 from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
-from tests.integrations.test_models import BACKENDS, DEVICES, assert_close, make_inputs, positions, tiny_model
+from tests.models import BACKENDS, DEVICES, assert_close, make_inputs, positions, tiny_model
 
 ORACLE = "fastattn_icl_test_oracle"
 T = 12

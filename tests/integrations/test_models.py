@@ -16,201 +16,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    CodeGenConfig,
-    GPT2Config,
-    GPTJConfig,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM
 
 import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION
-from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
-from fastattn_icl.integrations.gptj import _routes
-
-RTOL, ATOL = 1e-4, 1e-6
-VOCAB = 100
-PREFILL, DECODE_STEPS = 8, 8  # at most 16 positions: the Triton interpreter is slow
-PAD = 3  # left-padding of the second row
-
-_LLAMA_LIKE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=2,
+from tests.models import (
+    BACKENDS,
+    DEVICES,
+    FAMILIES,
+    LAYERS,
+    PAD,
+    VOCAB,
+    assert_close,
+    compare_grads,
+    make_inputs,
+    run_decode,
+    run_prefill,
+    tiny_model,
 )
 
-FAMILIES = {
-    "gpt2": lambda layers, **kw: GPT2Config(
-        **{
-            "n_embd": 64,
-            "n_layer": layers,
-            "n_head": 4,
-            "vocab_size": VOCAB,
-            "n_positions": 64,
-            "attn_pdrop": 0.0,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "scale_attn_by_inverse_layer_idx": True,  # per-layer scaling: checks that `scaling` is honoured
-            "initializer_range": 0.1,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            **kw,
-        }
-    ),
-    "llama": lambda layers, **kw: LlamaConfig(**_LLAMA_LIKE, num_hidden_layers=layers, **kw),
-    "qwen2": lambda layers, **kw: Qwen2Config(**_LLAMA_LIKE, num_hidden_layers=layers, **kw),
-    # a window that never binds on these lengths: the sliding-window mask path reduces to causal
-    "mistral": lambda layers, **kw: MistralConfig(
-        **_LLAMA_LIKE, num_hidden_layers=layers, **{"sliding_window": 32, **kw}
-    ),
-    "gpt_neox": lambda layers, **kw: GPTNeoXConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=1,
-        **kw,
-    ),
-    "opt": lambda layers, **kw: OPTConfig(
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        word_embed_proj_dim=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        init_std=0.1,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        **kw,
-    ),
-}
-
-
-
-def gptj_like_config(config_class):
-    """A tiny GPT-J-shaped config builder (GPT-J, CodeGen); keyword overrides win."""
-    return lambda layers, **kw: config_class(
-        **{
-            "n_layer": layers,
-            "n_embd": 64,
-            "n_head": 4,
-            "rotary_dim": 8,
-            "n_inner": 128,
-            "vocab_size": VOCAB,
-            "n_positions": 64,
-            "attn_pdrop": 0.0,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "initializer_range": 0.1,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 2,
-            **kw,
-        }
-    )
-
-
-def _routed_family(module: str, attention: str) -> bool:
-    import importlib
-
-    return _routes(getattr(importlib.import_module(module), attention))
-
-
-# families that transformers routes only from 5.24 on (before, GPT-J has its own patch, tests/integrations/
-# test_gptj.py, and CodeGen is refused, tests/methods/test_gptj_methods.py)
-if _routed_family("transformers.models.gptj.modeling_gptj", "GPTJAttention"):
-    FAMILIES["gptj"] = gptj_like_config(GPTJConfig)
-if _routed_family("transformers.models.codegen.modeling_codegen", "CodeGenAttention"):
-    FAMILIES["codegen"] = gptj_like_config(CodeGenConfig)
-
-BACKENDS = ["torch", "triton"]
-# Triton runs on the GPU when there is one, else on CPU under the interpreter (set by tests/conftest.py),
-# which costs about 0.2 s per kernel launch: one layer keeps the folder fast there
-DEVICES = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
-LAYERS = {"torch": 2, "triton": 2 if torch.cuda.is_available() else 1}
-
-
-def tiny_model(family: str, attn_implementation: str = "eager", layers: int = 2, seed: int = 0, **overrides):
-    config = FAMILIES[family](layers, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    return model.eval()
-
-
-def make_inputs(batch: int, length: int, padded: bool, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if padded:
-        mask[1, :PAD] = 0
-        ids[1, :PAD] = 2
-    return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    err = (actual - expected).abs().max().item()
-    bound = RTOL * expected.abs().max().item() + ATOL
-    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
-
-
-def run_prefill(model, ids, mask):
-    """Loss over non-padded positions and their logits."""
-    model.zero_grad(set_to_none=True)
-    logits = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.device)
-    keep = mask.bool()
-    (logits[keep] * weights[keep]).sum().backward()
-    return logits.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def run_decode(model, ids, mask, tokens):
-    """Prefill then one token per step on the model's own cache; the loss sums every step's logits, so
-    the gradients flow through the cached keys and values."""
-    model.zero_grad(set_to_none=True)
-    gen = torch.Generator().manual_seed(7)
-    out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    keep = mask.bool()
-    step_logits = [out.logits[keep]]
-    past = output_cache(out)
-    for step in range(tokens.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            tokens[:, step : step + 1],
-            attention_mask=mask,
-            position_ids=positions(mask)[:, -1:],
-            **cache_kwargs(past),
-            use_cache=True,
-        )
-        past = output_cache(out)
-        step_logits.append(out.logits[:, -1])
-    loss = sum((logits * torch.randn(logits.shape, generator=gen).to(logits.device)).sum() for logits in step_logits)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return [logits.detach() for logits in step_logits], grads
+PREFILL, DECODE_STEPS = 8, 8  # at most 16 positions: the Triton interpreter is slow
 
 
 @pytest.fixture
@@ -227,15 +52,6 @@ def seam_calls(monkeypatch):
 
     monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, counting)
     return calls
-
-
-def compare_grads(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    model_scale = max(g.abs().max().item() for g in expected.values())
-    for name, ref in expected.items():
-        err = (actual[name] - ref).abs().max().item()
-        bound = RTOL * max(ref.abs().max().item(), 1e-3 * model_scale)
-        assert err <= bound, f"grad of {name}: max abs error {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,7 +18,7 @@ import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, IsolationState, get_controller
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
-from tests.integrations.test_models import DEVICES, FAMILIES, LAYERS, VOCAB, assert_close, tiny_model
+from tests.models import DEVICES, FAMILIES, LAYERS, VOCAB, assert_close, tiny_model
 
 M, S, B = 7, 6, 3  # prefix length, tokens per row after it, batch
 STEPS = 3  # greedy decode steps after the batch's prefill

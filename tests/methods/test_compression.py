@@ -31,8 +31,7 @@ from fastattn_icl.methods.compression import (
 )
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, word_loyalty
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, byte_bpe_tokenizer, dataset, word_tokenizer
-from tests.integrations.test_gptj import tiny_gptj
-from tests.integrations.test_models import _LLAMA_LIKE, tiny_model
+from tests.models import LLAMA_LIKE, tiny_gptj, tiny_model
 
 RTOL, ATOL = 1e-4, 1e-5
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gptj"]
@@ -53,7 +52,7 @@ def _model(family: str, layers: int = 2, **overrides):
 
 
 def _llama(layers: int = 2, **overrides):
-    config = LlamaConfig(**{**_LLAMA_LIKE, "num_hidden_layers": layers, **overrides})
+    config = LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": layers, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 

@@ -33,8 +33,7 @@ from fastattn_icl.methods.deep_thinking import (
     uses_rotary_positions,
 )
 from fastattn_icl.reference import deep_thinking as ref
-from tests.integrations.test_gptj import tiny_gptj
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_gptj, tiny_model
 
 # the module (``fastattn_icl.methods.deep_thinking`` as an attribute is the function of that name)
 dt_module = importlib.import_module("fastattn_icl.methods.deep_thinking")
@@ -729,7 +728,7 @@ def test_training_mode_is_restored(monkeypatch):
 
 def test_select_on_is_checked_before_any_step():
     from fastattn_icl.methods import deep_thinking as run
-    from tests.integrations.test_models import tiny_model
+    from tests.models import tiny_model
 
     model = tiny_model("gpt2", "eager", layers=1)
     ids = torch.arange(3, 13)

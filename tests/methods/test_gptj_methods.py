@@ -6,7 +6,7 @@ work on it unchanged either way.
 
 The reference is the oracle attention of ``tests/integrations/test_method_state.py`` (the reference
 implementations on the same q/k/v with the same controller state), put in the seam's place for the whole
-model (:func:`tests.integrations.test_gptj.swap_seam`, which covers both paths).
+model (:func:`tests.models.swap_seam`, which covers both paths).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
 from fastattn_icl.methods import AnchorReweighting, collate, isolate
 from tests.data.icl_sentiment import dataset
-from tests.integrations.test_gptj import ROUTED, assert_close, swap_seam, tiny_gptj
 from tests.integrations.test_method_state import oracle_attention
+from tests.models import ROUTED, assert_close, swap_seam, tiny_gptj
 
 
 @pytest.fixture

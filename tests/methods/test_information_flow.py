@@ -12,8 +12,7 @@ from fastattn_icl.integrations import routed
 from fastattn_icl.methods import InformationFlow, information_flow
 from fastattn_icl.reference.saliency import flow_scores, saliency_map
 from tests.data.icl_sentiment import dataset
-from tests.integrations.test_gptj import tiny_gptj
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_gptj, tiny_model
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gptj"]
 

@@ -19,7 +19,7 @@ from fastattn_icl.methods import (
     word_loyalty,
 )
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods import isolate, momentum
 from fastattn_icl.reference.momentum import momentum_attention as momentum_ref
-from tests.integrations.test_gptj import tiny_gptj
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_gptj, tiny_model
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt", "gptj"]
 

@@ -10,7 +10,7 @@ import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, get_controller
 from fastattn_icl.methods import AnchorReweighting, collate
 from tests.data.icl_sentiment import dataset
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_model
 
 
 def _examples(builder, n, seed):
