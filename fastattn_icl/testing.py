@@ -53,6 +53,39 @@ def check_close(
     return err, tol
 
 
+def _cast(args: tuple, dtype: torch.dtype) -> list:
+    return [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def check_against_oracle(
+    name: str,
+    fn,
+    oracle,
+    *args,
+    dtype: torch.dtype = torch.float32,
+    factor: float = FWD_FACTOR,
+    eps: float = EPS,
+) -> tuple[float, float]:
+    """The rule for two ways of computing one quantity: ``fn(*args)`` in ``dtype`` against ``oracle(*args)`` in
+    float64, with ``oracle(*args)`` in ``dtype`` as the same-dtype reference.
+
+    Floating-point tensors among ``args`` are detached and cast (``fn`` makes its own leaves for gradients),
+    anything else passes through. ``fn`` and ``oracle`` return a tensor or a sequence of tensors, compared
+    element by element. Return the worst ``(error, tolerance)``.
+    """
+    low, high = _cast(args, dtype), _cast(args, torch.float64)
+    outs, refs, refs64 = fn(*low), oracle(*low), oracle(*high)
+    if isinstance(outs, torch.Tensor):
+        return check_close(name, outs, refs, refs64, factor=factor, eps=eps)
+    if not len(outs) == len(refs) == len(refs64):
+        raise ValueError(f"{name}: {len(outs)} results vs {len(refs)} from the oracle")
+    checks = [
+        check_close(f"{name}[{i}]", o, r, r64, factor=factor, eps=eps)
+        for i, (o, r, r64) in enumerate(zip(outs, refs, refs64))
+    ]
+    return max(checks)
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a fresh output with NaN so an element the kernel never writes fails the comparison."""
     return t.fill_(float("nan"))
