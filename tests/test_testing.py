@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastattn_icl.testing import check_against_oracle
+from fastattn_icl.testing import check_against_oracle, check_close
 
 
 def _x():
@@ -34,3 +34,12 @@ def test_casts_floating_tensors_only():
     mask = torch.tensor([True, False, True, True])
     check_against_oracle("masked", fn, fn, _x()[0, :4], 3, mask, dtype=torch.float16)
     assert seen == [(torch.float16, 3, torch.bool), (torch.float16, 3, torch.bool), (torch.float64, 3, torch.bool)]
+
+
+def test_infinities_must_match_and_do_not_widen_the_tolerance():
+    ref = torch.tensor([1.0, float("-inf"), 2.0], dtype=torch.float64)
+    check_close("same -inf", ref.float(), ref.float(), ref)
+    with pytest.raises(AssertionError, match="max error inf"):
+        check_close("finite where -inf", torch.tensor([1.0, -1e4, 2.0]), ref.float(), ref)
+    with pytest.raises(AssertionError, match="max error 1.000e-01"):
+        check_close("finite error", torch.tensor([1.1, float("-inf"), 2.0]), ref.float(), ref)
