@@ -7,6 +7,7 @@ Tolerance of ``assert_close`` / ``compare_grads`` (float32): see ``tests/integra
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import torch
@@ -26,6 +27,7 @@ from transformers import (
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.gptj import _routes, routes_attention_interface
+from fastattn_icl.testing import GRAD_FACTOR, check_close
 
 RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 100
@@ -201,6 +203,19 @@ def run_decode(model, ids, mask, tokens):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return [logits.detach() for logits in step_logits], grads
+
+
+def float64_twin(model):
+    """A float64 copy of an eager model (make it before enabling the seam): the oracle of the tolerance rule."""
+    return copy.deepcopy(model).double()
+
+
+def check_grads(actual: dict, same: dict, high: dict) -> None:
+    """Every parameter gradient by the tolerance rule (``GRAD_FACTOR``): ``same`` from the eager model in the
+    dtype of ``actual``, ``high`` from its float64 twin."""
+    assert actual.keys() == same.keys() == high.keys()
+    for name, ref64 in high.items():
+        check_close(f"grad of {name}", actual[name], same[name], ref64, factor=GRAD_FACTOR)
 
 
 def compare_grads(actual: dict, expected: dict) -> None:
