@@ -206,8 +206,11 @@ def run_decode(model, ids, mask, tokens):
 
 
 def float64_twin(model):
-    """A float64 copy of an eager model (make it before enabling the seam): the oracle of the tolerance rule."""
-    return copy.deepcopy(model).double()
+    """A float64 copy of a model that runs eager attention: the oracle of the tolerance rule."""
+    twin = copy.deepcopy(model).double()
+    if twin.config._attn_implementation != "eager":
+        twin.set_attn_implementation("eager")
+    return twin
 
 
 def check_grads(actual: dict, same: dict, high: dict) -> None:
