@@ -13,6 +13,7 @@ from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods import isolate, momentum
 from fastattn_icl.reference.momentum import momentum_attention as momentum_ref
+from fastattn_icl.testing import check_close
 from tests.models import tiny_gptj, tiny_model
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt", "gptj"]
@@ -92,9 +93,9 @@ def test_layer_output_is_the_oracle_on_the_layer_inputs(family, monkeypatch):
         model(ids, attention_mask=mask)
     assert len(calls) == 2  # one per layer
     for q, k, v, eta, kw, out in calls:
-        want = momentum_ref(q.double(), k.double(), v.double(), eta, causal=kw["causal"], scale=kw["scale"],
-                            key_padding_mask=kw["key_padding_mask"])
-        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        ref_kw = dict(causal=kw["causal"], scale=kw["scale"], key_padding_mask=kw["key_padding_mask"])
+        want = momentum_ref(q.double(), k.double(), v.double(), eta, **ref_kw)
+        check_close("layer output", out, momentum_ref(q, k, v, eta, **ref_kw), want)
 
 
 def test_neutral_eta_is_plain_attention_and_layers_select():
