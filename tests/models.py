@@ -24,9 +24,12 @@ from transformers import (
     Qwen2Config,
 )
 
+from fastattn_icl import reference
 from fastattn_icl.integrations import transformers as seam
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
+from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.gptj import _routes, routes_attention_interface
+from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
 from fastattn_icl.testing import GRAD_FACTOR, check_close
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -250,3 +253,33 @@ def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: in
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
+
+
+def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
+    return t.expand(B, -1) if t.shape[0] == 1 else t
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference attention with the controller's method state; full passes only (Tq == Tk)."""
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    assert Tq == Tk, "the oracle implements full passes only"
+    state = find_controller(module).layer_state(module.layer_idx) if find_controller(module) else {}
+    common = dict(causal=True, scale=scaling, key_padding_mask=attention_mask)
+    iso = state.get("isolation")
+    if iso is not None:
+        common.update(isolation_rows=_rows(iso.rows, B), isolation_window=iso.window)
+    anchors = state.get("anchors")
+    probs = reference.attention_probs(query, key, **common) if kwargs.get("output_attentions") else None
+    if anchors is None:
+        out = reference.attention(query, key, value, **common)
+    else:
+        beta = state["beta"][module.layer_idx]
+        positions, classes = _rows(anchors.positions, B), _rows(anchors.classes, B)
+        out = reference.anchor_reweight_attention(
+            query, key, value, beta, positions, classes, reweight_from=anchors.reweight_from, **common
+        )
+        if probs is not None:
+            logw = anchor_log_weights(beta[None].expand(B, -1, -1).double(), positions, classes, Tk)  # [B, H, Tk]
+            rows = reweighted_rows(anchors.reweight_from, B, Tq, query.device)  # [B, Tq]
+            probs = probs * torch.where(rows[:, None, :, None], logw.exp()[:, :, None, :], 1.0).to(probs.dtype)
+    return out.transpose(1, 2).contiguous(), probs

@@ -21,8 +21,7 @@ from fastattn_icl.integrations.gptj import _is_patched, patch_gptj
 from fastattn_icl.methods import AnchorReweighting, collate, isolate
 from fastattn_icl.testing import GRAD_FACTOR, check_close
 from tests.data.icl_sentiment import dataset
-from tests.integrations.test_method_state import oracle_attention
-from tests.models import ROUTED, float64_twin, swap_seam, tiny_gptj
+from tests.models import ROUTED, float64_twin, oracle_attention, swap_seam, tiny_gptj
 
 
 @pytest.fixture
