@@ -15,20 +15,24 @@ EPS = 1e-5
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute difference, NaN-aware: any NaN in ``x`` (where ``ref`` is finite) gives inf."""
+    """Largest absolute difference, NaN-aware: any NaN in ``x`` (where ``ref`` is finite) gives inf.
+
+    An infinity of ``ref`` (a masked logit, the lse of an empty row) is matched only by the same infinity.
+    """
     x64, ref64 = x.detach().double().cpu(), ref.detach().double().cpu()
     if x64.shape != ref64.shape:
         raise ValueError(f"shape mismatch: {tuple(x64.shape)} vs reference {tuple(ref64.shape)}")
     if x64.numel() == 0:
         return 0.0
-    diff = (x64 - ref64).abs()
+    diff = torch.where(x64 == ref64, 0.0, (x64 - ref64).abs())
     if torch.isnan(diff).any():
         return float("inf")
     return float(diff.max())
 
 
 def tolerance(same_dtype_ref: torch.Tensor, ref64: torch.Tensor, *, factor: float, eps: float = EPS) -> float:
-    scale = max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1.0
+    finite = ref64.detach()[torch.isfinite(ref64.detach())]  # an infinite entry must not make the scale infinite
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     return factor * max_error(same_dtype_ref, ref64) + eps * scale
 
 
@@ -51,6 +55,39 @@ def check_close(
             f"({factor}x same-dtype reference error {ref_err:.3e} + eps)"
         )
     return err, tol
+
+
+def _cast(args: tuple, dtype: torch.dtype) -> list:
+    return [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def check_against_oracle(
+    name: str,
+    fn,
+    oracle,
+    *args,
+    dtype: torch.dtype = torch.float32,
+    factor: float = FWD_FACTOR,
+    eps: float = EPS,
+) -> tuple[float, float]:
+    """The rule for two ways of computing one quantity: ``fn(*args)`` in ``dtype`` against ``oracle(*args)`` in
+    float64, with ``oracle(*args)`` in ``dtype`` as the same-dtype reference.
+
+    Floating-point tensors among ``args`` are detached and cast (``fn`` makes its own leaves for gradients),
+    anything else passes through. ``fn`` and ``oracle`` return a tensor or a sequence of tensors, compared
+    element by element. Return the worst ``(error, tolerance)``.
+    """
+    low, high = _cast(args, dtype), _cast(args, torch.float64)
+    outs, refs, refs64 = fn(*low), oracle(*low), oracle(*high)
+    if isinstance(outs, torch.Tensor):
+        return check_close(name, outs, refs, refs64, factor=factor, eps=eps)
+    if not len(outs) == len(refs) == len(refs64):
+        raise ValueError(f"{name}: {len(outs)} results vs {len(refs)} from the oracle")
+    checks = [
+        check_close(f"{name}[{i}]", o, r, r64, factor=factor, eps=eps)
+        for i, (o, r, r64) in enumerate(zip(outs, refs, refs64))
+    ]
+    return max(checks)
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

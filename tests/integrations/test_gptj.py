@@ -7,11 +7,10 @@ GPT-J (5.24+) switches the attention implementation, eager-core GPT-J (e.g. 5.17
 patch of ``_attn``. The comparisons with eager run on both; tests of one path's mechanics are marked
 ``instance_patch_only`` / ``routed_only``. CI runs both paths (two environments in ``.ci/run``).
 
-Tolerance (float32), as in ``test_models.py``: logits and attention weights
-``max |patched - eager| <= 1e-4 * max |eager| + 1e-6`` per compared tensor; a parameter's gradient
-``max |g - g_eager| <= 1e-4 * max(max |g_eager|, 1e-3 * G)`` with ``G`` the largest gradient entry of
-the model. Observed errors are about 1e-6 relative. Only non-padded positions are compared: eager
-spreads a fully masked (left-pad) query row uniformly over the keys, the seam returns 0 there.
+Tolerance, as in ``test_models.py``: the rule of ``fastattn_icl.testing``, the float32 eager model the
+same-dtype reference and its float64 twin the oracle (factor 2 for logits and weights, 3 for gradients). Only
+non-padded positions are compared: eager spreads a fully masked (left-pad) query row uniformly over the keys, the
+seam returns 0 there.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, GPTJConfig
 from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 import fastattn_icl
@@ -32,35 +30,24 @@ from fastattn_icl.integrations.gptj import (
     _fastattn_icl_attn,
     is_patched,
     patch_gptj,
-    routes_attention_interface,
 )
 from fastattn_icl.testing import check_close
-from tests.integrations import test_models as models
-from tests.integrations.test_models import PAD, VOCAB, assert_close, compare_grads, make_inputs, positions
+from tests import models
+from tests.models import (
+    PAD,
+    ROUTED,
+    VOCAB,
+    check_grads,
+    float64_twin,
+    make_inputs,
+    positions,
+    swap_seam,
+    tiny_gptj,
+)
 
 PREFILL, DECODE_STEPS = 10, 4
-ROUTED = routes_attention_interface()
 instance_patch_only = pytest.mark.skipif(ROUTED, reason="this transformers routes GPT-J: there is no _attn to patch")
 routed_only = pytest.mark.skipif(not ROUTED, reason="this transformers' GPT-J has its own eager core (_attn)")
-
-
-def swap_seam(monkeypatch, replacement) -> None:
-    """Put ``replacement`` in the seam's place for GPT-J on either path: the eager-core patch calls
-    ``seam.fastattn_icl_attention_forward`` by name, a routed GPT-J the function registered with
-    ``AttentionInterface``."""
-    seam.register()
-    monkeypatch.setattr(seam, "fastattn_icl_attention_forward", replacement)
-    monkeypatch.setitem(AttentionInterface._global_mapping, seam.ATTN_IMPLEMENTATION, replacement)
-
-
-def tiny_gptj(layers: int = 2, n_embd: int = 64, n_head: int = 4, rotary_dim: int = 8, seed: int = 0, **overrides):
-    """Head dim ``n_embd // n_head`` (16 by default); rotary on the first ``rotary_dim`` features only."""
-    config = models.gptj_like_config(GPTJConfig)(
-        layers, n_embd=n_embd, n_head=n_head, rotary_dim=rotary_dim, n_inner=2 * n_embd, **overrides
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    return model.eval()
 
 
 def run_prefill(model, ids, mask):
@@ -94,6 +81,7 @@ def seam_calls(monkeypatch):
 def check_against_eager(model, run, padded: bool, seam_calls, backend: str = "torch", length: int = PREFILL):
     ids, mask = make_inputs(2, length, padded)
     ref_steps, ref_grads = run(model, ids, mask)
+    high_steps, high_grads = run(float64_twin(model), ids, mask)
     assert ref_steps[0].abs().max() > 0.5, "random weights too small for a meaningful comparison"
     with patch_gptj(model), fastattn_icl.use_backend(backend):
         steps, grads = run(model, ids, mask)
@@ -108,9 +96,9 @@ def check_against_eager(model, run, padded: bool, seam_calls, backend: str = "to
             assert not attention_mask[1, :PAD].any() and attention_mask[:, PAD:].all()
         else:
             assert attention_mask is None
-    for i, (logits, ref) in enumerate(zip(steps, ref_steps)):
-        assert_close(logits, ref, f"logits of step {i}")
-    compare_grads(grads, ref_grads)
+    for i, (logits, ref, high) in enumerate(zip(steps, ref_steps, high_steps)):
+        check_close(f"logits of step {i}", logits, ref, high)
+    check_grads(grads, ref_grads, high_grads)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
@@ -166,6 +154,7 @@ def test_gradient_checkpointing_matches_eager(seam_calls):
     model = tiny_gptj()
     ids, mask = make_inputs(2, PREFILL, padded=True)
     ref_steps, ref_grads = run_prefill(model, ids, mask)
+    high_steps, high_grads = run_prefill(float64_twin(model), ids, mask)
     # activation_checkpointing_enable is new after transformers 5.17, which the GPU machines carry
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
@@ -173,8 +162,8 @@ def test_gradient_checkpointing_matches_eager(seam_calls):
     with patch_gptj(model):
         steps, grads = run_prefill(model, ids, mask)
     assert [c[0] for c in seam_calls] == [0, 1, 1, 0], "forward, then the recomputation in the backward"
-    assert_close(steps[0], ref_steps[0], "logits")
-    compare_grads(grads, ref_grads)
+    check_close("logits", steps[0], ref_steps[0], high_steps[0])
+    check_grads(grads, ref_grads, high_grads)
 
 
 def test_generate_matches_eager():
@@ -193,15 +182,18 @@ def test_output_attentions_returns_weights():
     ids, mask = make_inputs(2, 10, padded=True)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True).attentions
+        twin = float64_twin(model)
+        high = twin(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True).attentions
         with patch_gptj(model):
             out = model(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True).attentions
             if not ROUTED:  # without the flag the patched core returns no weights
                 assert model.transformer.h[0].attn._attn(*[torch.randn(1, 4, 3, 16)] * 3)[1] is None
     assert len(out) == len(ref) == 2
     keep = mask.bool()
-    for weights, ref_weights in zip(out, ref):
+    for weights, ref_weights, high_weights in zip(out, ref, high):
         assert weights.shape == ref_weights.shape == (2, 4, 10, 10)
-        assert_close(weights.transpose(1, 2)[keep], ref_weights.transpose(1, 2)[keep], "attention weights")
+        rows = lambda w: w.transpose(1, 2)[keep]  # noqa: E731
+        check_close("attention weights", rows(weights), rows(ref_weights), rows(high_weights))
     assert torch.all(out[0][1, :, :PAD] == 0), "rows of left-pad queries see no key: all-zero weights"
 
 
@@ -237,6 +229,7 @@ def test_revert_restores_modules_exactly():
     before = {m: _snapshot(m) for m in watched}
     with torch.no_grad():
         eager = model(ids, attention_mask=mask).logits
+        high = float64_twin(model)(ids, attention_mask=mask).logits
         handle = patch_gptj(model)
         assert isinstance(handle, GPTJPatch) and handle.active
         assert len(handle.modules) == 2
@@ -256,7 +249,7 @@ def test_revert_restores_modules_exactly():
         for module in watched:
             _assert_same(module, before[module])
     keep = mask.bool()
-    assert_close(patched[keep], eager[keep], "logits")
+    check_close("logits", patched[keep], eager[keep], high[keep])
 
 
 def test_context_manager_reverts_on_exception():

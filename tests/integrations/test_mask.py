@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION
 from fastattn_icl.integrations.transformers import fastattn_icl_attention_forward, fastattn_icl_mask
+from fastattn_icl.testing import check_against_oracle
 
 
 def _config(cls=LlamaConfig, **kwargs):
@@ -139,27 +140,34 @@ def test_attention_function_contract():
     v = torch.randn(2, 2, 7, 16, generator=gen)
     out, weights = fastattn_icl_attention_forward(module, q, k, v, None, scaling=0.3)
     assert out.shape == (2, 5, 4, 16) and out.is_contiguous() and weights is None
-    # reference: GQA by repetition, bottom-right causal, the given scale
-    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    scores = (q @ kr.transpose(-1, -2)) * 0.3
-    scores = scores.masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(3), float("-inf"))
-    ref = (scores.softmax(-1) @ vr).transpose(1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
-    out, weights = fastattn_icl_attention_forward(module, q, k, v, None, scaling=0.3, output_attentions=True)
-    torch.testing.assert_close(weights, scores.softmax(-1), rtol=1e-5, atol=1e-6)
+    def probs(q, k, causal=True):
+        """reference: GQA by repetition, bottom-right causal, the given scale"""
+        scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3
+        if causal:
+            scores = scores.masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(3), float("-inf"))
+        return scores.softmax(-1)
+
+    def manual(q, k, v, causal=True):
+        return (probs(q, k, causal) @ v.repeat_interleave(2, dim=1)).transpose(1, 2)
+
+    seam = lambda *a, **kw: fastattn_icl_attention_forward(module, *a, None, scaling=0.3, **kw)  # noqa: E731
+    check_against_oracle("out", lambda *a: seam(*a)[0], manual, q, k, v)
+    check_against_oracle(
+        "weights", lambda *a: seam(*a, output_attentions=True)[1], lambda q, k, v: probs(q, k), q, k, v
+    )
 
     # a key-padding mask shorter than the keys drops the trailing (unwritten static-cache) keys
     short = torch.ones(2, 6, dtype=torch.bool)
     out_short, _ = fastattn_icl_attention_forward(module, q[:, :, :4], k, v, short, scaling=0.3)
     ref_short, _ = fastattn_icl_attention_forward(module, q[:, :, :4], k[:, :, :6], v[:, :, :6], None, scaling=0.3)
     # bit-exact on purpose: the seam slices the keys to the mask's length and runs the same path
-    torch.testing.assert_close(out_short, ref_short, rtol=0, atol=0)
+    assert torch.equal(out_short, ref_short)
 
     # is_causal=False in the call wins over the module attribute
-    out_full, _ = fastattn_icl_attention_forward(module, q, k, v, None, scaling=0.3, is_causal=False)
-    ref_full = (((q @ kr.transpose(-1, -2)) * 0.3).softmax(-1) @ vr).transpose(1, 2)
-    torch.testing.assert_close(out_full, ref_full, rtol=1e-5, atol=1e-5)
+    check_against_oracle(
+        "out, is_causal=False", lambda *a: seam(*a, is_causal=False)[0], lambda *a: manual(*a, causal=False), q, k, v
+    )
 
 
 @pytest.mark.parametrize(

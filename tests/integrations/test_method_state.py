@@ -15,46 +15,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import fastattn_icl
-from fastattn_icl import reference
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, AnchorState, IsolationState, get_controller
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
-from fastattn_icl.integrations.controller import find_controller
 from fastattn_icl.integrations.transformers import fastattn_icl_mask
-from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
-from tests.integrations.test_models import BACKENDS, DEVICES, assert_close, make_inputs, positions, tiny_model
+from tests.models import BACKENDS, DEVICES, assert_close, make_inputs, oracle_attention, positions, tiny_model
 
 ORACLE = "fastattn_icl_test_oracle"
 T = 12
-
-
-def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
-    return t.expand(B, -1) if t.shape[0] == 1 else t
-
-
-def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference attention with the controller's method state; full passes only (Tq == Tk)."""
-    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
-    assert Tq == Tk, "the oracle implements full passes only"
-    state = find_controller(module).layer_state(module.layer_idx) if find_controller(module) else {}
-    common = dict(causal=True, scale=scaling, key_padding_mask=attention_mask)
-    iso = state.get("isolation")
-    if iso is not None:
-        common.update(isolation_rows=_rows(iso.rows, B), isolation_window=iso.window)
-    anchors = state.get("anchors")
-    probs = reference.attention_probs(query, key, **common) if kwargs.get("output_attentions") else None
-    if anchors is None:
-        out = reference.attention(query, key, value, **common)
-    else:
-        beta = state["beta"][module.layer_idx]
-        positions, classes = _rows(anchors.positions, B), _rows(anchors.classes, B)
-        out = reference.anchor_reweight_attention(
-            query, key, value, beta, positions, classes, reweight_from=anchors.reweight_from, **common
-        )
-        if probs is not None:
-            logw = anchor_log_weights(beta[None].expand(B, -1, -1).double(), positions, classes, Tk)  # [B, H, Tk]
-            rows = reweighted_rows(anchors.reweight_from, B, Tq, query.device)  # [B, Tq]
-            probs = probs * torch.where(rows[:, None, :, None], logw.exp()[:, :, None, :], 1.0).to(probs.dtype)
-    return out.transpose(1, 2).contiguous(), probs
 
 
 @pytest.fixture(scope="module", autouse=True)

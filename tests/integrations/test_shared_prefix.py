@@ -18,7 +18,8 @@ import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, IsolationState, get_controller
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
-from tests.integrations.test_models import DEVICES, FAMILIES, LAYERS, VOCAB, assert_close, tiny_model
+from fastattn_icl.testing import check_close
+from tests.models import DEVICES, FAMILIES, LAYERS, VOCAB, float64_twin, tiny_model
 
 M, S, B = 7, 6, 3  # prefix length, tokens per row after it, batch
 STEPS = 3  # greedy decode steps after the batch's prefill
@@ -89,12 +90,13 @@ def _compare(model, backend, device, spy=None):
     L = keys.shape[0]
     with torch.no_grad():
         ref_steps, tokens = _run(model, ids, mask, _naive_cache(keys, values))
+        high_steps, _ = _run(float64_twin(model), ids, mask, _naive_cache(keys.double(), values.double()), tokens)
         assert ref_steps[0].abs().max() > 0.5, "random weights too small for a meaningful comparison"
         cache = SharedPrefixCache(M, L)
         with fastattn_icl.use_backend(backend), cache.bound(model, keys, values):
             steps, _ = _run(model, ids, mask, cache, tokens)
-    for i, (got, ref) in enumerate(zip(steps, ref_steps)):
-        assert_close(got, ref, f"logits of step {i}")
+    for i, (got, ref, high) in enumerate(zip(steps, ref_steps, high_steps)):
+        check_close(f"logits of step {i}", got, ref, high)
     # the cache held only each row's own keys, and counted the prefix in its length
     assert cache.get_seq_length() == M + S + STEPS
     for layer in cache.layers:
@@ -158,10 +160,12 @@ def test_per_row_prefix_without_mask(family):
         values = torch.stack([layer.values for layer in prefix.layers])
         ids = torch.randint(3, VOCAB, (B, S), generator=gen)
         ref = model(ids, **cache_kwargs(DynamicCache(ddp_cache_data=list(zip(keys, values))))).logits
+        high_cache = DynamicCache(ddp_cache_data=list(zip(keys.double(), values.double())))
+        high = float64_twin(model)(ids, **cache_kwargs(high_cache)).logits
         cache = SharedPrefixCache(M, keys.shape[0])
         with fastattn_icl.use_backend("torch"), cache.bound(model, keys, values):
             out = model(ids, **cache_kwargs(cache)).logits
-    assert_close(out, ref, "logits")
+    check_close("logits", out, ref, high)
 
 
 def test_grad_mode_raises():
@@ -184,18 +188,20 @@ def test_output_attentions(family):
     kwargs = dict(attention_mask=full, position_ids=_positions(mask), use_cache=True, output_attentions=True)
     with torch.no_grad():
         ref = model(ids, **cache_kwargs(_naive_cache(keys, values)), **kwargs)
+        high = float64_twin(model)(ids, **cache_kwargs(_naive_cache(keys.double(), values.double())), **kwargs)
         cache = SharedPrefixCache(M, keys.shape[0])
         with fastattn_icl.use_backend("torch"), cache.bound(model, keys, values):
             out = model(ids, **cache_kwargs(cache), **kwargs)
     keep = mask.bool()
-    assert_close(out.logits[keep], ref.logits[keep], "logits")
+    check_close("logits", out.logits[keep], ref.logits[keep], high.logits[keep])
     assert out.attentions is not None and len(out.attentions) == len(ref.attentions) == keys.shape[0]
     H = model.config.num_attention_heads
-    for weights, ref_weights in zip(out.attentions, ref.attentions):
+    for weights, ref_weights, high_weights in zip(out.attentions, ref.attentions, high.attentions):
         assert weights.shape == ref_weights.shape == (B, H, S, M + S)
         rows = weights.transpose(1, 2)[keep]  # [real tokens, H, M + S]
-        torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows[..., 0]), atol=1e-5, rtol=0)
-        assert_close(rows, ref_weights.transpose(1, 2)[keep], "attention weights")
+        ref_rows, high_rows = ref_weights.transpose(1, 2)[keep], high_weights.transpose(1, 2)[keep]
+        check_close("row sums", rows.sum(-1), ref_rows.sum(-1), torch.ones_like(high_rows[..., 0]))
+        check_close("attention weights", rows, ref_rows, high_rows)
         assert torch.all(weights[1, :, :, M : M + 2] == 0), "left-pad keys get no weight"
 
 
@@ -243,7 +249,7 @@ def test_check_mask_false_skips_the_per_layer_prefix_check(monkeypatch):
     cache = SharedPrefixCache(M, keys.shape[0])
     with torch.no_grad(), cache.bound(model, keys, values, check_mask=False):  # no error: the check is off
         model(ids, attention_mask=hidden, position_ids=_positions(mask), **cache_kwargs(cache))
-    torch.testing.assert_close(run(False), checked, rtol=0, atol=0)
+    assert torch.equal(run(False), checked)  # bit-exact: the check only reads the mask, the math is the same
 
 
 @pytest.mark.parametrize("layers", [None, [1]], ids=["all-layers", "layer-1"])

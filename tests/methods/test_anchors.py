@@ -134,7 +134,7 @@ def test_label_word_outside_the_vocabulary_raises():
 def test_zero_shot_prompt_builder():
     """No demonstrations: the prompt is the query up to its label; examples carry empty int64 label positions, and
     collating (also next to few-shot prompts) and reading label predictions off the logits work."""
-    from tests.integrations.test_models import tiny_model
+    from tests.models import tiny_model
 
     tokenizer = word_tokenizer()
     builder = PromptBuilder(tokenizer, TEMPLATE, LABEL_WORDS, [])

@@ -30,11 +30,10 @@ from fastattn_icl.methods.compression import (
     evaluate_compression,
 )
 from fastattn_icl.methods.metrics import label_loyalty, label_predictions, word_loyalty
+from fastattn_icl.testing import check_close
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, byte_bpe_tokenizer, dataset, word_tokenizer
-from tests.integrations.test_gptj import tiny_gptj
-from tests.integrations.test_models import _LLAMA_LIKE, tiny_model
+from tests.models import LLAMA_LIKE, float64_twin, tiny_gptj, tiny_model
 
-RTOL, ATOL = 1e-4, 1e-5
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gptj"]
 PAD_ID = 2  # the tiny models' pad token ([BOS] of the word tokenizer, never a test token)
 DEMOS = dataset(4, seed=1)  # 4 demonstrations, 10 tokens each with the word tokenizer: T = 40
@@ -53,7 +52,7 @@ def _model(family: str, layers: int = 2, **overrides):
 
 
 def _llama(layers: int = 2, **overrides):
-    config = LlamaConfig(**{**_LLAMA_LIKE, "num_hidden_layers": layers, **overrides})
+    config = LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": layers, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
@@ -104,12 +103,21 @@ def _reference(model, comp: CompressedDemonstrations, test_ids: torch.Tensor) ->
     return out[0, T:]
 
 
-def _assert_rows_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+def _references(model, comp: CompressedDemonstrations, rows: list, like: torch.Tensor):
+    """:func:`_reference` of each left-padded row on the model and on its float64 twin, laid out as ``like``."""
+    twin = float64_twin(model)
+    want, high = torch.zeros_like(like), torch.zeros_like(like, dtype=torch.float64)
+    for b, r in enumerate(rows):
+        want[b, like.shape[1] - len(r) :] = _reference(model, comp, r)
+        high[b, like.shape[1] - len(r) :] = _reference(twin, comp, r)
+    return want, high
+
+
+def _assert_rows_close(got: torch.Tensor, want: torch.Tensor, high: torch.Tensor, mask: torch.Tensor, what: str):
+    """The tolerance rule on the real positions of each row: ``want`` in float32, ``high`` its float64 oracle."""
     for b in range(got.shape[0]):
         real = mask[b].bool()
-        torch.testing.assert_close(
-            got[b, real], want[b, real], rtol=RTOL, atol=ATOL, msg=lambda m, b=b: f"{what} row {b}: {m}"
-        )
+        check_close(f"{what} row {b}", got[b, real], want[b, real], high[b, real])
 
 
 def _full_prompt_logits(model, x: str) -> torch.Tensor:
@@ -161,16 +169,14 @@ def test_compressed_forward_equals_masked_full_context(models, family, keep, off
     ids, mask = left_pad(rows)  # row 1 is 2 tokens shorter: 2 columns of left padding
     got = comp.forward(model, ids, mask, share_prefix=share_prefix)
     assert got.shape == (2, ids.shape[1], model.config.vocab_size)
-    want = torch.zeros_like(got)
-    for b, r in enumerate(rows):
-        want[b, ids.shape[1] - len(r) :] = _reference(model, comp, r)
-    _assert_rows_close(got, want, mask, f"{family} {keep} offset={offset} shared={share_prefix}")
+    want, high = _references(model, comp, rows, got)
+    _assert_rows_close(got, want, high, mask, f"{family} {keep} offset={offset} shared={share_prefix}")
     assert model.config._attn_implementation == "eager"  # the shared path switches the model for the call only
 
     # batch 1, no mask: the default (expanded) path, and logits_to_keep=1
     one = comp.forward(model, rows[0][None], logits_to_keep=1)
     assert one.shape == (1, 1, model.config.vocab_size)
-    torch.testing.assert_close(one[0, -1], want[0, -1], rtol=RTOL, atol=ATOL)
+    check_close("batch 1, logits_to_keep=1", one[0, -1], want[0, -1], high[0, -1])
 
 
 def test_full_method_equals_plain_icl(models):
@@ -180,7 +186,7 @@ def test_full_method_equals_plain_icl(models):
     assert comp.positions.tolist() == list(range(comp.num_tokens)) and comp.position_offset == comp.num_tokens
     x = dataset(1, seed=7)[0][0]
     got = comp.forward(model, _query_ids(x)[None])[0, -1]
-    torch.testing.assert_close(got, _full_prompt_logits(model, x), rtol=RTOL, atol=ATOL)
+    check_close("last logits", got, _full_prompt_logits(model, x), _full_prompt_logits(float64_twin(model), x))
 
 
 def _word_tokenizer_with_bos():
@@ -223,10 +229,8 @@ def test_bos_sink_kept_and_exact(models, keep_special_tokens):
     ids, mask = left_pad(rows, extra=[0, 2])
     for share in (True, False):
         got = comp.forward(model, ids, mask, share_prefix=share)
-        want = torch.zeros_like(got)
-        for b, r in enumerate(rows):
-            want[b, ids.shape[1] - len(r) :] = _reference(model, comp, r)
-        _assert_rows_close(got, want, mask, f"bos keep={keep_special_tokens} shared={share}")
+        want, high = _references(model, comp, rows, got)
+        _assert_rows_close(got, want, high, mask, f"bos keep={keep_special_tokens} shared={share}")
     full = evaluate_compression(
         model, tokenizer, DEMOS, dataset(4, seed=2), TEMPLATE, LABEL_WORDS, methods=["full"], progress=False
     )["full"]
@@ -262,10 +266,8 @@ def test_byte_level_bpe(family):
     ids, mask = left_pad(rows)
     for comp in (anchor, random0):
         got = comp.forward(model, ids, mask)
-        want = torch.zeros_like(got)
-        for b, r in enumerate(rows):
-            want[b, ids.shape[1] - len(r) :] = _reference(model, comp, r)
-        _assert_rows_close(got, want, mask, f"bpe {family} {comp.method}")
+        want, high = _references(model, comp, rows, got)
+        _assert_rows_close(got, want, high, mask, f"bpe {family} {comp.method}")
     results = evaluate_compression(
         model,
         tokenizer,
@@ -311,11 +313,13 @@ def test_shared_prefix_equals_expanded_cache_and_single_rows(models, family, pre
     expanded = comp.forward(model, ids, mask, share_prefix=False)
     assert len(prefix_calls) == L  # the expanded path never reaches the shared-prefix kernel
     default = comp.forward(model, ids, mask)  # B > 1: shared
-    _assert_rows_close(shared, expanded, mask, f"{family} shared vs expanded")
-    torch.testing.assert_close(default, shared, rtol=0, atol=0)
+    _, high = _references(model, comp, rows, shared)
+    # the shared-prefix kernel at most 2x as far from the float64 oracle as the expanded cache
+    _assert_rows_close(shared, expanded, high, mask, f"{family} shared vs expanded")
+    assert torch.equal(default, shared)  # bit-exact: B > 1 takes the shared path by default
     for b, r in enumerate(rows):
         alone = comp.forward(model, r[None])[0]
-        torch.testing.assert_close(shared[b, mask[b].bool()], alone, rtol=RTOL, atol=ATOL)
+        check_close(f"row {b} alone", shared[b, mask[b].bool()], alone, high[b, mask[b].bool()])
 
     del prefix_calls[:]
     gen_shared = comp.generate(model, ids, mask, max_new_tokens=4, share_prefix=True)
@@ -353,7 +357,9 @@ def test_shared_prefix_on_the_triton_backend():
     expanded = comp.forward(model, ids, mask, share_prefix=False)
     with fastattn_icl.use_backend("triton"):
         shared = comp.forward(model, ids, mask, share_prefix=True)
-    _assert_rows_close(shared, expanded, mask, "triton shared vs expanded")
+    _, high = _references(model, comp, [row[m.bool()] for row, m in zip(ids, mask)], shared)
+    # the Triton shared-prefix kernel at most 2x as far from the float64 oracle as the expanded cache
+    _assert_rows_close(shared, expanded, high, mask, "triton shared vs expanded")
 
 
 # -- 3. save / load ------------------------------------------------------------------------------------------
@@ -380,12 +386,9 @@ def test_save_load_roundtrip(models, tmp_path, method):
     loaded_on = CompressedDemonstrations.load(str(path), device="cpu")
     assert torch.equal(loaded_on.keys, comp.keys)
     ids, mask = left_pad(_test_rows(3, trim=(0, 1, 0)))
-    for share in (True, False):
-        torch.testing.assert_close(
-            loaded.forward(model, ids, mask, share_prefix=share),
-            comp.forward(model, ids, mask, share_prefix=share),
-            rtol=0,
-            atol=0,
+    for share in (True, False):  # bit-exact: the loaded cache holds the same values and runs the same path
+        assert torch.equal(
+            loaded.forward(model, ids, mask, share_prefix=share), comp.forward(model, ids, mask, share_prefix=share)
         )
 
 
@@ -653,7 +656,8 @@ def test_dtype_mismatch_raises_and_to_casts(models):
     assert half.keys.dtype == torch.float64 and comp.keys.dtype == torch.float32  # a copy
     with pytest.raises(TypeError, match=r"cache is torch.float64 but the model runs torch.float32"):
         half.forward(model, ids)
-    torch.testing.assert_close(half.to(dtype=torch.float32).forward(model, ids), comp.forward(model, ids))
+    # bit-exact: float32 -> float64 -> float32 gives back the same cache, which runs the same path
+    assert torch.equal(half.to(dtype=torch.float32).forward(model, ids), comp.forward(model, ids))
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
@@ -665,7 +669,7 @@ def test_serving_runs_in_eval_mode_and_restores_the_mode(share_prefix):
     model.train()
     got = comp.forward(model, ids, share_prefix=share_prefix)  # no dropout: the same logits
     assert model.training
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got, want)  # bit-exact: serving switches to eval, the same forward as want's
     assert torch.equal(comp.generate(model, ids, max_new_tokens=2, share_prefix=share_prefix),
                        comp.generate(model.eval(), ids, max_new_tokens=2, share_prefix=share_prefix))
 
@@ -725,6 +729,6 @@ def test_prepare_inputs_for_the_callers_own_model_call(models, family):
     with torch.no_grad():
         got = model(**inputs).logits
     want = comp.forward(model, ids, mask, share_prefix=False)
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=0)
+    assert torch.equal(got[mask.bool()], want[mask.bool()])  # bit-exact: forward runs these very inputs
     with pytest.raises(ValueError, match="left-padded"):
         comp.prepare_inputs(ids, mask.flip(1))

@@ -12,7 +12,7 @@ from fastattn_icl.methods import PromptBuilder, collate
 from fastattn_icl.methods.correlation import _correlation, auc_roc, deep_layer_correlation
 from fastattn_icl.testing import check_close
 from tests.data.icl_sentiment import LABEL_WORDS, TEMPLATE, dataset, word_tokenizer
-from tests.integrations.test_models import tiny_model
+from tests.models import tiny_model
 
 
 def _brute_auc(scores, positive):

@@ -125,9 +125,10 @@ def test_every_output_element_is_written(causal, nan_empty):
         out, lse = kernels.attention_fwd(q, k, v, kpm, None, None, None, causal, scale)
     ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal,
                                      key_padding_mask=kpm, return_lse=True)
+    same_out, same_lse = attention_ref(q, k, v, causal=causal, key_padding_mask=kpm, return_lse=True)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    check_close("out", out, same_out, ref_out)
+    check_close("lse", lse, same_lse, ref_lse)
     with nan_empty():
         *grads, _ = kernels.attention_bwd(do, q, k, v, out, lse, kpm, None, None, None, causal, scale)
     for g in grads:
@@ -177,7 +178,8 @@ def test_padded_keys_with_huge_logits_stay_out(causal):
 
 
 def test_gqa_never_repeats_kv_memory():
-    """Gradients land on the kv heads exactly as if K/V were repeated: sum over the query group."""
+    """Gradients land on the kv heads exactly as if K/V were repeated: sum over the query group. The grouped
+    path may be at most 2x (3x for gradients) as far from the float64 oracle as the repeated one, plus eps."""
     q, k, v, do, _ = _inputs(1, 8, 2, 17, 17, 16, torch.float32, seed=11)
     got = _grads(lambda a, b, c: fastattn_icl.attention(a, b, c, backend="triton"), q, k, v, do)
     rep = _grads(
@@ -185,8 +187,9 @@ def test_gqa_never_repeats_kv_memory():
                                                backend="triton"),
         q, k, v, do,
     )
-    for a, b in zip(got, rep):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    high = _grads(attention_ref, q, k, v, do, dtype=torch.float64)
+    for name, a, b, h, factor in zip(("out", "dq", "dk", "dv"), got, rep, high, (2.0, *[GRAD_FACTOR] * 3)):
+        check_close(name, a, b, h, factor=factor)
 
 
 def test_torch_compile_fullgraph_traces_the_op():
@@ -199,7 +202,7 @@ def test_torch_compile_fullgraph_traces_the_op():
     a = _grads(compiled, q, k, v, do)
     b = _grads(f, q, k, v, do)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y)
+        assert torch.equal(x, y)  # bit-exact: aot_eager traces the graph and runs the same op and kernels
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

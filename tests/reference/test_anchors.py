@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastattn_icl.reference import anchor_reweight_attention, attention, attention_probs
+from fastattn_icl.testing import GRAD_FACTOR, check_against_oracle
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, seed=0, requires_grad=False):
@@ -27,14 +28,19 @@ def test_hand_computed():
     k = torch.randn(1, 1, 3, 2, dtype=torch.float64)
     v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]], dtype=torch.float64)
     beta = torch.tensor([[math.log(2.0)]], dtype=torch.float64)  # [H=1, C=1]
-    out = anchor_reweight_attention(q, k, v, beta, torch.tensor([[1]]), torch.tensor([[0]]))
     expected = torch.tensor([[1.0, 0.0], [0.5, 0.5], [2 / 3, 1.0]], dtype=torch.float64)
-    torch.testing.assert_close(out[0, 0], expected, rtol=1e-14, atol=1e-14)
+    check_against_oracle(
+        "out",
+        lambda *a: anchor_reweight_attention(*a, torch.tensor([[1]]), torch.tensor([[0]]))[0, 0],
+        lambda q, k, v, beta: expected.to(q.dtype),
+        q,
+        k,
+        v,
+        beta,
+    )
 
 
-@pytest.mark.parametrize(
-    "shape", [(2, 2, 2, 9, 9, 8), (2, 4, 1, 9, 9, 8), (2, 4, 2, 3, 9, 8), (2, 2, 1, 1, 9, 4)]
-)
+@pytest.mark.parametrize("shape", [(2, 2, 2, 9, 9, 8), (2, 4, 1, 9, 9, 8), (2, 4, 2, 3, 9, 8), (2, 2, 1, 1, 9, 4)])
 @pytest.mark.parametrize("reweight_from", [None, 0, "tensor"])
 @pytest.mark.parametrize("pad", [False, True])
 def test_beta_zero_is_base_attention_exactly(shape, reweight_from, pad):
@@ -50,6 +56,7 @@ def test_beta_zero_is_base_attention_exactly(shape, reweight_from, pad):
         args = [t.to(dtype) for t in (q, k, v)]
         beta = torch.zeros(H, 3)
         got = anchor_reweight_attention(*args, beta, pos, cls, reweight_from=reweight_from, key_padding_mask=kpm)
+        # bit-exact: β = 0 weighs the same probabilities by exp(0) = 1 before the same P V product
         assert torch.equal(got, attention(*args, key_padding_mask=kpm))
 
 
@@ -58,6 +65,7 @@ def test_no_anchors_is_base_attention_exactly(pos):
     q, k, v = _qkv(2, 2, 1, 5, 5, 8)
     beta = torch.randn(2, 3, dtype=torch.float64)
     got = anchor_reweight_attention(q, k, v, beta, pos, torch.zeros_like(pos), reweight_from=0)
+    # bit-exact: without anchors every weight is exp(0) = 1 before the same P V product
     assert torch.equal(got, attention(q, k, v))
 
 
@@ -67,14 +75,25 @@ def test_not_renormalised():
     pos, cls = _anchors()
     beta = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.3, -0.7]], dtype=torch.float64)
     rowsum = anchor_reweight_attention(q, k, ones, beta, pos, cls, reweight_from=0)[..., 0]
-    p = attention_probs(q, k)
-    expected = torch.ones(2, 2, 9, dtype=torch.float64)
-    for b in range(2):
-        for a in range(4):
-            if pos[b, a] >= 0:
-                w = torch.exp(beta[:, cls[b, a]])[:, None]  # [H, 1]
-                expected[b] += (w - 1) * p[b, :, :, pos[b, a]]
-    torch.testing.assert_close(rowsum, expected, rtol=1e-13, atol=1e-13)
+
+    def expected(q, k, beta):
+        p = attention_probs(q, k)
+        sums = torch.ones(2, 2, 9, dtype=q.dtype)
+        for b in range(2):
+            for a in range(4):
+                if pos[b, a] >= 0:
+                    w = torch.exp(beta[:, cls[b, a]])[:, None]  # [H, 1]
+                    sums[b] += (w - 1) * p[b, :, :, pos[b, a]]
+        return sums
+
+    check_against_oracle(
+        "row sums",
+        lambda q, k, beta: anchor_reweight_attention(q, k, ones.to(q.dtype), beta, pos, cls, reweight_from=0)[..., 0],
+        expected,
+        q,
+        k,
+        beta,
+    )
     assert (rowsum[:, :, -1] - 1).abs().min() > 1e-3  # the last row sees every anchor
 
 
@@ -84,6 +103,7 @@ def test_reweight_from_semantics():
     beta = torch.full((2, 3), 0.8, dtype=torch.float64)
     base = attention(q, k, v)
     last = anchor_reweight_attention(q, k, v, beta, pos, cls)  # None: only row Tq - 1
+    # bit-exact here and below: rows before reweight_from are weighed by exp(0) = 1 in the same P V product
     assert torch.equal(last[:, :, :-1], base[:, :, :-1])
     assert (last[:, :, -1] - base[:, :, -1]).abs().max() > 1e-3
     r = torch.tensor([3, 6])
@@ -93,17 +113,24 @@ def test_reweight_from_semantics():
         diff = (per_row[b, :, r[b] :] - base[b, :, r[b] :]).abs().amax(dim=(0, 2))
         assert (diff > 1e-6).all()  # every later row sees an anchor (positions 1 and 2)
     as_int = anchor_reweight_attention(q, k, v, beta, pos, cls, reweight_from=3)
-    torch.testing.assert_close(as_int[0], per_row[0], rtol=0, atol=0)  # same code path: an int is a per-row tensor
+    assert torch.equal(as_int[0], per_row[0])  # same code path: an int is a per-row tensor
 
 
 def test_anchor_a_row_cannot_see_stays_zero():
     # Anchor at key 5 is invisible to causal rows 0..4: those rows must equal base attention.
     q, k, v = _qkv(1, 1, 1, 7, 7, 4)
-    out = anchor_reweight_attention(
-        q, k, v, torch.tensor([[3.0]], dtype=torch.float64), torch.tensor([[5]]), torch.tensor([[0]]), reweight_from=0
+    beta = torch.tensor([[3.0]], dtype=torch.float64)
+    check_against_oracle(
+        "rows 0..4",
+        lambda q, k, v, beta: anchor_reweight_attention(
+            q, k, v, beta, torch.tensor([[5]]), torch.tensor([[0]]), reweight_from=0
+        )[:, :, :5],
+        lambda q, k, v, beta: attention(q, k, v)[:, :, :5],
+        q,
+        k,
+        v,
+        beta,
     )
-    base = attention(q, k, v)
-    torch.testing.assert_close(out[:, :, :5], base[:, :, :5], rtol=1e-12, atol=1e-12)
 
 
 def _spec_backward(q, k, v, beta, pos, cls, rows, do):
@@ -143,24 +170,43 @@ def test_backward_matches_spec_closed_form():
     pos, cls = _anchors()
     r = torch.tensor([4, 7])
     do = torch.randn(B, H, T, D, dtype=torch.float64)
-    out = anchor_reweight_attention(q, k, v, beta, pos, cls, reweight_from=r)
-    grads = torch.autograd.grad(out, (q, k, v, beta), do)
     rows = [torch.arange(int(r[b]), T) for b in range(B)]
-    expected = _spec_backward(q.detach(), k.detach(), v.detach(), beta.detach(), pos, cls, rows, do)
-    for name, g, e in zip(("dq", "dk", "dv", "dbeta"), grads, expected):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+
+    def autograd(q, k, v, beta, do):
+        leaves = [t.requires_grad_() for t in (q, k, v, beta)]
+        out = anchor_reweight_attention(*leaves, pos, cls, reweight_from=r)
+        return torch.autograd.grad(out, leaves, do)
+
+    check_against_oracle(
+        "dq, dk, dv, dbeta",
+        autograd,
+        lambda q, k, v, beta, do: _spec_backward(q, k, v, beta, pos, cls, rows, do),
+        q,
+        k,
+        v,
+        beta,
+        do,
+        factor=GRAD_FACTOR,
+    )
 
 
 def test_batched_beta_equals_per_sample_runs():
     q, k, v = _qkv(2, 2, 1, 9, 9, 8)
     pos, cls = _anchors()
     beta = torch.randn(2, 2, 3, dtype=torch.float64)  # [B, H, C]
-    out = anchor_reweight_attention(q, k, v, beta, pos, cls, reweight_from=2)
     for b in range(2):
-        one = anchor_reweight_attention(
-            q[b : b + 1], k[b : b + 1], v[b : b + 1], beta[b], pos[b : b + 1], cls[b : b + 1], reweight_from=2
+        one = slice(b, b + 1)
+        check_against_oracle(  # batch 1 vs 2: other BLAS calls, so the rule, not bits
+            f"batch row {b}",
+            lambda q, k, v, beta, one=one: anchor_reweight_attention(q, k, v, beta, pos, cls, reweight_from=2)[one],
+            lambda q, k, v, beta, one=one, b=b: anchor_reweight_attention(
+                q[one], k[one], v[one], beta[b], pos[one], cls[one], reweight_from=2
+            ),
+            q,
+            k,
+            v,
+            beta,
         )
-        torch.testing.assert_close(out[b : b + 1], one, rtol=1e-12, atol=1e-12)  # batch 1 vs 2: other BLAS calls
 
 
 def test_gradcheck_fp64():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn_icl.reference import attention, attention_probs, attention_scores, visible_mask
+from fastattn_icl.testing import GRAD_FACTOR, check_against_oracle
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float64, seed=0, requires_grad=False):
@@ -47,35 +48,54 @@ def test_matches_sdpa_with_explicit_mask(shape, causal, pad):
     kpm = _padding(B, Tk) if pad else None
     out, lse = attention(q, k, v, causal=causal, key_padding_mask=kpm, return_lse=True)
     mask = visible_mask(Tq, Tk, causal=causal, key_padding_mask=kpm).expand(B, 1, Tq, Tk)
-    ref = _sdpa(q, k, v, mask)
     rows = mask.any(-1).expand(B, H, Tq)  # rows with at least one visible key
     assert out.shape == (B, H, Tq, D) and out.dtype == q.dtype
-    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-12, atol=1e-12)
+    check_against_oracle(
+        "out",
+        lambda *a: attention(*a, causal=causal, key_padding_mask=kpm)[rows],
+        lambda *a: _sdpa(*a, mask)[rows],
+        q,
+        k,
+        v,
+    )
     assert torch.all(out[~rows] == 0)
-    s = attention_scores(q, k, causal=causal, key_padding_mask=kpm)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
     assert torch.all(torch.isneginf(lse[~rows])) and torch.all(torch.isfinite(lse[rows]))
+
+    def from_lse(q, k, v):
+        """exp(s - lse) weighs v: the output SDPA gives only if lse is the log of the softmax denominator"""
+        _, lse = attention(q, k, v, causal=causal, key_padding_mask=kpm, return_lse=True)
+        s = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * D**-0.5
+        p = torch.where(mask, torch.exp(s - lse.masked_fill(~rows, 0)[..., None]), 0.0)
+        return (p @ v.repeat_interleave(H // Hkv, 1))[rows]
+
+    check_against_oracle("softmax rebuilt from lse", from_lse, lambda *a: _sdpa(*a, mask)[rows], q, k, v)
 
 
 @pytest.mark.parametrize("T", [1, 17, 63])
 def test_square_causal_matches_is_causal(T):
     q, k, v = _qkv(2, 3, 3, T, T, 16, seed=T)
-    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    check_against_oracle("out", attention, lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), q, k, v)
 
 
 def test_gqa_reads_kv_head_h_over_group():
     q, k, v = _qkv(2, 8, 2, 9, 9, 8)
-    out = attention(q, k, v)
     for h in range(8):
-        sub = attention(q[:, h : h + 1], k[:, h // 4 : h // 4 + 1], v[:, h // 4 : h // 4 + 1])
+        kv = slice(h // 4, h // 4 + 1)
         # one head against all heads: different matmul shapes, so the tolerance rule, not bits
-        torch.testing.assert_close(out[:, h : h + 1], sub, rtol=1e-12, atol=1e-12)
+        check_against_oracle(
+            f"head {h}",
+            lambda q, k, v, h=h: attention(q, k, v)[:, h : h + 1],
+            lambda q, k, v, h=h, kv=kv: attention(q[:, h : h + 1], k[:, kv], v[:, kv]),
+            q,
+            k,
+            v,
+        )
 
 
 def test_custom_scale():
     q, k, v = _qkv(1, 2, 1, 6, 6, 8)
     mask = visible_mask(6, 6, causal=True)
-    torch.testing.assert_close(attention(q, k, v, scale=0.3), _sdpa(q, k, v, mask, scale=0.3))
+    check_against_oracle("out", lambda *a: attention(*a, scale=0.3), lambda *a: _sdpa(*a, mask, scale=0.3), q, k, v)
 
 
 def test_visible_mask_bottom_right_by_hand():
@@ -99,7 +119,13 @@ def test_fully_masked_row_is_zero_not_nan_with_finite_grads():
     assert torch.all(torch.isneginf(lse[1])) and torch.all(torch.isneginf(lse[0, :, 0]))
     p = attention_probs(q, k, key_padding_mask=kpm)
     assert torch.all(p[1] == 0)
-    torch.testing.assert_close(p[0, :, 1:].sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    check_against_oracle(
+        "row sums",
+        lambda q, k: attention_probs(q, k, key_padding_mask=kpm)[0, :, 1:].sum(-1),
+        lambda q, k: torch.ones(2, 3, dtype=q.dtype),
+        q,
+        k,
+    )
     out.sum().backward()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
@@ -110,9 +136,14 @@ def test_scores_are_scaled_logits_with_minus_inf_masks():
     q, k, _ = _qkv(1, 2, 1, 3, 5, 4)
     kpm = torch.tensor([[True, False, True, True, True]])
     s = attention_scores(q, k, causal=True, key_padding_mask=kpm, scale=0.5)
-    raw = 0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2)
     vis = visible_mask(3, 5, causal=True, key_padding_mask=kpm).expand_as(s)
-    torch.testing.assert_close(s[vis], raw[vis], rtol=1e-12, atol=1e-12)
+    check_against_oracle(
+        "visible scores",
+        lambda q, k: attention_scores(q, k, causal=True, key_padding_mask=kpm, scale=0.5)[vis],
+        lambda q, k: (0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2))[vis],
+        q,
+        k,
+    )
     assert torch.all(torch.isneginf(s[~vis]))
 
 
@@ -121,9 +152,8 @@ def test_low_precision_keeps_dtype_and_is_close(dtype):
     q, k, v = _qkv(2, 4, 2, 17, 17, 16)
     out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    ref = attention(q, k, v)
-    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    sdpa = lambda *a: F.scaled_dot_product_attention(*a, is_causal=True, enable_gqa=True)  # noqa: E731
+    check_against_oracle("out", attention, sdpa, q, k, v, dtype=dtype)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -139,10 +169,17 @@ def test_backward_matches_sdpa():
     q, k, v = _qkv(2, 4, 1, 9, 12, 8, requires_grad=True)
     do = torch.randn(2, 4, 9, 8, dtype=torch.float64)
     mask = visible_mask(9, 12, causal=True)
-    g_ref = torch.autograd.grad(_sdpa(q, k, v, mask), (q, k, v), do)
-    g = torch.autograd.grad(attention(q, k, v), (q, k, v), do)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b)
+
+    def grads(f):
+        def run(q, k, v, do):
+            leaves = [t.requires_grad_() for t in (q, k, v)]
+            return torch.autograd.grad(f(*leaves), leaves, do)
+
+        return run
+
+    check_against_oracle(
+        "dq, dk, dv", grads(attention), grads(lambda *a: _sdpa(*a, mask)), q, k, v, do, factor=GRAD_FACTOR
+    )
 
 
 def test_bad_input_gets_typed_errors():

@@ -10,6 +10,7 @@ from fastattn_icl.reference import (
     gate_update,
     visible_mask,
 )
+from fastattn_icl.testing import check_against_oracle
 
 
 def _pair(shape=(1, 2, 5, 4), dtype=torch.float64, seed=0):
@@ -19,18 +20,28 @@ def _pair(shape=(1, 2, 5, 4), dtype=torch.float64, seed=0):
 
 def test_first_update():
     x_hat, x_new = _pair()
-    got, m = deep_thinking_update(x_hat, x_new, None, eta=0.1, beta=0.9)
-    torch.testing.assert_close(m, x_new - x_hat, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, x_hat + 0.1 * (x_new - x_hat), rtol=1e-12, atol=1e-12)
+    check_against_oracle(
+        "x_hat, m",
+        lambda x_hat, x_new: deep_thinking_update(x_hat, x_new, None, eta=0.1, beta=0.9),
+        lambda x_hat, x_new: (x_hat + 0.1 * (x_new - x_hat), x_new - x_hat),
+        x_hat,
+        x_new,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_beta_zero_is_the_gate_form(dtype):
     x_hat, x_new = _pair(dtype=dtype)
     _, m_prev = deep_thinking_update(*_pair(seed=1, dtype=dtype), None)
-    got, _ = deep_thinking_update(x_hat, x_new, m_prev, eta=0.3, beta=0.0)
-    tol = 1e-15 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(got, gate_update(x_hat, x_new, 0.3), rtol=tol, atol=tol)
+    check_against_oracle(
+        "x_hat",
+        lambda x_hat, x_new, m_prev: deep_thinking_update(x_hat, x_new, m_prev, eta=0.3, beta=0.0)[0],
+        lambda x_hat, x_new, m_prev: gate_update(x_hat, x_new, 0.3),
+        x_hat,
+        x_new,
+        m_prev,
+        dtype=dtype,
+    )
 
 
 def test_multi_step_sequence_matches_a_hand_loop():
@@ -61,9 +72,7 @@ def test_half_precision_state_keeps_a_float32_momentum():
 
 def test_rerun_mask_and_positions():
     mask = deep_thinking_mask(3)
-    expected = torch.tensor(
-        [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
-    )
+    expected = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     assert mask.shape == (1, 1, 3, 6) and torch.equal(mask[0, 0], expected)
     assert torch.equal(mask, visible_mask(3, 6, causal=True))
     assert torch.equal(deep_thinking_position_ids(3), torch.tensor([[3, 4, 5]]))

@@ -11,6 +11,7 @@ from fastattn_icl.reference import (
     isolate_scores,
     isolation_region,
 )
+from fastattn_icl.testing import check_against_oracle
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, seed=0):
@@ -60,16 +61,30 @@ def test_isolated_row_only_attends_to_itself():
     # exp(-1e4 - s) underflows to 0, so with window 0 the causal row p can only see key p.
     q, k, v = _qkv(1, 2, 2, 7, 7, 8)
     out = attention(q, k, v, isolation_rows=torch.tensor([[3]]))
-    torch.testing.assert_close(out[:, :, 3], v[:, :, 3], rtol=0, atol=1e-300)
-    torch.testing.assert_close(out[:, :, 4:], attention(q, k, v)[:, :, 4:], rtol=1e-12, atol=1e-12)
+    # bit-exact: the row's probabilities are exactly 1 at key 3 and 0 elsewhere, so P V copies v_3
+    assert torch.equal(out[:, :, 3], v[:, :, 3])
+    check_against_oracle(
+        "rows after the isolated one",
+        lambda *a: attention(*a, isolation_rows=torch.tensor([[3]]))[:, :, 4:],
+        lambda *a: attention(*a)[:, :, 4:],
+        q,
+        k,
+        v,
+    )
 
 
 def test_chunk_rows_map_to_absolute_positions():
     q, k, _ = _qkv(2, 2, 1, 9, 9, 8)
-    full = attention_scores(q, k, isolation_rows=ROWS, isolation_window=2)
     for start in (1, 4, 8):
+        check_against_oracle(  # a chunk of q: matmuls of another shape
+            f"scores from row {start}",
+            lambda q, k, s=start: attention_scores(q[:, :, s:], k, isolation_rows=ROWS, isolation_window=2),
+            lambda q, k, s=start: attention_scores(q, k, isolation_rows=ROWS, isolation_window=2)[:, :, s:],
+            q,
+            k,
+        )
         chunk = attention_scores(q[:, :, start:], k, isolation_rows=ROWS, isolation_window=2)
-        torch.testing.assert_close(chunk, full[:, :, start:], rtol=1e-14, atol=1e-14)
+        full = attention_scores(q, k, isolation_rows=ROWS, isolation_window=2)
         assert torch.equal(chunk == ISOLATION_VALUE, full[:, :, start:] == ISOLATION_VALUE)
 
 

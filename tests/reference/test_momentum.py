@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn_icl.reference import attention, momentum_attention, momentum_recurrent, momentum_term, visible_mask
+from fastattn_icl.testing import GRAD_FACTOR, check_against_oracle, check_close
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, seed=0, requires_grad=False):
@@ -26,39 +27,52 @@ def test_closed_form_equals_recurrence(eta):
     v = torch.randn(2, 3, 33, 8, dtype=torch.float64)
     kpm = torch.ones(2, 33, dtype=torch.bool)
     kpm[1, :5] = False
-    torch.testing.assert_close(momentum_term(v, eta), momentum_recurrent(v, eta), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        momentum_term(v, eta, key_padding_mask=kpm),
-        momentum_recurrent(v, eta, key_padding_mask=kpm),
-        rtol=1e-12,
-        atol=1e-12,
-    )
+    for mask in (None, kpm):
+        check_against_oracle(
+            f"padding {mask is not None}",
+            lambda v, mask=mask: momentum_term(v, eta, key_padding_mask=mask),
+            lambda v, mask=mask: momentum_recurrent(v, eta, key_padding_mask=mask),
+            v,
+        )
 
 
 def test_chunked_start_consistent_with_full_pass():
     eta = 0.7
     q, k, v = _qkv(2, 4, 2, 17, 17, 8)
-    full_term = momentum_term(v, eta)
-    full = momentum_attention(q, k, v, eta)
     for s in (1, 9, 16):
         # two matmuls of different shapes: BLAS may round them differently (MKL's AVX-512 path: 4.4e-16)
-        torch.testing.assert_close(momentum_term(v, eta, start=s), full_term[:, :, s:], rtol=1e-12, atol=1e-12)
-        chunk = momentum_attention(q[:, :, s:], k, v, eta)  # query row i sits at absolute s + i
-        torch.testing.assert_close(chunk, full[:, :, s:], rtol=1e-13, atol=1e-13)
-        # recurrent decode: carry m over the first s positions, continue on the rest
-        _, state = momentum_recurrent(v[:, :, :s], eta, return_state=True)
-        rest = momentum_recurrent(v[:, :, s:], eta, m0=state)
-        torch.testing.assert_close(rest, full_term[:, :, s:], rtol=1e-12, atol=1e-12)
+        full_term = lambda v, s=s: momentum_term(v, eta)[:, :, s:]  # noqa: E731
+        check_against_oracle(f"term from {s}", lambda v, s=s: momentum_term(v, eta, start=s), full_term, v)
+        check_against_oracle(
+            f"rows from {s}",  # query row i sits at absolute s + i
+            lambda q, k, v, s=s: momentum_attention(q[:, :, s:], k, v, eta),
+            lambda q, k, v, s=s: momentum_attention(q, k, v, eta)[:, :, s:],
+            q,
+            k,
+            v,
+        )
+
+        def carried(v, s=s):
+            """recurrent decode: carry m over the first s positions, continue on the rest"""
+            _, state = momentum_recurrent(v[:, :, :s], eta, return_state=True)
+            return momentum_recurrent(v[:, :, s:], eta, m0=state)
+
+        check_against_oracle(f"recurrence carried over {s}", carried, full_term, v)
     assert momentum_term(v, eta, start=17).shape == (2, 2, 0, 8)
 
 
 def test_gqa_momentum_shared_by_query_heads():
     eta = 0.5
     q, k, v = _qkv(2, 8, 2, 9, 9, 8)
-    extra = momentum_attention(q, k, v, eta) - attention(q, k, v)
-    term = momentum_term(v, eta)
     for h in range(8):
-        torch.testing.assert_close(extra[:, h], term[:, h // 4], rtol=1e-12, atol=1e-12)
+        check_against_oracle(
+            f"head {h}",
+            lambda q, k, v, h=h: (momentum_attention(q, k, v, eta) - attention(q, k, v))[:, h],
+            lambda q, k, v, h=h: momentum_term(v, eta)[:, h // 4],
+            q,
+            k,
+            v,
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2, 17, 17, 8), (2, 4, 1, 5, 17, 8), (1, 2, 1, 9, 4, 8)])
@@ -70,13 +84,20 @@ def test_eta_zero_is_base_attention_exactly(shape, dtype):
     for causal in (True, False):
         got = momentum_attention(q, k, v, 0.0, causal=causal, key_padding_mask=kpm)
         assert got.dtype == dtype
+        # bit-exact: the same attention call, plus a momentum term of exact zeros
         assert torch.equal(got, attention(q, k, v, causal=causal, key_padding_mask=kpm))
     if dtype == torch.float64:
         B, _, _, Tq, Tk, _ = shape
         mask = visible_mask(Tq, Tk, causal=True, key_padding_mask=kpm)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         rows = mask.any(-1).expand(B, shape[1], Tq)
-        torch.testing.assert_close(momentum_attention(q, k, v, 0.0, key_padding_mask=kpm)[rows], ref[rows])
+        check_against_oracle(
+            "eta = 0",
+            lambda q, k, v: momentum_attention(q, k, v, 0.0, key_padding_mask=kpm)[rows],
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)[rows],
+            q,
+            k,
+            v,
+        )
 
 
 def test_left_padding_gives_the_unpadded_result():
@@ -86,8 +107,14 @@ def test_left_padding_gives_the_unpadded_result():
     left_pad = lambda t: torch.cat([torch.randn(*t.shape[:2], pad, t.shape[3], dtype=t.dtype), t], 2)  # noqa: E731
     kpm = torch.ones(1, 6 + pad, dtype=torch.bool)
     kpm[:, :pad] = False
-    padded = momentum_attention(left_pad(q), left_pad(k), left_pad(v), eta, key_padding_mask=kpm)
-    torch.testing.assert_close(padded[:, :, pad:], momentum_attention(q, k, v, eta), rtol=1e-13, atol=1e-13)
+    check_against_oracle(
+        "unpadded rows",
+        lambda *a: momentum_attention(*[left_pad(t) for t in a], eta, key_padding_mask=kpm)[:, :, pad:],
+        lambda *a: momentum_attention(*a, eta),
+        q,
+        k,
+        v,
+    )
 
 
 def test_fp32_accumulation_near_one():
@@ -97,11 +124,12 @@ def test_fp32_accumulation_near_one():
     assert got.dtype == torch.float32
     t = torch.arange(512, dtype=torch.float64)
     expected = eta * (1 - eta**t) / (1 - eta)  # geometric sum Σ_{l=1..t} η^l
-    torch.testing.assert_close(got[0, 0, :, 0].double(), expected, rtol=1e-5, atol=1e-5)
+    # the same-dtype oracle is the exact sum rounded once: float16 accumulation would miss it by ~ulp·t
+    check_close("float32 sum", got[0, 0, :, 0], expected.float(), expected)
     q, k = torch.zeros(1, 1, 512, 8, dtype=torch.float16), torch.zeros(1, 1, 512, 8, dtype=torch.float16)
     out = momentum_attention(q, k, v, eta)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out[0, 0, :, 0].double(), 1 + expected, rtol=2e-3, atol=2e-3)
+    check_close("float16 output", out[0, 0, :, 0], (1 + expected).half(), 1 + expected)
 
 
 def test_gradcheck_fp64():
@@ -117,19 +145,29 @@ def test_backward_adds_only_the_anticausal_decayed_sum_to_dv():
     do = torch.randn(2, 4, 7, 8, dtype=torch.float64)
     g_mom = torch.autograd.grad(momentum_attention(q, k, v, eta), (q, k, v), do)
     g_base = torch.autograd.grad(attention(q, k, v), (q, k, v), do)
-    torch.testing.assert_close(g_mom[0], g_base[0], rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(g_mom[1], g_base[1], rtol=1e-13, atol=1e-13)
-    # dV_j += Σ_{i>j} η^{i−j} dO_i over absolute positions (query row r is at r + Tk − Tq), summed
-    # over the query heads of the kv head.
-    Tq, Tk = 7, 11
-    do_abs = torch.zeros(2, 4, Tk, 8, dtype=torch.float64)
-    do_abs[:, :, Tk - Tq :] = do
-    do_kv = do_abs.reshape(2, 2, G, Tk, 8).sum(2)
-    expected = torch.zeros(2, 2, Tk, 8, dtype=torch.float64)
-    for j in range(Tk):
-        for i in range(j + 1, Tk):
-            expected[:, :, j] += eta ** (i - j) * do_kv[:, :, i]
-    torch.testing.assert_close(g_mom[2] - g_base[2], expected, rtol=1e-12, atol=1e-12)
+    # bit-exact: q and k reach the output only through the same attention call, M depends on v alone
+    assert torch.equal(g_mom[0], g_base[0]) and torch.equal(g_mom[1], g_base[1])
+
+    def extra_dv(q, k, v, do):
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        g_mom = torch.autograd.grad(momentum_attention(*leaves, eta), leaves, do)
+        g_base = torch.autograd.grad(attention(*leaves), leaves, do)
+        return g_mom[2] - g_base[2]
+
+    def decayed_sum(q, k, v, do):
+        """dV_j += Σ_{i>j} η^{i−j} dO_i over absolute positions (query row r is at r + Tk − Tq), summed
+        over the query heads of the kv head."""
+        Tq, Tk = 7, 11
+        do_abs = do.new_zeros(2, 4, Tk, 8)
+        do_abs[:, :, Tk - Tq :] = do
+        do_kv = do_abs.reshape(2, 2, G, Tk, 8).sum(2)
+        expected = do.new_zeros(2, 2, Tk, 8)
+        for j in range(Tk):
+            for i in range(j + 1, Tk):
+                expected[:, :, j] += eta ** (i - j) * do_kv[:, :, i]
+        return expected
+
+    check_against_oracle("dv - dv of attention", extra_dv, decayed_sum, q, k, v, do, factor=GRAD_FACTOR)
 
 
 @pytest.mark.parametrize("eta", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
