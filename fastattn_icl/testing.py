@@ -2,7 +2,9 @@
 
 One oracle, two precisions: the kernel's error against a float64 oracle may be at most ``factor``
 times the error of the same-dtype oracle against the float64 oracle, plus a small epsilon term
-(``factor`` = 2 for outputs, 3 for gradients).
+(``factor`` = 2 for outputs, 3 for gradients). The epsilon term is at the precision of the computation: ``EPS``
+(relative to the oracle's largest magnitude) for fp16/bf16/fp32, ``EPS64`` when the result and the same-dtype
+reference are both float64 (two float64 ways of computing one quantity, e.g. two forms of an oracle).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import torch
 FWD_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 EPS = 1e-5
+EPS64 = 1e-12
+
+
+def default_eps(out: torch.Tensor, same_dtype_ref: torch.Tensor) -> float:
+    """``EPS64`` when ``out`` and ``same_dtype_ref`` are both float64, ``EPS`` otherwise."""
+    return EPS64 if out.dtype == same_dtype_ref.dtype == torch.float64 else EPS
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -43,9 +51,11 @@ def check_close(
     ref64: torch.Tensor,
     *,
     factor: float = FWD_FACTOR,
-    eps: float = EPS,
+    eps: float | None = None,
 ) -> tuple[float, float]:
-    """Raise ``AssertionError`` if ``out`` breaks the rule; return ``(error, tolerance)``."""
+    """Raise ``AssertionError`` if ``out`` breaks the rule; return ``(error, tolerance)``. ``eps`` defaults to
+    :func:`default_eps`."""
+    eps = default_eps(out, same_dtype_ref) if eps is None else eps
     err = max_error(out, ref64)
     tol = tolerance(same_dtype_ref, ref64, factor=factor, eps=eps)
     if not err <= tol:
@@ -68,7 +78,7 @@ def check_against_oracle(
     *args,
     dtype: torch.dtype = torch.float32,
     factor: float = FWD_FACTOR,
-    eps: float = EPS,
+    eps: float | None = None,
 ) -> tuple[float, float]:
     """The rule for two ways of computing one quantity: ``fn(*args)`` in ``dtype`` against ``oracle(*args)`` in
     float64, with ``oracle(*args)`` in ``dtype`` as the same-dtype reference.

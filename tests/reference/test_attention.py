@@ -1,11 +1,17 @@
-"""The base-attention oracle (SPEC §1) against PyTorch SDPA, and its mask conventions."""
+"""The base-attention oracle (docs/methods.md §1) against PyTorch SDPA, and its mask conventions."""
+
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastattn_icl import testing
 from fastattn_icl.reference import attention, attention_probs, attention_scores, visible_mask
-from fastattn_icl.testing import GRAD_FACTOR, check_against_oracle
+from fastattn_icl.testing import GRAD_FACTOR
+
+# the oracle's forms are compared in float64, with the rule's float64 eps (testing.EPS64)
+check_against_oracle = functools.partial(testing.check_against_oracle, dtype=torch.float64)
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float64, seed=0, requires_grad=False):

@@ -1,4 +1,4 @@
-"""Anchor KV gather oracle (SPEC §5)."""
+"""Anchor KV gather oracle (docs/methods.md §5)."""
 
 import pytest
 import torch

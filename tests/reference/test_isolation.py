@@ -1,8 +1,11 @@
-"""Isolation oracle (SPEC §3): logits overwritten with exactly -1e4 after scaling and masking."""
+"""Isolation oracle (docs/methods.md §3): logits overwritten with exactly -1e4 after scaling and masking."""
+
+import functools
 
 import pytest
 import torch
 
+from fastattn_icl import testing
 from fastattn_icl.reference import (
     ISOLATION_VALUE,
     attention,
@@ -11,7 +14,9 @@ from fastattn_icl.reference import (
     isolate_scores,
     isolation_region,
 )
-from fastattn_icl.testing import check_against_oracle
+
+# the oracle's forms are compared in float64, with the rule's float64 eps (testing.EPS64)
+check_against_oracle = functools.partial(testing.check_against_oracle, dtype=torch.float64)
 
 
 def _qkv(B, H, Hkv, Tq, Tk, D, seed=0):
