@@ -1,4 +1,4 @@
-"""Anchor compression (SPEC §5, Hidden_anchor): ``compress_demonstrations`` / ``CompressedDemonstrations``.
+"""Anchor compression (docs/methods.md §5, Hidden_anchor): ``compress_demonstrations`` / ``CompressedDemonstrations``.
 
 - exactness: the compressed-cache forward equals a full-context eager forward whose test tokens attend only to
   the kept demonstration positions and to themselves, with the same position ids (GPT-2, Llama; default and

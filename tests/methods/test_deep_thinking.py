@@ -1,12 +1,12 @@
-"""``fastattn_icl.methods.deep_thinking`` (SPEC §7) on tiny random-weight models of every family (GPT-2, Llama,
-Qwen2, Mistral, GPT-J): the fused workflow (the state of every layer in one buffer, the re-run writing into it,
+"""``fastattn_icl.methods.deep_thinking`` (docs/methods.md §7) on tiny random-weight models of every family (GPT-2,
+Llama, Qwen2, Mistral, GPT-J): the fused workflow (the state of every layer in one buffer, the re-run writing into it,
 one update call per step) against an eager per-tensor reference loop written here, the re-run's attention against
 an explicit mask, held-out step selection, answer scoring against by-hand log-probabilities, save/load and errors.
 
-The reference loop is the obvious implementation of SPEC §7: step 1 is the model's own ``use_cache=True`` cache of
-the demonstrations; each later step re-runs the demonstration tokens over a ``DynamicCache`` holding the current
-state, with position ids ``N .. 2N - 1`` on GPT-2 (learned absolute positions, the authors' code) and ``0 .. N - 1``
-on the rotary families (the positions of the stored keys, ``rerun_positions="auto"``), and applies
+The reference loop is the obvious implementation of docs/methods.md §7: step 1 is the model's own ``use_cache=True``
+cache of the demonstrations; each later step re-runs the demonstration tokens over a ``DynamicCache`` holding the
+current state, with position ids ``N .. 2N - 1`` on GPT-2 (learned absolute positions, the authors' code) and
+``0 .. N - 1`` on the rotary families (the positions of the stored keys, ``rerun_positions="auto"``), and applies
 :func:`fastattn_icl.reference.deep_thinking.deep_thinking_update` to each layer's K and V (``2 L`` calls). The
 workflow does the same arithmetic in the same order, so on the torch backend (the autouse fixture of
 ``tests/methods/conftest.py``) and under the Triton interpreter the states agree bit for bit.

@@ -1,4 +1,5 @@
-"""Anchor-compression keep sets (SPEC §5): Hidden_anchor positions, the Hidden_random and Text_anchor baselines."""
+"""Anchor-compression keep sets (docs/methods.md §5): Hidden_anchor positions, the Hidden_random and Text_anchor
+baselines."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""``fastattn_icl.methods.momentum``: momentum attention (SPEC §6) in every layer of a Hugging Face model through the
-seam: the layer output against the oracle, prefill + cached decoding (and ``generate``) against one full pass, the
-neutral η, per-layer selection, errors and state restore."""
+"""``fastattn_icl.methods.momentum``: momentum attention (docs/methods.md §6) in every layer of a Hugging Face model
+through the seam: the layer output against the oracle, prefill + cached decoding (and ``generate``) against one full
+pass, the neutral η, per-layer selection, errors and state restore."""
 
 from __future__ import annotations
 

@@ -68,7 +68,8 @@ def test_fit_lowers_the_training_loss_and_trains_only_beta(builder):
     weights = {n: p.detach().clone() for n, p in rw.model.named_parameters()}
     with torch.no_grad():
         before = rw.loss(train).item()
-    history = rw.fit(train, epochs=3, progress=False)  # SPEC's lr 0.01 and batch 1; 3 of its 10 epochs for speed
+    # the paper's lr 0.01 and batch 1 (docs/methods.md §2); 3 of its 10 epochs for speed
+    history = rw.fit(train, epochs=3, progress=False)
     with torch.no_grad():
         after = rw.loss(train).item()
     assert len(history) == 3

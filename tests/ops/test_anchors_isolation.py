@@ -1,5 +1,5 @@
-"""Anchor re-weighting (SPEC §2) and isolation (SPEC §3) as flags of the fused kernel, against the oracle:
-forward, dq/dk/dv and dβ, under the Triton interpreter on CPU and on CUDA behind the ``gpu`` marker."""
+"""Anchor re-weighting (docs/methods.md §2) and isolation (docs/methods.md §3) as flags of the fused kernel, against
+the oracle: forward, dq/dk/dv and dβ, under the Triton interpreter on CPU and on CUDA behind the ``gpu`` marker."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused base attention op against the oracle (SPEC.md §1), forward and all input gradients.
+"""The fused base attention op against the oracle (docs/methods.md §1), forward and all input gradients.
 
 On a machine without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest),
 so these cases are small; the bf16 and long-sequence cases run on CUDA behind the ``gpu`` marker.

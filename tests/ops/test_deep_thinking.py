@@ -1,4 +1,4 @@
-"""The fused Deep-Thinking state update (SPEC §7) against the per-tensor oracle.
+"""The fused Deep-Thinking state update (docs/methods.md §7) against the per-tensor oracle.
 
 ``deep_thinking_update_(work [R, 2, C], m [R, C])`` updates every row in place: ``work[:, 0]`` is the state ``X̂``,
 ``work[:, 1]`` the re-run's ``X_new``; ``g = X_new - X̂``, ``m = g`` (first) else ``g + β m``, ``X̂ <- X̂ + η m``,

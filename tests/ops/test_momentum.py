@@ -1,4 +1,4 @@
-"""Momentum attention (SPEC §6, MoAttn) against the oracle, forward and all input gradients.
+"""Momentum attention (docs/methods.md §6, MoAttn) against the oracle, forward and all input gradients.
 
 ``O_t = attention_t + M_t`` with ``M_t = Σ_{i<t} η^{t-i} v_i``: causal whatever ``causal`` says, excluding the
 current position, unnormalised, per kv head (shared by its query heads), over absolute cache positions (query

@@ -1,4 +1,4 @@
-"""Shared-prefix attention (SPEC §5 serving) against the oracle over the concatenated keys.
+"""Shared-prefix attention (docs/methods.md §5 serving) against the oracle over the concatenated keys.
 
 ``shared_prefix_attention(q, pk, pv, k, v)`` must equal ``attention(q, [pk, k], [pv, v])`` with the prefix
 always visible: bottom-right causal alignment over the concatenation puts every prefix key before every query

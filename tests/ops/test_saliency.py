@@ -1,4 +1,4 @@
-"""Information-flow saliency (SPEC §4) computed in the fused backward, against the paper's probe method.
+"""Information-flow saliency (docs/methods.md §4) computed in the fused backward, against the paper's probe method.
 
 Every output of a :class:`fastattn_icl.Saliency` request (the flow-score numerators, the per-head sums, the
 label and target rows, the whole map and the scores) is compared with the oracle
@@ -95,7 +95,7 @@ def _oracle_maps(q, k, v, w, kpm, causal, dtype):
     return (probe_saliency(*args, _loss(w), **kw), probe_saliency(*args, _loss(w), per_head=True, **kw))
 
 
-def _numerators(I, labels, target):  # noqa: E741 (SPEC §4 notation)
+def _numerators(I, labels, target):  # noqa: E741 (docs/methods.md §4 notation)
     """``[B, 3]`` (or ``[B, H, 3]`` for a per-head map): ``Σ_c Σ_(j<p_c) I[p_c, j]``, ``Σ_c I[q, p_c]`` and
     ``Σ_(j<i<=q) I``, with the diagonal zeroed, summed in the map's dtype."""
     out = []
@@ -197,7 +197,7 @@ def test_plain_request_matches_probe_oracle(backend, case):
 
 
 def _probe_reweighted(q, k, v, w, beta, pos, cls, reweight_from, kpm, iso_rows, dtype):
-    """The probe method on the anchor re-weighted weights ``P̂ = W ∘ P`` (SPEC §2), built from the reference
+    """The probe method on the anchor re-weighted weights ``P̂ = W ∘ P`` (docs/methods.md §2), built from the reference
     pieces; also checks that its output is the reference re-weighted attention."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     beta = beta.to(torch.promote_types(beta.dtype, dtype))  # the kernel reads β in float32

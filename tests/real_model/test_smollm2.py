@@ -151,10 +151,11 @@ def test_information_flow_crosses_over_on_the_shipped_sentiment_data(smollm2):
 
 
 def test_hidden_anchor_keeps_the_first_generated_token(smollm2):
-    """Compression (SPEC §5): the first greedy token with the Hidden_anchor cache as prefix equals full ICL's on most
-    shipped sentiment test prompts, and with the Hidden_random cache (label words swapped for random text tokens) on
-    few. Measured on this balanced sample of 32 (16 per class) for demonstration seeds 0 / 1 / 2: Hidden_anchor
-    0.94 / 0.84 / 0.88, Hidden_random 0.00 / 0.00 / 0.00. The bars (>= 0.75, <= 0.25) sit well inside both."""
+    """Compression (docs/methods.md §5): the first greedy token with the Hidden_anchor cache as prefix equals full
+    ICL's on most shipped sentiment test prompts, and with the Hidden_random cache (label words swapped for random text
+    tokens) on few. Measured on this balanced sample of 32 (16 per class) for demonstration seeds 0 / 1 / 2:
+    Hidden_anchor 0.94 / 0.84 / 0.88, Hidden_random 0.00 / 0.00 / 0.00. The bars (>= 0.75, <= 0.25) sit well inside
+    both."""
     lm, task = smollm2, load_task("sst2")
     test = task.split("test")[:]
     random.Random(0).shuffle(test)
@@ -178,8 +179,8 @@ def test_hidden_anchor_keeps_the_first_generated_token(smollm2):
 
 
 def test_deep_thinking_reruns_at_the_stored_positions_on_a_rotary_model(smollm2):
-    """SPEC §7 re-runs the demonstrations at positions N..2N-1 (GPT-2's learned positions); on a RoPE model those
-    keys are rotated N positions away from the stored ones they are blended into. Re-run at 0..N-1 ("stored", what
+    """docs/methods.md §7 re-runs the demonstrations at positions N..2N-1 (GPT-2's learned positions); on a RoPE model
+    those keys are rotated N positions away from the stored ones they are blended into. Re-run at 0..N-1 ("stored", what
     "auto" picks here) the new keys stay close to the stored keys (measured 0.19 vs 0.71 relative change) and accuracy
     holds up instead of falling to chance: at the authors' 15 steps, on 32 shipped test reviews with 2 demonstrations
     per class, measured 0.88 / 0.81 (stored) vs 0.41 / 0.31 (appended) for demonstration seeds 0 / 1, from 0.88 / 0.75
