@@ -262,7 +262,9 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
     if iso is not None:
         common.update(isolation_rows=_rows(iso.rows, B), isolation_window=iso.window)
     anchors = state.get("anchors")
-    probs = reference.attention_probs(query, key, **common) if kwargs.get("output_attentions") else None
+    # asked for as the seam asks (GPT-2 pops output_attentions before the call; transformers' recorder still wants
+    # the weights): testing the flag alone returned no weights there, and the recorder kept none
+    probs = reference.attention_probs(query, key, **common) if seam._attentions_requested(kwargs) else None
     if anchors is None:
         out = reference.attention(query, key, value, **common)
     else:
