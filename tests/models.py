@@ -3,8 +3,7 @@ tests: inputs with left padding, prefill and cached-decode runs that return logi
 seam swap for GPT-J on either transformers path.
 
 Comparisons use the tolerance rule of ``fastattn_icl.testing`` with ``float64_twin`` (or ``oracle_attention`` on
-it) as the oracle; ``assert_close`` (``max |a - b| <= 1e-4 max |b| + 1e-6``, hand-picked) is left for the
-method-state tests of ``tests/integrations/test_method_state.py``.
+it) as the oracle.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from fastattn_icl.integrations.gptj import routes_attention_class, routes_attent
 from fastattn_icl.reference.anchors import anchor_log_weights, reweighted_rows
 from fastattn_icl.testing import GRAD_FACTOR, check_close
 
-RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 100
 PAD = 3  # left-padding of the second row
 
@@ -166,12 +164,6 @@ def make_inputs(batch: int, length: int, padded: bool, seed: int = 1):
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    err = (actual - expected).abs().max().item()
-    bound = RTOL * expected.abs().max().item() + ATOL
-    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
 
 
 def run_prefill(model, ids, mask):
