@@ -112,6 +112,7 @@ def test_reweighting_in_one_layer_matches_the_oracle(family):
     check_close("logits, layer 0 re-weighted", logits[ATTN_IMPLEMENTATION][keep], logits[ORACLE][keep], logits64[keep])
     with torch.no_grad():
         plain = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; rows before reweight_from have weights exactly 1, so p * 1 leaves p as is
     assert torch.equal(plain[:, :6], logits[ATTN_IMPLEMENTATION][:, :6])
     assert (plain[keep] - logits[ATTN_IMPLEMENTATION][keep]).abs().max() > 1e-3
 
@@ -125,6 +126,7 @@ def test_beta_zero_is_bitwise_plain_attention(family):
         plain = _logits(model, ids, mask)
         with get_controller(model).override(anchors=anchors, beta=torch.zeros_like(beta)):
             zero = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path, and β = 0 gives weights exp(0) = 1 exactly (a neutral knob, DESIGN.md)
     assert torch.equal(plain, zero)
 
 
@@ -179,6 +181,7 @@ def test_reweight_from_none_reweights_only_the_last_row_of_each_call():
         plain = _logits(model, ids, mask)
         with controller.override(anchors=anchors, beta=beta):
             full = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; rows before the call's last have weights exactly 1
     assert torch.equal(full[:, :-1], plain[:, :-1])
     assert (full[:, -1] - plain[:, -1]).abs().max() > 1e-3
 
@@ -209,6 +212,7 @@ def test_isolation_acts_only_in_the_chosen_layers(family, monkeypatch):
             _logits(model, ids, mask)
         isolated = dict(outputs)
         _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; without state (layer 0, after the block) or in rows before 6 it is a no-op
     assert torch.equal(isolated[0], plain[0]), "a layer before the isolated one changed"
     assert (isolated[1] - plain[1]).abs().max() > 1e-4, "the isolated layer did not change"
     assert torch.equal(outputs[2], plain[2]), "state leaked out of the context manager"
