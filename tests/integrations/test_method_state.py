@@ -4,7 +4,9 @@ The oracle is an attention function registered with transformers under another n
 reference implementations (``fastattn_icl.reference``) on the same q/k/v with the same controller state,
 so a whole model is compared end to end (logits and dβ), on full passes where query rows are absolute
 positions. Cached decoding is then checked against the full pass: the absolute-position ``reweight_from``
-and isolation rows must give the same logits chunk by chunk.
+and isolation rows must give the same logits chunk by chunk. Comparisons use the tolerance rule of
+``fastattn_icl.testing``: the oracle in float32 is the same-dtype reference, the oracle on the model's float64
+twin (``float64_twin``) the float64 one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import fastattn_icl
 from fastattn_icl.integrations import ATTN_IMPLEMENTATION, AnchorState, IsolationState, get_controller
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.integrations.transformers import fastattn_icl_mask
-from tests.models import BACKENDS, DEVICES, assert_close, make_inputs, oracle_attention, positions, tiny_model
+from fastattn_icl.testing import GRAD_FACTOR, check_close
+from tests.models import BACKENDS, DEVICES, float64_twin, make_inputs, oracle_attention, positions, tiny_model
 
 ORACLE = "fastattn_icl_test_oracle"
 T = 12
@@ -46,6 +49,14 @@ def _logits(model, ids, mask, **kw):
     return model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw).logits
 
 
+def _float64_oracle(model):
+    """The float64 twin of ``model`` on the oracle attention (the reference implementations with the method
+    state, in float64), and the twin's own controller: the float64 oracle of the tolerance rule."""
+    twin = float64_twin(model)
+    twin.set_attn_implementation(ORACLE)
+    return twin, get_controller(twin)
+
+
 @pytest.mark.parametrize("reweight_from", [None, 7], ids=["last-row", "from-7"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
 def test_reweighting_and_isolation_match_the_oracle_end_to_end(family, reweight_from):
@@ -64,11 +75,17 @@ def test_reweighting_and_isolation_match_the_oracle_end_to_end(family, reweight_
         weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
         (logits * weights)[mask.bool()].sum().backward()
         results[impl] = logits.detach(), b.grad
+    twin, controller64 = _float64_oracle(model)
+    b64 = beta.double().requires_grad_(True)
+    with controller64.override(anchors=anchors, beta=b64), controller64.override(layers=[1], isolation=isolation):
+        logits64 = _logits(twin, ids, mask)
+    weights = torch.randn(logits64.shape, generator=torch.Generator().manual_seed(3)).double()
+    (logits64 * weights)[mask.bool()].sum().backward()
     keep = mask.bool()
     (ref, ref_grad), (out, grad) = results[ORACLE], results[ATTN_IMPLEMENTATION]
-    assert_close(out[keep], ref[keep], "logits with re-weighting and isolation")
+    check_close("logits with re-weighting and isolation", out[keep], ref[keep], logits64.detach()[keep])
     assert ref_grad.abs().max() > 0
-    assert_close(grad, ref_grad, "d beta")
+    check_close("d beta", grad, ref_grad, b64.grad, factor=GRAD_FACTOR)
     assert controller.is_empty()
     with torch.no_grad():
         plain = _logits(model, ids, mask)
@@ -88,10 +105,14 @@ def test_reweighting_in_one_layer_matches_the_oracle(family):
         with torch.no_grad(), controller.override(layers=[0], anchors=anchors, beta=beta):
             assert controller.layer_state(1) == {}
             logits[impl] = _logits(model, ids, mask)
+    twin, controller64 = _float64_oracle(model)
+    with torch.no_grad(), controller64.override(layers=[0], anchors=anchors, beta=beta.double()):
+        logits64 = _logits(twin, ids, mask)
     keep = mask.bool()
-    assert_close(logits[ATTN_IMPLEMENTATION][keep], logits[ORACLE][keep], "logits, layer 0 re-weighted")
+    check_close("logits, layer 0 re-weighted", logits[ATTN_IMPLEMENTATION][keep], logits[ORACLE][keep], logits64[keep])
     with torch.no_grad():
         plain = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; rows before reweight_from have weights exactly 1, so p * 1 leaves p as is
     assert torch.equal(plain[:, :6], logits[ATTN_IMPLEMENTATION][:, :6])
     assert (plain[keep] - logits[ATTN_IMPLEMENTATION][keep]).abs().max() > 1e-3
 
@@ -105,6 +126,7 @@ def test_beta_zero_is_bitwise_plain_attention(family):
         plain = _logits(model, ids, mask)
         with get_controller(model).override(anchors=anchors, beta=torch.zeros_like(beta)):
             zero = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path, and β = 0 gives weights exp(0) = 1 exactly (a neutral knob, DESIGN.md)
     assert torch.equal(plain, zero)
 
 
@@ -139,11 +161,15 @@ def test_cached_decode_matches_the_full_pass(family, reweight_from):
     with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
         full = _logits(model, ids, mask)
         decoded = _decode(model, ids, mask, prefill=7)
-    assert_close(decoded[keep], full[keep], "cached decode vs full pass")
+    twin, controller64 = _float64_oracle(model)
+    with torch.no_grad(), controller64.override(anchors=anchors, beta=beta.double(), isolation=isolation):
+        oracle64 = _logits(twin, ids, mask)
     model.set_attn_implementation(ORACLE)
     with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
         oracle = _logits(model, ids, mask)
-    assert_close(full[keep], oracle[keep], "full pass vs oracle")
+    # the oracle runs full passes only: decoding and the full pass both answer to its full pass
+    check_close("cached decode", decoded[keep], oracle[keep], oracle64[keep])
+    check_close("full pass", full[keep], oracle[keep], oracle64[keep])
 
 
 def test_reweight_from_none_reweights_only_the_last_row_of_each_call():
@@ -155,6 +181,7 @@ def test_reweight_from_none_reweights_only_the_last_row_of_each_call():
         plain = _logits(model, ids, mask)
         with controller.override(anchors=anchors, beta=beta):
             full = _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; rows before the call's last have weights exactly 1
     assert torch.equal(full[:, :-1], plain[:, :-1])
     assert (full[:, -1] - plain[:, -1]).abs().max() > 1e-3
 
@@ -185,6 +212,7 @@ def test_isolation_acts_only_in_the_chosen_layers(family, monkeypatch):
             _logits(model, ids, mask)
         isolated = dict(outputs)
         _logits(model, ids, mask)
+    # bit-exact: one torch-backend path; without state (layer 0, after the block) or in rows before 6 it is a no-op
     assert torch.equal(isolated[0], plain[0]), "a layer before the isolated one changed"
     assert (isolated[1] - plain[1]).abs().max() > 1e-4, "the isolated layer did not change"
     assert torch.equal(outputs[2], plain[2]), "state leaked out of the context manager"
@@ -228,9 +256,14 @@ def test_output_attentions_show_the_methods(family):
         model.set_attn_implementation(impl)
         with torch.no_grad(), controller.override(anchors=anchors, beta=beta, isolation=isolation):
             weights[impl] = model(ids, attention_mask=mask, output_attentions=True).attentions
+    twin, controller64 = _float64_oracle(model)
+    with torch.no_grad(), controller64.override(anchors=anchors, beta=beta.double(), isolation=isolation):
+        high = twin(ids, attention_mask=mask, output_attentions=True).attentions
     keep = mask.bool()
-    for ref, out in zip(weights[ORACLE], weights[ATTN_IMPLEMENTATION]):
-        assert_close(out.transpose(1, 2)[keep], ref.transpose(1, 2)[keep], "attention weights")
+    rows = lambda w: w.transpose(1, 2)[keep]  # noqa: E731
+    assert len(weights[ATTN_IMPLEMENTATION]) == len(weights[ORACLE]) == len(high) == 2
+    for out, ref, ref64 in zip(weights[ATTN_IMPLEMENTATION], weights[ORACLE], high):
+        check_close("attention weights", rows(out), rows(ref), rows(ref64))
     row_sums = weights[ATTN_IMPLEMENTATION][0].sum(-1)[0]  # [H, Tq] of the unpadded batch row
     assert (row_sums[:, :8] - 1).abs().max() < 1e-5 and (row_sums[:, 8:] - 1).abs().max() > 1e-3
 
@@ -260,10 +293,16 @@ def test_backends_agree_on_a_one_layer_model(backend):
     keep = mask.bool()
     logits = {}
     for name in ("torch", backend):
-        b = beta.to(device).requires_grad_(True)
+        b = beta.to(device, copy=True).requires_grad_(True)  # a leaf per backend: on CPU .to() alone aliases beta
         with fastattn_icl.use_backend(name), controller.override(anchors=anchors, beta=b, isolation=isolation):
             out = _logits(model, ids, mask)
         out[keep].pow(2).sum().backward()
         logits[name] = out.detach(), b.grad
-    assert_close(logits[backend][0][keep], logits["torch"][0][keep], f"{backend} logits")
-    assert_close(logits[backend][1], logits["torch"][1], f"{backend} d beta")
+    twin, controller64 = _float64_oracle(model)
+    b64 = beta.to(device, torch.float64).requires_grad_(True)
+    with controller64.override(anchors=anchors, beta=b64, isolation=isolation):
+        out64 = _logits(twin, ids, mask)
+    out64[keep].pow(2).sum().backward()
+    # the backend at most 2x (3x for d beta) as far from the float64 oracle as the torch backend
+    check_close(f"{backend} logits", logits[backend][0][keep], logits["torch"][0][keep], out64.detach()[keep])
+    check_close(f"{backend} d beta", logits[backend][1], logits["torch"][1], b64.grad, factor=GRAD_FACTOR)
