@@ -18,6 +18,9 @@ a name to ``None`` removes it (the neutral setting). An empty controller means p
 Setting state validates it at once: the values that apply to each layer become one typed
 :class:`~fastattn_icl.integrations.method_state.LayerMethods` (see that module), which the seam reads in every
 call through :meth:`ICLController.methods`. Bad state raises when it is set, and leaves the previous state.
+Each value passed to :meth:`ICLController.set` / :meth:`ICLController.override` is checked and captured once
+(see :mod:`~fastattn_icl.integrations.method_state`), however many layers it applies to; a value set earlier keeps
+the capture it got then. ``anchors`` and ``beta`` may be set in two steps: a forward raises while only one is set.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class ICLController:
         self._per_layer: dict[int, dict[str, Any]] = {}
         self._methods_all = layer_methods({}, None, num_layers)
         self._methods: dict[int, LayerMethods] = {}
+        # (name, id(value)) -> (value, validated value) of the values set now
+        self._checked: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def __repr__(self) -> str:
         layers = {i: sorted(s) for i, s in sorted(self._per_layer.items())}
@@ -104,16 +109,23 @@ class ICLController:
                 else:
                     target[name] = value
         self._per_layer = {i: s for i, s in self._per_layer.items() if s}
+        # the values passed now are checked (and captured) again; the others keep their earlier check
+        fresh = {(name, id(value)) for name, value in state.items()}
         try:
-            self._validate()
+            self._validate({k: v for k, v in self._checked.items() if k not in fresh})
         except Exception:
             self._restore(saved)
             raise
 
-    def _validate(self) -> None:
-        """Build every layer's :class:`LayerMethods` from the named state (the checks run here, once)."""
-        methods_all = layer_methods(self._all_layers, None, self.num_layers)
-        methods = {i: layer_methods({**self._all_layers, **s}, i, self.num_layers) for i, s in self._per_layer.items()}
+    def _validate(self, checked: dict[tuple[str, int], tuple[Any, Any]]) -> None:
+        """Build every layer's :class:`LayerMethods` from the named state; each value not in ``checked`` is checked
+        here, once for all the layers it applies to."""
+        methods_all = layer_methods(self._all_layers, None, self.num_layers, checked)
+        methods = {
+            i: layer_methods({**self._all_layers, **s}, i, self.num_layers, checked) for i, s in self._per_layer.items()
+        }
+        values = {(name, id(v)) for s in (self._all_layers, *self._per_layer.values()) for name, v in s.items()}
+        self._checked = {k: v for k, v in checked.items() if k in values}
         self._methods_all, self._methods = methods_all, methods
 
     @contextlib.contextmanager
@@ -129,7 +141,7 @@ class ICLController:
 
     def clear(self) -> None:
         """Remove all state (plain attention everywhere)."""
-        self._restore(({}, {}, layer_methods({}, None, self.num_layers), {}))
+        self._restore(({}, {}, layer_methods({}, None, self.num_layers), {}, {}))
 
     def methods(self, layer_idx: int | None) -> LayerMethods:
         """The validated method state of layer ``layer_idx`` (``None``: a module without a layer index, which sees
@@ -160,10 +172,10 @@ class ICLController:
     def _snapshot(self) -> tuple:
         """The named state and the validated state built from it (restored together: no second validation)."""
         per_layer = {i: dict(s) for i, s in self._per_layer.items()}
-        return dict(self._all_layers), per_layer, self._methods_all, dict(self._methods)
+        return dict(self._all_layers), per_layer, self._methods_all, dict(self._methods), dict(self._checked)
 
     def _restore(self, saved: tuple) -> None:
-        self._all_layers, self._per_layer, self._methods_all, self._methods = saved
+        self._all_layers, self._per_layer, self._methods_all, self._methods, self._checked = saved
 
 
 def get_controller(model: torch.nn.Module) -> ICLController:

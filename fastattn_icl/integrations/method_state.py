@@ -6,6 +6,14 @@ that apply to each layer into one frozen :class:`LayerMethods` right away, with 
 that does not depend on the shapes of an attention call happens there, once, reading the state's values on the
 host; the seam then reads fields and checks only shapes, so its per-layer path never waits for the device. A bad
 value raises when the block is entered, with the typed error that names it.
+
+State is captured when it is set: the index tensors (anchor positions and classes, ``reweight_from``, isolation
+rows, ``attention_row`` positions) are copied then, so changing the caller's tensors in place afterwards changes
+nothing (set the state again instead); their copies on another device are made on first use there, once per
+device. ``beta`` is read live, in every layer (its gradient reaches it and a workflow trains it in place): keep it
+on the model's device, as :class:`~fastattn_icl.methods.AnchorReweighting` does, or each layer copies ``beta[l]``.
+An incomplete combination (``anchors`` without ``beta`` or the reverse, e.g. while they are set in two steps) is
+accepted when set, each value checked, and raises in a forward that reaches a layer where it is still incomplete.
 """
 
 from __future__ import annotations
@@ -78,9 +86,9 @@ class SharedPrefixState:
     Attributes:
         keys, values: ``[L, 1, Hkv, M, D]`` (or ``[L, B, Hkv, M, D]``): layer ``l`` reads ``keys[l]``; post-RoPE
             keys, in the model's dtype and on its device.
-        check_mask: the seam checks in every layer that the attention mask keeps every prefix column (one
-            device-to-host sync per layer and step); a caller that builds the mask itself as
-            ``[ones(M), own mask]`` (the compression workflow) passes ``False``.
+        check_mask: the seam checks once per forward that the attention mask keeps every prefix column (one
+            device-to-host sync, in the first layer: every layer gets the same mask object); a caller that builds
+            the mask itself as ``[ones(M), own mask]`` (the compression workflow) passes ``False``.
     """
 
     keys: torch.Tensor
@@ -111,10 +119,28 @@ class AttentionRowProbe:
 
 
 def _integer_rows(name: str, t: Any) -> torch.Tensor:
-    """``t`` as int64 ``[B or 1, N]``."""
+    """A copy of ``t`` as int64 ``[B or 1, N]`` (the state is captured when set)."""
     if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"fastattn_icl: method state {name} must be an integer tensor [B, N], got {t!r:.80}")
-    return t.long()
+    return t.detach().long().clone()
+
+
+class DeviceCopies:
+    """Copies of a frozen state's tensors on the devices that read them, made on first use: one host-to-device
+    copy per tensor and device (a blocking copy waits for the device), then none."""
+
+    def __init__(self):
+        self._copies: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``t`` (held by the state, never changed) on ``device``."""
+        if t.device == device:
+            return t
+        key = (id(t), device)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = t.to(device)
+        return copy
 
 
 class MaskChecks:
@@ -132,15 +158,32 @@ class MaskChecks:
 
 
 @dataclass(frozen=True)
+class Anchors:
+    """Validated ``anchors`` (without ``beta``), captured when set: ``positions``/``classes`` int64 ``[B or 1, A]``
+    (positions ``>= -1`` and none twice in a row, classes ``>= 0`` where used), ``reweight_from`` ``None`` or int64
+    ``[B or 1]`` absolute positions, the largest used class (``-1``: none) and the batch sizes they imply."""
+
+    positions: torch.Tensor
+    classes: torch.Tensor
+    reweight_from: torch.Tensor | None
+    max_class: int
+    batch: frozenset[int]
+    source: AnchorState = field(repr=False, compare=False)
+    copies: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class Reweighting:
-    """Validated ``anchors`` + ``beta``: ``beta`` ``[L, H, C]`` or ``[L, B, H, C]`` (the user's tensor, so its
-    gradient reaches it), ``positions``/``classes`` int64 ``[B or 1, A]`` (classes in ``[0, C)``, positions ``>= -1``
-    and none twice in a row), ``reweight_from`` ``None`` or int64 ``[B or 1]`` absolute positions."""
+    """Validated ``anchors`` + ``beta``: ``beta`` ``[L, H, C]`` or ``[L, B, H, C]`` (the user's tensor, read live,
+    so its gradient reaches it), ``positions``/``classes`` int64 ``[B or 1, A]`` (classes in ``[0, C)``, positions
+    ``>= -1`` and none twice in a row), ``reweight_from`` ``None`` or int64 ``[B or 1]`` absolute positions;
+    ``copies`` holds the index tensors' copies on other devices (shared by every layer that uses the same anchors)."""
 
     beta: torch.Tensor
     positions: torch.Tensor
     classes: torch.Tensor
     reweight_from: torch.Tensor | None
+    copies: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -151,6 +194,7 @@ class Isolation:
     rows: torch.Tensor
     window: int
     used_positions: tuple[int, ...]
+    copies: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
     def window_past_end(self, Tk: int) -> bool:
         """Whether a position ``p < Tk`` has ``p + window > Tk - 1`` (its window is not inside this call's keys)."""
@@ -165,6 +209,7 @@ class AttentionRow:
     probe: AttentionRowProbe
     positions: torch.Tensor
     max_position: int
+    copies: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
     def record(self, layer_idx: int | None, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                scale: float) -> None:
@@ -180,7 +225,7 @@ class AttentionRow:
             raise ValueError(
                 f"attention_row positions must be key positions in [0, {Tk}) or -1, got {self.positions.tolist()}"
             )
-        pos = self.positions.to(query.device).expand(B, -1)
+        pos = self.copies.on(self.positions, query.device).expand(B, -1)
         with torch.no_grad():
             idx = pos.clamp(min=0)[:, None, :, None].expand(B, Hkv, pos.shape[1], D)
             keys = key.detach().gather(2, idx).float()  # [B, Hkv, A, D]
@@ -200,7 +245,9 @@ class SharedPrefix:
 
 @dataclass(frozen=True)
 class LayerMethods:
-    """What the seam computes in one layer; all fields ``None``: plain attention."""
+    """What the seam computes in one layer; all fields ``None``: plain attention. ``missing`` names the half of
+    anchor re-weighting that is not set (``"anchors"`` or ``"beta"``): a forward reaching this layer raises
+    :meth:`check_complete`'s error."""
 
     reweighting: Reweighting | None = None
     isolation: Isolation | None = None
@@ -208,22 +255,28 @@ class LayerMethods:
     momentum: float | None = None
     shared_prefix: SharedPrefix | None = None
     attention_row: AttentionRow | None = None
+    missing: str | None = None
 
     @property
     def is_plain(self) -> bool:
-        return self == _PLAIN
+        return self == PLAIN
+
+    def check_complete(self) -> None:
+        """Raise when anchor re-weighting is half set here (a host-side check of a field: no sync)."""
+        if self.missing is not None:
+            raise ValueError(
+                f"fastattn_icl: anchor re-weighting needs both 'anchors' and 'beta' state; '{self.missing}' is not set"
+            )
 
 
-_PLAIN = LayerMethods()
+PLAIN = LayerMethods()
 
 
 def _where(layer_idx: int | None) -> str:
     return "every layer" if layer_idx is None else f"layer {layer_idx}"
 
 
-def _reweighting(anchors: Any, beta: Any, layer_idx: int | None, num_layers: int | None) -> Reweighting:
-    if not isinstance(anchors, AnchorState):
-        raise TypeError(f"fastattn_icl: method state 'anchors' must be an AnchorState, got {type(anchors).__name__}")
+def _check_beta(beta: Any, layer_idx: int | None, num_layers: int | None) -> None:
     if not isinstance(beta, torch.Tensor) or not beta.is_floating_point() or beta.dim() not in (3, 4):
         raise TypeError(
             f"fastattn_icl: method state 'beta' must be a floating tensor [L, H, C] or [L, B, H, C] (layer l uses "
@@ -233,6 +286,12 @@ def _reweighting(anchors: Any, beta: Any, layer_idx: int | None, num_layers: int
     if needed is not None and beta.shape[0] < needed:
         missing = f"layer {needed - 1}" if layer_idx is not None else f"all {needed} layers"
         raise ValueError(f"fastattn_icl: beta has {beta.shape[0]} layers, no entry for {missing}")
+
+
+def _anchors(anchors: Any) -> Anchors:
+    """Check ``anchors`` alone (one read of its values) and capture its index tensors."""
+    if not isinstance(anchors, AnchorState):
+        raise TypeError(f"fastattn_icl: method state 'anchors' must be an AnchorState, got {type(anchors).__name__}")
     positions = _integer_rows("anchors.positions", anchors.positions)
     classes = _integer_rows("anchors.classes", anchors.classes)
     if classes.shape != positions.shape:
@@ -240,7 +299,7 @@ def _reweighting(anchors: Any, beta: Any, layer_idx: int | None, num_layers: int
             f"fastattn_icl: anchors.positions and anchors.classes must have one shape [B, A], got "
             f"{tuple(positions.shape)} and {tuple(classes.shape)}"
         )
-    batch = {n for n in (positions.shape[0], beta.shape[1] if beta.dim() == 4 else 1) if n != 1}
+    batch = {positions.shape[0]} - {1}
     start = anchors.reweight_from
     if start is not None:
         if isinstance(start, bool) or not isinstance(start, (int, torch.Tensor)):
@@ -249,41 +308,59 @@ def _reweighting(anchors: Any, beta: Any, layer_idx: int | None, num_layers: int
             )
         if isinstance(start, torch.Tensor) and (start.is_floating_point() or start.dtype == torch.bool):
             raise TypeError(f"fastattn_icl: anchors.reweight_from must be an integer tensor [B], got {start.dtype}")
-        start = torch.as_tensor(start).long().reshape(-1)
+        start = torch.as_tensor(start).detach().long().reshape(-1).clone()
         if start.numel() != 1:
             batch.add(start.numel())
     if len(batch) > 1:
         raise ValueError(
-            f"fastattn_icl: anchors.positions {tuple(positions.shape)}, beta {tuple(beta.shape)} and "
-            f"anchors.reweight_from {anchors.reweight_from!r} disagree on the batch size"
+            f"fastattn_icl: anchors.positions {tuple(positions.shape)} and anchors.reweight_from "
+            f"{anchors.reweight_from!r} disagree on the batch size"
         )
-    C = beta.shape[-1]
     used = positions >= 0
     srt = positions.sort(dim=1).values
+    no_class = torch.full((), -1, dtype=torch.long, device=classes.device)
     checks = torch.stack([
-        (positions < -1).any(),
-        (used & ((classes < 0) | (classes >= C))).any(),
-        ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(),
-    ]).tolist()  # one read of the state's values, at entry
+        (positions < -1).any().long(),
+        (used & (classes < 0)).any().long(),
+        ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any().long(),
+        torch.where(used, classes, no_class).amax() if classes.numel() else no_class,
+    ]).tolist()  # one read of the state's values, when it is set
     if checks[0]:
         bad = positions[positions < -1][0].item()
         raise ValueError(f"fastattn_icl: anchors.positions must be key positions >= 0 or -1 (unused), got {bad}")
     if checks[1]:
-        raise ValueError(f"fastattn_icl: anchors.classes must be in [0, C={C}) (C = beta.shape[-1]) for every used "
-                         "anchor")
+        raise ValueError("fastattn_icl: anchors.classes must be in [0, C) (C = beta.shape[-1]) for every used anchor")
     if checks[2]:
         raise ValueError("fastattn_icl: anchors.positions must not repeat a position within a batch row")
-    return Reweighting(beta, positions, classes, start)
+    return Anchors(positions, classes, start, checks[3], frozenset(batch), anchors)
+
+
+def _reweighting(anchors: Anchors, beta: Any, layer_idx: int | None, num_layers: int | None) -> Reweighting:
+    """Combine validated ``anchors`` with ``beta`` (host-side checks only)."""
+    _check_beta(beta, layer_idx, num_layers)
+    C = beta.shape[-1]
+    if anchors.max_class >= C:
+        raise ValueError(f"fastattn_icl: anchors.classes must be in [0, C={C}) (C = beta.shape[-1]) for every used "
+                         "anchor")
+    batch = anchors.batch | ({beta.shape[1]} - {1} if beta.dim() == 4 else set())
+    if len(batch) > 1:
+        raise ValueError(
+            f"fastattn_icl: anchors.positions {tuple(anchors.positions.shape)}, beta {tuple(beta.shape)} and "
+            f"anchors.reweight_from {anchors.source.reweight_from!r} disagree on the batch size"
+        )
+    return Reweighting(beta, anchors.positions, anchors.classes, anchors.reweight_from, anchors.copies)
 
 
 def _isolation(state: Any) -> Isolation:
     if not isinstance(state, IsolationState):
         raise TypeError(f"fastattn_icl: method state 'isolation' must be an IsolationState, got {type(state).__name__}")
     window = state.window
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"fastattn_icl: isolation.window must be an int >= 0, got {window!r}")
+    if window < 0:
         raise ValueError(f"fastattn_icl: isolation.window must be an int >= 0, got {window!r}")
     rows = _integer_rows("isolation.rows", state.rows)
-    host = rows.tolist()  # one read of the state's values, at entry
+    host = rows.tolist()  # one read of the state's values, when it is set
     if any(p < -1 for row in host for p in row):
         raise ValueError(f"fastattn_icl: isolation.rows must be positions >= 0 or -1 (unused), got {host}")
     return Isolation(rows, window, tuple(sorted({p for row in host for p in row if p >= 0})))
@@ -315,11 +392,29 @@ def _shared_prefix(prefix: Any) -> SharedPrefix:
     return SharedPrefix(prefix)
 
 
-def layer_methods(state: dict[str, Any], layer_idx: int | None, num_layers: int | None) -> LayerMethods:
+_VALIDATORS = {"anchors": _anchors, "isolation": _isolation, "attention_row": _attention_row,
+               "shared_prefix": _shared_prefix}
+
+
+def layer_methods(state: dict[str, Any], layer_idx: int | None, num_layers: int | None,
+                  checked: dict[tuple[str, int], tuple[Any, Any]] | None = None) -> LayerMethods:
     """Validate the named ``state`` that applies to layer ``layer_idx`` (``None``: the all-layer state of a
-    model of ``num_layers`` layers, ``None`` if unknown) and return it typed."""
+    model of ``num_layers`` layers, ``None`` if unknown) and return it typed.
+
+    ``checked`` maps ``(name, id(value))`` to ``(value, validated)``: a value found there is not checked (nor
+    captured) again, and one checked here is added, so the layers of one model share one validated object (and
+    its device copies)."""
     if not state:
-        return _PLAIN
+        return PLAIN
+    checked = {} if checked is None else checked
+
+    def part(name: str) -> Any:
+        value = state[name]
+        entry = checked.get((name, id(value)))
+        if entry is None or entry[0] is not value:
+            entry = checked[(name, id(value))] = (value, _VALIDATORS[name](value))
+        return entry[1]
+
     names = sorted(state)
     unknown = sorted(set(state) - STATE_NAMES)
     if unknown:
@@ -333,14 +428,14 @@ def layer_methods(state: dict[str, Any], layer_idx: int | None, num_layers: int 
             raise NotImplementedError(
                 f"fastattn_icl: method state {others} cannot be combined with a shared prefix ({_where(layer_idx)})"
             )
-        return LayerMethods(shared_prefix=_shared_prefix(state["shared_prefix"]))
+        return LayerMethods(shared_prefix=part("shared_prefix"))
     if "attention_row" in state:
         if len(state) > 1:
             raise NotImplementedError(
                 f"fastattn_icl: attention_row cannot be combined with other method state yet ({_where(layer_idx)}: "
                 f"{names})"
             )
-        return LayerMethods(attention_row=_attention_row(state["attention_row"]))
+        return LayerMethods(attention_row=part("attention_row"))
     if "momentum" in state:
         if len(state) > 1:
             raise NotImplementedError(
@@ -348,17 +443,21 @@ def layer_methods(state: dict[str, Any], layer_idx: int | None, num_layers: int 
                 f"({_where(layer_idx)}: {names})"
             )
         return LayerMethods(momentum=check_eta(state["momentum"]))
-    anchors, beta = state.get("anchors"), state.get("beta")
-    if (anchors is None) != (beta is None):
-        missing = "beta" if beta is None else "anchors"
-        raise ValueError(
-            f"fastattn_icl: anchor re-weighting needs both 'anchors' and 'beta' state; '{missing}' is not set"
-        )
     saliency = state.get("saliency")
     if saliency is not None and not isinstance(saliency, Saliency):
         raise TypeError(f"saliency must be a fastattn_icl.ops.Saliency, got {type(saliency).__name__}")
+    anchors = part("anchors") if "anchors" in state else None
+    missing = reweighting = None
+    if "beta" not in state:
+        missing = None if anchors is None else "beta"
+    elif anchors is None:  # checked now, combined when the anchors are set
+        _check_beta(state["beta"], layer_idx, num_layers)
+        missing = "anchors"
+    else:
+        reweighting = _reweighting(anchors, state["beta"], layer_idx, num_layers)
     return LayerMethods(
-        reweighting=None if anchors is None else _reweighting(anchors, beta, layer_idx, num_layers),
-        isolation=None if "isolation" not in state else _isolation(state["isolation"]),
+        reweighting=reweighting,
+        isolation=None if "isolation" not in state else part("isolation"),
         saliency=saliency,
+        missing=missing,
     )

@@ -77,7 +77,7 @@ class SharedPrefixCache(DynamicCache):
     ) -> Iterator[None]:
         """Route ``model``'s attention through the seam and give every layer its shared prefix
         ``prefix_keys[l]``/``prefix_values[l]`` (``[L, 1, Hkv, M, D]``) for the duration of the block.
-        ``check_mask=False`` skips the per-layer check that the mask keeps the prefix (see
+        ``check_mask=False`` skips the check, once per forward, that the mask keeps the prefix (see
         :class:`~fastattn_icl.integrations.controller.SharedPrefixState`)."""
         from fastattn_icl.integrations import routed
         from fastattn_icl.integrations.controller import SharedPrefixState

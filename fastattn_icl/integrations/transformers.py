@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from fastattn_icl.integrations.controller import find_controller
-from fastattn_icl.integrations.method_state import Isolation, LayerMethods, Reweighting, SharedPrefix
+from fastattn_icl.integrations.method_state import PLAIN, DeviceCopies, Isolation, Reweighting, SharedPrefix
 from fastattn_icl.integrations.updated_layers import take_updated_layer
 from fastattn_icl.ops._torch_backend import attention_probs
 from fastattn_icl.ops.attention import attention_from_tables
@@ -87,8 +87,6 @@ _UNSUPPORTED_KWARGS = {
     "cu_seq_lens_q": "packed variable-length sequences (cu_seq_lens_q)",
     "cu_seq_lens_k": "packed variable-length sequences (cu_seq_lens_k)",
 }
-
-_PLAIN = LayerMethods()
 
 # (substring of a mask function's qualified name, feature it stands for), most specific first
 _MASK_FEATURES = (
@@ -256,24 +254,23 @@ def _attentions_requested(kwargs: dict[str, Any]) -> bool:
     return isinstance(collected, dict) and "attentions" in collected
 
 
-def _batched(name: str, t: torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
-    """A validated ``[B or 1, N]`` state tensor as ``[B, N]`` on ``device``."""
-    if t.shape[0] == 1 and B != 1:
-        t = t.expand(B, -1)
-    elif t.shape[0] != B:
+def _batched(name: str, t: torch.Tensor, B: int, device: torch.device, copies: DeviceCopies) -> torch.Tensor:
+    """A validated ``[B or 1, N]`` state tensor as ``[B, N]`` on ``device`` (copied there once, on first use)."""
+    if t.shape[0] not in (1, B):
         raise ValueError(f"fastattn_icl: method state {name} has shape {tuple(t.shape)}, expected [B={B}, N] or [1, N]")
-    return t.to(device)
+    return copies.on(t, device).expand(B, -1)
 
 
 def _reweighting_tables(
     rw: Reweighting, layer_idx: int | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(key_log_weights [B, H, Tk] float32, reweight_from [B] int32)`` of one call. Anchors that are not keys of
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(key_log_weights [B, H, Tk] float32, reweight_from [B] int32)`` of one call (``(None, None)`` when
+    ``beta`` has no class: plain attention). Anchors that are not keys of
     this call yet (a chunk before them) are unused; a batch row with no anchor among its keys, or whose queries all
     come before ``reweight_from``, gets β = 0, which is exactly plain attention: no branch on the device's values."""
     if layer_idx is None or not 0 <= layer_idx < rw.beta.shape[0]:
         raise ValueError(f"fastattn_icl: beta has {rw.beta.shape[0]} layers, no entry for layer {layer_idx}")
-    layer_beta = rw.beta[layer_idx].to(device)  # [H, C] or [B, H, C]
+    layer_beta = rw.beta[layer_idx].to(device)  # [H, C] or [B, H, C]; read live: a copy only if on another device
     if layer_beta.dim() == 2:
         layer_beta = layer_beta[None].expand(B, -1, -1)
     if tuple(layer_beta.shape[:2]) != (B, H):
@@ -281,8 +278,8 @@ def _reweighting_tables(
             f"fastattn_icl: beta[{layer_idx}] has shape {tuple(rw.beta[layer_idx].shape)}, expected [H={H}, C] or "
             f"[B={B}, H={H}, C]"
         )
-    positions = _batched("anchors.positions", rw.positions, B, device)
-    classes = _batched("anchors.classes", rw.classes, B, device)
+    positions = _batched("anchors.positions", rw.positions, B, device, rw.copies)
+    classes = _batched("anchors.classes", rw.classes, B, device, rw.copies)
     # a position that is not a key yet (chunked prefill, cached decoding) is unused in this call; the seam cannot
     # tell it from one past the end of the whole input, so the workflows check positions against their input
     positions = torch.where(positions >= Tk, -1, positions)
@@ -296,9 +293,11 @@ def _reweighting_tables(
                 f"{tuple(rw.reweight_from.shape)}"
             )
         # query row i sits at absolute position i + Tk - Tq (bottom-right alignment)
-        row = rw.reweight_from.to(device).expand(B) - (Tk - Tq)
+        row = rw.copies.on(rw.reweight_from, device).expand(B) - (Tk - Tq)
         active = active & (row <= Tq - 1)
         rows = row.clamp(0, max(Tq - 1, 0))
+    if layer_beta.shape[-1] == 0:  # C = 0: no anchor can be used (checked when set), so plain attention
+        return None, None
     layer_beta = torch.where(active[:, None, None], layer_beta, torch.zeros((), dtype=layer_beta.dtype, device=device))
     return key_log_weight_table(layer_beta, positions, classes, Tk), rows.to(torch.int32)
 
@@ -311,7 +310,7 @@ def _isolation_table(iso: Isolation, B: int, Tq: int, Tk: int, device: torch.dev
             "call: every window must end inside the sequence; in cached decoding, process the prompt up to the end "
             "of every window in one pass"
         )
-    return isolation_limit_table(_batched("isolation.rows", iso.rows, B, device), iso.window, Tq, Tk)
+    return isolation_limit_table(_batched("isolation.rows", iso.rows, B, device, iso.copies), iso.window, Tq, Tk)
 
 
 def _shared_prefix_forward(
@@ -427,7 +426,8 @@ def fastattn_icl_attention_forward(
     is_causal = bool(is_causal)
     layer_idx = getattr(module, "layer_idx", None)
     controller = find_controller(module)
-    methods = _PLAIN if controller is None else controller.methods(layer_idx)
+    methods = PLAIN if controller is None else controller.methods(layer_idx)
+    methods.check_complete()
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     if methods.shared_prefix is not None:
         return _shared_prefix_forward(methods.shared_prefix, layer_idx, query, key, value, attention_mask, is_causal,

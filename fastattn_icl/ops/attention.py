@@ -133,8 +133,9 @@ def attention_from_tables(
     _check_table("key_log_weights", key_log_weights, torch.float32, (B, H, Tk), q.device)
     _check_table("reweight_from", reweight_from, torch.int32, (B,), q.device)
     _check_table("isolation_limit", isolation_limit, torch.int32, (B, Tq), q.device)
+    # the seam hands one new mask object to every layer of a forward: its saliency checks a mask object once
     return _run(q, k, v, causal, scale, key_padding_mask, key_log_weights, reweight_from, isolation_limit, saliency,
-                saliency_key, backend)
+                saliency_key, backend, once_per_mask=True)
 
 
 def _check_call(q, k, v, causal, scale, key_padding_mask) -> tuple[tuple[int, ...], float]:
@@ -146,12 +147,13 @@ def _check_call(q, k, v, causal, scale, key_padding_mask) -> tuple[tuple[int, ..
     return dims, scale
 
 
-def _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, saliency_key, backend):
+def _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, saliency_key, backend,
+         once_per_mask=False):
     backend = resolve_backend(backend, q.device)
     out, lse = attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend)
     if saliency is not None:
         out = saliency_tap(out, q, k, v, lse, key_padding_mask, logw, row_from, limit, causal, scale, backend,
-                           saliency, saliency_key)
+                           saliency, saliency_key, once_per_mask)
     return out, lse
 
 

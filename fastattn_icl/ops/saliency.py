@@ -137,7 +137,8 @@ class Saliency:
     start: Any = 0
     results: dict[Any, SaliencyResult] = field(default_factory=dict, repr=False)
     _tables: dict[Any, tuple] = field(default_factory=dict, repr=False)
-    _checked_mask: Any = field(default=None, repr=False, compare=False)
+    # the last mask the seam's path checked (see _dense): not an argument, not shown, not compared
+    _checked_mask: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.per_head, bool):
@@ -159,13 +160,18 @@ class Saliency:
         """Forget recorded results (the request can be used again)."""
         self.results.clear()
 
-    def _dense(self, B: int, T: int, device: torch.device, key_padding_mask: torch.Tensor | None):
+    def _dense(self, B: int, T: int, device: torch.device, key_padding_mask: torch.Tensor | None,
+               once_per_mask: bool = False):
         """Validated kernel inputs for ``B`` rows of length ``T``: ``label_mask`` uint8 ``[B, T]``, ``target``
-        int32 ``[B]``, ``row_slot`` int32 ``[B, T]`` or ``None``, number of stored rows, denominators."""
+        int32 ``[B]``, ``row_slot`` int32 ``[B, T]`` or ``None``, number of stored rows, denominators.
+
+        The padding mask is checked on every call, since a caller may change a mask in place between calls;
+        ``once_per_mask`` (the Hugging Face seam, which gets a new mask object per forward and hands it to every
+        layer) checks a mask object once."""
         cache_key = (B, T, device)
         if cache_key in self._tables:
             tables = self._tables[cache_key]
-            self._check_padding_once(key_padding_mask, tables[4], tables[1].long())
+            self._check_mask(key_padding_mask, tables[4], tables[1].long(), once_per_mask)
             return tables
         labels = self.label_positions
         if isinstance(labels, (list, tuple)):
@@ -206,7 +212,7 @@ class Saliency:
             "a label position comes before its row's start (the first token)",
         ]
         _raise_first(bad, messages, labels, target)
-        self._check_padding_once(key_padding_mask, labels, target)
+        self._check_mask(key_padding_mask, labels, target, once_per_mask)
         label_mask = slot_taken.to(torch.uint8)
         row_slot, n_rows = None, 0
         if self.rows == "labels":  # slots 0..C-1: the label rows in order, slot C: the target row
@@ -227,13 +233,14 @@ class Saliency:
         self._tables = {cache_key: tables}  # one entry: the seam reuses it for every layer of a forward
         return tables
 
-
-    def _check_padding_once(self, key_padding_mask, labels: torch.Tensor, target: torch.Tensor) -> None:
-        """:func:`_check_padding` once per mask object: the seam hands one mask to every layer of a forward."""
-        if key_padding_mask is None or (self._checked_mask is not None and self._checked_mask() is key_padding_mask):
+    def _check_mask(self, key_padding_mask, labels: torch.Tensor, target: torch.Tensor, once_per_mask: bool):
+        """:func:`_check_padding`; with ``once_per_mask``, skipped for the mask object checked last."""
+        if key_padding_mask is None:
+            return
+        if once_per_mask and self._checked_mask is not None and self._checked_mask() is key_padding_mask:
             return
         _check_padding(key_padding_mask, labels, target)
-        self._checked_mask = weakref.ref(key_padding_mask)
+        self._checked_mask = weakref.ref(key_padding_mask) if once_per_mask else None
 
 
 def _raise_first(bad: list[bool], messages: list[str], labels: torch.Tensor, target: torch.Tensor) -> None:
@@ -318,8 +325,10 @@ class _SaliencyTap(torch.autograd.Function):
         return (grad_out, *([None] * 14))
 
 
-def tap(out, q, k, v, lse, kpm, logw, row_from, limit, causal, scale, backend, request: Saliency, key=None):
-    """Attach a saliency request to a fused attention output (called by the ops that take ``saliency=``)."""
+def tap(out, q, k, v, lse, kpm, logw, row_from, limit, causal, scale, backend, request: Saliency, key=None,
+        once_per_mask: bool = False):
+    """Attach a saliency request to a fused attention output (called by the ops that take ``saliency=``;
+    ``once_per_mask``: see :meth:`Saliency._dense`)."""
     if not isinstance(request, Saliency):
         raise TypeError(f"saliency must be a fastattn_icl.ops.Saliency, got {type(request).__name__}")
     B, _, Tq, _ = q.shape
@@ -338,7 +347,7 @@ def tap(out, q, k, v, lse, kpm, logw, row_from, limit, causal, scale, backend, r
             "saliency is computed in the backward pass, but no input of this attention call requires grad, so "
             "there will be none: make the model's input embeddings (or q, k, v) require grad"
         )
-    tables = request._dense(B, Tq, q.device, kpm)
+    tables = request._dense(B, Tq, q.device, kpm, once_per_mask)
     return _SaliencyTap.apply(
         out, q, k, v, lse, kpm, logw, row_from, limit, causal, scale, backend, request, key, tables
     )

@@ -72,8 +72,11 @@ def test_per_layer_lookup():
     "state, error, message",
     [
         ({"momentum": 1.5}, ValueError, r"eta must be in \[0, 1\)"),
-        ({"anchors": AnchorState(torch.tensor([[1]]), torch.tensor([[0]]))}, ValueError, "'beta' is not set"),
+        ({"anchors": AnchorState(torch.tensor([[1, 1]]), torch.tensor([[0, 0]]))}, ValueError, "must not repeat"),
+        ({"anchors": AnchorState(torch.tensor([[1]]), torch.tensor([[-1]]))}, ValueError, r"classes must be in \[0,"),
+        ({"beta": torch.zeros(3, 2)}, TypeError, r"\[L, H, C\]"),
         ({"isolation": IsolationState(torch.tensor([[3]]), window=-1)}, ValueError, "window must be an int >= 0"),
+        ({"isolation": IsolationState(torch.tensor([[3]]), window=1.0)}, TypeError, "window must be an int >= 0"),
         ({"isolation": IsolationState(torch.tensor([[-2]]))}, ValueError, r"positions >= 0 or -1 .* \[\[-2\]\]"),
         ({"saliency": "labels"}, TypeError, "saliency must be a fastattn_icl.ops.Saliency"),
     ],
@@ -113,3 +116,40 @@ def test_state_the_seam_does_not_implement_is_refused_not_ignored():
                 pytest.fail("state the seam does not implement was accepted")
         assert controller.is_empty()
         model(ids)
+
+
+def test_anchors_and_beta_can_be_set_in_two_steps_or_nested():
+    """An incomplete combination is accepted when set (each value checked); a forward raises while it lasts."""
+    controller = ICLController(num_layers=2)
+    anchors, beta = AnchorState(torch.tensor([[2]]), torch.tensor([[1]])), torch.zeros(2, 4, 2)
+    controller.set(anchors=anchors)
+    assert controller.methods(0).missing == "beta" and controller.methods(0).reweighting is None
+    controller.set(beta=beta)
+    assert controller.methods(0).missing is None and controller.methods(1).reweighting.beta is beta
+    controller.clear()
+    with controller.override(beta=beta):
+        assert controller.methods(0).missing == "anchors"
+        with controller.override(anchors=anchors):
+            assert controller.methods(1).reweighting is not None
+        assert controller.methods(1).missing == "anchors"
+    with controller.override(anchors=anchors), pytest.raises(ValueError, match=r"classes must be in \[0, C=1\)"):
+        controller.set(beta=torch.zeros(2, 4, 1))  # checked against the anchors when the pair is complete
+    assert controller.is_empty()
+
+
+def test_a_value_is_checked_once_per_set_not_once_per_layer(monkeypatch):
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
+    controller = ICLController(num_layers=4)
+    anchors = AnchorState(torch.tensor([[2, 3]]), torch.tensor([[0, 1]]))
+    controller.set(anchors=anchors, beta=torch.zeros(4, 2, 2))
+    controller.set(layers=[0, 1, 2, 3], beta=torch.ones(4, 2, 2))
+    assert len(reads) == 1, "the anchors were read again for each layer or set"
+    iso = IsolationState(torch.tensor([[1]]))
+    controller.set(layers=[1, 2], isolation=iso)
+    assert len(reads) == 2
+    assert controller.methods(1).isolation is controller.methods(2).isolation
+    assert controller.methods(0).reweighting.copies is controller.methods(3).reweighting.copies
+    controller.set(anchors=anchors)  # passed again: captured again
+    assert len(reads) == 3

@@ -227,7 +227,6 @@ def test_anchors_without_beta_and_attentions_with_state_raise():
     controller = get_controller(model)
     bad = AnchorState(anchors.positions, anchors.classes, reweight_from=torch.tensor([1, 2, 3]))
     cases = [
-        (dict(anchors=anchors), ValueError, "'beta' is not set"),
         (dict(anchors=anchors, beta=beta[0]), TypeError, r"\[L, H, C\]"),
         (dict(isolation=torch.tensor([[3]])), TypeError, "IsolationState"),
         (dict(anchors=bad, beta=beta), ValueError, "reweight_from"),
@@ -239,7 +238,65 @@ def test_anchors_without_beta_and_attentions_with_state_raise():
                 pytest.fail(f"bad state {state} was accepted")
     with torch.no_grad(), controller.override(layers=[0], anchors=anchors, beta=beta[:1]):
         _logits(model, ids, mask)  # beta needs an entry for layer 0 only
+    for state, missing in ((dict(anchors=anchors), "beta"), (dict(beta=beta), "anchors")):
+        with torch.no_grad(), controller.override(**state):  # accepted: the other half may follow
+            with pytest.raises(ValueError, match=f"'{missing}' is not set"):
+                _logits(model, ids, mask)
+    with torch.no_grad(), controller.override(anchors=anchors), controller.override(layers=[0], beta=beta):
+        with pytest.raises(ValueError, match="'beta' is not set"):  # layer 1 has anchors only
+            _logits(model, ids, mask)
     assert controller.is_empty()
+
+
+def test_state_set_in_two_steps_or_nested_equals_state_set_at_once():
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=True)
+    beta, anchors = _state(2, model.config.num_hidden_layers, model.config.num_attention_heads, reweight_from=7)
+    controller = get_controller(model)
+    with torch.no_grad():
+        with controller.override(anchors=anchors, beta=beta):
+            once = _logits(model, ids, mask)
+        with controller.override(beta=beta), controller.override(anchors=anchors):
+            nested = _logits(model, ids, mask)
+        controller.set(anchors=anchors)
+        controller.set(beta=beta)
+        two_steps = _logits(model, ids, mask)
+        controller.clear()
+    assert torch.equal(nested, once) and torch.equal(two_steps, once)
+
+
+def test_state_is_captured_when_set():
+    """Changing the state's tensors in place after entry changes nothing: the checks and the kernel both see the
+    values the block was entered with (a duplicate anchor or a window past the end never reach the kernel)."""
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(1, 10, padded=False)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    controller = get_controller(model)
+    beta = torch.randn(L, H, 2, generator=torch.Generator().manual_seed(1))
+    pos, rows, start = torch.tensor([[2, 4]]), torch.tensor([[3]]), torch.tensor([9])
+    with torch.no_grad():
+        with controller.override(anchors=AnchorState(pos, torch.tensor([[0, 1]]), start), beta=beta):
+            expected = _logits(model, ids, mask)
+            pos[0, 1], start[0] = 2, 0  # a duplicate position, and every row re-weighted
+            assert torch.equal(_logits(model, ids, mask), expected)
+        with controller.override(isolation=IsolationState(rows, window=1)):
+            isolated = _logits(model, ids, mask)
+            rows[0, 0] = 9  # its window would run past the last key (9)
+            assert torch.equal(_logits(model, ids, mask), isolated)
+
+
+def test_beta_without_classes_is_plain_attention():
+    """``C = 0`` (every anchor slot unused, as it must be) is plain attention, as it was before the state was
+    typed."""
+    model = tiny_model("llama", attn_implementation=ATTN_IMPLEMENTATION)
+    ids, mask = make_inputs(2, T, padded=True)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    controller = get_controller(model)
+    with torch.no_grad():
+        plain = _logits(model, ids, mask)
+        with controller.override(anchors=AnchorState(torch.tensor([[-1]]), torch.tensor([[0]]), 3),
+                                 beta=torch.zeros(L, H, 0)):
+            assert torch.equal(_logits(model, ids, mask), plain)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -6,6 +6,11 @@ counted by patching the ``Tensor`` methods that copy a value to the host, around
 forward's one mask check (``fastattn_icl_mask``) and the checks made when a context manager is entered are outside.
 Checks of the attention mask itself (that padding hides no label word, no prefix column) read it once per forward,
 in the first layer: every layer gets the same mask object.
+
+A host-to-device copy is a sync too on a GPU (a blocking copy of pageable memory waits for the device): state whose
+tensors live on the CPU while the model runs on the GPU is copied there once, on first use, never per layer. On CPU
+the copies are counted with the ``meta`` device standing for the GPU; on a GPU the ``gpu`` test runs each state
+under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations
@@ -15,8 +20,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from fastattn_icl.integrations import AnchorState, AttentionRowProbe, IsolationState, get_controller
+from fastattn_icl.integrations import (
+    ATTN_IMPLEMENTATION,
+    AnchorState,
+    AttentionRowProbe,
+    ICLController,
+    IsolationState,
+    get_controller,
+)
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
+from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.momentum_cache import MomentumCache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 from fastattn_icl.integrations.transformers import fastattn_icl_attention_forward, fastattn_icl_mask
@@ -119,3 +132,129 @@ def test_no_host_sync_per_layer_with_a_shared_prefix(sync_counter):
             model(ids[:, M:], attention_mask=mask, position_ids=torch.arange(M, M + 3).expand(2, -1),
                   use_cache=True, **cache_kwargs(cache))
     assert sync_counter.per_call == [1] + [0] * (L - 1), f"host syncs per layer call: {sync_counter.per_call}"
+
+
+class _HostToDevice:
+    """Counts host-to-device copies made inside the seam, per call: ``Tensor.to`` / ``copy_`` / ``cuda`` from a CPU
+    tensor to another device, and ``torch.tensor`` / ``torch.as_tensor`` onto another device. On a GPU such a copy
+    of pageable memory waits for the device."""
+
+    def __init__(self, monkeypatch):
+        self.per_call: list[int] = []
+        self._active = False
+        to, copy_, cuda = torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cuda
+        tensor, as_tensor = torch.tensor, torch.as_tensor
+
+        def count(copied: bool) -> None:
+            if self._active and copied:
+                self.per_call[-1] += 1
+
+        def counted_to(t, *args, **kwargs):
+            out = to(t, *args, **kwargs)
+            count(t.device.type == "cpu" and out.device.type != "cpu")
+            return out
+
+        def counted_copy(dst, src, *args, **kwargs):
+            count(isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst.device.type != "cpu")
+            return copy_(dst, src, *args, **kwargs)
+
+        def counted_cuda(t, *args, **kwargs):
+            count(t.device.type == "cpu")
+            return cuda(t, *args, **kwargs)
+
+        def factory(make):
+            def counted(data, *args, **kwargs):
+                out = make(data, *args, **kwargs)
+                count(out.device.type != "cpu" and not (isinstance(data, torch.Tensor) and data.device == out.device))
+                return out
+
+            return counted
+
+        monkeypatch.setattr(torch.Tensor, "to", counted_to)
+        monkeypatch.setattr(torch.Tensor, "copy_", counted_copy)
+        monkeypatch.setattr(torch.Tensor, "cuda", counted_cuda)
+        monkeypatch.setattr(torch, "tensor", factory(tensor))
+        monkeypatch.setattr(torch, "as_tensor", factory(as_tensor))
+
+    def seam(self, *args, **kwargs):
+        self.per_call.append(0)
+        self._active = True
+        try:
+            return fastattn_icl_attention_forward(*args, **kwargs)
+        finally:
+            self._active = False
+
+
+def _layers(controller, L):
+    modules = []
+    for i in range(L):
+        module = torch.nn.Module()
+        module.layer_idx = i
+        object.__setattr__(module, CONTROLLER_ATTR, controller)
+        modules.append(module)
+    return modules
+
+
+@pytest.mark.parametrize("name", sorted(set(STATES) - {"saliency"}))
+def test_state_on_the_host_is_copied_to_the_device_once(name, monkeypatch):
+    """State whose index tensors (or an int ``reweight_from``) live on the CPU while the model runs elsewhere: the
+    seam copies them to the model's device on first use there, then never again (a copy per layer would wait for
+    the device in every layer). The ``meta`` device stands for a GPU: the seam's per-layer path runs on it without
+    reading values. ``beta`` is read live (it is trained in place) and lives on the model's device, as in
+    ``AnchorReweighting``. The saliency request builds its per-device tables once, with checks that read values,
+    so it is counted on a real GPU only (below)."""
+    L, B, H, D = 3, 2, 4, 8
+    controller = ICLController(num_layers=L)
+    state = STATES[name](L, H)
+    if "beta" in state:
+        state["beta"] = state["beta"].to("meta")
+    counter = _HostToDevice(monkeypatch)
+    modules = _layers(controller, L)
+    with controller.override(**state), controller.override(layers=[1], **state):
+        for Tq in (T - 1, 1):  # a prefill, then a decode step
+            for module in modules:
+                q = torch.empty(B, H, Tq, D, device="meta")
+                k = torch.empty(B, H, T, D, device="meta")
+                mask = torch.ones(B, T, dtype=torch.bool, device="meta")
+                counter.seam(module, q, k, k, mask, scaling=None)
+    calls = counter.per_call
+    assert calls[1:] == [0] * (2 * L - 1) and calls[0] <= 3, f"host-to-device copies per layer call: {calls}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(STATES))
+def test_no_sync_per_layer_on_a_gpu(name):
+    """Each state, its index tensors on the CPU (``beta`` on the GPU), through a model on CUDA: after a first
+    forward (the device copies, the kernels' compilation and tuning, the saliency checks), a second identical one
+    runs every layer's seam under ``torch.cuda.set_sync_debug_mode("error")``, so any sync there raises."""
+    model = tiny_model("llama").cuda()
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    state = STATES[name](L, H)
+    if "beta" in state:
+        state["beta"] = state["beta"].cuda()
+    ids = make_inputs(2, T, padded=False)[0].cuda()
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fastattn_icl_attention_forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def forward():
+        if name == "saliency":
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, use_cache=False)
+            return
+        with torch.no_grad():
+            cache = MomentumCache() if name == "momentum" else None
+            out = model(ids[:, :-1], use_cache=True, **cache_kwargs(cache))
+            model(ids[:, -1:], use_cache=True, **cache_kwargs(output_cache(out)))
+
+    with get_controller(model).override(**state):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        forward()
+        AttentionInterface.register(COUNTING, strict)
+        AttentionMaskInterface.register(COUNTING, fastattn_icl_mask)
+        model.set_attn_implementation(COUNTING)
+        forward()

@@ -450,3 +450,14 @@ def test_cuda_autotuning_call_matches_later_calls(per_head):
     assert torch.equal(results[0].sums, results[1].sums), (results[0].sums, results[1].sums)
     if per_head:
         assert torch.equal(results[0].head_sums, results[1].head_sums)
+
+
+def test_a_mask_changed_in_place_is_checked_again():
+    """A direct call checks the padding mask every time, also when the same mask object comes back changed."""
+    q, k, v = _small()
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    sal = fastattn_icl.Saliency(torch.tensor([[2, 4], [1, 3]]), 7)
+    fastattn_icl.attention(q, k, v, causal=True, key_padding_mask=kpm, saliency=sal, backend="torch")
+    kpm[0, 2] = False  # padding now hides label word 2 of row 0
+    with pytest.raises(ValueError, match="a label position is padding"):
+        fastattn_icl.attention(q, k, v, causal=True, key_padding_mask=kpm, saliency=sal, backend="torch")
