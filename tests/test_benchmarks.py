@@ -183,12 +183,21 @@ def test_cli_smoke(bench, tmp_path, capsys):
         modes = list(decl.modes)
         assert len(data["rows"]) == len(decl.cases("tiny", False, None)) * len(providers) * len(modes)
         checked = set()
+        # a provider's own skip hook may refuse a case (GPT-J's sdpa rows where the installed transformers, or a
+        # class attribute another test changed, gives GPT-J no sdpa): that row is skipped with the reason in the
+        # results' skipped list, and no speed-up is computed against it; every other row must run and pass
+        declared = {s.split(":")[0] for s in data["skipped"]}
+        rows = {(r["case"], r["mode"], r["provider"]): r for r in data["rows"]}
         for r in data["rows"]:
+            if r["status"] == "skipped" and r["provider"] in declared and r["provider"] != providers[0]:
+                continue
             assert r["status"] == STATUS_OK and r["median_ms"] > 0 and r["peak_mem_bytes"] is None, r
             assert r["check"] is None or r["check"]["status"] == STATUS_OK, r
             checked |= set(r["check"]["errors"]) if r["check"] else set()
             if r["provider"] == providers[0]:
-                assert all(r["speedup_vs"][p] for p in providers[1:]), r
+                ran = [p for p in providers[1:] if rows[(r["case"], r["mode"], p)]["status"] == STATUS_OK]
+                assert ran and all(r["speedup_vs"][p] for p in ran), r
+                assert all(r["speedup_vs"][p] is None for p in providers[1:] if p not in ran), r
         assert checked == errors and "## Side by side" in md and "## All rows" in md
         assert all(t["result"] == "not evaluated" for t in data["targets"])
         assert ("TARGET not evaluated: no CUDA" in printed) == bool(data["targets"])
