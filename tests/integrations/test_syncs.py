@@ -134,7 +134,7 @@ def test_no_host_sync_per_layer_with_a_shared_prefix(sync_counter):
     assert sync_counter.per_call == [1] + [0] * (L - 1), f"host syncs per layer call: {sync_counter.per_call}"
 
 
-class _HostToDevice:
+class _HostToDevice(_SyncCounter):
     """Counts host-to-device copies made inside the seam, per call: ``Tensor.to`` / ``copy_`` / ``cuda`` from a CPU
     tensor to another device, and ``torch.tensor`` / ``torch.as_tensor`` onto another device. On a GPU such a copy
     of pageable memory waits for the device."""
@@ -175,14 +175,6 @@ class _HostToDevice:
         monkeypatch.setattr(torch.Tensor, "cuda", counted_cuda)
         monkeypatch.setattr(torch, "tensor", factory(tensor))
         monkeypatch.setattr(torch, "as_tensor", factory(as_tensor))
-
-    def seam(self, *args, **kwargs):
-        self.per_call.append(0)
-        self._active = True
-        try:
-            return fastattn_icl_attention_forward(*args, **kwargs)
-        finally:
-            self._active = False
 
 
 def _layers(controller, L):
