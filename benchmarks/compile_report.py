@@ -55,10 +55,9 @@ def _summary(rows: list[dict]) -> dict:
                 cpu_seconds=round(sum(row.get("seconds", 0) for row in rows), 1))
 
 
-def _markdown(arch: int, rows: list[dict], env: dict) -> str:
+def _markdown(arch: int, rows: list[dict], env: dict, summ: dict) -> str:
     from fastattn_icl._triton import specializations as S
 
-    summ = _summary(rows)
     lines = [
         f"# Compile report: sm_{arch} ({'A100' if arch == 80 else 'H100/H200'})",
         "",
@@ -82,26 +81,24 @@ def _markdown(arch: int, rows: list[dict], env: dict) -> str:
     ]
     for row in rows:
         tile = "x".join(str(b) for b in (row["block_m"], row["block_n"]) if b is not None)
+        head = (f"| {row['kernel']} | {row['flags']} | {row['dtype']} | {row['head_dim']} | {tile} | "
+                f"{row['num_warps']} | {row['num_stages']} | {row['position']} |")
         if row["status"] == "does not compile":
-            lines.append(f"| {row['kernel']} | {row['flags']} | {row['dtype']} | {row['head_dim']} | {tile} | "
-                         f"{row['num_warps']} | {row['num_stages']} | {row['position']} | **does not compile**: "
-                         f"{row['error']} | | | | | | | |")
+            lines.append(f"{head} **does not compile**: {row['error']} | | | | | | | |")
             continue
         spill = f"{row['spill_stores']}/{row['spill_loads']}"
         if row["spill_stores"] or row["spill_loads"]:
             spill = f"**{spill}**"
         est = f"{row['smem_estimate']:,}" if row["smem_estimate"] is not None else ""
-        lines.append(f"| {row['kernel']} | {row['flags']} | {row['dtype']} | {row['head_dim']} | {tile} | "
-                     f"{row['num_warps']} | {row['num_stages']} | {row['position']} | {row['status']} | "
-                     f"{row['shared']:,} | {est} | {row['registers']} | {spill} | {row['stack']} | "
-                     f"{row['tensor_core']} | {row['seconds']} |")
+        lines.append(f"{head} {row['status']} | {row['shared']:,} | {est} | {row['registers']} | {spill} | "
+                     f"{row['stack']} | {row['tensor_core']} | {row['seconds']} |")
     return "\n".join(lines) + "\n"
 
 
 def _write(stem: Path, arch: int, rows: list[dict], env: dict) -> dict:
     """``<stem>.md`` and ``<stem>.json`` of one target; returns the summary."""
     summ = _summary(rows)
-    stem.with_suffix(".md").write_text(_markdown(arch, rows, env))
+    stem.with_suffix(".md").write_text(_markdown(arch, rows, env, summ))
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, summary=summ, rows=rows), indent=1))
     return summ
 
@@ -128,13 +125,8 @@ def main(argv=None) -> int:
         for arch in archs:
             stem = args.out / f"compile-sm{arch}"
             old = json.loads(stem.with_suffix(".json").read_text())
-            rows = old["rows"]
-            for row in rows:  # files written before these keys were recorded: d 64/128/256 are their own BLOCK_D
-                row.setdefault("arch", arch)
-                row.setdefault("block_d", row["head_dim"])
-                row.setdefault("elem_size", 4 if row["dtype"] == "fp32" else 2)
-            _write(stem, arch, [row if row["status"] == "does not compile" else _judge(row) for row in rows],
-                   old["env"])
+            rows = [row if row["status"] == "does not compile" else _judge(row) for row in old["rows"]]
+            _write(stem, arch, rows, old["env"])
             print(f"sm_{arch}: re-rendered {stem}.md", file=sys.stderr)
         return 0
     spec_list = S.ci_specs() if args.scope == "ci" else S.report_specs()
