@@ -13,7 +13,6 @@ from benchmarks.shapes import anchor_cases
 
 OVERHEAD_TARGET, EAGER_TARGET, EAGER_TARGET_T, LONG_T = 1.10, 10.0, 2048, 16384
 BETA_STD = 0.5  # trained betas of the paper are O(1); any non-zero value exercises the same code
-FEATURES = ("anchors", "isolation")
 ON = {"anchors": "fastattn_icl-anchors", "isolation": "fastattn_icl-isolation"}
 OFF, EAGER = "fastattn_icl", "eager"
 

@@ -287,12 +287,6 @@ def _timed(case, inputs, group, p, mode) -> h.Timed:
     return h.Timed(serve_fn(p.name, group.model, comp, inp, case.B), context=provider_context(group.model, p.name))
 
 
-def _ms(e) -> str:
-    if e["median_ms"] is None:
-        return f"{e['status']}: {e['message']}"
-    return f"{e['median_ms']:.4g} ({e['p20_ms']:.4g}–{e['p80_ms']:.4g})"
-
-
 BENCH = h.Benchmark(
     name="compression", suffix="-compression", modes=("serve",), cases=compression_cases, group=lambda c: c.model.key,
     op="anchor compression end to end: serve test inputs over the compressed demonstrations vs full prompts",
@@ -317,7 +311,8 @@ BENCH = h.Benchmark(
     columns=[("T_demo + S, M", lambda by: "{T_demo} + {S}, {M}".format(**next(r for r in by.values() if r)["params"]))],
     tables=[("compress", "Compression (once per geometry, amortised over every test input)", [
         ("geometry", lambda e: e["geometry"]), ("T_demo", lambda e: str(e["T_demo"])), ("M", lambda e: str(e["M"])),
-        ("compress ms (p20–p80)", _ms),
+        ("compress ms (p20–p80)",
+         lambda e: f"{e['status']}: {e['message']}" if e["median_ms"] is None else h.fmt_ms(e)),
         ("prefix MiB", lambda e: "—" if e["prefix_bytes"] is None else f"{e['prefix_bytes'] / 2**20:.3g}"),
         ("break-even vs full-eager at B 1 (inputs)",
          lambda e: "—" if e.get("break_even_inputs") is None else f"{e['break_even_inputs']:.3g}")])],

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import Benchmark, Provider, failure, find, make_check, memory_bound_op, ratio_verdict, verdict
+from benchmarks import harness as h
 from benchmarks.shapes import GATHER_CPU_LAYERS, gather_cases
 
 OURS, UNCHECKED = "gather_kv", "gather_kv_unchecked"
 LOOP, LOOP_NOSTACK = "index_select_loop", "index_select_loop_nostack"
 TARGET_RATIO = 1.0  # gather_kv median <= index_select_loop median, every case
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass
@@ -59,11 +58,11 @@ def check_exact(got, ref) -> dict:
             failures.append(f"{name}: {tuple(x.shape)} {x.dtype}, oracle {tuple(r.shape)} {r.dtype}")
             errors[name] = {"error": float("inf"), "tolerance": 0.0}
             continue
-        equal = torch.equal(x.view(_BITS[x.element_size()]), r.view(_BITS[x.element_size()]))
+        equal = torch.equal(x.view(h.BITS[x.element_size()]), r.view(h.BITS[x.element_size()]))
         err = 0.0 if equal or x.numel() == 0 else float((x.double() - r.double()).abs().max())
         failures.append(None if equal else f"{name}: not bit-exact, max |diff| {err:.3g}")
         errors[name] = {"error": err, "tolerance": 0.0}
-    return make_check(errors, failures, "whole output, bit-exact vs gather_kv_reference")
+    return h.make_check(errors, failures, "whole output, bit-exact vs gather_kv_reference")
 
 
 def gate(case, inp, group, providers, mode) -> dict:
@@ -73,7 +72,7 @@ def gate(case, inp, group, providers, mode) -> dict:
             with torch.no_grad():
                 out[p.name] = check_exact(p.fn(case, inp), inp.ref)
         except Exception as exc:  # the traceback (and the tensors its frames hold) is dropped here
-            out[p.name] = failure(exc)
+            out[p.name] = h.failure(exc)
     return out
 
 
@@ -91,7 +90,7 @@ def targets(rows: list[dict]) -> list[dict]:
     """``gather_kv`` >= ``index_select_loop`` on every case."""
     measured, others, verdicts = [], [], []
     for ours in (r for r in rows if r["provider"] == OURS):
-        ok, ratio, text = ratio_verdict(ours, find(rows, ours["case"], LOOP), lambda x: x >= TARGET_RATIO)
+        ok, ratio, text = h.ratio_verdict(ours, h.find(rows, ours["case"], LOOP), lambda x: x >= TARGET_RATIO)
         verdicts.append(ok)
         if ratio is None:
             others.append(f"{ours['case']}: {text}")
@@ -105,7 +104,7 @@ def targets(rows: list[dict]) -> list[dict]:
                      f"worst {worst[0]:.2f}x ({worst[1]}), best {best[0]:.2f}x ({best[1]})")
         parts += ["below: " + ", ".join(below)] if below else []
     parts += ["not compared: " + ", ".join(others)] if others else []
-    return [{"target": f"{OURS} at least as fast as {LOOP} on every case (median time)", "result": verdict(verdicts),
+    return [{"target": f"{OURS} at least as fast as {LOOP} on every case (median time)", "result": h.verdict(verdicts),
              "detail": "; ".join(parts) or "no cases"}]
 
 
@@ -113,22 +112,22 @@ def _kernel(device) -> str:
     return "one CUDA launch for all layers" if device.type == "cuda" else "its C++ CPU kernel, no CUDA"
 
 
-BENCH = Benchmark(
+BENCH = h.Benchmark(
     name="gather", suffix="-gather", modes=("gather",), cases=gather_cases, inputs=make_inputs, gate=gate,
     op="KV-cache gather: keep M positions of every layer's keys and values (anchor compression)",
-    **memory_bound_op(),
+    **h.memory_bound_op(),
     providers=[
-        Provider(OURS, gather, lambda d: (
+        h.Provider(OURS, gather, lambda d: (
             f"fastattn_icl.ops.gather.gather_kv(keys, values, index) with its defaults ({_kernel(d)}); "
             "check_index=True: positions checked on the host first (one device-to-host sync on CUDA); "
             "returns K, V [L, B, Hkv, M, D]"), skip=needs_extension),
-        Provider(UNCHECKED, lambda case, inp: gather(case, inp, check_index=False), lambda d: (
+        h.Provider(UNCHECKED, lambda case, inp: gather(case, inp, check_index=False), lambda d: (
             f"gather_kv(keys, values, index, check_index=False) ({_kernel(d)}): no host check, no sync"),
             skip=needs_extension),
-        Provider(LOOP, index_select_loop, lambda d: (
+        h.Provider(LOOP, index_select_loop, lambda d: (
             "for each layer k.index_select(2, index), v.index_select(2, index) (2L ops), then torch.stack of "
             "each list: K, V [L, B, Hkv, M, D]")),
-        Provider(LOOP_NOSTACK, lambda case, inp: index_select_loop(case, inp, stack=False), lambda d: (
+        h.Provider(LOOP_NOSTACK, lambda case, inp: index_select_loop(case, inp, stack=False), lambda d: (
             "the same loop without torch.stack: two lists of L tensors [B, Hkv, M, D] (2L ops)")),
     ],
     gate_text="every case and provider: its output (lists stacked outside the timed call) equals fastattn_icl."

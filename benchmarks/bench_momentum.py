@@ -16,7 +16,6 @@ OURS, BASE, EAGER = "fastattn_icl", "base", "eager"
 OVERHEAD_MAX, OVERHEAD_MIN_T = 0.05, 2048
 FUSED, LOOP = "fused", "eager_loop"
 UPDATE_TARGET, ULP_TOLERANCE = 5.0, 1
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def momentum(case, q, k, v):
@@ -132,7 +131,7 @@ def eager_loop(case, inp: UpdateInputs) -> None:
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
     """int64 keys, monotone in the float value, adjacent floats one apart (+0 and -0 both 0)."""
-    bits = x.view(_BITS[x.element_size()]).to(torch.int64)
+    bits = x.view(h.BITS[x.element_size()]).to(torch.int64)
     mag = bits & ((1 << (8 * x.element_size() - 1)) - 1)
     return torch.where(bits < 0, -mag, mag)
 
@@ -197,7 +196,7 @@ def update_gate(case, inp: UpdateInputs, group=None, providers=(), mode="update"
             failures.append(f"{name}: {a['ulp']:g} ulp from the loop's ({a['differing']} elements differ) and error "
                             f"{a['error']:.3e} vs float64 > tolerance {tol:.3e} ({FWD_FACTOR:g}x the loop's "
                             f"{a['loop_error']:.3e} + eps)")
-    bits = _BITS[x_new.element_size()]
+    bits = h.BITS[x_new.element_size()]
     unchanged = torch.equal(inp.work[:, :, :, 1].view(bits), x_new.view(bits))
     errors["X_new"] = {"error": 0.0 if unchanged else max(_max_abs_diff(inp.work[:, :, :, 1], x_new), 1e-300),
                        "tolerance": 0.0}

@@ -40,6 +40,7 @@ STATUS_OK, STATUS_INCORRECT, STATUS_UNCHECKED = "ok", "incorrect", "unchecked"
 STATUS_OOM, STATUS_ERROR, STATUS_SKIPPED = "oom", "error", "skipped"
 TIMED = (STATUS_OK, STATUS_INCORRECT)
 UNITS = {"gb_per_s": "GB/s", "ms_per_input": "ms/input", "inputs_per_s": "inputs/s", "ms_per_example": "ms/example"}
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # the integer view of a float of that size
 
 
 @dataclass
@@ -424,12 +425,10 @@ def format_progress(row: dict) -> str:
 
 
 def _measure(spec, case, inputs, group, p, mode, check, device, timing) -> dict:
-    if isinstance(check, tuple):
-        status, message = check
-        check = None
+    if isinstance(check, tuple):  # (status, message): no check to record
+        (status, message), check = check, None
     else:
-        status = STATUS_OK if check is None else check["status"]
-        message = None if check is None else check["message"]
+        status, message = (STATUS_OK, None) if check is None else (check["status"], check["message"])
     if status in (STATUS_OOM, STATUS_ERROR, STATUS_SKIPPED):
         return make_row(case, p.name, mode, status, message=message, **spec.metric(case, None))
     t = None
@@ -582,7 +581,7 @@ def md_table(heads, rows) -> list[str]:
     return ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _fmt_ms(row: dict) -> str:
+def fmt_ms(row: dict) -> str:
     if row["median_ms"] is None:
         return "—"
     return f"{row['median_ms']:.4g} ({row['p20_ms']:.4g}–{row['p80_ms']:.4g})"
@@ -634,7 +633,7 @@ def _row_cells(r: dict, providers: Sequence[str]) -> list[str]:
     mem = "null" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
     status = r["status"] if r["status"] in TIMED else f"{r['status']}: {r['message']}"
     sp = [("—" if p == r["provider"] else r["speedup_text"].get(p, "n/a")) for p in providers]
-    return [r["mode"], r["provider"], status, _fmt_ms(r), _figures(r) or "—", mem, _fmt_check(r), *sp]
+    return [r["mode"], r["provider"], status, fmt_ms(r), _figures(r) or "—", mem, _fmt_check(r), *sp]
 
 
 def render_markdown(results: dict, bench: Benchmark | None = None) -> str:
