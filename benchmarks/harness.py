@@ -31,7 +31,6 @@ from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close, max_error
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 QUANTILES = (0.5, 0.2, 0.8)
-MODES = ("fwd", "bwd", "fwd+bwd")
 # a file to which every row is appended as one JSON line the moment it is measured (set by scripts/gpu.py: a
 # benchmark stopped by its time budget still leaves every row it measured)
 ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"

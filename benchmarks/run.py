@@ -19,8 +19,8 @@ from benchmarks import (
     bench_reweighting_epoch,
     bench_saliency,
 )
-from benchmarks.harness import MODES, RESULTS_DIR, run, write_results
-from benchmarks.shapes import SET_NAMES
+from benchmarks.harness import RESULTS_DIR, run, write_results
+from benchmarks.shapes import MODES, SET_NAMES
 
 # --bench name -> its declarations, in the order of --bench all
 BENCHMARKS = {
