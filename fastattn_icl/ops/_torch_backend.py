@@ -1,11 +1,24 @@
-"""Plain-PyTorch backend of every op (attention, saliency, momentum, Deep-Thinking): the CPU path until faster CPU
-kernels exist. It implements the functions that :func:`fastattn_icl.ops.backend.kernel` names.
+"""Plain-PyTorch backend of every op (attention, saliency, momentum, Deep-Thinking): the CPU path. It implements the
+functions that :func:`fastattn_icl.ops.backend.kernel` names.
 
-Flash-style contract, same as the Triton kernels: the forward returns ``o`` and the natural-log
-``lse`` (``-inf`` on rows with no visible key, whose output is 0); the backward recomputes ``P``
-from ``lse``. Work is done in float32 over query chunks so memory stays ``O(chunk · Tk)`` per head,
-not ``O(Tq · Tk)``. This is an implementation, not the oracle: tests compare it with
-``fastattn_icl.reference`` like every other backend.
+Flash-style contract, same as the Triton kernels: the forward returns ``o`` and the natural-log ``lse`` (``-inf`` on
+rows with no visible key, whose output is 0); the backward recomputes ``P`` from ``lse``.
+
+On CPU tensors the attention leans on PyTorch's own CPU flash kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns the ``lse`` this contract
+needs. The method features are added on top of it, exactly, at a cost linear in ``T`` (docs/methods.md §8):
+
+- bottom-right causal masking with ``Tq < Tk`` (a chunk over a cache, a shared prefix): the keys are split into
+  the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
+- anchor re-weighting: ``O = O_flash + Σ_a (w_a − 1) · P[:, a] · v_a`` over the anchor columns ``a`` only, with
+  ``P[:, a] = exp(s[:, a] − lse)``; the denominator (``lse``) is the unweighted one, as the method says;
+- isolation: the isolated rows (a few per prompt) are recomputed exactly over query chunks and overwrite the
+  flash rows; in the backward their output gradient is taken out of the flash pass and added by the exact rows.
+
+Every other case (other devices, for ``backend="torch"`` on a GPU; causal ``Tq > Tk``) runs the exact chunked
+computation over query chunks of all rows. Work is in float32 (float64 for float64 inputs): fp16/bf16 inputs
+accumulate in float32, the caller's tensors are never changed. This is an implementation, not the oracle: tests
+compare it with ``fastattn_icl.reference`` like every other backend.
 """
 
 from __future__ import annotations
@@ -14,29 +27,50 @@ import torch
 
 from fastattn_icl.ops.features import ISOLATION_VALUE
 
-_CHUNK_ELEMENTS = 1 << 24  # scores per chunk, summed over batch and heads
+_CHUNK_ELEMENTS = 1 << 20  # scores per query chunk of the exact passes, summed over batch and heads: 4 MiB in float32
+_MIN_CHUNK_ROWS = 16  # below this, the chunk's matmuls are too thin to run at speed
+_FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other floating dtype (fp16/bf16 accumulate in float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
-    return max(1, min(Tq, _CHUNK_ELEMENTS // max(1, B * H * Tk)))
+    return max(1, min(Tq, max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, B * H * Tk))))
+
+
+def _row_chunks(rows: torch.Tensor, step: int):
+    """``rows`` (int64, ascending) in pieces of at most ``step``."""
+    for i in range(0, rows.numel(), step):
+        yield rows[i : i + step]
+
+
+def _key_limit(rows: torch.Tensor, Tq: int, Tk: int, causal: bool) -> int:
+    """How many leading keys a chunk of ascending query ``rows`` can see: causal rows never see later keys."""
+    if not causal or rows.numel() == 0:
+        return Tk
+    return max(0, min(Tk, int(rows[-1]) + 1 + Tk - Tq))
 
 
 def _visible(rows: torch.Tensor, Tq: int, Tk: int, causal: bool, kpm: torch.Tensor | None) -> torch.Tensor:
-    """Bool ``[B or 1, 1, 1, len(rows), Tk]``: which keys each query row in ``rows`` may see."""
+    """Bool ``[B or 1, 1, 1, len(rows), Tk]``: which of the first ``Tk`` keys each query row in ``rows`` may see."""
     cols = torch.arange(Tk, device=rows.device)
     vis = torch.ones(rows.numel(), Tk, dtype=torch.bool, device=rows.device)
     if causal:
         vis = cols[None, :] <= rows[:, None] + (Tk - Tq)
     vis = vis[None, None, None]
     if kpm is not None:
-        vis = vis & kpm[:, None, None, None, :]
+        vis = vis & kpm[:, None, None, None, :Tk]
     return vis
 
 
 def _grouped(x: torch.Tensor, Hkv: int) -> torch.Tensor:
-    """``[B, H, T, D]`` -> float32 ``[B, Hkv, G, T, D]`` (query heads grouped by their kv head)."""
+    """``[B, H, T, D]`` -> ``[B, Hkv, G, T, D]`` in the compute dtype (query heads grouped by their kv head)."""
     B, H, T, D = x.shape
-    return x.float().reshape(B, Hkv, H // Hkv, T, D)
+    return x.to(_compute_dtype(x)).reshape(B, Hkv, H // Hkv, T, D)
 
 
 def _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolation_limit, device):
@@ -48,14 +82,14 @@ def _chunk_features(rows, B, H, Hkv, Tk, key_log_weights, reweight_from, isolati
         iso = (cols[None, None, :] < isolation_limit[:, rows].long()[:, :, None])[:, None, None]
     if key_log_weights is not None:
         rw = (rows[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
-        w = key_log_weights.exp().reshape(B, Hkv, H // Hkv, 1, Tk)
+        w = key_log_weights[:, :, :Tk].exp().reshape(B, Hkv, H // Hkv, 1, Tk)
         weights = torch.where(rw, w, torch.ones((), device=device))
     return iso, weights, rw
 
 
 def _prefix_scores(q_c: torch.Tensor, pkf: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, Hkv, G, n, Tp]`` of a chunk of grouped queries against the shared prefix keys ``pkf``
-    (float32 ``[1 or B, Hkv, Tp, D]``); a batch-1 prefix is contracted once per kv head, never expanded."""
+    (``[1 or B, Hkv, Tp, D]``); a batch-1 prefix is contracted once per kv head, never expanded."""
     if pkf.shape[0] == 1:
         return torch.einsum("bhgnd,hpd->bhgnp", q_c, pkf[0])
     return torch.matmul(q_c, pkf[:, :, None].transpose(-1, -2))
@@ -68,27 +102,28 @@ def _prefix_output(p: torch.Tensor, pvf: torch.Tensor) -> torch.Tensor:
     return torch.matmul(p, pvf[:, :, None])
 
 
-def _shared_prefix(prefix):
-    """Float32 ``(pk, pv)`` of a shared prefix, batch 1 when every row reads the same copy (batch stride 0)."""
+def _shared_prefix(prefix, dtype: torch.dtype):
+    """``(pk, pv)`` of a shared prefix in ``dtype``, batch 1 when every row reads the same copy (batch stride 0)."""
     if prefix is None:
         return None
     pk, pv = prefix
     if pk.shape[0] > 1 and pk.stride(0) == 0 and pv.stride(0) == 0:
         pk, pv = pk[:1], pv[:1]
-    return pk.float(), pv.float()
+    return pk.to(dtype), pv.to(dtype)
 
 
-def _chunk_softmax(qg_c, kf, rows, Tq, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
                    isolation_limit, prefix_keys):
-    """``(P̂, lse)`` of a chunk of grouped query rows ``qg_c [B, Hkv, G, n, D]`` over ``kf`` (float32 ``[B, Hkv, 1, Tk,
-    D]``): the post-softmax, re-weighted probabilities the forward multiplies with the values, ``[B, Hkv, G, n, Tp +
-    Tk]`` (the shared prefix keys first, if any), and the unweighted ``lse [B, Hkv, G, n]``."""
+    """``(P̂, lse)`` of a chunk of grouped query rows ``qg_c [B, Hkv, G, n, D]`` over the first ``kf.shape[-2]`` of the
+    ``Tk`` keys (``kf [B, Hkv, 1, ., D]``; later keys are hidden from these rows): the post-softmax, re-weighted
+    probabilities the forward multiplies with the values, ``[B, Hkv, G, n, Tp + .]`` (the shared prefix keys first,
+    if any), and the unweighted ``lse [B, Hkv, G, n]``."""
     B, Hkv, G = qg_c.shape[:3]
-    Tk = kf.shape[-2]
+    Tc = kf.shape[-2]
     s = torch.matmul(qg_c, kf.transpose(-1, -2)) * scale
-    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
+    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)[..., :Tc]
     s = s.masked_fill(~vis, float("-inf"))
-    iso, weights, _ = _chunk_features(rows, B, Hkv * G, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+    iso, weights, _ = _chunk_features(rows, B, Hkv * G, Hkv, Tc, key_log_weights, reweight_from, isolation_limit,
                                       qg_c.device)
     if iso is not None:  # overwrite after scaling and masking; a masked key stays masked
         s = s.masked_fill(iso & vis, ISOLATION_VALUE)
@@ -106,58 +141,172 @@ def _chunk_softmax(qg_c, kf, rows, Tq, causal, key_padding_mask, scale, key_log_
     return p, row_lse
 
 
+def _exact_rows_fwd(qg, kf, vf, rows, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+                    isolation_limit, prefix, o, lse):
+    """Writes ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]`` at the query ``rows`` (ascending), computed over
+    query chunks with every feature: the exact path."""
+    B, Hkv, G, Tq, D = qg.shape
+    Tp = 0 if prefix is None else prefix[0].shape[2]
+    for rows_c in _row_chunks(rows, _rows_per_chunk(B, Hkv * G, Tq, Tk + Tp)):
+        Tc = _key_limit(rows_c, Tq, Tk, causal)
+        p, row_lse = _chunk_softmax(qg[:, :, :, rows_c], kf[..., :Tc, :], rows_c, Tq, Tk, causal, key_padding_mask,
+                                    scale, key_log_weights, reweight_from, isolation_limit,
+                                    None if prefix is None else prefix[0])
+        out_c = torch.matmul(p[..., Tp:], vf[..., :Tc, :])
+        if prefix is not None:
+            out_c = out_c + _prefix_output(p[..., :Tp], prefix[1])
+        o[:, :, :, rows_c] = out_c
+        lse[:, :, :, rows_c] = row_lse
+
+
+def _flash_ok(q: torch.Tensor, Tq: int, Tk: int, causal: bool) -> bool:
+    """Whether the CPU flash kernel serves this call (the exact chunked path serves every other)."""
+    return q.device.type == "cpu" and Tq > 0 and not (causal and Tq > Tk)  # the kernel traps on 0 rows
+
+
+def _key_segments(Tq: int, Tk: int, causal: bool) -> list[tuple[int, int, bool]]:
+    """``(start, stop, causal)`` ranges of the keys whose flash passes make up bottom-right causal attention
+    (the CPU kernel's own causal mask is top-left aligned, which equals it only on a square)."""
+    if not causal or Tq == 1:
+        segments = [(0, Tk, False)]
+    else:  # Tq <= Tk: every row sees the keys before the square, the square is causal
+        segments = [(0, Tk - Tq, False), (Tk - Tq, Tk, True)]
+    return [seg for seg in segments if seg[1] > seg[0]]
+
+
+def _segment_mask(kpm, start, stop, causal, Tq, dtype):
+    """``(additive mask [B, 1, 1, n] or None, rows with no visible key [B, Tq] or None)`` of one key segment."""
+    if kpm is None:
+        return None, None
+    keep = kpm[:, start:stop]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, None]
+    seen = keep.cumsum(1) > 0 if causal else keep.any(1, keepdim=True).expand(-1, Tq)
+    return mask, ~seen
+
+
+def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
+    """``(o [B, H, Tq, D], lse [B, H, Tq])`` of plain attention (no method feature) by the CPU flash kernel, one
+    call per key segment (and one for a shared prefix), merged by their ``lse``."""
+    B, H, Tq, D = q.shape
+    parts = []
+    if prefix is not None and prefix[0].shape[2] > 0:
+        pk, pv = prefix
+        parts.append(_FLASH_FWD(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), 0.0, False, scale=scale))
+    for start, stop, seg_causal in _key_segments(Tq, k.shape[2], causal):
+        mask, empty = _segment_mask(kpm, start, stop, seg_causal, Tq, q.dtype)
+        o, lse = _FLASH_FWD(q, k[:, :, start:stop], v[:, :, start:stop], 0.0, seg_causal, attn_mask=mask, scale=scale)
+        if empty is not None:  # the kernel leaves lse 0 on a row that sees none of the segment's keys
+            lse = lse.masked_fill(empty[:, None], float("-inf"))
+        parts.append((o, lse))
+    if not parts:
+        return q.new_zeros(B, H, Tq, D), q.new_full((B, H, Tq), float("-inf"))
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.stack([part[1] for part in parts]).logsumexp(0)
+    finite = lse.masked_fill(torch.isinf(lse), 0.0)
+    o = sum(part[0] * torch.exp(part[1] - finite)[..., None].to(q.dtype) for part in parts)
+    return o, lse
+
+
+def _anchor_columns(key_log_weights: torch.Tensor) -> torch.Tensor:
+    """int64 ``[A]``: the key columns with a weight other than 1 in some batch row or head (host memory: CPU only)."""
+    return torch.nonzero((key_log_weights != 0).any(1).any(0)).flatten()
+
+
+def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, reweight_from, scale):
+    """Adds ``Σ_a (w_a − 1) · P[:, a] · v_a`` to the re-weighted rows of ``o [B, Hkv, G, Tq, D]`` (docs/methods.md §2:
+    post-softmax weights, unweighted denominator), over the anchor columns only."""
+    cols = _anchor_columns(key_log_weights)
+    if cols.numel() == 0:  # every weight is 1 (beta = 0): the plain result, bit for bit
+        return
+    B, Hkv, G, Tq, D = qg.shape
+    first = int(reweight_from.min())
+    rows = torch.arange(first, Tq, device=qg.device)
+    p = _anchor_probs(qg[:, :, :, first:], kf, lse[:, :, :, first:], rows, cols, Tq, Tk, causal, kpm, scale)
+    u = _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G)
+    o[:, :, :, first:] += torch.matmul(p * u, vf[:, :, :, cols])
+
+
+def _anchor_probs(q_r, kf, lse_r, rows, cols, Tq, Tk, causal, kpm, scale):
+    """``P[rows, cols]`` ``[B, Hkv, G, n, A]`` from the unweighted ``lse``; 0 where a key is hidden from a row."""
+    s = torch.matmul(q_r, kf[:, :, :, cols].transpose(-1, -2)) * scale
+    vis = _visible(rows, Tq, Tk, causal, kpm)[..., cols]
+    return torch.where(vis, torch.exp(s - lse_r[..., None]), 0.0)
+
+
+def _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G):
+    """``w − 1`` ``[B, Hkv, G, n, A]`` at the anchor columns for the re-weighted rows, 0 on the other rows."""
+    B = key_log_weights.shape[0]
+    u = torch.expm1(key_log_weights[:, :, cols]).reshape(B, Hkv, G, 1, -1)
+    rw = (rows[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
+    return torch.where(rw, u, 0.0)
+
+
+def _isolated_rows(isolation_limit: torch.Tensor | None) -> torch.Tensor | None:
+    """int64 ``[R]``: the query rows isolated in some batch row, or None when there are none (host memory)."""
+    if isolation_limit is None:
+        return None
+    rows = torch.nonzero((isolation_limit > 0).any(0)).flatten()
+    return rows if rows.numel() else None
+
+
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
                   scale: float, *, prefix=None):
     """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
     precede ``k``/``v`` and are visible to every query row (method features must then be off)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    cd = _compute_dtype(q)
     qg = _grouped(q, Hkv)
-    kf = k.float()[:, :, None]
-    vf = v.float()[:, :, None]
-    prefix = _shared_prefix(prefix)
-    Tp = 0 if prefix is None else prefix[0].shape[2]
-    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device)
-    o_bhtd = out.transpose(1, 2)
-    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(B, H, Tq, Tk + Tp)
-    for r0 in range(0, Tq, step):
-        rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
-        p, row_lse = _chunk_softmax(qg[:, :, :, rows], kf, rows, Tq, causal, key_padding_mask, scale, key_log_weights,
-                                    reweight_from, isolation_limit, None if prefix is None else prefix[0])
-        if prefix is not None:
-            o = _prefix_output(p[..., :Tp], prefix[1]) + torch.matmul(p[..., Tp:], vf)
-        else:
-            o = torch.matmul(p, vf)
-        o_bhtd[:, :, r0 : r0 + rows.numel()] = o.reshape(B, H, rows.numel(), D).to(q.dtype)
-        lse[:, :, r0 : r0 + rows.numel()] = row_lse.reshape(B, H, rows.numel())
-    return o_bhtd, lse
+    kf, vf = k.to(cd)[:, :, None], v.to(cd)[:, :, None]
+    prefix = _shared_prefix(prefix, cd)
+    if _flash_ok(q, Tq, Tk, causal):
+        o, lse = _flash_fwd(q.to(cd), k.to(cd), v.to(cd), key_padding_mask, causal, scale, prefix)
+        o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
+        if key_log_weights is not None:
+            _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale)
+        exact = _isolated_rows(isolation_limit)
+    else:
+        o = torch.empty(qg.shape, dtype=cd, device=q.device)
+        lse = torch.empty(B, Hkv, H // Hkv, Tq, dtype=torch.float32, device=q.device)
+        exact = torch.arange(Tq, device=q.device)
+    if exact is not None:
+        _exact_rows_fwd(qg, kf, vf, exact, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+                        isolation_limit, prefix, o, lse)
+    o = o.reshape(B, H, Tq, D)
+    if o.dtype == q.dtype and _same_layout(o.transpose(1, 2), q.new_empty(B, Tq, H, D)):  # laid out as promised
+        return o, lse.reshape(B, H, Tq)
+    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out.copy_(o)
+    return out, lse.reshape(B, H, Tq)
 
 
 def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
                     scale: float, *, prefix_keys=None) -> torch.Tensor:
-    """``P̂ [B, H, Tq, Tp + Tk]`` float32: the probabilities :func:`attention_fwd` multiplies with the values, for all
-    rows at once (``O(Tq · (Tp + Tk))`` memory per head: for callers that return attention weights), differentiable.
-    Arguments as in :func:`attention_fwd`; ``prefix_keys``: ``None`` or the shared prefix keys ``[B or 1, Hkv, Tp,
-    D]``, whose columns come first. Rows that see no key are 0."""
+    """``P̂ [B, H, Tq, Tp + Tk]``: the probabilities :func:`attention_fwd` multiplies with the values, for all rows at
+    once (``O(Tq · (Tp + Tk))`` memory per head: for callers that return attention weights), differentiable, float32
+    (float64 for float64 inputs). Arguments as in :func:`attention_fwd`; ``prefix_keys``: ``None`` or the shared
+    prefix keys ``[B or 1, Hkv, Tp, D]``, whose columns come first. Rows that see no key are 0."""
     B, H, Tq, _ = q.shape
-    Hkv = k.shape[1]
-    pk = None if prefix_keys is None else _shared_prefix((prefix_keys, prefix_keys))[0]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cd = _compute_dtype(q)
+    pk = None if prefix_keys is None else _shared_prefix((prefix_keys, prefix_keys), cd)[0]
     rows = torch.arange(Tq, device=q.device)
-    p, _ = _chunk_softmax(_grouped(q, Hkv), k.float()[:, :, None], rows, Tq, causal, key_padding_mask, scale,
+    p, _ = _chunk_softmax(_grouped(q, Hkv), k.to(cd)[:, :, None], rows, Tq, Tk, causal, key_padding_mask, scale,
                           key_log_weights, reweight_from, isolation_limit, pk)
     return p.reshape(B, H, Tq, p.shape[-1])
 
 
-def _chunk_probs(q_c, kf, lse_c, rows, Tq, causal, key_padding_mask, scale, key_log_weights, reweight_from,
+def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
                  isolation_limit):
-    """The backward's ``P`` of a chunk of query rows, recomputed from ``lse`` (``[B, Hkv, G, n, Tk]``), with
-    the chunk's isolated entries and post-softmax weights (see :func:`_chunk_features`)."""
+    """The backward's ``P`` of a chunk of query rows over the first ``kf.shape[-2]`` keys, recomputed from ``lse``
+    (``[B, Hkv, G, n, .]``), with the chunk's isolated entries and post-softmax weights (see
+    :func:`_chunk_features`)."""
     B, Hkv, G = q_c.shape[:3]
-    Tk = kf.shape[-2]
+    Tc = kf.shape[-2]
     s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale
-    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)
-    iso, weights, rw = _chunk_features(rows, B, Hkv * G, Hkv, Tk, key_log_weights, reweight_from, isolation_limit,
+    vis = _visible(rows, Tq, Tk, causal, key_padding_mask)[..., :Tc]
+    iso, weights, rw = _chunk_features(rows, B, Hkv * G, Hkv, Tc, key_log_weights, reweight_from, isolation_limit,
                                        q_c.device)
     if iso is not None:
         s = s.masked_fill(iso, ISOLATION_VALUE)
@@ -165,42 +314,126 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, causal, key_padding_mask, scale, key_
     return torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0), iso, weights, rw
 
 
+def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding_mask, scale, key_log_weights,
+                    reweight_from, isolation_limit, dq, dk, dv, dlogw):
+    """The backward of the query ``rows`` (ascending) over query chunks, with every feature: sets ``dq`` at the rows
+    and adds their part of ``dk``, ``dv`` (``[B, Hkv, Tk, D]``) and ``dlogw`` (``[B, Hkv, G, Tk]``)."""
+    B, Hkv, G, Tq, D = qg.shape
+    for rows_c in _row_chunks(rows, _rows_per_chunk(B, Hkv * G, Tq, Tk)):
+        Tc = _key_limit(rows_c, Tq, Tk, causal)
+        q_c, do_c = qg[:, :, :, rows_c], dog[:, :, :, rows_c]
+        k_c, v_c = kf[..., :Tc, :], vf[..., :Tc, :]
+        p, iso, weights, rw = _chunk_probs(q_c, k_c, lse_g[:, :, :, rows_c], rows_c, Tq, Tk, causal,
+                                           key_padding_mask, scale, key_log_weights, reweight_from, isolation_limit)
+        dp = torch.matmul(do_c, v_c.transpose(-1, -2))
+        if weights is not None:
+            pw = p * weights
+            dlogw[..., :Tc] += (pw * dp).masked_fill(~rw, 0.0).sum(3)
+            ds = p * (weights * dp - delta[:, :, :, rows_c, None])
+        else:
+            pw = p
+            ds = p * (dp - delta[:, :, :, rows_c, None])
+        if iso is not None:  # the overwritten logits are constants
+            ds = ds.masked_fill(iso, 0.0)
+        dv[:, :, :Tc] += torch.matmul(pw.transpose(-1, -2), do_c).sum(2)
+        dq[:, :, :, rows_c] = torch.matmul(ds, k_c) * scale
+        dk[:, :, :Tc] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
+
+
+def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
+    """``(dq, dk, dv)`` of plain attention by the CPU flash backward, one call per key segment with the merged ``o``
+    and ``lse`` (so each recomputes its share of the global ``P``)."""
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows that see no key: every P entry is masked anyway
+    segments = _key_segments(q.shape[2], k.shape[2], causal)
+    grads = []
+    for start, stop, seg_causal in segments:
+        mask, _ = _segment_mask(kpm, start, stop, seg_causal, q.shape[2], q.dtype)
+        grads.append(_FLASH_BWD(do, q, k[:, :, start:stop], v[:, :, start:stop], o, lse, 0.0, seg_causal,
+                                attn_mask=mask, scale=scale))
+    if len(segments) == 1 and segments[0][:2] == (0, k.shape[2]):
+        return grads[0]
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for (start, stop, _), (dq_s, dk_s, dv_s) in zip(segments, grads):
+        dq += dq_s
+        dk[:, :, start:stop] = dk_s
+        dv[:, :, start:stop] = dv_s
+    return dq, dk, dv
+
+
+def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweight_from, isolation_limit, scale,
+                dq, dk, dv, dlogw):
+    """The re-weighting's share of the backward for the rows from ``min(reweight_from)`` on, over query chunks:
+    ``d log w`` of every key (the op's contract is the dense ``[B, H, Tk]`` table), and the anchor columns'
+    ``(w − 1) · P · dP`` terms of ``dq``, ``dk`` and ``dv`` that the plain flash backward does not see (its
+    ``delta = rowsum(dO · O)`` with the re-weighted ``O`` already carries the denominator's share)."""
+    B, Hkv, G, Tq, D = qg.shape
+    cols = _anchor_columns(key_log_weights)
+    first = int(reweight_from.min())
+    w = key_log_weights.exp().reshape(B, Hkv, G, 1, Tk)
+    iso_rows = None if isolation_limit is None else isolation_limit > 0
+    for rows_c in _row_chunks(torch.arange(first, Tq, device=qg.device), _rows_per_chunk(B, Hkv * G, Tq, Tk)):
+        Tc = _key_limit(rows_c, Tq, Tk, causal)
+        q_c, do_c = qg[:, :, :, rows_c], dog[:, :, :, rows_c]
+        s = torch.matmul(q_c, kf[..., :Tc, :].transpose(-1, -2)) * scale
+        vis = _visible(rows_c, Tq, Tk, causal, kpm)[..., :Tc]
+        vis = vis & (rows_c[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
+        if iso_rows is not None:  # the exact rows carry their own share
+            vis = vis & ~iso_rows[:, rows_c][:, None, None, :, None]
+        p = torch.where(vis, torch.exp(s - lse_g[:, :, :, rows_c, None]), 0.0)
+        pd = p * torch.matmul(do_c, vf[..., :Tc, :].transpose(-1, -2))
+        dlogw[..., :Tc] += (pd * w[..., :Tc]).sum(3)
+        cols_c = cols[cols < Tc]
+        if cols_c.numel() == 0:
+            continue
+        u = torch.expm1(key_log_weights[:, :, cols_c]).reshape(B, Hkv, G, 1, -1)
+        ds = pd[..., cols_c] * u
+        dq[:, :, :, rows_c] += torch.matmul(ds, kf[:, :, :, cols_c]) * scale
+        dk[:, :, cols_c] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
+        dv[:, :, cols_c] += torch.matmul((p[..., cols_c] * u).transpose(-1, -2), do_c).sum(2)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same strides wherever a dimension has more than one element (a size-1 dimension's stride means nothing)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
                   causal: bool, scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    qg, dog, og = _grouped(q, Hkv), _grouped(do, Hkv), _grouped(o, Hkv)
-    kf = k.float()[:, :, None]
-    vf = v.float()[:, :, None]
+    cd = _compute_dtype(q)
+    qg, dog = _grouped(q, Hkv), _grouped(do, Hkv)
+    kf, vf = k.to(cd)[:, :, None], v.to(cd)[:, :, None]
     lse_g = lse.reshape(B, Hkv, H // Hkv, Tq)
-    delta = (dog * og).sum(-1)
-    dq = torch.empty_like(qg)
-    dk = torch.zeros(B, Hkv, Tk, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
     dlogw = None
     if key_log_weights is not None:
         dlogw = torch.zeros(B, Hkv, H // Hkv, Tk, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(B, H, Tq, Tk)
-    for r0 in range(0, Tq, step):
-        rows = torch.arange(r0, min(Tq, r0 + step), device=q.device)
-        q_c, do_c = qg[:, :, :, rows], dog[:, :, :, rows]
-        p, iso, weights, rw = _chunk_probs(q_c, kf, lse_g[:, :, :, rows], rows, Tq, causal, key_padding_mask, scale,
-                                           key_log_weights, reweight_from, isolation_limit)
-        dp = torch.matmul(do_c, vf.transpose(-1, -2))
-        if weights is not None:
-            pw = p * weights
-            dlogw += (pw * dp).masked_fill(~rw, 0.0).sum(3)
-            ds = p * (weights * dp - delta[:, :, :, rows, None])
-        else:
-            pw = p
-            ds = p * (dp - delta[:, :, :, rows, None])
-        if iso is not None:  # the overwritten logits are constants
-            ds = ds.masked_fill(iso, 0.0)
-        dv += torch.matmul(pw.transpose(-1, -2), do_c).sum(2)
-        dq[:, :, :, rows] = torch.matmul(ds, kf) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
+    if _flash_ok(q, Tq, Tk, causal):
+        exact = _isolated_rows(isolation_limit)
+        do_flash = do.to(cd)
+        if exact is not None:  # the exact rows below carry the isolated rows' whole share
+            do_flash = do_flash.clone()
+            do_flash[:, :, exact] = 0
+        dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse, key_padding_mask, causal,
+                                scale)
+        dq = dq.reshape(qg.shape)
+        if key_log_weights is not None:
+            _anchor_bwd(qg, kf, vf, _grouped(do_flash, Hkv), lse_g, Tk, causal, key_padding_mask, key_log_weights,
+                        reweight_from, isolation_limit, scale, dq, dk, dv, dlogw)
+    else:
+        dq = torch.empty_like(qg)
+        dk = torch.zeros(B, Hkv, Tk, D, dtype=cd, device=q.device)
+        dv = torch.zeros_like(dk)
+        exact = torch.arange(Tq, device=q.device)
+    if exact is not None:
+        delta = (dog * _grouped(o, Hkv)).sum(-1)
+        _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, exact, Tk, causal, key_padding_mask, scale, key_log_weights,
+                        reweight_from, isolation_limit, dq, dk, dv, dlogw)
     # gradients take the strides of their inputs, as the op's fake kernel promises (torch.empty_like)
-    grads = [torch.empty_like(t).copy_(g.reshape(t.shape)) for t, g in ((q, dq), (k, dk), (v, dv))]
+    grads = [g.reshape(t.shape) for t, g in ((q, dq), (k, dk), (v, dv))]
+    grads = [g if g.dtype == t.dtype and _same_layout(g, t) else torch.empty_like(t).copy_(g)
+             for t, g in zip((q, k, v), grads)]
     return (*grads, None if dlogw is None else dlogw.reshape(B, H, Tk))
 
 
@@ -211,8 +444,7 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     qg, dog = _grouped(q, Hkv), _grouped(do, Hkv)
-    kf = k.float()[:, :, None]
-    vf = v.float()[:, :, None]
+    kf, vf = k.to(qg.dtype)[:, :, None], v.to(qg.dtype)[:, :, None]
     lse_g = lse.reshape(B, Hkv, H // Hkv, T)
     label = label_mask != 0  # [B, T]
     cols = torch.arange(T, device=q.device)
@@ -220,30 +452,31 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
     sums = torch.zeros(B, 3, dtype=torch.float32, device=q.device)
     head_sums = torch.zeros(B, H, 3, dtype=torch.float32, device=q.device) if per_head else None
 
-    def reduce(a, rows_, lower):  # a [B, ..., n, T] -> [B, ..., 3] sums over this chunk
+    def reduce(a, rows_, lower, label_c):  # a [B, ..., n, Tc] -> [B, ..., 3] sums over this chunk
         a_lower = (a * lower).sum(-1)  # Σ_(j<i) per row, rows past the target excluded
-        a_label = (a * label.view(B, *([1] * (a.dim() - 2)), T)).sum(-1)
+        a_label = (a * label_c.view(B, *([1] * (a.dim() - 2)), -1)).sum(-1)
         is_label_row = label[:, rows_].view(B, *([1] * (a.dim() - 3)), -1)
         is_target_row = (rows_[None, :] == tgt[:, None]).view(B, *([1] * (a.dim() - 3)), -1)
         return torch.stack([(a_lower * is_label_row).sum(-1), (a_label * is_target_row).sum(-1), a_lower.sum(-1)], -1)
 
-    step = _rows_per_chunk(B, H, T, T)
-    for r0 in range(0, T, step):
-        rows_ = torch.arange(r0, min(T, r0 + step), device=q.device)
-        p, _, weights, _ = _chunk_probs(qg[:, :, :, rows_], kf, lse_g[:, :, :, rows_], rows_, T, causal,
-                                        key_padding_mask, scale, key_log_weights, reweight_from, isolation_limit)
+    for rows_ in _row_chunks(torch.arange(T, device=q.device), _rows_per_chunk(B, H, T, T)):
+        Tc = _key_limit(rows_, T, T, causal)  # a causal chunk sees no later key: its saliency there is 0
+        p, _, weights, _ = _chunk_probs(qg[:, :, :, rows_], kf[..., :Tc, :], lse_g[:, :, :, rows_], rows_, T, T,
+                                        causal, key_padding_mask, scale, key_log_weights, reweight_from,
+                                        isolation_limit)
         if weights is not None:
             p = p * weights
-        c = p * torch.matmul(dog[:, :, :, rows_], vf.transpose(-1, -2))  # [B, Hkv, G, n, T]
+        c = p * torch.matmul(dog[:, :, :, rows_], vf[..., :Tc, :].transpose(-1, -2))  # [B, Hkv, G, n, Tc]
         sal = c.sum(dim=(1, 2)).abs()  # heads summed before the absolute value
-        lower = (cols[None, None, :] < rows_[None, :, None]) & (rows_[None, :, None] <= tgt[:, None, None])
-        sums += reduce(sal, rows_, lower)
+        lower = (cols[None, None, :Tc] < rows_[None, :, None]) & (rows_[None, :, None] <= tgt[:, None, None])
+        sums += reduce(sal, rows_, lower, label[:, :Tc])
         if per_head:
-            head_sums += reduce(c.abs().reshape(B, H, rows_.numel(), T), rows_, lower[:, None])
+            head_sums += reduce(c.abs().reshape(B, H, rows_.numel(), Tc), rows_, lower[:, None], label[:, :Tc])
         if rows is not None:
             slot = row_slot[:, rows_].long()  # [B, n]
             b_idx, r_idx = torch.nonzero(slot >= 0, as_tuple=True)
-            rows[b_idx, slot[b_idx, r_idx]] = sal[b_idx, r_idx]
+            rows[b_idx, slot[b_idx, r_idx], :Tc] = sal[b_idx, r_idx].to(rows.dtype)
+            rows[b_idx, slot[b_idx, r_idx], Tc:] = 0
     return sums, head_sums
 
 
@@ -253,20 +486,38 @@ def _decay(t: torch.Tensor, i: torch.Tensor, eta: float) -> torch.Tensor:
     return torch.where(lag > 0, torch.pow(eta, lag.clamp(min=1)), 0.0).float()
 
 
+_SCAN_BLOCK = 64  # positions per block of the decay scan: O(T · block · D) work, not O(T²)
+
+
+def _decay_scan(x: torch.Tensor, eta: float) -> torch.Tensor:
+    """``y_t = Σ_{i<t} η^(t−i) x_i`` along dim -2 of ``x [..., T, D]`` (float32 or float64), in blocks of
+    ``_SCAN_BLOCK``: a decay matmul inside each block, and the blocks' sums carried to the later blocks by a second,
+    ``T / block`` times smaller, decay matmul. Decay powers are formed in float64 (docs/methods.md §6)."""
+    *lead, T, D = x.shape
+    if T == 0:
+        return x.clone()
+    c = min(_SCAN_BLOCK, T)
+    nb = -(-T // c)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - T)).reshape(*lead, nb, c, D)
+    r = torch.arange(c, device=x.device)
+    y = torch.matmul(_decay(r, r, eta).to(x.dtype), xb)  # within each block
+    tail = torch.pow(eta, (c - r).double()).to(x.dtype)  # η^(c − l): block element l carried to the next block
+    sums = torch.matmul(tail, xb)  # [..., nb, D]
+    blocks = torch.arange(nb, device=x.device)
+    lag = (blocks[:, None] - blocks[None, :] - 1).double()  # carry of block b' into block b: η^(c·(b − b' − 1))
+    spread = torch.where(lag >= 0, torch.pow(eta, c * lag.clamp(min=0)), 0.0).to(x.dtype)
+    carry = torch.matmul(spread, sums)  # M at each block's first position, from the earlier blocks
+    y = y + torch.pow(eta, r.double()).to(x.dtype)[:, None] * carry[..., None, :]
+    return y.reshape(*lead, nb * c, D)[..., :T, :]
+
+
 def momentum_term(v: torch.Tensor, eta: float, first: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """``M [B, Hkv, Tk - first, D]`` float32 at absolute positions ``first .. Tk - 1`` (docs/methods.md §6),
     padded keys 0."""
-    B, Hkv, Tk, D = v.shape
     vf = v.float()
     if key_padding_mask is not None:
         vf = vf * key_padding_mask[:, None, :, None]
-    keys = torch.arange(Tk, device=v.device)
-    out = torch.empty(B, Hkv, Tk - first, D, dtype=torch.float32, device=v.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, Tk * 64))
-    for r0 in range(first, Tk, step):
-        rows = torch.arange(r0, min(Tk, r0 + step), device=v.device)
-        out[:, :, r0 - first : r0 - first + rows.numel()] = torch.matmul(_decay(rows, keys, eta), vf)
-    return out
+    return _decay_scan(vf, eta)[:, :, first:].contiguous()
 
 
 def momentum_continue(v_new: torch.Tensor, eta: float, m0: torch.Tensor,
@@ -279,7 +530,7 @@ def momentum_continue(v_new: torch.Tensor, eta: float, m0: torch.Tensor,
         vf = vf * key_padding_mask[:, None, :, None]
     rows = torch.arange(n + 1, device=v_new.device)
     carry = torch.pow(eta, rows.double()).float()[:, None]  # η^r, 1 at r = 0
-    return carry * m0.float()[:, :, None] + torch.matmul(_decay(rows, rows[:n], eta), vf)
+    return carry * m0.float()[:, :, None] + _decay_scan(torch.nn.functional.pad(vf, (0, 0, 0, 1)), eta)
 
 
 def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
@@ -288,12 +539,8 @@ def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
     over each kv head's query heads (query rows at positions ``Tk - Tq ..``); 0 at padded keys."""
     B, H, Tq, D = grad_out.shape
     g = grad_out.float().reshape(B, Hkv, H // Hkv, Tq, D).sum(dim=2)
-    positions = torch.arange(Tk - Tq, Tk, device=grad_out.device)
-    out = torch.empty(B, Hkv, Tk, D, dtype=torch.float32, device=grad_out.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, Tq * 64))
-    for c0 in range(0, Tk, step):
-        cols = torch.arange(c0, min(Tk, c0 + step), device=grad_out.device)
-        out[:, :, c0 : c0 + cols.numel()] = torch.matmul(_decay(positions, cols, eta).transpose(0, 1), g)
+    g = torch.nn.functional.pad(g, (0, 0, Tk - Tq, 0))  # G at every key position, 0 before the query rows
+    out = _decay_scan(g.flip(2), eta).flip(2)  # the scan run backwards: Σ over later positions
     if key_padding_mask is not None:
         out = out * key_padding_mask[:, None, :, None]
     return out
@@ -312,15 +559,26 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
 
 
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
-    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7), in row chunks; the
-    contract of the Triton launcher of the same name."""
+    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7); the contract of the
+    Triton launcher of the same name. In row chunks of about 256 KiB per operand with one chunk-sized scratch buffer,
+    so the in-place passes over a chunk run in cache and memory sees each operand about once; each product and sum
+    is rounded as the per-tensor reference rounds it (``g = X_new − X̂``, ``m = g + β·m``, ``X̂ = X̂ + η·m``)."""
     R, _, C = work.shape
-    step = max(1, (1 << 18) // max(1, C))  # rows per chunk: float32 temporaries of about 1 MiB stay in cache
+    step = max(1, (1 << 16) // max(1, C))
+    scratch = torch.empty(min(step, R), C, dtype=m.dtype, device=m.device)
     for r0 in range(0, R, step):
         x_hat, x_new, m_rows = work[r0 : r0 + step, 0], work[r0 : r0 + step, 1], m[r0 : r0 + step]
-        g = x_new.float() - x_hat.float()
-        if first:
-            m_rows.copy_(g)
+        tmp = scratch[: m_rows.shape[0]]
+        if x_hat.dtype == m.dtype:
+            torch.sub(x_new, x_hat, out=tmp)  # g
         else:
-            m_rows.mul_(beta).add_(g)
-        x_hat.copy_(x_hat.float() + eta * m_rows)
+            tmp.copy_(x_new).sub_(x_hat)  # g, formed in m's float32 for an fp16/bf16 state
+        if first:
+            m_rows.copy_(tmp)
+        else:
+            m_rows.mul_(beta).add_(tmp)
+        torch.mul(m_rows, eta, out=tmp)
+        if x_hat.dtype == m.dtype:
+            x_hat.add_(tmp)
+        else:  # rounded once, to the state's dtype
+            x_hat.copy_(tmp.add_(x_hat))

@@ -33,6 +33,7 @@ from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.momentum_cache import MomentumCache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 from fastattn_icl.integrations.transformers import fastattn_icl_attention_forward, fastattn_icl_mask
+from fastattn_icl.ops import _torch_backend, backend
 from fastattn_icl.ops import Saliency
 from tests.integrations.test_models import make_inputs, positions, tiny_model
 
@@ -67,6 +68,20 @@ class _SyncCounter:
         return original, counted
 
 
+    def uncounted(self, fn):
+        """``fn`` with counting paused: a CPU kernel of the plain-PyTorch backend reads host memory, which is no sync
+        (on a GPU the Triton kernels run instead, and the ``gpu`` test below holds them to the same rule)."""
+
+        def call(*args, **kwargs):
+            active, self._active = self._active, False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._active = active
+
+        return call
+
+
 @pytest.fixture
 def sync_counter(monkeypatch):
     counter = _SyncCounter()
@@ -74,6 +89,8 @@ def sync_counter(monkeypatch):
     AttentionMaskInterface.register(COUNTING, fastattn_icl_mask)
     for name in _HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counter.wrap(name)[1])
+    for name in backend._TRITON_MODULE:  # the functions ops.backend.kernel() hands out, looked up at each call
+        monkeypatch.setattr(_torch_backend, name, counter.uncounted(getattr(_torch_backend, name)))
     return counter
 
 

@@ -207,9 +207,10 @@ def test_batch_one_prefix_reaches_the_backend_with_stride_0(backend, caller_expa
 
 
 def test_torch_backend_contracts_the_prefix_once(monkeypatch):
-    """The plain-PyTorch backend turns a stride-0 prefix back into batch 1 and never expands it."""
+    """The exact path of the plain-PyTorch backend turns a stride-0 prefix back into batch 1 and never expands it."""
     from fastattn_icl.ops import _torch_backend
 
+    monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
     batches = []
     scores, output = _torch_backend._prefix_scores, _torch_backend._prefix_output
 
@@ -226,6 +227,23 @@ def test_torch_backend_contracts_the_prefix_once(monkeypatch):
     q, pk, pv, k, v = _inputs(4, 4, 2, 5, 9, 17, 16, torch.float32, seed=11)
     _check_against_oracle("torch", q, pk, pv, k, v, causal=True)
     assert batches and set(batches) == {1}
+
+
+def test_cpu_flash_path_reads_the_prefix_through_stride_0(monkeypatch):
+    """On CPU the flash kernel reads one copy of a batch-1 prefix through a batch stride of 0: nothing is copied."""
+    from fastattn_icl.ops import _torch_backend
+
+    seen = []
+    flash = _torch_backend._FLASH_FWD
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((k.shape[2], k.stride(0), v.stride(0)))
+        return flash(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(_torch_backend, "_FLASH_FWD", spy)
+    q, pk, pv, k, v = _inputs(4, 4, 2, 5, 9, 17, 16, torch.float32, seed=11)
+    _check_against_oracle("torch", q, pk, pv, k, v, causal=True)
+    assert (17, 0, 0) in seen, f"prefix keys read through (length, k batch stride, v batch stride): {seen}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""The two paths of the plain-PyTorch backend on CPU against the oracle: the CPU flash kernel with the method features
+added on top (``flash``) and the exact chunked computation (``exact``, what every other device and shape runs).
+
+Every feature combination runs through both, forward and every gradient (dq, dk, dv, dβ), in float32 and bf16, on
+shapes that split the keys (a chunk of queries over a cache, a decode step), pad keys, and mix anchors with isolated
+rows; β = 0 is the start of training, where the weight table holds no trace of the anchors but dβ must still be
+right.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn_icl
+from fastattn_icl.ops import _torch_backend
+from fastattn_icl.reference.anchors import anchor_reweight_attention as reweight_ref
+from fastattn_icl.reference.attention import attention as attention_ref
+from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close
+
+
+@pytest.fixture(params=["flash", "exact"])
+def path(request, monkeypatch):
+    if request.param == "exact":
+        monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
+    calls = []
+    flash = _torch_backend._FLASH_FWD
+    monkeypatch.setattr(_torch_backend, "_FLASH_FWD", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    yield request.param
+    assert bool(calls) == (request.param == "flash"), "the test ran the other path"
+
+
+CASES = [
+    # B, H, Hkv, Tq, Tk, D, causal, padded
+    (2, 4, 2, 33, 33, 16, True, True),  # GQA, prefill, left padding
+    (2, 4, 1, 17, 50, 32, True, False),  # a chunk of queries over a cache: two key segments
+    (1, 2, 2, 1, 40, 16, True, True),  # one decode step
+    (2, 2, 2, 20, 31, 16, False, True),  # not causal
+]
+
+
+def _inputs(case, dtype, seed=0):
+    B, H, Hkv, Tq, Tk, D, causal, padded = case
+    g = torch.Generator().manual_seed(seed + sum(case[:6]))
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk)))
+    do = torch.randn(B, H, Tq, D, generator=g)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, Tk, dtype=torch.bool)
+        kpm[-1, : Tk // 4] = False  # left padding of the last batch row
+    return [t.to(dtype) for t in (q, k, v)], do, kpm
+
+
+def _compare(ours, oracle, leaves, do, names):
+    def run(fn, dtype=None):
+        xs = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in leaves]
+        out = fn(*xs)
+        return (out.detach(), *torch.autograd.grad(out, xs, do.to(out.dtype)))
+
+    got, same, high = run(ours), run(oracle), run(oracle, torch.float64)
+    for name, g, s, h in zip(("out", *names), got, same, high):
+        check_close(name, g, s, h, factor=FWD_FACTOR if name == "out" else GRAD_FACTOR)
+    return got
+
+
+def _anchors(B, Tk, padded):
+    pos = torch.tensor([[Tk // 2, Tk // 2 + 3, Tk - 2, -1]] * B)
+    if padded:
+        pos[-1, 0] = Tk - 5  # keep anchors out of the padded columns
+    cls = torch.tensor([[0, 1, 0, 0]] * B)
+    return pos, cls
+
+
+def _isolated(B, Tq, Tk, window):
+    """Two isolated positions among the query rows (one for a single row), ``window`` rows before the end."""
+    first = Tk - Tq  # absolute position of query row 0
+    rows = torch.tensor([[first + Tq // 2, first + Tq - 3 if Tq > 3 else -1]] * B)
+    return torch.where(rows >= 0, rows.clamp(max=Tk - 1 - window), -1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plain_attention(path, case, dtype):
+    (q, k, v), do, kpm = _inputs(case, dtype)
+    causal = case[6]
+    _compare(lambda *t: fastattn_icl.attention(*t, causal=causal, key_padding_mask=kpm, backend="torch"),
+             lambda *t: attention_ref(*t, causal=causal, key_padding_mask=kpm), [q, k, v], do, ("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("reweight_from", [None, 0, "mid"])
+@pytest.mark.parametrize("beta_scale", [0.8, 0.0], ids=["beta", "beta0"])
+@pytest.mark.parametrize("isolation", [False, True], ids=["", "isolated"])
+def test_anchors_and_isolation(path, case, reweight_from, beta_scale, isolation):
+    B, H, Hkv, Tq, Tk = case[:5]
+    (q, k, v), do, kpm = _inputs(case, torch.float32)
+    causal = case[6]
+    start = Tq // 2 if reweight_from == "mid" else reweight_from
+    pos, cls = _anchors(B, Tk, case[7])
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(3)) * beta_scale
+    iso = dict(isolation_rows=_isolated(B, Tq, Tk, 1), isolation_window=1) if isolation else {}
+
+    def ours(q_, k_, v_, b_):
+        return fastattn_icl.anchor_reweight_attention(q_, k_, v_, b_, pos, cls, reweight_from=start, causal=causal,
+                                                      key_padding_mask=kpm, backend="torch", **iso)
+
+    def oracle(q_, k_, v_, b_):
+        return reweight_ref(q_, k_, v_, b_, pos, cls, reweight_from=start, causal=causal, key_padding_mask=kpm, **iso)
+
+    got = _compare(ours, oracle, [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
+    assert got[-1].abs().max() > 0, "dβ is zero: the anchors' gradient was lost"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("window", [0, 2])
+def test_isolation_alone(path, case, window):
+    B, H, Hkv, Tq, Tk = case[:5]
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=5)
+    rows = _isolated(B, Tq, Tk, window)
+    causal = case[6]
+    kw = dict(causal=causal, key_padding_mask=kpm, isolation_rows=rows, isolation_window=window)
+    _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
+             [q, k, v], do, ("dq", "dk", "dv"))
