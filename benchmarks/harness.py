@@ -96,7 +96,9 @@ class TimingConfig:
 class Benchmark:
     """A benchmark as data: its cases, providers and hooks (benchmarks/README.md, "How a benchmark is written").
     ``group`` also carries ``device``, ``notes`` (the results' skipped list) and ``extra`` (merged into the
-    results; ``tables`` render its lists)."""
+    results; ``tables`` render its lists). ``targets`` are evaluated on CUDA, ``cpu_targets`` on CPU;
+    ``modes_of(case)`` limits a case to some of the modes (``None``: all); ``per_thread_count``: run.py runs it
+    at 1 thread and at all cores on CPU, the file names ending ``-{N}t``."""
 
     name: str
     op: str
@@ -119,6 +121,9 @@ class Benchmark:
     setup: Callable[[SimpleNamespace, list], None] = lambda group, cases: None
     metric: Callable[[Any, float | None], dict] = lambda case, ms: {}
     targets: Callable[[list[dict]], list[dict]] = lambda rows: []
+    cpu_targets: Callable[[list[dict]], list[dict]] = lambda rows: []
+    modes_of: Callable[[Any], Sequence[str] | None] = lambda case: None
+    per_thread_count: bool = False
     finish: Callable[[dict], None] = lambda results: None
     columns: Sequence[tuple[str, Callable[[dict], str]]] = ()
     tables: Sequence[tuple[str, str, Sequence[tuple[str, Callable[[dict], str]]]]] = ()
@@ -155,11 +160,30 @@ def bench(fn, device: torch.device, config: TimingConfig, grad_to_none=None) -> 
     return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2]), "reps": reps}
 
 
+def cpu_peak_memory_bytes(fn) -> int:
+    """Peak CPU memory of one call of ``fn`` above what was allocated before it: the largest running sum of the
+    CPU allocation and free records (``[memory]`` events of ``torch.profiler`` with ``profile_memory``, in time
+    order). Tensors freed in the call but allocated before it count negative, so the result is clamped at 0."""
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return int(peak)
+
+
 def peak_memory_bytes(fn, device: torch.device, grad_to_none=None) -> int | None:
-    """Peak CUDA memory of one call of ``fn`` above what was allocated before it; ``None`` on CPU."""
-    if device.type != "cuda":
-        return None
+    """Peak memory of one call of ``fn`` above what was allocated before it: on CUDA ``max_memory_allocated``,
+    on CPU :func:`cpu_peak_memory_bytes`."""
     _reset_grads(grad_to_none)
+    if device.type != "cuda":
+        return cpu_peak_memory_bytes(fn)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -189,8 +213,9 @@ def failure(exc: BaseException, where: str = "") -> tuple[str, str]:
 
 
 def free_memory(device: torch.device) -> None:
-    """Between calls on CUDA: collect garbage and return the cache. On CPU nothing is measured and reference
-    counting frees the tensors, so it does nothing (a ``gc.collect`` costs ~0.3 s, hundreds of them a run)."""
+    """Between calls on CUDA: collect garbage and return the cache. On CPU reference counting frees the tensors
+    (the profiler's records are of the measured call only), so it does nothing (a ``gc.collect`` costs ~0.3 s,
+    hundreds of them a run)."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -452,15 +477,19 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
     :func:`write_results` writes."""
     timing, t_start = timing or bench.timing, time.perf_counter()
     rows, extra, skipped = [], {}, [] if device.type == "cuda" else [
-        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}",
-        "peak memory not measured: no CUDA (reported as null; torch's CPU allocator keeps no peak counter)",
-        *([bench.cpu_note] if bench.cpu_note else [])]
-    emit = row_emitter(rows, len(cases) * len(providers) * len(modes), progress)
+        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}", *([bench.cpu_note] if bench.cpu_note else [])]
+
+    def modes_of(case) -> list[str]:
+        own = bench.modes_of(case)
+        return [m for m in modes if own is None or m in own]
+
+    emit = row_emitter(rows, len(providers) * sum(len(modes_of(c)) for c in cases), progress)
 
     def fail(members, exc, where):
         status, message = failure(exc, where)
-        for case, p, mode in itertools.product(members, providers, modes):
-            emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
+        for case, p in itertools.product(members, providers):
+            for mode in modes_of(case):
+                emit(make_row(case, p.name, mode, status, message=message, **bench.metric(case, None)))
         free_memory(device)
 
     groups: dict = {}
@@ -484,7 +513,7 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
                 if reason and f"{name}: {reason}" not in skipped:
                     skipped.append(f"{name}: {reason}")
             checks: dict = {}
-            for mode in modes:
+            for mode in modes_of(case):
                 key = bench.gate_key(mode)
                 if key in checks:
                     continue
@@ -495,7 +524,7 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
                     checks[key] = dict.fromkeys((p.name for p in todo), failure(exc, "gate"))
                 free_memory(device)
             for p in providers:
-                for mode in modes:
+                for mode in modes_of(case):
                     skip = reasons[p.name]
                     check = (STATUS_SKIPPED, skip) if skip else checks[bench.gate_key(mode)][p.name]
                     emit(_measure(bench, case, inputs, group, p, mode, check, device, timing))
@@ -504,14 +533,22 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
         del group
         free_memory(device)
     add_speedups(rows, [p.name for p in providers])
-    targets = bench.targets(rows)
-    if device.type != "cuda" and targets:
-        skipped.append("targets not evaluated: no CUDA (the CPU figures are in their detail, for information only)")
-        for t in targets:
-            t["result"], t["detail"] = "not evaluated", f"no CUDA. CPU figures, for information only: {t['detail']}"
-    memory = ("not measured on CPU (torch's CPU allocator keeps no peak counter): null" if device.type != "cuda"
-              else f"torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); "
-              f"{bench.memory}")
+    cuda = device.type == "cuda"
+    targets, cpu_targets = bench.targets(rows), bench.cpu_targets(rows)
+    for t in targets:
+        t["on"] = "cuda"
+    for t in cpu_targets:
+        t["on"] = "cpu"
+    not_here, why = (cpu_targets, "a CPU target") if cuda else (targets, "no CUDA")
+    if not_here:
+        skipped.append(f"{'CPU' if cuda else 'GPU'} targets not evaluated: {why} (the figures of this run are in "
+                       "their detail, for information only)")
+    for t in not_here:
+        t["result"], t["detail"] = "not evaluated", f"{why}. Figures of this run, for information only: {t['detail']}"
+    targets += cpu_targets
+    memory = (f"torch.cuda.max_memory_allocated delta over one call (after reset_peak_memory_stats); {bench.memory}"
+              if cuda else "peak of the running sum of torch.profiler's CPU allocation and free records ([memory] "
+              f"events, profile_memory=True) over one more call, above the start; {bench.memory}")
     results = {
         "op": bench.op, "set": set_name, "modes": list(modes), "header": environment(device),
         "timing": timing.describe(device) + (f"; {bench.call}" if bench.call else ""), "memory": memory,
@@ -682,11 +719,11 @@ def _json_safe(obj):
     return obj
 
 
-def write_results(results: dict, out_dir=None, bench: Benchmark | None = None) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<device-slug><bench.suffix>.json`` and ``.md``; return both paths."""
+def write_results(results: dict, out_dir=None, bench: Benchmark | None = None, tail: str = "") -> tuple[Path, Path]:
+    """Write ``<out_dir>/<device-slug><bench.suffix><tail>.json`` and ``.md``; return both paths."""
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['header']['device_slug']}{bench.suffix if bench else ''}"
+    stem = f"{results['header']['device_slug']}{bench.suffix if bench else ''}{tail}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
     md_path.write_text(render_markdown(results, bench))

@@ -14,6 +14,7 @@ from benchmarks import (
     bench_anchors,
     bench_attention,
     bench_compression,
+    bench_cpu,
     bench_gather,
     bench_momentum,
     bench_reweighting_epoch,
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "gather": [bench_gather.BENCH],
     "compression": [bench_compression.BENCH],
     "momentum": bench_momentum.BENCHES,
+    "cpu": [bench_cpu.BENCH],
 }
 BENCHES = ("all", *BENCHMARKS)
 
@@ -48,17 +50,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default 1 on a CPU run: steady under other load; torch's choice on CUDA)")
+                    help="torch CPU threads (default 1 on a CPU run: steady under other load; torch's choice on CUDA; "
+                    "--bench cpu: 1 and then all cores)")
     ap.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per row (replaces each default)")
     return ap.parse_args(argv)
+
+
+def thread_counts(bench, args, device: torch.device, all_cores: int) -> list[int | None]:
+    """The torch thread counts ``bench`` runs at: ``--threads``; else 1 on CPU (and all cores too for a
+    ``per_thread_count`` benchmark on a machine with more than one); torch's choice on CUDA."""
+    if args.threads is not None:
+        return [args.threads]
+    if device.type != "cpu":
+        return [None]
+    return [1, all_cores] if bench.per_thread_count and all_cores > 1 else [1]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    all_cores = torch.get_num_threads()  # torch's default: the cores it may use
     names = list(BENCHMARKS) if args.bench == "all" else [args.bench]
     known = {p.name for benches in BENCHMARKS.values() for b in benches for p in b.providers}
     if args.providers and set(args.providers) - known:
@@ -74,18 +85,23 @@ def main(argv=None) -> int:
         timing = bench.timing
         if args.rep_ms is not None:
             timing = type(timing)(**{**vars(timing), "cuda_rep_ms": args.rep_ms, "cpu_rep_ms": args.rep_ms})
-        print(f"benchmarks: {bench.name} on {device}, set {args.set!r} ({len(cases)} cases), modes {modes}, "
-              f"providers {[p.name for p in providers]}")
-        results = run(bench, cases, providers, modes, device, timing=timing, set_name=args.set)
-        for note in results["skipped"]:
-            print(f"  note: {note}")
-        for t in results["targets"]:
-            if t["result"] == "not evaluated":
-                print(f"TARGET not evaluated: no CUDA -- {t['target']}")
-            else:
-                print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
-        json_path, md_path = write_results(results, args.out, bench)
-        print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
+        for threads in thread_counts(bench, args, device, all_cores):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            print(f"benchmarks: {bench.name} on {device}, set {args.set!r} ({len(cases)} cases), modes {modes}, "
+                  f"providers {[p.name for p in providers]}, {torch.get_num_threads()} torch thread(s)")
+            results = run(bench, cases, providers, modes, device, timing=timing, set_name=args.set)
+            for note in results["skipped"]:
+                print(f"  note: {note}")
+            for t in results["targets"]:
+                if t["result"] == "not evaluated":
+                    why = "no CUDA" if t["on"] == "cuda" else "a CPU target"
+                    print(f"TARGET not evaluated: {why} -- {t['target']}")
+                else:
+                    print(f"TARGET {t['result']:<4} {t['target']}: {t['detail']}")
+            tail = f"-{torch.get_num_threads()}t" if bench.per_thread_count and device.type == "cpu" else ""
+            json_path, md_path = write_results(results, args.out, bench, tail)
+            print(f"done in {results['runtime_s']} s; wrote {json_path} and {md_path}")
     return 0
 
 

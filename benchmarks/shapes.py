@@ -8,6 +8,7 @@ import math
 import random
 from collections import namedtuple
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -637,3 +638,108 @@ epoch_cases = case_set(
                            "GPT2-XL's 25 heads at head dim 16 (d_model 400), 2 layers, vocab 512")
                for d in (1, 4) for b in (1, 16)],
     lambda: [EpochCase(f"tiny-b{b}", "tiny", 1, 4, 64, 128, 1, 1, b, "fp32") for b in (1, 2)])
+
+
+@dataclass(frozen=True)
+class PaddedShape(AttnShape):
+    """An :class:`AttnShape` whose last batch row is left-padded by ``pad`` keys (a ``[B, Tk]`` key mask)."""
+
+    pad: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{super().label}, last row left-padded by {self.pad} keys"
+
+
+@dataclass(frozen=True)
+class E2ECase(_Case):
+    """The real model (``smollm2``) or a random tiny Llama, one left-padded batch of ``B`` SST-2-geometry prompts of
+    ``per_class`` demonstrations per class (about ``T`` tokens)."""
+
+    name: str
+    group: str
+    model: str
+    per_class: int
+    T: int
+    B: int = 1
+    dtype: str = "fp32"
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} B{self.B} ~T{self.T} {self.dtype}, SST-2 template, {self.per_class} demos/class"
+
+
+@dataclass(frozen=True)
+class CpuCase(_Case):
+    """One case of the CPU-targets benchmark: the target ``op`` at length ``T``; ``inner`` is the op's own case
+    (the case type its benchmark declaration takes)."""
+
+    name: str
+    group: str
+    op: str
+    T: int
+    inner: Any
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}: {self.inner.label}"
+
+    def flops(self, mode: str) -> float | None:
+        return self.inner.flops(mode) if self.op in ("attention", "anchors", "isolation", "momentum") else None
+
+    def params(self) -> dict:
+        return {"name": self.name, "op": self.op, "T": self.T, "inner": self.inner.params()}
+
+
+CPU_TARGET_LENGTHS = {"attention": (256, 1024, 4096), "anchors": (256, 1024, 2048), "saliency": (256, 1024, 2048),
+                      "momentum": (256, 1024, 4096)}
+E2E_MODEL, E2E_PER_CLASS, E2E_T = "smollm2", 9, 512  # 18 SST-2 demonstrations: about 512 SmolLM2 tokens
+
+
+def _cpu_case(op, inner, T, group, note=""):
+    name = inner.name if inner.name.startswith(op) else f"{op}-{inner.name}"
+    return CpuCase(name, group, op, T, inner, note or getattr(inner, "note", ""))
+
+
+def _cpu_targets_set(group: str) -> list[CpuCase]:
+    """The issue's CPU targets: every op at its lengths (benchmarks/README.md, CPU targets)."""
+    cases = [_cpu_case("attention", PaddedShape(f"gqa-T{T}", group, 2, 8, 2, T, T, 64, True, "fp32",
+                                                "GQA 8/2, d 64, B 2", pad=T // 8), T, group)
+             for T in CPU_TARGET_LENGTHS["attention"]]
+    for variant in ANCHOR_VARIANTS:
+        cases += [_cpu_case("isolation" if variant == "isolation" else "anchors",
+                            AnchorShape(f"{variant}-T{T}", group, 1, 8, 8, T, T, 64, True, "fp32",
+                                        f"GPT2-XL-like scaled (H 8, d 64), {ANCHOR_VARIANTS[variant]}", variant=variant),
+                            T, group) for T in CPU_TARGET_LENGTHS["anchors"]]
+    cases += [_cpu_case("saliency", saliency_case("cpu-stack", T, dtype="fp32", group=group), T, group)
+              for T in CPU_TARGET_LENGTHS["saliency"]]
+    cases += [_cpu_case("momentum", MomentumShape(f"momentum-T{T}", group, 1, 8, 8, T, T, 64, True, "fp32",
+                                                  "H 8, d 64", model="cpu-h8"), T, group)
+              for T in CPU_TARGET_LENGTHS["momentum"]]
+    cases += [_cpu_case("deep-thinking", c, c.N, group) for c in (
+        update_case(m, ds, dtype="fp32", layers=DT_CPU_LAYERS, group=group) for m in DT_LAYERS
+        for ds in ("sst2", "agnews"))]
+    return cases + [_cpu_case("e2e", E2ECase(f"{E2E_MODEL}-sst2-{E2E_PER_CLASS}pc", group, E2E_MODEL, E2E_PER_CLASS,
+                                             E2E_T, note="SmolLM2-135M-Instruct (GGUF, de-quantised to fp32)"),
+                              E2E_T, group)]
+
+
+def _cpu_targets_tiny() -> list[CpuCase]:
+    g = "tiny"
+    return [_cpu_case("attention", PaddedShape("tiny-gqa", g, 2, 4, 2, 24, 24, 16, True, "fp32", pad=3), 24, g),
+            *(_cpu_case("isolation" if v == "isolation" else "anchors",
+                        AnchorShape(f"tiny-{v}", g, 1, 4, 4, 40, 40, 16, True, "fp32", variant=v, demonstrations=4,
+                                    classes=2), 40, g) for v in ANCHOR_VARIANTS),
+            *(_cpu_case("saliency", SaliencyCase(f"tiny-T{T}", g, "tiny", 2, 2, 16, T, 1, "fp32", 4, 2), T, g)
+              for T in (40, 48)),
+            _cpu_case("momentum", MomentumShape("tiny-momentum", g, 1, 4, 4, 33, 33, 16, True, "fp32", model="tiny"),
+                      33, g),
+            _cpu_case("deep-thinking", UpdateCase("tiny-dt", g, "tiny", 2, 2, 8, "sst2", 1, "fp32"), 8, g),
+            _cpu_case("e2e", E2ECase("tiny-llama", g, "tiny-llama", 1, 80, note="random-weight 2-layer Llama, GQA 4/2"),
+                      80, g)]
+
+
+cpu_target_cases = case_set("cpu-targets", lambda _: _cpu_targets_set("cpu-targets-on-gpu"),
+                            lambda _: _cpu_targets_set("cpu-targets"), _cpu_targets_tiny)
