@@ -331,7 +331,8 @@ def _flow_memory(rows) -> list[dict]:
     ts, mem = [r["params"]["T"] for r in ours], [r["peak_mem_bytes"] for r in ours]
     exponent = h.fit_exponent(ts, mem)
     if exponent is None:
-        return [*out, {"target": "saliency: peak memory linear in T", "result": "N/A", "detail": "fewer than two peaks"}]
+        return [*out, {"target": "saliency: peak memory linear in T", "result": "N/A",
+                       "detail": "fewer than two peaks"}]
     mt = sum(ts) / len(ts)
     slope = sum((t - mt) * m for t, m in zip(ts, mem)) / sum((t - mt) ** 2 for t in ts)
     peaks = ", ".join(f"T{t}: {m / 2**20:.1f} MiB" for t, m in zip(ts, mem))
@@ -357,8 +358,8 @@ def cpu_targets(rows: list[dict]) -> list[dict]:
         for mode in ("fwd", "fwd+bwd"):
             out += [t(f"{variant} {mode}: >= {EAGER_X:g}x the eager reference", _pairs(rows, op, mode, BASELINE, keep),
                       lambda r: r >= EAGER_X, _x),
-                    t(f"{variant} {mode}: within {WITHIN_BASE:g}x of base attention", _pairs(rows, op, mode, BASE, keep),
-                      lambda r: 1 / r <= WITHIN_BASE, _of_base)]
+                    t(f"{variant} {mode}: within {WITHIN_BASE:g}x of base attention",
+                      _pairs(rows, op, mode, BASE, keep), lambda r: 1 / r <= WITHIN_BASE, _of_base)]
     out.append(t(f"saliency (all layers): >= {FLOW_X:g}x the eager probe at T = 1024 and 2048",
                  _pairs(rows, "saliency", "fwd+bwd", BASELINE, lambda r: r["params"]["T"] in FLOW_TS),
                  lambda r: r >= FLOW_X, _x))

@@ -477,7 +477,8 @@ def run(bench: Benchmark, cases: Sequence, providers: Sequence[Provider], modes:
     :func:`write_results` writes."""
     timing, t_start = timing or bench.timing, time.perf_counter()
     rows, extra, skipped = [], {}, [] if device.type == "cuda" else [
-        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}", *([bench.cpu_note] if bench.cpu_note else [])]
+        f"Triton kernels and CUDA ops not run: no CUDA; {bench.cpu_path}",
+        *([bench.cpu_note] if bench.cpu_note else [])]
 
     def modes_of(case) -> list[str]:
         own = bench.modes_of(case)

@@ -711,7 +711,8 @@ def _cpu_targets_set(group: str) -> list[CpuCase]:
     for variant in ANCHOR_VARIANTS:
         cases += [_cpu_case("isolation" if variant == "isolation" else "anchors",
                             AnchorShape(f"{variant}-T{T}", group, 1, 8, 8, T, T, 64, True, "fp32",
-                                        f"GPT2-XL-like scaled (H 8, d 64), {ANCHOR_VARIANTS[variant]}", variant=variant),
+                                        f"GPT2-XL-like scaled (H 8, d 64), {ANCHOR_VARIANTS[variant]}",
+                                        variant=variant),
                             T, group) for T in CPU_TARGET_LENGTHS["anchors"]]
     cases += [_cpu_case("saliency", saliency_case("cpu-stack", T, dtype="fp32", group=group), T, group)
               for T in CPU_TARGET_LENGTHS["saliency"]]

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_anchors, bench_attention, bench_momentum, bench_saliency
+from benchmarks import bench_anchors, bench_attention, bench_cpu, bench_momentum, bench_saliency
 from benchmarks import run as bench_run
 from benchmarks.harness import (
     STATUS_ERROR,
@@ -19,6 +19,7 @@ from benchmarks.harness import (
     Provider,
     TimingConfig,
     add_speedups,
+    cpu_peak_memory_bytes,
     environment,
     fit_exponent,
     render_markdown,
@@ -42,8 +43,7 @@ def _skip_without_ext(name):
 
 def _run(bench, providers=None, cases=None, modes=None):
     cases = cases or bench.cases("tiny", False, None)
-    return run(bench, cases, providers or bench.providers, list(modes or bench.modes), CPU, timing=FAST,
-               progress=None)
+    return run(bench, cases, providers or bench.providers, list(modes or bench.modes), CPU, timing=FAST, progress=None)
 
 
 def _by(results, provider, mode=None, case=None):
@@ -77,7 +77,7 @@ def test_run_writes_json_and_markdown(tmp_path):
     assert len(results["rows"]) == 3 * 2
     for r in results["rows"]:
         assert r["status"] == STATUS_OK and r["check"]["status"] == STATUS_OK, r
-        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["peak_mem_bytes"] is None
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["peak_mem_bytes"] >= 0
         assert r["tflops"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
     ours, eager = _by(results, "fastattn_icl", "fwd"), _by(results, "eager", "fwd")
     assert ours["speedup_vs"]["eager"] == pytest.approx(eager["median_ms"] / ours["median_ms"])
@@ -92,6 +92,7 @@ def test_run_writes_json_and_markdown(tmp_path):
     assert "| fwd+bwd | fastattn_icl | ok |" in md and "## Side by side" in md and "vs sdpa" in md
     header = environment(CPU)
     assert header["device_slug"] == "cpu" and header["date"].endswith("+00:00")
+    assert 2**26 <= cpu_peak_memory_bytes(lambda: torch.ones(1 << 24).sum()) < 2**26 + 2**20  # 64 MiB made and freed
 
 
 def test_incorrect_provider_speedup_is_refused():
@@ -161,6 +162,8 @@ SMOKE = {
                      "compressed-expanded-eager"], {"logits"}),
     "momentum": (["fastattn_icl", "base", "eager"], {"out", "dq", "dk", "dv"}),
     "deep-thinking": (["fused", "eager_loop"], {"X_hat", "m", "X_new"}),
+    "cpu-targets": (["fastattn_icl", "baseline", "base"], {"out", "dq", "dk", "dv", "dbeta", "S_wp", "S_pq", "S_ww",
+                                                           "X_hat", "m", "X_new", "logits", "dembeds"}),
 }
 
 
@@ -177,21 +180,20 @@ def test_cli_smoke(bench, tmp_path, capsys):
     printed = capsys.readouterr().out
     for decl in bench_run.BENCHMARKS[bench]:
         providers, errors = SMOKE[decl.name]
-        data = json.loads((tmp_path / f"cpu{decl.suffix}.json").read_text())
-        md = (tmp_path / f"cpu{decl.suffix}.md").read_text()
-        assert [p["name"] for p in data["providers"]] == providers
-        modes = list(decl.modes)
-        assert len(data["rows"]) == len(decl.cases("tiny", False, None)) * len(providers) * len(modes)
-        checked = set()
-        # a provider's own skip hook may refuse a case (GPT-J's sdpa rows where the installed transformers, or a
-        # class attribute another test changed, gives GPT-J no sdpa): that row is skipped with the reason in the
-        # results' skipped list, and no speed-up is computed against it; every other row must run and pass
-        declared = {s.split(":")[0] for s in data["skipped"]}
+        stem = tmp_path / f"cpu{decl.suffix}{'-1t' if decl.per_thread_count else ''}"
+        data, md = json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
+        assert [p["name"] for p in data["providers"]] == providers and data["header"]["torch_threads"] == 1
+        assert len(data["rows"]) == len(providers) * sum(len(decl.modes_of(c) or decl.modes)
+                                                         for c in decl.cases("tiny", False, None))
+        # a provider's own skip hook may refuse a case (GPT-J's sdpa rows where the installed transformers, or a class
+        # attribute another test changed, gives GPT-J no sdpa; bench_cpu's base where an op has no feature to switch
+        # off): skipped with the reason in the results' skipped list, no speed-up against it; the others run and pass
+        checked, declared = set(), {s.split(":")[0] for s in data["skipped"]}
         rows = {(r["case"], r["mode"], r["provider"]): r for r in data["rows"]}
         for r in data["rows"]:
             if r["status"] == "skipped" and r["provider"] in declared and r["provider"] != providers[0]:
                 continue
-            assert r["status"] == STATUS_OK and r["median_ms"] > 0 and r["peak_mem_bytes"] is None, r
+            assert r["status"] == STATUS_OK and r["median_ms"] > 0 and r["peak_mem_bytes"] >= 0, r
             assert r["check"] is None or r["check"]["status"] == STATUS_OK, r
             checked |= set(r["check"]["errors"]) if r["check"] else set()
             if r["provider"] == providers[0]:
@@ -199,8 +201,8 @@ def test_cli_smoke(bench, tmp_path, capsys):
                 assert ran and all(r["speedup_vs"][p] for p in ran), r
                 assert all(r["speedup_vs"][p] is None for p in providers[1:] if p not in ran), r
         assert checked == errors and "## Side by side" in md and "## All rows" in md
-        assert all(t["result"] == "not evaluated" for t in data["targets"])
-        assert ("TARGET not evaluated: no CUDA" in printed) == bool(data["targets"])
+        assert all((t["result"] == "not evaluated") == (t["on"] == "cuda") for t in data["targets"])  # CPU: evaluated
+        assert ("TARGET not evaluated: no CUDA" in printed) == any(t["on"] == "cuda" for t in data["targets"])
         assert (data["gate"] is not None) == ("correctness gate:" in md)
 
 
@@ -208,8 +210,7 @@ def _break(bench, monkeypatch):
     """Make the first provider of ``bench`` wrong; returns the declaration."""
     from benchmarks import bench_compression, bench_gather, bench_reweighting_epoch
 
-    decl = DECLARATIONS[bench]
-    first = decl.providers[0]
+    decl, first = DECLARATIONS[bench], DECLARATIONS[bench].providers[0]
     wrong = {
         "attention": lambda c, *xs: bench_attention.oracle(c, *xs) * 1.01,
         "anchors": lambda c, q, k, v, beta: bench_anchors.eager_anchors(c, q, k, v, beta * 1.5),
@@ -221,6 +222,9 @@ def _break(bench, monkeypatch):
     }
     if bench in wrong:
         monkeypatch.setattr(decl, "providers", [dataclasses.replace(first, fn=wrong[bench]), *decl.providers[1:]])
+    elif bench == "cpu-targets":  # its first case is base attention with padding: padding forgotten
+        ps = bench_cpu.OPS["attention"].providers
+        monkeypatch.setitem(ps, "fastattn_icl", dataclasses.replace(ps["fastattn_icl"], fn=bench_attention.fastattn))
     elif bench == "compression":
         real = bench_compression.serve_fn
         monkeypatch.setattr(bench_compression, "serve_fn", lambda p, *a: (
