@@ -41,6 +41,9 @@ BENCH_BUDGETS = (
     ("compression", 45),
     ("momentum", 45),
 )
+# benchmarks the GPU plan leaves out on purpose: `cpu` measures the CPU path's targets (issue 15) and loads the real
+# model, which the offline GPU machine does not have
+NOT_ON_GPU = ("cpu",)
 
 
 def _git_commit() -> str:
@@ -84,7 +87,7 @@ def check_plan() -> list[str]:
             problems.append(f"benchmark {name!r} is not one of benchmarks.run's {bench_run.BENCHES}")
         elif not all(b.cases("default", True, None) for b in bench_run.BENCHMARKS[name]):
             problems.append(f"benchmark {name!r}: a GPU set of its declarations is empty")
-    missing = set(bench_run.BENCHES) - {"all"} - {name for name, _ in BENCH_BUDGETS}
+    missing = set(bench_run.BENCHES) - {"all", *NOT_ON_GPU} - {name for name, _ in BENCH_BUDGETS}
     if missing:
         problems.append(f"benchmarks not in the GPU plan: {sorted(missing)}")
     collected = subprocess.run(
