@@ -211,7 +211,8 @@ class TaskRules:
         raise NotImplementedError
 
     def _parse_in(self, fmt: str, prompt: str):
-        """The problem of a scratchpad or baseline prompt (these are the Re-Tuning prompt with another ending)."""
+        """The problem of a scratchpad or baseline prompt: by default the Re-Tuning prompt, ending in ``\\nAnswer: ``
+        for a baseline."""
         end = ANSWER if fmt == "baseline" else SOLUTION
         if not prompt.endswith(end):
             raise ValueError(f"it does not end with {end!r}")
