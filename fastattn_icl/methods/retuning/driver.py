@@ -50,6 +50,7 @@ from transformers import DynamicCache
 
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods._model import frozen_weights, model_device
+from fastattn_icl.methods.retuning.tasks import get_task
 
 __all__ = ["CALL_MARKER", "CallNode", "RetuneResult", "reprefill_generate", "retune_generate"]
 
@@ -124,12 +125,7 @@ class _Failure(Exception):
 
 def _resolve_task(task: Any) -> Any:
     if isinstance(task, str):
-        from fastattn_icl.methods.retuning.tasks import TASKS, get_task
-
-        try:
-            return get_task(task)
-        except KeyError:
-            raise ValueError(f"unknown Re-Tuning task {task!r}; known: {sorted(TASKS)}") from None
+        return get_task(task)  # ValueError naming the known tasks
     missing = [m for m in _TASK_METHODS if not callable(getattr(task, m, None))]
     if missing:
         raise TypeError(f"task must be a task name or an object with the methods {list(_TASK_METHODS)}; "

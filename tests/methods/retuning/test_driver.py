@@ -395,6 +395,10 @@ def test_argument_errors(fn):
         call([b"1 + 2\nSolution: "])
     with pytest.raises(TypeError, match="lacks"):
         call(task=object())
+    with pytest.raises(ValueError, match="unknown Re-Tuning task 'nope'"):
+        call(task="nope")
+    with pytest.raises(ValueError, match="prompts\\[0\\] is not a prompt of the task 'parity'"):
+        call(task="parity")
     no_eos = char_tokenizer()
     no_eos.eos_token = None
     with pytest.raises(ValueError, match="eos_token_id"):
