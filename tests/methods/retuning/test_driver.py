@@ -24,7 +24,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fastattn_icl
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
-from fastattn_icl.methods.retuning import char_tokenizer, reprefill_generate, retune_generate
+from fastattn_icl.methods.retuning import (
+    char_tokenizer,
+    get_task,
+    problem_pairs,
+    reprefill_generate,
+    retune_generate,
+    top_prompt,
+)
 from fastattn_icl.methods.retuning import driver as driver_module
 from fastattn_icl.testing import check_close
 from tests.models import DEVICES, float64_twin
@@ -152,13 +159,29 @@ def script(text: str) -> str | None:
     return target[len(out)] if len(out) < len(target) else None
 
 
-class Scripted(torch.nn.Module):
-    """A Hugging Face causal LM whose greedy token follows :func:`script`; it keeps the token ids in one extra cache
-    layer after the model's own, so it reads each row's context from what the driver put in the cache."""
+def data_script(pairs: list[dict[str, str]]):
+    """A script that writes the training data of :mod:`fastattn_icl.methods.retuning.tasks`: a context continues the
+    pair whose input is the longest prefix of its text."""
+    outputs = {pair["input"]: pair["output"] for pair in pairs}
 
-    def __init__(self, inner: torch.nn.Module):
+    def follow(text: str) -> str | None:
+        start = max((prompt for prompt in outputs if text.startswith(prompt)), key=len, default=None)
+        target = None if start is None else start + outputs[start]
+        if target is None or not target.startswith(text):
+            return "#"
+        return target[len(text)] if len(text) < len(target) else None
+
+    return follow
+
+
+class Scripted(torch.nn.Module):
+    """A Hugging Face causal LM whose greedy token follows ``script`` (default :func:`script`); it keeps the token ids
+    in one extra cache layer after the model's own, so it reads each row's context from what the driver put in the
+    cache."""
+
+    def __init__(self, inner: torch.nn.Module, script=script):
         super().__init__()
-        self.inner = inner
+        self.inner, self.script, self.config = inner, script, inner.config
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache=True, cache=None):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -170,7 +193,7 @@ class Scripted(torch.nn.Module):
         logits = out.logits.clone()
         for row in range(len(input_ids)):
             context = history[row, 0, :, 0][attention_mask[row].bool()].long().tolist()
-            char = script(TOKENIZER.decode(context, skip_special_tokens=True))
+            char = self.script(TOKENIZER.decode(context, skip_special_tokens=True))
             token = EOS if char is None else TOKENIZER.convert_tokens_to_ids(char)
             logits[row, -1, token] = logits[row, -1].max() + 1.0
         out.logits = logits
@@ -305,6 +328,28 @@ def test_batched_results_equal_one_at_a_time():
     _check_same(_run(retune_generate, ours, task, prompts, batch_size=4), alone, high, "batched vs alone")
 
 
+@pytest.mark.parametrize(("task", "problems"), [
+    ("addition", [("731", "214"), ("95", "17"), ("6", "8")]),
+    ("parity", [[1, 0, 1, 1], [0], [1, 1]]),
+    ("dp", [[3, -1], [-2, 4, 1]]),
+])
+def test_the_tasks_module_rules_reproduce_its_training_data(task, problems):
+    """The real tasks by name: a model that writes each task's Re-Tuning training data is driven through exactly
+    those contexts (DP: two calls at the top, finished after the second return; parity: its own return text)."""
+    pairs = [pair for problem in problems for pair in problem_pairs(task, "retuning", problem)]
+    model = Scripted(_llama(1), data_script(pairs))
+    prompts = [top_prompt(task, "retuning", problem) for problem in problems]
+    results = retune_generate(model, TOKENIZER, prompts, task=task, batch_size=2, progress=False)
+    assert all(r.failure is None and r.correct for r in results), [r.failure for r in results]
+    contexts = [pair["input"] for pair in pairs if pair["input"].endswith("\nSolution: ")]
+    assert [n.prompt for r in results for n in r.tree.nodes()] == contexts  # the data's contexts, in its order
+    texts, rules = {pair["input"] + pair["output"] for pair in pairs}, get_task(task)
+    for node in (n for r in results for n in r.tree.nodes()):  # each context wrote the data's output, or returned
+        after_return = node.children and rules.finished_after_return(node.text, len(node.children))
+        assert node.text in texts or after_return and node.text.endswith(rules.return_text(node.children[-1].answer))
+    assert [r.answer for r in results] == [get_task(task).ground_truth(p) for p in prompts]
+
+
 # -- 3. the work saved ----------------------------------------------------------------------------------------------
 
 
@@ -364,13 +409,15 @@ def test_each_failure_is_reported_with_its_problem(oracle):
     assert failures["66 + 66"].tree.text.endswith("6" * 40)
 
 
-def test_no_hang_when_every_problem_fails():
+def test_no_hang_when_every_problem_fails(capsys):
     ours = MODELS[0]
     prompts = ["66 + 66\nSolution: "] * 3
     start = time.perf_counter()
-    results = _run(retune_generate, ours, FakeAddition(), prompts, max_new_tokens=5)
+    results = _run(retune_generate, ours, FakeAddition(), prompts, max_new_tokens=5, progress=True)
     assert all(r.failure.startswith("max_new_tokens") for r in results)
     assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err  # the progress bar counts finished problems
+    assert "re-tuning" in err and "3/3" in err
 
 
 # -- 5. arguments ---------------------------------------------------------------------------------------------------
