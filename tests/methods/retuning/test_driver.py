@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 import fastattn_icl
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
@@ -33,6 +33,7 @@ from fastattn_icl.methods.retuning import (
     top_prompt,
 )
 from fastattn_icl.methods.retuning import driver as driver_module
+from fastattn_icl.methods.retuning.driver import sliding_window
 from fastattn_icl.testing import check_close
 from tests.models import DEVICES, float64_twin
 
@@ -461,6 +462,25 @@ def test_model_mode_is_restored():
         assert ours.training and all(p.requires_grad for p in ours.parameters())
     finally:
         ours.eval()
+
+
+def test_sliding_window_models_run_one_row_at_a_time():
+    """transformers counts a sliding window in cache slots, padding included: a binding window on a padded batch
+    changes the logits (seen on Mistral, window 16), so only batch_size=1 runs, and equals the re-prefill loop."""
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=1, vocab_size=len(TOKENIZER), max_position_embeddings=256,
+                           sliding_window=16, eos_token_id=EOS, pad_token_id=0)
+    torch.manual_seed(0)
+    mistral = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert sliding_window(Scripted(mistral)) == 16 and sliding_window(MODELS[1]) is None
+    assert sliding_window(Scripted(_llama(1))) is None
+    task, prompts = FakeAddition(), ADDITION[:3]
+    with pytest.raises(ValueError, match=r"sliding window \(16\).*batch_size=1"):
+        _run(retune_generate, Scripted(mistral), task, prompts, batch_size=2)
+    results = _run(retune_generate, Scripted(mistral), task, prompts, batch_size=1)
+    _check_same(results, _run(reprefill_generate, Scripted(mistral), task, prompts),
+                _run(reprefill_generate, Scripted(float64_twin(mistral)), task, prompts), "sliding window")
+    assert all(r.correct for r in results) and results[0].tree.text.count("\n") > 1  # longer than the window
 
 
 def test_refuses_caches_it_cannot_split():
