@@ -280,6 +280,20 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
     precede ``k``/``v`` and are visible to every query row (method features must then be off);
     ``key_weight_columns``: ``None`` or the anchor columns (fastattn_icl.ops.attention's module docstring)."""
+    o, lse = _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
+                            prefix, key_weight_columns)
+    B, H, Tq, D = q.shape
+    if o.dtype == q.dtype and _same_layout(o.transpose(1, 2), q.new_empty(B, Tq, H, D)):  # laid out as promised
+        return o, lse
+    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out.copy_(o)
+    return out, lse
+
+
+def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, prefix,
+                   key_weight_columns):
+    """:func:`attention_fwd` before its output takes the promised layout and dtype: ``(o [B, H, Tq, D]`` in the
+    compute dtype, any strides, ``lse [B, H, Tq])``."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
@@ -300,12 +314,7 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     if exact is not None:
         _exact_rows_fwd(qg, kf, vf, exact, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
                         isolation_limit, prefix, o, lse)
-    o = o.reshape(B, H, Tq, D)
-    if o.dtype == q.dtype and _same_layout(o.transpose(1, 2), q.new_empty(B, Tq, H, D)):  # laid out as promised
-        return o, lse.reshape(B, H, Tq)
-    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    out.copy_(o)
-    return out, lse.reshape(B, H, Tq)
+    return o.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
 
 
 def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
@@ -589,9 +598,13 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     the attention part (the backward's ``o``), or an empty tensor unless ``store_attn``."""
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
-    o_attn, lse = attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale)
+    # the sum is formed from the attention part in float32 and rounded once, as the Triton kernel's epilogue does
+    o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
     out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    out.copy_((o_attn.float().reshape(B, Hkv, H // Hkv, Tq, D) + momentum[:, :, None]).reshape(B, H, Tq, D))
+    grouped = (B, Hkv, H // Hkv, Tq, D)
+    torch.add(o_attn.reshape(grouped), momentum[:, :, None], out=out.view(grouped))
+    if store_attn:  # the backward's o, in the layout and dtype the op promises
+        o_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2).copy_(o_attn)
     return out, lse, (o_attn if store_attn else q.new_empty(0))
 
 
