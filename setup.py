@@ -46,7 +46,9 @@ def _extension():
     )
     # No -std flag: torch's build helper adds the standard its own headers need (C++17 on older torch,
     # C++20 on recent releases, whose headers compile as C++17 only by compiler leniency).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (clang contracts them by
+    # default, and so does GCC outside ISO mode); csrc/deep_thinking.cpp must round both, like the eager oracle.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     # at::parallel_for is a header template that splits work with `#pragma omp parallel` only when the including file is
     # compiled with OpenMP; without -fopenmp every CPU kernel runs on one thread. Linux torch ships its libgomp.so.1,
     # which the extension then shares (same soname, loaded first). Elsewhere (macOS clang: no plain -fopenmp) the
