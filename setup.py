@@ -9,6 +9,7 @@ The Triton kernels in ``triton_kernels/`` are installed as ``fastattn_icl._trito
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -45,7 +46,17 @@ def _extension():
     )
     # No -std flag: torch's build helper adds the standard its own headers need (C++17 on older torch,
     # C++20 on recent releases, whose headers compile as C++17 only by compiler leniency).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (clang contracts them by
+    # default, and so does GCC outside ISO mode); csrc/deep_thinking.cpp must round both, like the eager oracle.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # at::parallel_for is a header template that splits work with `#pragma omp parallel` only when the including file is
+    # compiled with OpenMP; without -fopenmp every CPU kernel runs on one thread. Linux torch ships its libgomp.so.1,
+    # which the extension then shares (same soname, loaded first). Elsewhere (macOS clang: no plain -fopenmp) the
+    # kernels stay single-threaded.
+    link_flags = []
+    if sys.platform.startswith("linux") and __import__("torch").backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
             raise RuntimeError(
@@ -59,8 +70,11 @@ def _extension():
             sources + cuda_sources,
             define_macros=[("FASTATTN_ICL_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link_flags,
         )
-    return cpp_extension.CppExtension("fastattn_icl._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension(
+        "fastattn_icl._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
 
 
 # triton_kernels/ and its subpackages (attention/) are installed under fastattn_icl._triton; package_dir's entry for

@@ -233,7 +233,8 @@ DEEP_THINKING = h.Benchmark(
         h.Provider(FUSED, fused, lambda device: (
             "fastattn_icl.ops.deep_thinking.deep_thinking_update_(work.view(2·L·Hkv, 2, N·d), m, eta, beta, "
             "first=False) on the state buffer work [2, L, Hkv, 2, N, d] and m [2·L·Hkv, N·d] float32 ("
-            + ("one Triton launch" if device.type == "cuda" else "its torch twin on CPU: a few whole-buffer eager ops")
+            + ("one Triton launch" if device.type == "cuda" else "on CPU the torch backend's one-pass C++ kernel "
+               "fastattn_icl::fused_deep_thinking_update_, or its eager chunked ops when fastattn_icl._C is not built")
             + "), in place")),
         h.Provider(LOOP, eager_loop, lambda device: (
             "the authors' way: for each layer and each of K, V, fastattn_icl.reference.deep_thinking."
@@ -249,8 +250,9 @@ DEEP_THINKING = h.Benchmark(
     memory="the state and the loop's per-layer copies are allocated before and not counted",
     flop_model="none (memory-bound; TFLOP/s not reported). Bytes moved = 2·L·Hkv·N·d·(3·e + 8) (X̂, X_new read and "
     "X̂ written at e bytes each, m read and written at 4), GB/s = bytes / median time",
-    cpu_path="the `fused` rows are deep_thinking_update_'s torch twin (eager passes over the state in cache-sized row "
-    "chunks), not the GPU kernel the target is about",
+    cpu_path="the `fused` rows are deep_thinking_update_'s CPU path: the one-pass C++ kernel of fastattn_icl._C "
+    "(csrc/deep_thinking.cpp; eager chunked ops, with a warning, when the extension is not built), not the GPU kernel "
+    "the target is about",
     cpu_note="CPU set: fp32 at 4 layers (the GPU set's head geometries) so that it runs in seconds; CPU times are a "
     "smoke signal, not the GPU result",
     targets=update_targets,

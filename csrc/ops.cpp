@@ -1,9 +1,10 @@
 // fastattn_icl._C: the operator schemas of the `fastattn_icl` namespace, and the module init.
 //
 // Kernels register per backend in their own files (TORCH_LIBRARY_IMPL(fastattn_icl, CPU / CUDA, m));
-// fake (meta) kernels and autograd formulas are registered from Python, in the module named by
-// m.set_python_module below, which torch imports by itself when it first needs them (for example
-// under torch.compile when only fastattn_icl._C was imported).
+// fake (meta) kernels and autograd formulas are registered from Python, in the module named by the
+// m.set_python_module call before each op's schema (torch checks that the fake kernel was registered
+// from that very module, so each op names its own), which torch imports by itself when it first needs
+// them (for example under torch.compile when only fastattn_icl._C was imported).
 //
 // On TORCH_LIBRARY next to the Python ops: fastattn_icl/ops/attention.py defines more ops of this
 // namespace with torch.library.custom_op, which always opens a FRAGMENT library. The dispatcher
@@ -20,6 +21,12 @@ TORCH_LIBRARY(fastattn_icl, m) {
   // keys[l], values[l]: [B, Hkv, T, D]; index: int64 [B, M] -> K, V: [L, B, Hkv, M, D] (contiguous),
   // K[l, b, h, m] = keys[l][b, h, index[b, m]].
   m.def("gather_kv(Tensor[] keys, Tensor[] values, Tensor index) -> (Tensor, Tensor)");
+
+  m.set_python_module("fastattn_icl.ops.deep_thinking");
+  // work: [R, 2, C] fp32/fp16/bf16 (work[:, 0] the state X̂, updated; work[:, 1] X_new, read); m: float32 [R, C].
+  // One Deep-Thinking step in place: g = X_new - X̂, m = g (first) else β·m + g, X̂ <- X̂ + η·m (docs/methods.md §7).
+  // Not named deep_thinking_update_: fastattn_icl/ops/deep_thinking.py defines that op (the backend dispatch).
+  m.def("fused_deep_thinking_update_(Tensor(a!) work, Tensor(b!) m, float eta, float beta, bool first) -> ()");
 }
 
 extern "C" {

@@ -19,12 +19,18 @@ Every other case (other devices, for ``backend="torch"`` on a GPU; causal ``Tq >
 computation over query chunks of all rows. Work is in float32 (float64 for float64 inputs): fp16/bf16 inputs
 accumulate in float32, the caller's tensors are never changed. This is an implementation, not the oracle: tests
 compare it with ``fastattn_icl.reference`` like every other backend.
+
+One function leaves PyTorch's ops on CPU: :func:`deep_thinking_update_` runs the compiled one-pass kernel of
+``fastattn_icl._C`` when it is built (and warns once, then runs eager ops, when it is not).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from fastattn_icl import _ext
 from fastattn_icl.ops.features import ISOLATION_VALUE
 
 _CHUNK_ELEMENTS = 1 << 20  # scores per query chunk of the exact passes, summed over batch and heads: 4 MiB in float32
@@ -609,10 +615,44 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
 
 
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
-    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7); the contract of the
-    Triton launcher of the same name. In row chunks of about 256 KiB per operand with one chunk-sized scratch buffer,
-    so the in-place passes over a chunk run in cache and memory sees each operand about once; each product and sum
-    is rounded as the per-tensor reference rounds it (``g = X_new − X̂``, ``m = g + β·m``, ``X̂ = X̂ + η·m``)."""
+    """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7); the contract of
+    the Triton launcher of the same name. Each product and sum is rounded as the per-tensor reference rounds it
+    (``g = X_new − X̂``, ``m = β·m + g``, ``X̂ = X̂ + η·m``, in float32, ``X̂`` rounded once to its dtype), so the result
+    is bitwise the reference's.
+
+    On CPU tensors: the compiled one-pass kernel ``fastattn_icl::fused_deep_thinking_update_``
+    (``csrc/deep_thinking.cpp``); without the extension (or in a build that lacks the op) the eager chain below, with
+    a warning, once per process, saying how to build it. Other devices: the eager chain."""
+    if work.device.type == "cpu":
+        if _ext.has_op(_FUSED_DEEP_THINKING):
+            torch.ops.fastattn_icl.fused_deep_thinking_update_(work, m, eta, beta, first)
+            return
+        _warn_no_fused_deep_thinking()
+    _deep_thinking_update_eager(work, m, eta, beta, first)
+
+
+_FUSED_DEEP_THINKING = "fused_deep_thinking_update_"
+_warned_no_fused = False
+
+
+def _warn_no_fused_deep_thinking() -> None:
+    global _warned_no_fused
+    if _warned_no_fused:
+        return
+    _warned_no_fused = True
+    why = _ext.load_error() or f"the build has no op fastattn_icl::{_FUSED_DEEP_THINKING} (built from older sources)"
+    warnings.warn(
+        f"fastattn_icl: the CPU Deep-Thinking update runs eager PyTorch ops (several passes over the state instead "
+        f"of one) because its compiled kernel is missing: {why}; {_ext.BUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _deep_thinking_update_eager(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
+    """:func:`deep_thinking_update_` in eager ops, on any device. In row chunks of about 256 KiB per operand with one
+    chunk-sized scratch buffer, so the in-place passes over a chunk run in cache and memory sees each operand about
+    once."""
     R, _, C = work.shape
     step = max(1, (1 << 16) // max(1, C))
     scratch = torch.empty(min(step, R), C, dtype=m.dtype, device=m.device)

@@ -9,6 +9,10 @@ groups of small eager ops::
     g = X_new - X̂        m = g (first update) else g + β m        X̂ <- X̂ + η m
 
 computed in float32; ``m [R, C]`` is a float32 buffer (many small η steps would round away in half precision).
+
+On CPU the torch backend runs the compiled one-pass kernel ``torch.ops.fastattn_icl.fused_deep_thinking_update_``
+(``csrc/deep_thinking.cpp``, bitwise the oracle's arithmetic) when ``fastattn_icl._C`` is built; this module
+registers its fake kernel, so importing it loads the extension (never raising without it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 
 import torch
 
+from fastattn_icl import _ext
 from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["deep_thinking_update_"]
@@ -54,7 +59,9 @@ def deep_thinking_update_(
         eta, beta: step size and momentum, finite and ``>= 0`` (defaults of the authors' code: 0.01, 0.9; ``beta
             = 0`` is the gate form ``X̂ <- η X_new + (1 - η) X̂``).
         first: the first update (``m = g``; ``m``'s old contents are not read).
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, the torch backend on CPU), ``"triton"`` or ``"torch"``; the torch backend
+            runs the compiled C++ kernel on CPU tensors (eager ops, with a warning, when ``fastattn_icl._C`` is not
+            built) and eager ops on other devices.
     """
     eta, beta = check_coef("eta", eta), check_coef("beta", beta)
     if not isinstance(work, torch.Tensor) or not work.is_floating_point() or work.dim() != 3 or work.shape[1] != 2:
@@ -73,3 +80,24 @@ def deep_thinking_update_(
     if not isinstance(first, bool):
         raise TypeError(f"first must be a bool, got {type(first).__name__}")
     _deep_thinking_update(work, m, eta, beta, first, resolve_backend(backend, work.device))
+
+
+# --- the compiled CPU kernel's fake: only when the C++ schema exists (the extension is built) ---------------------
+
+FUSED_OP = "fused_deep_thinking_update_"
+
+
+def _fused_update_fake(work, m, eta, beta, first):
+    return None
+
+
+def _register_compiled() -> bool:
+    if not _ext.has_op(FUSED_OP):
+        return False
+    # The C++ schema names this module as its python module (m.set_python_module in csrc/ops.cpp): torch checks that
+    # the fake kernel is registered from there, so this call must stay here.
+    torch.library.register_fake(f"fastattn_icl::{FUSED_OP}", _fused_update_fake)
+    return True
+
+
+_registered = _register_compiled()
