@@ -38,7 +38,8 @@ ROWS_ENV = "FASTATTN_ICL_BENCH_ROWS"
 STATUS_OK, STATUS_INCORRECT, STATUS_UNCHECKED = "ok", "incorrect", "unchecked"
 STATUS_OOM, STATUS_ERROR, STATUS_SKIPPED = "oom", "error", "skipped"
 TIMED = (STATUS_OK, STATUS_INCORRECT)
-UNITS = {"gb_per_s": "GB/s", "ms_per_input": "ms/input", "inputs_per_s": "inputs/s", "ms_per_example": "ms/example"}
+UNITS = {"gb_per_s": "GB/s", "ms_per_input": "ms/input", "inputs_per_s": "inputs/s", "ms_per_example": "ms/example",
+         "ms_per_problem": "ms/problem"}
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # the integer view of a float of that size
 
 
@@ -98,7 +99,9 @@ class Benchmark:
     ``group`` also carries ``device``, ``notes`` (the results' skipped list) and ``extra`` (merged into the
     results; ``tables`` render its lists). ``targets`` are evaluated on CUDA, ``cpu_targets`` on CPU;
     ``modes_of(case)`` limits a case to some of the modes (``None``: all); ``per_thread_count``: run.py runs it
-    at 1 thread and at all cores on CPU, the file names ending ``-{N}t``."""
+    at 1 thread and at all cores on CPU, the file names ending ``-{N}t``; ``measure_memory(case, device)``: whether
+    a row's peak memory is measured (``None`` in the row otherwise: on CPU that is one more call under the profiler,
+    several times the call's own time)."""
 
     name: str
     op: str
@@ -123,6 +126,7 @@ class Benchmark:
     targets: Callable[[list[dict]], list[dict]] = lambda rows: []
     cpu_targets: Callable[[list[dict]], list[dict]] = lambda rows: []
     modes_of: Callable[[Any], Sequence[str] | None] = lambda case: None
+    measure_memory: Callable[[Any, torch.device], bool] = lambda case, device: True
     per_thread_count: bool = False
     finish: Callable[[dict], None] = lambda results: None
     columns: Sequence[tuple[str, Callable[[dict], str]]] = ()
@@ -460,7 +464,8 @@ def _measure(spec, case, inputs, group, p, mode, check, device, timing) -> dict:
         t = spec.timed(case, inputs, group, p, mode)
         with t.context:
             stats = bench(t.fn, device, timing, grad_to_none=t.grad_to_none)
-            mem = peak_memory_bytes(t.fn, device, grad_to_none=t.grad_to_none)
+            mem = (peak_memory_bytes(t.fn, device, grad_to_none=t.grad_to_none)
+                   if spec.measure_memory(case, device) else None)
     except Exception as exc:  # the traceback (and the tensors its frames hold) is dropped here
         status, message = failure(exc)
         return make_row(case, p.name, mode, status, check=check, message=message, **spec.metric(case, None))

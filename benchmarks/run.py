@@ -6,6 +6,7 @@ benchmarks/README.md: the sets, providers, gates, targets and results files of e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -17,6 +18,7 @@ from benchmarks import (
     bench_cpu,
     bench_gather,
     bench_momentum,
+    bench_retuning,
     bench_reweighting_epoch,
     bench_saliency,
 )
@@ -33,6 +35,7 @@ BENCHMARKS = {
     "compression": [bench_compression.BENCH],
     "momentum": bench_momentum.BENCHES,
     "cpu": [bench_cpu.BENCH],
+    "retuning": [bench_retuning.BENCH],
 }
 BENCHES = ("all", *BENCHMARKS)
 
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on a CPU run: steady under other load; torch's choice on CUDA; "
                     "--bench cpu: 1 and then all cores)")
+    ap.add_argument("--retuning-model", default=None,
+                    help=f"the trained Re-Tuning model folder of --bench retuning (default "
+                    f"{bench_retuning.DEFAULT_MODEL}; sets ${bench_retuning.MODEL_ENV})")
     ap.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per row (replaces each default)")
     return ap.parse_args(argv)
 
@@ -68,6 +74,8 @@ def thread_counts(bench, args, device: torch.device, all_cores: int) -> list[int
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.retuning_model:
+        os.environ[bench_retuning.MODEL_ENV] = args.retuning_model
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     all_cores = torch.get_num_threads()  # torch's default: the cores it may use
     names = list(BENCHMARKS) if args.bench == "all" else [args.bench]

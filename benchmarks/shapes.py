@@ -744,3 +744,45 @@ def _cpu_targets_tiny() -> list[CpuCase]:
 
 cpu_target_cases = case_set("cpu-targets", lambda _: _cpu_targets_set("cpu-targets-on-gpu"),
                             lambda _: _cpu_targets_set("cpu-targets"), _cpu_targets_tiny)
+
+
+RETUNING_DIGITS, RETUNING_BATCHES, RETUNING_GPU_BATCHES = (8, 12, 16), (1, 32), (1, 32, 256)
+
+
+@dataclass(frozen=True)
+class RetuneCase(_Case):
+    """``B`` Re-Tuning ``task`` problems of ``digits`` digits (``sample_problem`` with ``random.Random(digits)``: the
+    first ``B`` of one sequence, so a smaller batch is a prefix of a larger one), solved on ``model``: ``"trained"``
+    (the checkpoint ``scripts/train_retuning.py`` writes), ``"scripted"`` (random weights of that checkpoint's shape,
+    steered to the task's training data: a model that recurses right every time) or ``"tiny-scripted"`` (the same
+    at a toy size, for the smoke test)."""
+
+    name: str
+    group: str
+    model: str
+    task: str
+    digits: int
+    B: int
+    dtype: str = "fp32"
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}, {self.digits} digits, {self.B} problem{'s' if self.B > 1 else ''}, {self.model} model"
+
+
+RETUNING_MODELS = {"trained": "", "scripted": "scripted-", "tiny-scripted": "tiny-"}  # -> case name prefix
+RETUNING_NOTES = {"trained": "the trained model", "tiny-scripted": "smoke test",
+                  "scripted": "random weights of the trained shape, steered to the data"}
+
+
+def _retune_cases(models, digits, batches, gpu: bool):
+    return lambda batch=None: [RetuneCase(f"{RETUNING_MODELS[m]}addition-{n}d-b{B}", m + ("-gpu" if gpu else ""), m,
+                                          "addition", n, B, note=RETUNING_NOTES[m])
+                               for m in models for n in digits for B in ((batch,) if batch else batches)]
+
+
+retuning_cases = case_set(
+    "retuning", _retune_cases(("trained", "scripted"), RETUNING_DIGITS, RETUNING_GPU_BATCHES, True),
+    _retune_cases(("trained", "scripted"), RETUNING_DIGITS, RETUNING_BATCHES, False),
+    lambda: _retune_cases(("tiny-scripted",), (3,), (1, 2), False)(), batch=None)

@@ -42,6 +42,8 @@ fewer tokens than it does alone.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,10 +193,22 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+@functools.cache
+def _keeps_logits(forward: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _forward(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache]:
-    """Logits of the last input position ``[B, V]`` and the grown cache; positions count the mask's kept columns."""
+    """Logits of the last input position ``[B, V]`` and the grown cache; positions count the mask's kept columns.
+    A model whose ``forward`` takes ``logits_to_keep`` (transformers' causal LMs) forms the last position's logits
+    only: a prefill of ``T`` tokens would otherwise run the LM head on all ``T`` and keep one."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     kwargs = cache_kwargs(cache, model)
+    if _keeps_logits(type(model).forward):
+        kwargs["logits_to_keep"] = 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
     return out.logits[:, -1], output_cache(out)
 

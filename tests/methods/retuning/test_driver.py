@@ -184,9 +184,9 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.inner, self.script, self.config = inner, script, inner.config
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, cache=None):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, cache=None, logits_to_keep=0):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **cache_kwargs(cache, self.inner))
+                         use_cache=True, logits_to_keep=logits_to_keep, **cache_kwargs(cache, self.inner))
         cache = output_cache(out)
         dtype = out.logits.dtype
         ids = input_ids[:, None, :, None].to(dtype)  # [B, 1, T, 1]
@@ -452,6 +452,29 @@ def test_argument_errors(fn):
     with pytest.raises(ValueError, match="eos_token_id"):
         fn(model, no_eos, ADDITION[:1], task=task, progress=False)
     assert call([]) == []
+
+
+class AllLogits(Scripted):
+    """A model whose ``forward`` has no ``logits_to_keep``: it returns every position's logits (recorded)."""
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, cache=None):
+        out = super().forward(input_ids, attention_mask, position_ids, use_cache, cache)
+        self.widths.append(out.logits.shape[1])
+        return out
+
+
+def test_logits_of_the_last_position_only_where_the_model_takes_logits_to_keep(oracle):
+    """transformers' causal LMs (and Scripted) get logits_to_keep=1: the LM head runs on the last position alone. A
+    model without the keyword is called without it, forms every position's logits, and gives the same results."""
+    ours, eager, _ = MODELS
+    assert driver_module._keeps_logits(type(ours).forward) and driver_module._keeps_logits(type(eager.inner).forward)
+    plain = AllLogits(ours.inner)
+    plain.widths = []
+    assert not driver_module._keeps_logits(type(plain).forward)
+    (task, prompts), (same, high) = CASES[0], oracle[0]
+    for fn in (retune_generate, reprefill_generate):
+        _check_same(_run(fn, plain, task, prompts, batch_size=3), same, high, f"{fn.__name__} without logits_to_keep")
+    assert max(plain.widths) > 1
 
 
 def test_model_mode_is_restored():
