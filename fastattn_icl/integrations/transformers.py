@@ -72,7 +72,7 @@ from fastattn_icl.integrations.method_state import PLAIN, DeviceCopies, Isolatio
 from fastattn_icl.integrations.updated_layers import take_updated_layer
 from fastattn_icl.ops._torch_backend import attention_probs
 from fastattn_icl.ops.attention import attention_from_tables
-from fastattn_icl.ops.features import isolation_limit_table, key_log_weight_table
+from fastattn_icl.ops.features import anchor_columns, isolation_limit_table, key_log_weight_table
 from fastattn_icl.ops.momentum import momentum_attention, momentum_attention_with_state
 from fastattn_icl.ops.prefix import shared_prefix_attention
 
@@ -263,9 +263,9 @@ def _batched(name: str, t: torch.Tensor, B: int, device: torch.device, copies: D
 
 def _reweighting_tables(
     rw: Reweighting, layer_idx: int | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(key_log_weights [B, H, Tk] float32, reweight_from [B] int32)`` of one call (``(None, None)`` when
-    ``beta`` has no class: plain attention). Anchors that are not keys of
+):
+    """``(key_log_weights [B, H, Tk] float32, reweight_from [B] int32, key_weight_columns [A] int64 or None)`` of one
+    call (``None`` three times when ``beta`` has no class: plain attention). Anchors that are not keys of
     this call yet (a chunk before them) are unused; a batch row with no anchor among its keys, or whose queries all
     come before ``reweight_from``, gets β = 0, which is exactly plain attention: no branch on the device's values."""
     if layer_idx is None or not 0 <= layer_idx < rw.beta.shape[0]:
@@ -297,9 +297,9 @@ def _reweighting_tables(
         active = active & (row <= Tq - 1)
         rows = row.clamp(0, max(Tq - 1, 0))
     if layer_beta.shape[-1] == 0:  # C = 0: no anchor can be used (checked when set), so plain attention
-        return None, None
+        return None, None, None
     layer_beta = torch.where(active[:, None, None], layer_beta, torch.zeros((), dtype=layer_beta.dtype, device=device))
-    return key_log_weight_table(layer_beta, positions, classes, Tk), rows.to(torch.int32)
+    return key_log_weight_table(layer_beta, positions, classes, Tk), rows.to(torch.int32), anchor_columns(positions, Tk)
 
 
 def _isolation_table(iso: Isolation, B: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
@@ -444,9 +444,9 @@ def fastattn_icl_attention_forward(
         )
     B, H, Tq, _ = query.shape
     Tk = key.shape[2]
-    logw = row_from = limit = None
+    logw = row_from = limit = columns = None
     if methods.reweighting is not None:
-        logw, row_from = _reweighting_tables(methods.reweighting, layer_idx, B, H, Tq, Tk, query.device)
+        logw, row_from, columns = _reweighting_tables(methods.reweighting, layer_idx, B, H, Tq, Tk, query.device)
     if methods.isolation is not None:
         limit = _isolation_table(methods.isolation, B, Tq, Tk, query.device)
     if methods.momentum is not None:
@@ -456,7 +456,7 @@ def fastattn_icl_attention_forward(
         out, lse = attention_from_tables(
             query, key, value, causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
             key_log_weights=logw, reweight_from=row_from, isolation_limit=limit, saliency=methods.saliency,
-            saliency_key=layer_idx,
+            saliency_key=layer_idx, key_weight_columns=columns,
         )
         if methods.attention_row is not None:
             methods.attention_row.record(layer_idx, query, key, lse, scale)

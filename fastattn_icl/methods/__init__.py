@@ -16,6 +16,8 @@
 - :mod:`~fastattn_icl.methods.correlation`: deep-layer correlation (the anchors paper §2.3), AUC-ROC per layer of
   the target's attention on the label words against the prediction.
 - :mod:`~fastattn_icl.methods.metrics`: label and word loyalty.
+- :mod:`~fastattn_icl.methods.retuning`: Re-Tuning (recursive self-calls): the tasks' data and rules, greedy recursive
+  inference with KV reuse across calls and batching, a character-level tokenizer.
 """
 
 from fastattn_icl.methods.anchors import (

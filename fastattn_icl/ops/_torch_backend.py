@@ -31,11 +31,23 @@ _CHUNK_ELEMENTS = 1 << 20  # scores per query chunk of the exact passes, summed 
 _MIN_CHUNK_ROWS = 16  # below this, the chunk's matmuls are too thin to run at speed
 _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# exp of an argument below about -87 (float32) is a denormal or 0, and the CPU's vectorised exp takes a slow path for
+# it (60-170x slower per element, also for -inf), as do matmuls over denormal inputs: arguments below the floor, whose
+# exp is less than 1e-31 (float32; 1e-299 in float64) and could reach a denormal once divided by a row sum (< e^14),
+# give an exact 0
+_EXP_FLOOR = {torch.float32: -72.0, torch.float64: -688.0}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, float32 for every other floating dtype (fp16/bf16 accumulate in float32)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _exp_floored(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` computed in place (``x`` is a temporary), 0 where ``x < _EXP_FLOOR`` (see there)."""
+    floor = _EXP_FLOOR[x.dtype]
+    low = x < floor
+    return x.clamp_(min=floor).exp_().masked_fill_(low, 0.0)
 
 
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
@@ -132,7 +144,8 @@ def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_
     # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
     # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
     row_max = s.amax(dim=-1, keepdim=True)
-    p = torch.exp(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
+    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
+    p[..., p.shape[-1] - Tc:].masked_fill_(~vis, 0.0)  # the hidden keys (the shared prefix is seen by every row)
     denom = p.sum(dim=-1, keepdim=True)
     row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
     p = p / denom.masked_fill(denom == 0, 1.0)
@@ -213,10 +226,11 @@ def _anchor_columns(key_log_weights: torch.Tensor) -> torch.Tensor:
     return torch.nonzero((key_log_weights != 0).any(1).any(0)).flatten()
 
 
-def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, reweight_from, scale):
+def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, reweight_from, scale, columns):
     """Adds ``Σ_a (w_a − 1) · P[:, a] · v_a`` to the re-weighted rows of ``o [B, Hkv, G, Tq, D]`` (docs/methods.md §2:
-    post-softmax weights, unweighted denominator), over the anchor columns only."""
-    cols = _anchor_columns(key_log_weights)
+    post-softmax weights, unweighted denominator), over the anchor columns only (``columns``, or the columns
+    with a weight other than 1 when ``None``)."""
+    cols = _anchor_columns(key_log_weights) if columns is None else columns
     if cols.numel() == 0:  # every weight is 1 (beta = 0): the plain result, bit for bit
         return
     B, Hkv, G, Tq, D = qg.shape
@@ -227,11 +241,22 @@ def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, rew
     o[:, :, :, first:] += torch.matmul(p * u, vf[:, :, :, cols])
 
 
+def _visible_at(rows, cols, Tq, Tk, causal, kpm) -> torch.Tensor:
+    """Bool ``[B or 1, 1, 1, len(rows), len(cols)]``: :func:`_visible` at the key columns ``cols`` only."""
+    if causal:
+        vis = cols[None, :] <= rows[:, None] + (Tk - Tq)
+    else:
+        vis = torch.ones(rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
+    vis = vis[None, None, None]
+    if kpm is not None:
+        vis = vis & kpm[:, cols][:, None, None, None, :]
+    return vis
+
+
 def _anchor_probs(q_r, kf, lse_r, rows, cols, Tq, Tk, causal, kpm, scale):
     """``P[rows, cols]`` ``[B, Hkv, G, n, A]`` from the unweighted ``lse``; 0 where a key is hidden from a row."""
     s = torch.matmul(q_r, kf[:, :, :, cols].transpose(-1, -2)) * scale
-    vis = _visible(rows, Tq, Tk, causal, kpm)[..., cols]
-    return torch.where(vis, torch.exp(s - lse_r[..., None]), 0.0)
+    return _exp_floored(s - lse_r[..., None]).masked_fill_(~_visible_at(rows, cols, Tq, Tk, causal, kpm), 0.0)
 
 
 def _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G):
@@ -251,9 +276,10 @@ def _isolated_rows(isolation_limit: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float, *, prefix=None):
+                  scale: float, *, prefix=None, key_weight_columns=None):
     """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
-    precede ``k``/``v`` and are visible to every query row (method features must then be off)."""
+    precede ``k``/``v`` and are visible to every query row (method features must then be off);
+    ``key_weight_columns``: ``None`` or the anchor columns (fastattn_icl.ops.attention's module docstring)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
@@ -264,7 +290,8 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
         o, lse = _flash_fwd(q.to(cd), k.to(cd), v.to(cd), key_padding_mask, causal, scale, prefix)
         o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
         if key_log_weights is not None:
-            _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale)
+            _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
+                               key_weight_columns)
         exact = _isolated_rows(isolation_limit)
     else:
         o = torch.empty(qg.shape, dtype=cd, device=q.device)
@@ -311,7 +338,7 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, 
     if iso is not None:
         s = s.masked_fill(iso, ISOLATION_VALUE)
     row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
-    return torch.exp(s - row_lse[..., None]).masked_fill(~vis, 0.0), iso, weights, rw
+    return _exp_floored(s - row_lse[..., None]).masked_fill_(~vis, 0.0), iso, weights, rw
 
 
 def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding_mask, scale, key_log_weights,
@@ -362,35 +389,45 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
 
 
 def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweight_from, isolation_limit, scale,
-                dq, dk, dv, dlogw):
+                dq, dk, dv, dlogw, columns):
     """The re-weighting's share of the backward for the rows from ``min(reweight_from)`` on, over query chunks:
-    ``d log w`` of every key (the op's contract is the dense ``[B, H, Tk]`` table), and the anchor columns'
-    ``(w − 1) · P · dP`` terms of ``dq``, ``dk`` and ``dv`` that the plain flash backward does not see (its
-    ``delta = rowsum(dO · O)`` with the re-weighted ``O`` already carries the denominator's share)."""
+    ``d log w`` (at the anchor ``columns``, or of every key when ``None``: the dense table of the op's contract), and
+    the anchor columns' ``(w − 1) · P · dP`` terms of ``dq``, ``dk`` and ``dv`` that the plain flash backward does
+    not see (its ``delta = rowsum(dO · O)`` with the re-weighted ``O`` already carries the denominator's share)."""
     B, Hkv, G, Tq, D = qg.shape
-    cols = _anchor_columns(key_log_weights)
+    dense = columns is None
+    cols = _anchor_columns(key_log_weights) if dense else columns
+    if not dense and cols.numel() == 0:
+        return
     first = int(reweight_from.min())
     w = key_log_weights.exp().reshape(B, Hkv, G, 1, Tk)
     iso_rows = None if isolation_limit is None else isolation_limit > 0
-    for rows_c in _row_chunks(torch.arange(first, Tq, device=qg.device), _rows_per_chunk(B, Hkv * G, Tq, Tk)):
+    width = Tk if dense else cols.numel()
+    for rows_c in _row_chunks(torch.arange(first, Tq, device=qg.device), _rows_per_chunk(B, Hkv * G, Tq, width)):
         Tc = _key_limit(rows_c, Tq, Tk, causal)
         q_c, do_c = qg[:, :, :, rows_c], dog[:, :, :, rows_c]
-        s = torch.matmul(q_c, kf[..., :Tc, :].transpose(-1, -2)) * scale
-        vis = _visible(rows_c, Tq, Tk, causal, kpm)[..., :Tc]
+        cols_c = cols[cols < Tc]
+        at = slice(None, Tc) if dense else cols_c  # the key columns this chunk computes P at
+        if not dense and cols_c.numel() == 0:
+            continue
+        s = torch.matmul(q_c, kf[:, :, :, at].transpose(-1, -2)) * scale
+        vis = _visible(rows_c, Tq, Tk, causal, kpm)[..., :Tc] if dense else \
+            _visible_at(rows_c, cols_c, Tq, Tk, causal, kpm)
         vis = vis & (rows_c[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
         if iso_rows is not None:  # the exact rows carry their own share
             vis = vis & ~iso_rows[:, rows_c][:, None, None, :, None]
-        p = torch.where(vis, torch.exp(s - lse_g[:, :, :, rows_c, None]), 0.0)
-        pd = p * torch.matmul(do_c, vf[..., :Tc, :].transpose(-1, -2))
-        dlogw[..., :Tc] += (pd * w[..., :Tc]).sum(3)
-        cols_c = cols[cols < Tc]
-        if cols_c.numel() == 0:
-            continue
+        p = _exp_floored(s - lse_g[:, :, :, rows_c, None]).masked_fill_(~vis, 0.0)
+        pd = p * torch.matmul(do_c, vf[:, :, :, at].transpose(-1, -2))
+        dlogw[..., at] += (pd * w[..., at]).sum(3)
+        if dense:
+            if cols_c.numel() == 0:
+                continue
+            p, pd = p[..., cols_c], pd[..., cols_c]
         u = torch.expm1(key_log_weights[:, :, cols_c]).reshape(B, Hkv, G, 1, -1)
-        ds = pd[..., cols_c] * u
+        ds = pd * u
         dq[:, :, :, rows_c] += torch.matmul(ds, kf[:, :, :, cols_c]) * scale
         dk[:, :, cols_c] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
-        dv[:, :, cols_c] += torch.matmul((p[..., cols_c] * u).transpose(-1, -2), do_c).sum(2)
+        dv[:, :, cols_c] += torch.matmul((p * u).transpose(-1, -2), do_c).sum(2)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -399,7 +436,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-                  causal: bool, scale: float):
+                  causal: bool, scale: float, key_weight_columns=None):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
@@ -420,7 +457,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         dq = dq.reshape(qg.shape)
         if key_log_weights is not None:
             _anchor_bwd(qg, kf, vf, _grouped(do_flash, Hkv), lse_g, Tk, causal, key_padding_mask, key_log_weights,
-                        reweight_from, isolation_limit, scale, dq, dk, dv, dlogw)
+                        reweight_from, isolation_limit, scale, dq, dk, dv, dlogw, key_weight_columns)
     else:
         dq = torch.empty_like(qg)
         dk = torch.zeros(B, Hkv, Tk, D, dtype=cd, device=q.device)

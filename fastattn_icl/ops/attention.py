@@ -3,6 +3,11 @@
 ``fastattn_icl::attention_fwd`` returns ``(out, lse)`` and ``fastattn_icl::attention_bwd`` returns
 ``(dq, dk, dv)``; only ``q, k, v, out, lse`` are saved for the backward, never ``P``. Both ops have
 fake (meta) kernels, so ``torch.compile(fullgraph=True)`` traces through them.
+
+``key_weight_columns`` (optional int64 ``[A]``, ascending, unique) names the key columns where ``key_log_weights``
+may be nonzero, for a table that is a scatter of per-anchor weights (the seam, :func:`anchor_reweight_attention`):
+``d key_log_weights`` is then needed, and defined, at those columns only (the plain-PyTorch backend computes it
+there in ``O(Tq · A)`` instead of a dense pass over every key; the Triton backward fills every column anyway).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
 from fastattn_icl.ops.backend import kernel, resolve_backend
-from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.features import anchor_columns, anchor_key_log_weights, isolation_limit, reweight_start
 from fastattn_icl.ops.saliency import Saliency
 from fastattn_icl.ops.saliency import tap as saliency_tap
 
@@ -28,14 +33,17 @@ def attention_fwd(
     causal: bool,
     scale: float,
     backend: str,
+    key_weight_columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernel(backend, "attention_fwd")(
-        q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale
+        q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
+        key_weight_columns=key_weight_columns,
     )
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend):
+def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend,
+      key_weight_columns=None):
     B, H, Tq, D = q.shape
     out = q.new_empty(B, Tq, H, D).transpose(1, 2)
     lse = q.new_empty(B, H, Tq, dtype=torch.float32)
@@ -57,36 +65,37 @@ def attention_bwd(
     causal: bool,
     scale: float,
     backend: str,
+    key_weight_columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, dlogw = kernel(backend, "attention_bwd")(
         grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-        causal, scale,
+        causal, scale, key_weight_columns=key_weight_columns,
     )
     return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dlogw is None else dlogw)
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal,
-      scale, backend):
+      scale, backend, key_weight_columns=None):
     dlogw = q.new_empty(0, dtype=torch.float32) if key_log_weights is None else torch.empty_like(key_log_weights)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dlogw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend = inputs
+    q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend, cols = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, cols)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit, cols = ctx.saved_tensors
     dq, dk, dv, dlogw = attention_bwd(
         grad_out, q, k, v, out, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-        ctx.causal, ctx.scale, ctx.backend,
+        ctx.causal, ctx.scale, ctx.backend, cols,
     )
-    return dq, dk, dv, None, (None if key_log_weights is None else dlogw), None, None, None, None, None
+    return dq, dk, dv, None, (None if key_log_weights is None else dlogw), None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -114,6 +123,7 @@ def attention_from_tables(
     saliency: Saliency | None = None,
     saliency_key=None,
     backend: str | None = None,
+    key_weight_columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the fused attention on the kernel's dense method inputs (built by
     :mod:`fastattn_icl.ops.features`). Shapes, dtypes and devices are checked on the host; values are not, so
@@ -126,6 +136,9 @@ def attention_from_tables(
         reweight_from: int32 ``[B]`` in ``[0, Tq)``, the first re-weighted query row; with ``key_log_weights``.
         isolation_limit: ``None`` or int32 ``[B, Tq]``: row ``i``'s keys ``j < limit`` are isolated.
         saliency_key: the key of ``saliency.results`` this call records into (the seam: the layer index).
+        key_weight_columns: ``None`` or int64 ``[A]`` ascending, unique key positions outside which
+            ``key_log_weights`` is 0; the gradient of ``key_log_weights`` is then defined at these columns only (see
+            the module docstring). With ``key_log_weights`` only.
     """
     (B, H, Hkv, Tq, Tk, D), scale = _check_call(q, k, v, causal, scale, key_padding_mask)
     if (key_log_weights is None) != (reweight_from is None):
@@ -133,9 +146,16 @@ def attention_from_tables(
     _check_table("key_log_weights", key_log_weights, torch.float32, (B, H, Tk), q.device)
     _check_table("reweight_from", reweight_from, torch.int32, (B,), q.device)
     _check_table("isolation_limit", isolation_limit, torch.int32, (B, Tq), q.device)
+    if key_weight_columns is not None:
+        if key_log_weights is None:
+            raise ValueError("key_weight_columns goes with key_log_weights")
+        if not isinstance(key_weight_columns, torch.Tensor) or key_weight_columns.dtype != torch.int64 \
+                or key_weight_columns.dim() != 1 or key_weight_columns.device != q.device:
+            raise TypeError(f"key_weight_columns must be an int64 tensor [A] on {q.device}, got "
+                            f"{key_weight_columns!r:.80}")
     # the seam hands one new mask object to every layer of a forward: its saliency checks a mask object once
     return _run(q, k, v, causal, scale, key_padding_mask, key_log_weights, reweight_from, isolation_limit, saliency,
-                saliency_key, backend, once_per_mask=True)
+                saliency_key, backend, once_per_mask=True, columns=key_weight_columns)
 
 
 def _check_call(q, k, v, causal, scale, key_padding_mask) -> tuple[tuple[int, ...], float]:
@@ -148,9 +168,9 @@ def _check_call(q, k, v, causal, scale, key_padding_mask) -> tuple[tuple[int, ..
 
 
 def _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, saliency_key, backend,
-         once_per_mask=False):
+         once_per_mask=False, columns=None):
     backend = resolve_backend(backend, q.device)
-    out, lse = attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend)
+    out, lse = attention_fwd(q, k, v, key_padding_mask, logw, row_from, limit, causal, scale, backend, columns)
     if saliency is not None:
         out = saliency_tap(out, q, k, v, lse, key_padding_mask, logw, row_from, limit, causal, scale, backend,
                            saliency, saliency_key, once_per_mask)
@@ -161,15 +181,17 @@ def _checked(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, an
              anchor_classes=None, reweight_from=None, isolation_rows=None, isolation_window=0, saliency=None):
     """``(out, lse)`` from the public ops' method arguments, every value checked."""
     (B, H, Hkv, Tq, Tk, D), scale = _check_call(q, k, v, causal, scale, key_padding_mask)
-    logw = row_from = limit = None
+    logw = row_from = limit = columns = None
     if beta is not None:
         if isinstance(beta, torch.Tensor) and beta.device != q.device:
             raise ValueError(f"beta must be on {q.device} (as q), got {beta.device}")
         logw = anchor_key_log_weights(beta, anchor_positions, anchor_classes, B, H, Tk)
         row_from = reweight_start(reweight_from, B, Tq, q.device)
+        columns = anchor_columns(anchor_positions, Tk)
     if isolation_rows is not None:
         limit = isolation_limit(isolation_rows, isolation_window, B, Tq, Tk, q.device)
-    return _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, None, backend)
+    return _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, None, backend,
+                columns=columns)
 
 
 def attention_with_lse(

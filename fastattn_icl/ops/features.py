@@ -88,6 +88,15 @@ def key_log_weight_table(beta: torch.Tensor, positions: torch.Tensor, classes: t
     return table[:, :, :Tk].contiguous()
 
 
+def anchor_columns(positions: torch.Tensor, Tk: int) -> torch.Tensor | None:
+    """int64 ``[A]``: the distinct key columns in ``[0, Tk)`` among the anchor ``positions`` (``[B, A]``), ascending,
+    for the ops' ``key_weight_columns``; ``None`` off the CPU, where finding them would wait for the device (the
+    Triton backward does not need them)."""
+    if positions.device.type != "cpu":
+        return None
+    return torch.unique(positions[(positions >= 0) & (positions < Tk)].long())
+
+
 def reweight_start(reweight_from, B: int, Tq: int, device: torch.device) -> torch.Tensor:
     """``[B]`` int32 first re-weighted query row: ``None`` = the last row only, an int, or ``[B]``."""
     if reweight_from is None:

@@ -121,3 +121,47 @@ def test_isolation_alone(path, case, window):
     kw = dict(causal=causal, key_padding_mask=kpm, isolation_rows=rows, isolation_window=window)
     _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
              [q, k, v], do, ("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("columns", [False, True], ids=["dense", "columns"])
+@pytest.mark.parametrize("beta_scale", [0.8, 0.0], ids=["beta", "beta0"])
+def test_weight_table_with_and_without_columns(path, case, columns, beta_scale):
+    """The seam's entry on a differentiable weight table: ``d key_log_weights`` of every key (no columns: the dense
+    pass) or at the anchor columns only; either way dβ, which reads the anchor columns, matches the oracle."""
+    from fastattn_icl.ops.attention import attention_from_tables
+    from fastattn_icl.ops.features import anchor_columns, key_log_weight_table
+
+    B, H, Hkv, Tq, Tk = case[:5]
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=7)
+    causal = case[6]
+    pos, cls = _anchors(B, Tk, case[7])
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(4)) * beta_scale
+    start = torch.full((B,), Tq // 3, dtype=torch.int32)
+    cols = anchor_columns(pos, Tk) if columns else None
+    assert cols is None or cols.tolist() == sorted(set(pos[pos >= 0].tolist()))
+
+    def ours(q_, k_, v_, b_):
+        table = key_log_weight_table(b_[None].expand(B, -1, -1), pos, cls, Tk)
+        return attention_from_tables(q_, k_, v_, causal=causal, scale=None, key_padding_mask=kpm,
+                                     key_log_weights=table, reweight_from=start, backend="torch",
+                                     key_weight_columns=cols)[0]
+
+    def oracle(q_, k_, v_, b_):
+        return reweight_ref(q_, k_, v_, b_, pos, cls, reweight_from=start, causal=causal, key_padding_mask=kpm)
+
+    got = _compare(ours, oracle, [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
+    assert got[-1].abs().max() > 0
+
+
+def test_weight_columns_bad_input():
+    from fastattn_icl.ops.attention import attention_from_tables
+
+    q = k = v = torch.randn(1, 2, 8, 16)
+    table = torch.zeros(1, 2, 8)
+    start = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="goes with key_log_weights"):
+        attention_from_tables(q, k, v, causal=True, scale=None, key_weight_columns=torch.tensor([1]))
+    with pytest.raises(TypeError, match="int64 tensor"):
+        attention_from_tables(q, k, v, causal=True, scale=None, key_log_weights=table, reweight_from=start,
+                              key_weight_columns=torch.tensor([1], dtype=torch.int32))

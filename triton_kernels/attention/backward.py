@@ -261,9 +261,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, LOGW, ROW_FROM, ISO,
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
-                  causal: bool, scale: float):
+                  causal: bool, scale: float, key_weight_columns=None):
     """Launch the backward. Returns ``dq, dk, dv`` with the shapes (and strides) of ``q, k, v`` and
-    ``dlogw [B, H, Tk]`` float32 (``None`` without anchors)."""
+    ``dlogw [B, H, Tk]`` float32 (``None`` without anchors), every column of it (``key_weight_columns``, the
+    columns the caller needs, is not used: the dk/dv kernel forms each column's sum at no extra cost)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = unit_column_stride(do)

@@ -167,9 +167,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
-                  scale: float, *, prefix=None):
+                  scale: float, *, prefix=None, key_weight_columns=None):
     """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
-    ``lse [B, H, Tq]`` float32 (contiguous). Method inputs (``None`` = feature off): see :func:`method_args`.
+    ``lse [B, H, Tq]`` float32 (contiguous). Method inputs (``None`` = feature off): see :func:`method_args`;
+    ``key_weight_columns`` is not needed here (the kernel reads the weight of every key it loads).
     ``prefix``: ``None`` or the shared prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0
     for one copy), whose keys come before ``k`` and are visible to every query row (method features must be off)."""
     out, lse, _ = _forward(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,

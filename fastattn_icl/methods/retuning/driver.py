@@ -33,8 +33,10 @@ Budgets (per problem; exceeding one fails that problem alone, the rest of the ba
 (tokens one context generates, all its segments together). A call the task cannot parse, an answer ``answer_of``
 rejects, or a final text without a parsable answer fail the problem too. ``RetuneResult.failure`` says which.
 
-Only caches whose layers keep every position (``DynamicLayer``) can be split into rows: the driver builds them
-itself, so sliding-window models (whose window the mask applies) work, at full-length memory.
+The driver builds its caches itself, of full ``DynamicLayer`` s that keep every position (the only kind it can split
+into rows). Sliding-window models therefore keep all keys (the mask applies the window) and run with
+``batch_size=1`` only: transformers counts the window in cache slots, padding included, so a padded row would see
+fewer tokens than it does alone.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ from transformers import DynamicCache
 
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
 from fastattn_icl.methods._model import frozen_weights, model_device
+from fastattn_icl.methods.retuning.tasks import get_task
 
-__all__ = ["CALL_MARKER", "CallNode", "RetuneResult", "reprefill_generate", "retune_generate"]
+__all__ = ["CALL_MARKER", "CallNode", "RetuneResult", "reprefill_generate", "retune_generate", "sliding_window"]
 
 CALL_MARKER = "Call: "
 _TASK_METHODS = (
@@ -124,12 +127,7 @@ class _Failure(Exception):
 
 def _resolve_task(task: Any) -> Any:
     if isinstance(task, str):
-        from fastattn_icl.methods.retuning.tasks import TASKS, get_task
-
-        try:
-            return get_task(task)
-        except KeyError:
-            raise ValueError(f"unknown Re-Tuning task {task!r}; known: {sorted(TASKS)}") from None
+        return get_task(task)  # ValueError naming the known tasks
     missing = [m for m in _TASK_METHODS if not callable(getattr(task, m, None))]
     if missing:
         raise TypeError(f"task must be a task name or an object with the methods {list(_TASK_METHODS)}; "
@@ -140,6 +138,19 @@ def _resolve_task(task: Any) -> Any:
 def _check_budget(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of a model with sliding-window layers (Mistral, Gemma-2, Qwen2 with
+    ``use_sliding_window``), ``None`` for full attention everywhere."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return getattr(text, "sliding_window", None)
 
 
 def _check_arguments(tokenizer, prompts, task, budgets: dict[str, Any]) -> Any:
@@ -411,7 +422,7 @@ def retune_generate(
     task: Any,
     max_depth: int = 64,
     max_calls: int = 256,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 1024,
     batch_size: int = 16,
     return_logits: bool = False,
     progress: bool = True,
@@ -427,7 +438,7 @@ def retune_generate(
         prompts: top-level prompts of ``task`` (``task.check_prompt``).
         task: a task name (``fastattn_icl.methods.retuning.tasks.TASKS``) or a task object.
         max_depth, max_calls, max_new_tokens: the per-problem budgets (module docstring), ints >= 1.
-        batch_size: most contexts in one forward.
+        batch_size: most contexts in one forward; 1 for sliding-window models (:func:`sliding_window`).
         return_logits: keep every step's logits in the call tree (``CallNode.logits``).
         progress: a progress bar over finished problems.
 
@@ -437,6 +448,13 @@ def retune_generate(
     """
     budgets = dict(max_depth=max_depth, max_calls=max_calls, max_new_tokens=max_new_tokens)
     task = _check_arguments(tokenizer, prompts, task, {**budgets, "batch_size": batch_size})
+    window = sliding_window(model)
+    if window is not None and batch_size > 1:
+        raise ValueError(
+            f"the model attends within a sliding window ({window}), which transformers' masks count in cache slots, "
+            "padding included: a padded row would see fewer tokens than alone. Run it with batch_size=1 (still "
+            "with KV reuse)"
+        )
     with frozen_weights(model), torch.no_grad():
         return _Driver(model, tokenizer, task, budgets, batch_size, return_logits).run(list(prompts), progress)
 
@@ -452,7 +470,7 @@ def reprefill_generate(
     task: Any,
     max_depth: int = 64,
     max_calls: int = 256,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 1024,
     batch_size: int = 16,
     return_logits: bool = False,
     progress: bool = True,

@@ -20,12 +20,20 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 import fastattn_icl
 from fastattn_icl.integrations.cache_keyword import cache_kwargs, output_cache
-from fastattn_icl.methods.retuning import char_tokenizer, reprefill_generate, retune_generate
+from fastattn_icl.methods.retuning import (
+    char_tokenizer,
+    get_task,
+    problem_pairs,
+    reprefill_generate,
+    retune_generate,
+    top_prompt,
+)
 from fastattn_icl.methods.retuning import driver as driver_module
+from fastattn_icl.methods.retuning.driver import sliding_window
 from fastattn_icl.testing import check_close
 from tests.models import DEVICES, float64_twin
 
@@ -152,13 +160,29 @@ def script(text: str) -> str | None:
     return target[len(out)] if len(out) < len(target) else None
 
 
-class Scripted(torch.nn.Module):
-    """A Hugging Face causal LM whose greedy token follows :func:`script`; it keeps the token ids in one extra cache
-    layer after the model's own, so it reads each row's context from what the driver put in the cache."""
+def data_script(pairs: list[dict[str, str]]):
+    """A script that writes the training data of :mod:`fastattn_icl.methods.retuning.tasks`: a context continues the
+    pair whose input is the longest prefix of its text."""
+    outputs = {pair["input"]: pair["output"] for pair in pairs}
 
-    def __init__(self, inner: torch.nn.Module):
+    def follow(text: str) -> str | None:
+        start = max((prompt for prompt in outputs if text.startswith(prompt)), key=len, default=None)
+        target = None if start is None else start + outputs[start]
+        if target is None or not target.startswith(text):
+            return "#"
+        return target[len(text)] if len(text) < len(target) else None
+
+    return follow
+
+
+class Scripted(torch.nn.Module):
+    """A Hugging Face causal LM whose greedy token follows ``script`` (default :func:`script`); it keeps the token ids
+    in one extra cache layer after the model's own, so it reads each row's context from what the driver put in the
+    cache."""
+
+    def __init__(self, inner: torch.nn.Module, script=script):
         super().__init__()
-        self.inner = inner
+        self.inner, self.script, self.config = inner, script, inner.config
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache=True, cache=None):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -170,7 +194,7 @@ class Scripted(torch.nn.Module):
         logits = out.logits.clone()
         for row in range(len(input_ids)):
             context = history[row, 0, :, 0][attention_mask[row].bool()].long().tolist()
-            char = script(TOKENIZER.decode(context, skip_special_tokens=True))
+            char = self.script(TOKENIZER.decode(context, skip_special_tokens=True))
             token = EOS if char is None else TOKENIZER.convert_tokens_to_ids(char)
             logits[row, -1, token] = logits[row, -1].max() + 1.0
         out.logits = logits
@@ -305,6 +329,28 @@ def test_batched_results_equal_one_at_a_time():
     _check_same(_run(retune_generate, ours, task, prompts, batch_size=4), alone, high, "batched vs alone")
 
 
+@pytest.mark.parametrize(("task", "problems"), [
+    ("addition", [("731", "214"), ("95", "17"), ("6", "8")]),
+    ("parity", [[1, 0, 1, 1], [0], [1, 1]]),
+    ("dp", [[3, -1], [-2, 4, 1]]),
+])
+def test_the_tasks_module_rules_reproduce_its_training_data(task, problems):
+    """The real tasks by name: a model that writes each task's Re-Tuning training data is driven through exactly
+    those contexts (DP: two calls at the top, finished after the second return; parity: its own return text)."""
+    pairs = [pair for problem in problems for pair in problem_pairs(task, "retuning", problem)]
+    model = Scripted(_llama(1), data_script(pairs))
+    prompts = [top_prompt(task, "retuning", problem) for problem in problems]
+    results = retune_generate(model, TOKENIZER, prompts, task=task, batch_size=2, progress=False)
+    assert all(r.failure is None and r.correct for r in results), [r.failure for r in results]
+    contexts = [pair["input"] for pair in pairs if pair["input"].endswith("\nSolution: ")]
+    assert [n.prompt for r in results for n in r.tree.nodes()] == contexts  # the data's contexts, in its order
+    texts, rules = {pair["input"] + pair["output"] for pair in pairs}, get_task(task)
+    for node in (n for r in results for n in r.tree.nodes()):  # each context wrote the data's output, or returned
+        after_return = node.children and rules.finished_after_return(node.text, len(node.children))
+        assert node.text in texts or after_return and node.text.endswith(rules.return_text(node.children[-1].answer))
+    assert [r.answer for r in results] == [get_task(task).ground_truth(p) for p in prompts]
+
+
 # -- 3. the work saved ----------------------------------------------------------------------------------------------
 
 
@@ -364,13 +410,15 @@ def test_each_failure_is_reported_with_its_problem(oracle):
     assert failures["66 + 66"].tree.text.endswith("6" * 40)
 
 
-def test_no_hang_when_every_problem_fails():
+def test_no_hang_when_every_problem_fails(capsys):
     ours = MODELS[0]
     prompts = ["66 + 66\nSolution: "] * 3
     start = time.perf_counter()
-    results = _run(retune_generate, ours, FakeAddition(), prompts, max_new_tokens=5)
+    results = _run(retune_generate, ours, FakeAddition(), prompts, max_new_tokens=5, progress=True)
     assert all(r.failure.startswith("max_new_tokens") for r in results)
     assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err  # the progress bar counts finished problems
+    assert "re-tuning" in err and "3/3" in err
 
 
 # -- 5. arguments ---------------------------------------------------------------------------------------------------
@@ -395,6 +443,10 @@ def test_argument_errors(fn):
         call([b"1 + 2\nSolution: "])
     with pytest.raises(TypeError, match="lacks"):
         call(task=object())
+    with pytest.raises(ValueError, match="unknown Re-Tuning task 'nope'"):
+        call(task="nope")
+    with pytest.raises(ValueError, match="prompts\\[0\\] is not a prompt of the task 'parity'"):
+        call(task="parity")
     no_eos = char_tokenizer()
     no_eos.eos_token = None
     with pytest.raises(ValueError, match="eos_token_id"):
@@ -410,6 +462,25 @@ def test_model_mode_is_restored():
         assert ours.training and all(p.requires_grad for p in ours.parameters())
     finally:
         ours.eval()
+
+
+def test_sliding_window_models_run_one_row_at_a_time():
+    """transformers counts a sliding window in cache slots, padding included: a binding window on a padded batch
+    changes the logits (seen on Mistral, window 16), so only batch_size=1 runs, and equals the re-prefill loop."""
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=1, vocab_size=len(TOKENIZER), max_position_embeddings=256,
+                           sliding_window=16, eos_token_id=EOS, pad_token_id=0)
+    torch.manual_seed(0)
+    mistral = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert sliding_window(Scripted(mistral)) == 16 and sliding_window(MODELS[1]) is None
+    assert sliding_window(Scripted(_llama(1))) is None
+    task, prompts = FakeAddition(), ADDITION[:3]
+    with pytest.raises(ValueError, match=r"sliding window \(16\).*batch_size=1"):
+        _run(retune_generate, Scripted(mistral), task, prompts, batch_size=2)
+    results = _run(retune_generate, Scripted(mistral), task, prompts, batch_size=1)
+    _check_same(results, _run(reprefill_generate, Scripted(mistral), task, prompts),
+                _run(reprefill_generate, Scripted(float64_twin(mistral)), task, prompts), "sliding window")
+    assert all(r.correct for r in results) and results[0].tree.text.count("\n") > 1  # longer than the window
 
 
 def test_refuses_caches_it_cannot_split():
