@@ -82,3 +82,28 @@ def test_bad_arguments_exit_with_a_message(train_script, bad, tmp_path, capsys):
         train_script.parse_args(argv)
     assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_eval_script_writes_table_json_and_plot(train_script, tmp_path):
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("eval_retuning", SCRIPT.parent / "eval_retuning.py")
+    eval_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_script)
+    threads = torch.get_num_threads()
+    try:
+        for fmt in ("retuning", "scratchpad", "baseline"):
+            train_script.main(["--format", fmt, "--out", str(tmp_path / "models" / fmt), "--max-steps", "1",
+                               "--d-model", "32", "--layers", "1", "--heads", "2", "--batch-tokens", "256",
+                               "--chunk-problems", "5", "--lengths", "1", "2"])
+        rc = eval_script.main(["--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
+                               "--lengths", "1", "2", "--per-length", "2", "--slack", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert results["trained_lengths"] == [1, 2]
+    for fmt in ("retuning", "scratchpad", "baseline"):
+        assert set(results["accuracy"][fmt]) == {"1", "2"}
+        assert all(0.0 <= a <= 1.0 for a in results["accuracy"][fmt].values())
+    assert "| 2 |" in (tmp_path / "out" / "eval_results.md").read_text()
+    assert (tmp_path / "out" / "accuracy_vs_length.png").stat().st_size > 0
