@@ -49,11 +49,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _exp_floored(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x)`` computed in place (``x`` is a temporary), 0 where ``x < _EXP_FLOOR`` (see there)."""
-    floor = _EXP_FLOOR[x.dtype]
+def _exp_floored(x: torch.Tensor, headroom: float = 0.0) -> torch.Tensor:
+    """``exp(x)``, 0 where ``x < _EXP_FLOOR − headroom`` (see there; ``headroom``: how far a re-weighting can still
+    lift the result, :func:`_headroom`). In place (``x`` is a temporary) unless ``x`` needs a gradient."""
+    floor = _EXP_FLOOR[x.dtype] - headroom
     low = x < floor
+    if x.requires_grad and torch.is_grad_enabled():  # attention_probs is differentiable
+        return torch.where(low, 0.0, x.clamp(min=floor).exp())
     return x.clamp_(min=floor).exp_().masked_fill_(low, 0.0)
+
+
+def _headroom(key_log_weights: torch.Tensor | None) -> float:
+    """``max(0, max log w)`` (a host read): a probability the weights multiply by up to ``e^that`` must not be cut
+    at the plain floor."""
+    if key_log_weights is None or key_log_weights.numel() == 0:
+        return 0.0
+    return max(0.0, float(key_log_weights.detach().max()))
 
 
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
@@ -150,8 +161,8 @@ def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_
     # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
     # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
     row_max = s.amax(dim=-1, keepdim=True)
-    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0))
-    p[..., p.shape[-1] - Tc:].masked_fill_(~vis, 0.0)  # the hidden keys (the shared prefix is seen by every row)
+    # a hidden key's -inf falls below the floor: exactly 0
+    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), _headroom(key_log_weights))
     denom = p.sum(dim=-1, keepdim=True)
     row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
     p = p / denom.masked_fill(denom == 0, 1.0)
@@ -242,7 +253,8 @@ def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, rew
     B, Hkv, G, Tq, D = qg.shape
     first = int(reweight_from.min())
     rows = torch.arange(first, Tq, device=qg.device)
-    p = _anchor_probs(qg[:, :, :, first:], kf, lse[:, :, :, first:], rows, cols, Tq, Tk, causal, kpm, scale)
+    p = _anchor_probs(qg[:, :, :, first:], kf, lse[:, :, :, first:], rows, cols, Tq, Tk, causal, kpm, scale,
+                      _headroom(key_log_weights))
     u = _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G)
     o[:, :, :, first:] += torch.matmul(p * u, vf[:, :, :, cols])
 
@@ -259,10 +271,11 @@ def _visible_at(rows, cols, Tq, Tk, causal, kpm) -> torch.Tensor:
     return vis
 
 
-def _anchor_probs(q_r, kf, lse_r, rows, cols, Tq, Tk, causal, kpm, scale):
+def _anchor_probs(q_r, kf, lse_r, rows, cols, Tq, Tk, causal, kpm, scale, headroom):
     """``P[rows, cols]`` ``[B, Hkv, G, n, A]`` from the unweighted ``lse``; 0 where a key is hidden from a row."""
     s = torch.matmul(q_r, kf[:, :, :, cols].transpose(-1, -2)) * scale
-    return _exp_floored(s - lse_r[..., None]).masked_fill_(~_visible_at(rows, cols, Tq, Tk, causal, kpm), 0.0)
+    return _exp_floored(s - lse_r[..., None], headroom).masked_fill_(~_visible_at(rows, cols, Tq, Tk, causal, kpm),
+                                                                     0.0)
 
 
 def _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G):
@@ -320,7 +333,7 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
     if exact is not None:
         _exact_rows_fwd(qg, kf, vf, exact, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
                         isolation_limit, prefix, o, lse)
-    return o.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
+    return o.reshape(B, H, Tq, D), lse.reshape(B, H, Tq).contiguous()  # the CPU kernel's lse is [B, Tq, H] in memory
 
 
 def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
@@ -353,7 +366,8 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, 
     if iso is not None:
         s = s.masked_fill(iso, ISOLATION_VALUE)
     row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
-    return _exp_floored(s - row_lse[..., None]).masked_fill_(~vis, 0.0), iso, weights, rw
+    p = _exp_floored(s - row_lse[..., None], _headroom(key_log_weights)).masked_fill_(~vis, 0.0)
+    return p, iso, weights, rw
 
 
 def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding_mask, scale, key_log_weights,
@@ -416,6 +430,7 @@ def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweig
         return
     first = int(reweight_from.min())
     w = key_log_weights.exp().reshape(B, Hkv, G, 1, Tk)
+    headroom = _headroom(key_log_weights)
     iso_rows = None if isolation_limit is None else isolation_limit > 0
     width = Tk if dense else cols.numel()
     for rows_c in _row_chunks(torch.arange(first, Tq, device=qg.device), _rows_per_chunk(B, Hkv * G, Tq, width)):
@@ -431,7 +446,7 @@ def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweig
         vis = vis & (rows_c[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
         if iso_rows is not None:  # the exact rows carry their own share
             vis = vis & ~iso_rows[:, rows_c][:, None, None, :, None]
-        p = _exp_floored(s - lse_g[:, :, :, rows_c, None]).masked_fill_(~vis, 0.0)
+        p = _exp_floored(s - lse_g[:, :, :, rows_c, None], headroom).masked_fill_(~vis, 0.0)
         pd = p * torch.matmul(do_c, vf[:, :, :, at].transpose(-1, -2))
         dlogw[..., at] += (pd * w[..., at]).sum(3)
         if dense:

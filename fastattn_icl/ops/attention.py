@@ -136,9 +136,11 @@ def attention_from_tables(
         reweight_from: int32 ``[B]`` in ``[0, Tq)``, the first re-weighted query row; with ``key_log_weights``.
         isolation_limit: ``None`` or int32 ``[B, Tq]``: row ``i``'s keys ``j < limit`` are isolated.
         saliency_key: the key of ``saliency.results`` this call records into (the seam: the layer index).
-        key_weight_columns: ``None`` or int64 ``[A]`` ascending, unique key positions outside which
-            ``key_log_weights`` is 0; the gradient of ``key_log_weights`` is then defined at these columns only (see
-            the module docstring). With ``key_log_weights`` only.
+        key_weight_columns: ``None`` or int64 ``[A]`` ascending, unique key positions in ``[0, Tk)`` outside which
+            ``key_log_weights`` is 0; the CPU path then forms the re-weighting's forward term and the gradient of
+            ``key_log_weights`` at these columns only (the gradient is defined there only; see the module
+            docstring). With ``key_log_weights`` only. Like the tables' values, not checked (so no call waits for
+            the device): a set that misses a nonzero weight gives a wrong output.
     """
     (B, H, Hkv, Tq, Tk, D), scale = _check_call(q, k, v, causal, scale, key_padding_mask)
     if (key_log_weights is None) != (reweight_from is None):

@@ -165,3 +165,49 @@ def test_weight_columns_bad_input():
     with pytest.raises(TypeError, match="int64 tensor"):
         attention_from_tables(q, k, v, causal=True, scale=None, key_log_weights=table, reweight_from=start,
                               key_weight_columns=torch.tensor([1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("columns", [False, True], ids=["dense", "columns"])
+def test_a_large_weight_lifts_a_far_key(path, columns):
+    """A key 78 logits below the row's best, weighted by e^80: the product is about e^2, not 0 (the cut-off of
+    tiny exponentials must leave room for the weights)."""
+    from fastattn_icl.ops.attention import attention_from_tables
+
+    q = torch.zeros(1, 1, 2, 8)
+    q[..., 0] = 1.0  # head dim 8, the logits come from the first coordinate
+    k, v = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    k[0, 0, :, 0] = torch.tensor([0.0, 0.0, -78.0, 0.0])
+    v[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    table = torch.zeros(1, 1, 4)
+    table[0, 0, 2] = 80.0
+    start = torch.zeros(1, dtype=torch.int32)
+    out = attention_from_tables(q, k, v, causal=False, scale=1.0, key_log_weights=table, reweight_from=start,
+                                backend="torch", key_weight_columns=torch.tensor([2]) if columns else None)[0]
+    s = (q.double() @ k.double().transpose(-1, -2))[0, 0]
+    p = torch.softmax(s, -1) * table.double()[0].exp()
+    want = p @ v.double()[0, 0]
+    assert want[0, 0] > 9  # the weighted far key dominates
+    check_close("out", out[0, 0], (p.float() @ v[0, 0]), want, factor=FWD_FACTOR)
+
+
+def test_attention_probs_is_differentiable():
+    """The seam's output_attentions come from attention_probs; gradients must flow through them."""
+    (q, k, _), _, kpm = _inputs(CASES[0], torch.float32, seed=11)
+    B, H, Hkv, Tq, Tk = CASES[0][:5]
+    r = torch.randn(B, H, Tq, Tk, generator=torch.Generator().manual_seed(12))
+
+    def probs(q_, k_, ours=True):
+        if ours:
+            return _torch_backend.attention_probs(q_, k_, kpm, None, None, None, True, 0.25)
+        s = q_ @ k_.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25
+        vis = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)[None, None] & kpm[:, None, None, :]
+        return torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+
+    def grads(ours, dtype):
+        xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k)]
+        p = probs(*xs, ours=ours)
+        return (p.detach(), *torch.autograd.grad((p * r.to(dtype)).sum(), xs))
+
+    for name, g, s_, h in zip(("p", "dq", "dk"), grads(True, torch.float32), grads(False, torch.float32),
+                              grads(False, torch.float64)):
+        check_close(name, g, s_, h, factor=FWD_FACTOR if name == "p" else GRAD_FACTOR)

@@ -16,7 +16,6 @@ return): texts, trees, failures equal; every step's logits by the tolerance rule
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
@@ -413,10 +412,9 @@ def test_each_failure_is_reported_with_its_problem(oracle):
 def test_no_hang_when_every_problem_fails(capsys):
     ours = MODELS[0]
     prompts = ["66 + 66\nSolution: "] * 3
-    start = time.perf_counter()
     results = _run(retune_generate, ours, FakeAddition(), prompts, max_new_tokens=5, progress=True)
     assert all(r.failure.startswith("max_new_tokens") for r in results)
-    assert time.perf_counter() - start < 30
+    assert all(node.generated_tokens <= 5 for r in results for node in r.tree.nodes())  # the budget held per context
     err = capsys.readouterr().err  # the progress bar counts finished problems
     assert "re-tuning" in err and "3/3" in err
 
