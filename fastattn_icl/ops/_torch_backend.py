@@ -86,13 +86,18 @@ def _key_limit(rows: torch.Tensor, Tq: int, Tk: int, causal: bool) -> int:
 
 def _visible(rows: torch.Tensor, Tq: int, Tk: int, causal: bool, kpm: torch.Tensor | None) -> torch.Tensor:
     """Bool ``[B or 1, 1, 1, len(rows), Tk]``: which of the first ``Tk`` keys each query row in ``rows`` may see."""
-    cols = torch.arange(Tk, device=rows.device)
-    vis = torch.ones(rows.numel(), Tk, dtype=torch.bool, device=rows.device)
+    return _visible_at(rows, torch.arange(Tk, device=rows.device), Tq, Tk, causal, kpm)
+
+
+def _visible_at(rows, cols, Tq, Tk, causal, kpm) -> torch.Tensor:
+    """Bool ``[B or 1, 1, 1, len(rows), len(cols)]``: which of the key columns ``cols`` each query row may see."""
     if causal:
         vis = cols[None, :] <= rows[:, None] + (Tk - Tq)
+    else:
+        vis = torch.ones(rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
     vis = vis[None, None, None]
     if kpm is not None:
-        vis = vis & kpm[:, None, None, None, :Tk]
+        vis = vis & kpm[:, cols][:, None, None, None, :]
     return vis
 
 
@@ -142,7 +147,7 @@ def _shared_prefix(prefix, dtype: torch.dtype):
 
 
 def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
-                   isolation_limit, prefix_keys):
+                   isolation_limit, prefix_keys, headroom):
     """``(P̂, lse)`` of a chunk of grouped query rows ``qg_c [B, Hkv, G, n, D]`` over the first ``kf.shape[-2]`` of the
     ``Tk`` keys (``kf [B, Hkv, 1, ., D]``; later keys are hidden from these rows): the post-softmax, re-weighted
     probabilities the forward multiplies with the values, ``[B, Hkv, G, n, Tp + .]`` (the shared prefix keys first,
@@ -162,7 +167,7 @@ def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_
     # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
     row_max = s.amax(dim=-1, keepdim=True)
     # a hidden key's -inf falls below the floor: exactly 0
-    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), _headroom(key_log_weights))
+    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), headroom)
     denom = p.sum(dim=-1, keepdim=True)
     row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
     p = p / denom.masked_fill(denom == 0, 1.0)
@@ -177,11 +182,12 @@ def _exact_rows_fwd(qg, kf, vf, rows, Tk, causal, key_padding_mask, scale, key_l
     query chunks with every feature: the exact path."""
     B, Hkv, G, Tq, D = qg.shape
     Tp = 0 if prefix is None else prefix[0].shape[2]
+    headroom = _headroom(key_log_weights)
     for rows_c in _row_chunks(rows, _rows_per_chunk(B, Hkv * G, Tq, Tk + Tp)):
         Tc = _key_limit(rows_c, Tq, Tk, causal)
         p, row_lse = _chunk_softmax(qg[:, :, :, rows_c], kf[..., :Tc, :], rows_c, Tq, Tk, causal, key_padding_mask,
                                     scale, key_log_weights, reweight_from, isolation_limit,
-                                    None if prefix is None else prefix[0])
+                                    None if prefix is None else prefix[0], headroom)
         out_c = torch.matmul(p[..., Tp:], vf[..., :Tc, :])
         if prefix is not None:
             out_c = out_c + _prefix_output(p[..., :Tp], prefix[1])
@@ -257,18 +263,6 @@ def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, rew
                       _headroom(key_log_weights))
     u = _anchor_gain(key_log_weights, cols, rows, reweight_from, Hkv, G)
     o[:, :, :, first:] += torch.matmul(p * u, vf[:, :, :, cols])
-
-
-def _visible_at(rows, cols, Tq, Tk, causal, kpm) -> torch.Tensor:
-    """Bool ``[B or 1, 1, 1, len(rows), len(cols)]``: :func:`_visible` at the key columns ``cols`` only."""
-    if causal:
-        vis = cols[None, :] <= rows[:, None] + (Tk - Tq)
-    else:
-        vis = torch.ones(rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
-    vis = vis[None, None, None]
-    if kpm is not None:
-        vis = vis & kpm[:, cols][:, None, None, None, :]
-    return vis
 
 
 def _anchor_probs(q_r, kf, lse_r, rows, cols, Tq, Tk, causal, kpm, scale, headroom):
@@ -348,12 +342,12 @@ def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isol
     pk = None if prefix_keys is None else _shared_prefix((prefix_keys, prefix_keys), cd)[0]
     rows = torch.arange(Tq, device=q.device)
     p, _ = _chunk_softmax(_grouped(q, Hkv), k.to(cd)[:, :, None], rows, Tq, Tk, causal, key_padding_mask, scale,
-                          key_log_weights, reweight_from, isolation_limit, pk)
+                          key_log_weights, reweight_from, isolation_limit, pk, _headroom(key_log_weights))
     return p.reshape(B, H, Tq, p.shape[-1])
 
 
 def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
-                 isolation_limit):
+                 isolation_limit, headroom):
     """The backward's ``P`` of a chunk of query rows over the first ``kf.shape[-2]`` keys, recomputed from ``lse``
     (``[B, Hkv, G, n, .]``), with the chunk's isolated entries and post-softmax weights (see
     :func:`_chunk_features`)."""
@@ -366,7 +360,7 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, 
     if iso is not None:
         s = s.masked_fill(iso, ISOLATION_VALUE)
     row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
-    p = _exp_floored(s - row_lse[..., None], _headroom(key_log_weights)).masked_fill_(~vis, 0.0)
+    p = _exp_floored(s - row_lse[..., None], headroom).masked_fill_(~vis, 0.0)
     return p, iso, weights, rw
 
 
@@ -375,12 +369,14 @@ def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding
     """The backward of the query ``rows`` (ascending) over query chunks, with every feature: sets ``dq`` at the rows
     and adds their part of ``dk``, ``dv`` (``[B, Hkv, Tk, D]``) and ``dlogw`` (``[B, Hkv, G, Tk]``)."""
     B, Hkv, G, Tq, D = qg.shape
+    headroom = _headroom(key_log_weights)
     for rows_c in _row_chunks(rows, _rows_per_chunk(B, Hkv * G, Tq, Tk)):
         Tc = _key_limit(rows_c, Tq, Tk, causal)
         q_c, do_c = qg[:, :, :, rows_c], dog[:, :, :, rows_c]
         k_c, v_c = kf[..., :Tc, :], vf[..., :Tc, :]
         p, iso, weights, rw = _chunk_probs(q_c, k_c, lse_g[:, :, :, rows_c], rows_c, Tq, Tk, causal,
-                                           key_padding_mask, scale, key_log_weights, reweight_from, isolation_limit)
+                                           key_padding_mask, scale, key_log_weights, reweight_from, isolation_limit,
+                                           headroom)
         dp = torch.matmul(do_c, v_c.transpose(-1, -2))
         if weights is not None:
             pw = p * weights
@@ -526,11 +522,12 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
         is_target_row = (rows_[None, :] == tgt[:, None]).view(B, *([1] * (a.dim() - 3)), -1)
         return torch.stack([(a_lower * is_label_row).sum(-1), (a_label * is_target_row).sum(-1), a_lower.sum(-1)], -1)
 
+    headroom = _headroom(key_log_weights)
     for rows_ in _row_chunks(torch.arange(T, device=q.device), _rows_per_chunk(B, H, T, T)):
         Tc = _key_limit(rows_, T, T, causal)  # a causal chunk sees no later key: its saliency there is 0
         p, _, weights, _ = _chunk_probs(qg[:, :, :, rows_], kf[..., :Tc, :], lse_g[:, :, :, rows_], rows_, T, T,
                                         causal, key_padding_mask, scale, key_log_weights, reweight_from,
-                                        isolation_limit)
+                                        isolation_limit, headroom)
         if weights is not None:
             p = p * weights
         c = p * torch.matmul(dog[:, :, :, rows_], vf[..., :Tc, :].transpose(-1, -2))  # [B, Hkv, G, n, Tc]
