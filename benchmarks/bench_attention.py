@@ -62,7 +62,8 @@ def describe_ours(call: str = "fastattn_icl.attention", what: str = ""):
             backend = resolve_backend("auto", device)
         except RuntimeError as exc:
             return f"{call}(backend='auto'){what}: unavailable ({exc})"
-        kernel = "Triton kernel" if backend == "triton" else "CPU path (backend 'torch': torch's CPU flash kernel + exact feature terms)"
+        kernel = "Triton kernel" if backend == "triton" else \
+            "CPU path (backend 'torch': torch's CPU flash kernel + exact feature terms)"
         return f"{call}(backend='auto'){what} -> {kernel}"
 
     return describe

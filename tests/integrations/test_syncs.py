@@ -33,8 +33,7 @@ from fastattn_icl.integrations.controller import CONTROLLER_ATTR
 from fastattn_icl.integrations.momentum_cache import MomentumCache
 from fastattn_icl.integrations.prefix_cache import SharedPrefixCache
 from fastattn_icl.integrations.transformers import fastattn_icl_attention_forward, fastattn_icl_mask
-from fastattn_icl.ops import _torch_backend, backend
-from fastattn_icl.ops import Saliency
+from fastattn_icl.ops import Saliency, _torch_backend, backend
 from tests.integrations.test_models import make_inputs, positions, tiny_model
 
 COUNTING = "fastattn_icl_sync_count"
