@@ -288,6 +288,80 @@ def _isolated_rows(isolation_limit: torch.Tensor | None) -> torch.Tensor | None:
     return rows if rows.numel() else None
 
 
+_WINDOW_KEYS = 64  # widest key window of an isolated row that the windowed path serves (the exact rows otherwise)
+
+
+class _IsolationWindow:
+    """The isolated rows of a causal call as short key windows (docs/methods.md §3): row ``i`` with limit ``L > 0``
+    sees its keys ``j < L`` at the constant ``ISOLATION_VALUE`` and the keys ``L .. i`` at their logits. When one of
+    those is visible and their largest logit ``m`` is above ``ISOLATION_VALUE − _EXP_FLOOR`` (always, unless the
+    logits are near −1e4 themselves), each isolated key's probability ``exp(ISOLATION_VALUE − m)`` is below the
+    floor, i.e. exactly the 0 the exact rows give it, so the row is attention over its window alone: ``O(R · W)``
+    work for ``R`` rows of at most ``W`` keys, instead of ``O(R · Tk)`` over query chunks.
+
+    Built by :meth:`of` (None when the window does not apply: then the exact rows serve the call). Fields: ``rows``
+    int64 ``[R]`` (isolated in some batch row), ``active`` bool ``[B, 1, 1, R]`` (isolated in this batch row: the
+    flash result of the others stands), ``idx`` int64 ``[B, R·W]`` the window's key columns, ``valid`` bool
+    ``[B, 1, 1, R, W]``, ``k_w``/``v_w`` ``[B, Hkv, R, W, D]`` and ``s`` the scaled logits ``[B, Hkv, G, R, W]``
+    (−inf off the window)."""
+
+    @classmethod
+    def of(cls, qg, k, v, isolation_limit, rows, Tk, causal, kpm, scale):
+        B, Hkv, G, Tq, D = qg.shape
+        if not causal or rows is None:
+            return None
+        limit = isolation_limit[:, rows].long()  # [B, R]
+        active = limit > 0
+        stop = rows + (Tk - Tq + 1)  # one past the last key each row sees
+        start = torch.where(active, limit, stop - 1)  # an inactive entry: a one-key placeholder, never written
+        width = int((stop - start).amax())
+        if width > _WINDOW_KEYS or width < 1:
+            return None
+        offsets = torch.arange(width, device=qg.device)
+        idx = start[:, :, None] + offsets  # [B, R, W]
+        valid = idx < stop[:, None]
+        idx = idx.clamp(max=Tk - 1)
+        if kpm is not None:
+            valid = valid & torch.gather(kpm, 1, idx.flatten(1)).view_as(idx)
+        self = cls()
+        self.rows, self.active, self.valid = rows, active[:, None, None, :], valid[:, None, None]
+        self.idx = idx.flatten(1)
+        cd = qg.dtype
+        take = self.idx[:, None, :, None].expand(B, Hkv, -1, D)
+        self.k_w = torch.gather(k.to(cd), 2, take).view(B, Hkv, -1, width, D)
+        self.v_w = torch.gather(v.to(cd), 2, take).view(B, Hkv, -1, width, D)
+        self.q_r = qg[:, :, :, rows]
+        s = torch.einsum("bhgrd,bhrwd->bhgrw", self.q_r, self.k_w) * scale
+        self.s = s.masked_fill_(~self.valid, float("-inf"))
+        row_max = self.s.amax(-1)
+        # every active row needs a visible key whose logit keeps the isolated keys below the floor
+        if not bool(torch.where(self.active, row_max > ISOLATION_VALUE - _EXP_FLOOR[cd], True).all()):
+            return None
+        self.row_max = row_max
+        return self
+
+    def forward(self, o, lse) -> None:
+        """Overwrites the active rows of ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]``."""
+        m = self.row_max.masked_fill(torch.isinf(self.row_max), 0.0)  # an inactive placeholder may see no key
+        p = _exp_floored(self.s - m[..., None])
+        denom = p.sum(-1)
+        out = torch.einsum("bhgrw,bhrwd->bhgrd", p / denom.clamp(min=torch.finfo(p.dtype).tiny)[..., None], self.v_w)
+        o[:, :, :, self.rows] = torch.where(self.active[..., None], out, o[:, :, :, self.rows])
+        lse[:, :, :, self.rows] = torch.where(self.active, m + torch.log(denom), lse[:, :, :, self.rows])
+
+    def backward(self, do_r, o_r, lse_r, dq, dk, dv, scale) -> None:
+        """Adds the active rows' share to ``dq [B, Hkv, G, Tq, D]`` (0 there: their output gradient was taken out of
+        the flash pass), ``dk``/``dv`` ``[B, Hkv, Tk, D]``, from the rows' output gradient, output and ``lse``."""
+        B, Hkv = dk.shape[:2]
+        p = _exp_floored(self.s - lse_r.masked_fill(~self.active, float("inf"))[..., None])
+        delta = (do_r * o_r).sum(-1, keepdim=True)
+        ds = p * (torch.einsum("bhgrd,bhrwd->bhgrw", do_r, self.v_w) - delta)
+        dq[:, :, :, self.rows] += torch.einsum("bhgrw,bhrwd->bhgrd", ds, self.k_w) * scale
+        take = self.idx[:, None, :, None].expand(B, Hkv, -1, dk.shape[-1])
+        dk.scatter_add_(2, take, torch.einsum("bhgrw,bhgrd->bhrwd", ds, self.q_r).flatten(2, 3) * scale)
+        dv.scatter_add_(2, take, torch.einsum("bhgrw,bhgrd->bhrwd", p, do_r).flatten(2, 3))
+
+
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
                   scale: float, *, prefix=None, key_weight_columns=None):
     """The forward; ``prefix``: ``None`` or shared prefix keys/values ``(pk, pv)`` ``[B or 1, Hkv, Tp, D]`` that
@@ -320,6 +394,11 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
                                key_weight_columns)
         exact = _isolated_rows(isolation_limit)
+        window = None if key_log_weights is not None or prefix is not None else \
+            _IsolationWindow.of(qg, k, v, isolation_limit, exact, Tk, causal, key_padding_mask, scale)
+        if window is not None:
+            window.forward(o, lse)
+            exact = None
     else:
         o = torch.empty(qg.shape, dtype=cd, device=q.device)
         lse = torch.empty(B, Hkv, H // Hkv, Tq, dtype=torch.float32, device=q.device)
@@ -474,13 +553,28 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         dlogw = torch.zeros(B, Hkv, H // Hkv, Tk, dtype=torch.float32, device=q.device)
     if _flash_ok(q, Tq, Tk, causal):
         exact = _isolated_rows(isolation_limit)
+        window = None if key_log_weights is not None else \
+            _IsolationWindow.of(qg, k, v, isolation_limit, exact, Tk, causal, key_padding_mask, scale)
         do_flash = do.to(cd)
-        if exact is not None:  # the exact rows below carry the isolated rows' whole share
+        if window is not None:  # the window carries the isolated entries' whole share
+            do_flash = do_flash.masked_fill((isolation_limit > 0)[:, None, :, None], 0.0)
+        elif exact is not None:  # the exact rows below carry the isolated rows' whole share
             do_flash = do_flash.clone()
             do_flash[:, :, exact] = 0
-        dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse, key_padding_mask, causal,
-                                scale)
+        lse_flash = lse
+        if window is not None or exact is not None:  # and no P there: exp(s − lse) of such a row can overflow
+            carried = (isolation_limit > 0) if window is not None else torch.zeros_like(isolation_limit, dtype=bool)
+            if window is None:
+                carried[:, exact] = True
+            lse_flash = lse.masked_fill(carried[:, None], torch.finfo(torch.float32).max)
+        dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse_flash, key_padding_mask,
+                                causal, scale)
         dq = dq.reshape(qg.shape)
+        if window is not None:
+            rows = window.rows
+            window.backward(dog[:, :, :, rows], _grouped(o, Hkv)[:, :, :, rows], lse_g[:, :, :, rows], dq, dk, dv,
+                            scale)
+            exact = None
         if key_log_weights is not None:
             _anchor_bwd(qg, kf, vf, _grouped(do_flash, Hkv), lse_g, Tk, causal, key_padding_mask, key_log_weights,
                         reweight_from, isolation_limit, scale, dq, dk, dv, dlogw, key_weight_columns)

@@ -211,3 +211,66 @@ def test_attention_probs_is_differentiable():
     for name, g, s_, h in zip(("p", "dq", "dk"), grads(True, torch.float32), grads(False, torch.float32),
                               grads(False, torch.float64)):
         check_close(name, g, s_, h, factor=FWD_FACTOR if name == "p" else GRAD_FACTOR)
+
+
+@pytest.fixture
+def isolation_paths(monkeypatch):
+    """Counts the calls of the two ways the flash path serves isolated rows: the short key windows and the exact rows
+    over query chunks."""
+    ran = {"window": 0, "exact": 0}
+    for name, key in (("_exact_rows_fwd", "exact"), ("_exact_rows_bwd", "exact")):
+        fn = getattr(_torch_backend, name)
+        monkeypatch.setattr(_torch_backend, name,
+                            lambda *a, _fn=fn, _key=key, **kw: ran.__setitem__(_key, ran[_key] + 1) or _fn(*a, **kw))
+    for name in ("forward", "backward"):
+        fn = getattr(_torch_backend._IsolationWindow, name)
+        monkeypatch.setattr(_torch_backend._IsolationWindow, name,
+                            lambda self, *a, _fn=fn: ran.__setitem__("window", ran["window"] + 1) or _fn(self, *a))
+    return ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("widest", [64, 0], ids=["window", "exact-rows"])
+def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, window, widest):
+    """Rows isolated in one batch row and not in another, GQA, left padding: the key windows (forward and backward)
+    agree with the oracle, as do the exact rows they replace (forced by a zero window limit)."""
+    monkeypatch.setattr(_torch_backend, "_WINDOW_KEYS", widest)
+    case = (3, 4, 2, 40, 40, 16, True, True)
+    (q, k, v), do, kpm = _inputs(case, dtype, seed=11)
+    rows = torch.tensor([[5, 20, -1], [20, -1, -1], [14, 31, 36 - window]])
+    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=rows, isolation_window=window)
+    _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
+             [q, k, v], do, ("dq", "dk", "dv"))
+    used = "window" if widest else "exact"
+    assert isolation_paths[used] == 2 and isolation_paths["exact" if widest else "window"] == 0, isolation_paths
+
+
+def test_isolation_windows_step_aside_for_a_row_in_the_padding(isolation_paths):
+    """A row that sees only padded keys besides its isolated ones gives its isolated keys the whole probability: the
+    exact rows serve the call, and it equals the oracle."""
+    case = (2, 2, 2, 12, 12, 8, True, True)
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=3)
+    rows = torch.tensor([[6, -1], [1, 6]])  # the last batch row's keys 0 .. 2 are padding: row 1 sees key 0 alone
+    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=rows)
+    _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
+             [q, k, v], do, ("dq", "dk", "dv"))
+    assert isolation_paths == {"window": 0, "exact": 2}
+
+
+def test_isolation_windows_step_aside_for_logits_near_the_isolation_value(isolation_paths):
+    """A row whose own logits are about −1e4 gives its isolated keys real probability: the exact rows serve it, the
+    output equals the oracle, and no gradient is NaN (the flash backward once recomputed ``exp(s − lse)`` for the
+    row it does not own: ``e^10050 · 0``). Gradients are not compared here: an ``lse`` near −1e4 in float32 is off
+    by up to 5e-4, and every lse-based backward (this one, the Triton kernels) inherits that."""
+    case = (2, 2, 2, 12, 12, 8, True, True)
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=3)
+    q[0, :, 6], k[0, :, 6] = torch.tensor([100.0] + [0] * 7), torch.tensor([-200.0] + [0] * 7)  # 100·-200·0.5
+    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=torch.tensor([[6, -1], [6, -1]]), scale=0.5)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = fastattn_icl.attention(*xs, backend="torch", **kw)
+    grads = torch.autograd.grad(out, xs, do)
+    high = attention_ref(q.double(), k.double(), v.double(), **kw)
+    check_close("out", out.detach(), attention_ref(q, k, v, **kw), high, factor=FWD_FACTOR)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert isolation_paths == {"window": 0, "exact": 2}
