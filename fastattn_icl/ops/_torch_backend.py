@@ -26,6 +26,7 @@ One function leaves PyTorch's ops on CPU: :func:`deep_thinking_update_` runs the
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -638,13 +639,29 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
     return sums, head_sums
 
 
-def _decay(t: torch.Tensor, i: torch.Tensor, eta: float) -> torch.Tensor:
-    """float32 ``[len(t), len(i)]``: ``η^(t - i)`` where ``i < t``, else 0 (computed in float64)."""
-    lag = (t[:, None] - i[None, :]).double()
-    return torch.where(lag > 0, torch.pow(eta, lag.clamp(min=1)), 0.0).float()
+def _powers(eta: float, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``η^exponent`` formed in float64 and rounded to ``dtype``, with values below its smallest normal number set to
+    0: a denormal decay weight (``0.1^40`` in float32) changes no sum, but makes every matmul and product it enters
+    many times slower on CPU."""
+    p = torch.pow(eta, exponent.double()).to(dtype)
+    return p.masked_fill_(p < torch.finfo(dtype).tiny, 0.0)
 
 
-_SCAN_BLOCK = 64  # positions per block of the decay scan: O(T · block · D) work, not O(T²)
+@functools.lru_cache(maxsize=64)
+def _scan_tables(eta: float, c: int, nb: int, dtype: torch.dtype, device: torch.device):
+    """The decay tables of :func:`_decay_scan` (read only, shared between calls): within a block ``[c, c]``
+    (``η^(t − i)`` for ``i < t``, else 0), the carry of each block element to the next block ``[c]``, between
+    blocks ``[nb, nb]``, and from a block's first position on ``[c, 1]``."""
+    r = torch.arange(c, device=device)
+    lag = r[:, None] - r[None, :]
+    within = _powers(eta, lag.clamp(min=1), dtype).masked_fill_(lag <= 0, 0.0)
+    blocks = torch.arange(nb, device=device)
+    block_lag = blocks[:, None] - blocks[None, :] - 1  # carry of block b' into block b: η^(c·(b − b' − 1))
+    spread = _powers(eta, c * block_lag.clamp(min=0), dtype).masked_fill_(block_lag < 0, 0.0)
+    return within, _powers(eta, c - r, dtype), spread, _powers(eta, r, dtype)[:, None]
+
+
+_SCAN_BLOCK = 32  # positions per block of the decay scan: O(T · block · D) work, not O(T²)
 
 
 def _decay_scan(x: torch.Tensor, eta: float) -> torch.Tensor:
@@ -657,15 +674,11 @@ def _decay_scan(x: torch.Tensor, eta: float) -> torch.Tensor:
     c = min(_SCAN_BLOCK, T)
     nb = -(-T // c)
     xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - T)).reshape(*lead, nb, c, D)
-    r = torch.arange(c, device=x.device)
-    y = torch.matmul(_decay(r, r, eta).to(x.dtype), xb)  # within each block
-    tail = torch.pow(eta, (c - r).double()).to(x.dtype)  # η^(c − l): block element l carried to the next block
-    sums = torch.matmul(tail, xb)  # [..., nb, D]
-    blocks = torch.arange(nb, device=x.device)
-    lag = (blocks[:, None] - blocks[None, :] - 1).double()  # carry of block b' into block b: η^(c·(b − b' − 1))
-    spread = torch.where(lag >= 0, torch.pow(eta, c * lag.clamp(min=0)), 0.0).to(x.dtype)
+    within, tail, spread, head = _scan_tables(float(eta), c, nb, x.dtype, x.device)
+    y = torch.matmul(within, xb)  # within each block
+    sums = torch.matmul(tail, xb)  # [..., nb, D]: each block's carry into the next
     carry = torch.matmul(spread, sums)  # M at each block's first position, from the earlier blocks
-    y = y + torch.pow(eta, r.double()).to(x.dtype)[:, None] * carry[..., None, :]
+    y = y + head * carry[..., None, :]
     return y.reshape(*lead, nb * c, D)[..., :T, :]
 
 
@@ -687,7 +700,7 @@ def momentum_continue(v_new: torch.Tensor, eta: float, m0: torch.Tensor,
     if key_padding_mask is not None:
         vf = vf * key_padding_mask[:, None, :, None]
     rows = torch.arange(n + 1, device=v_new.device)
-    carry = torch.pow(eta, rows.double()).float()[:, None]  # η^r, 1 at r = 0
+    carry = _powers(eta, rows, torch.float32)[:, None]  # η^r, 1 at r = 0
     return carry * m0.float()[:, :, None] + _decay_scan(torch.nn.functional.pad(vf, (0, 0, 0, 1)), eta)
 
 

@@ -422,6 +422,7 @@ SCAN_CASES = [
     (1, 2, 33, 16, 0.999, 5, None),  # η close to 1, rows from a later start
     (2, 1, 64, 80, 0.99, 63, "left"),  # two head-dim blocks, one row at the end of two full blocks
     (1, 1, 45, 16, 1e-30, 0, None),  # η tiny: every power underflows to 0
+    (1, 2, 100, 16, 0.1, 0, "holes"),  # powers past 0.1^38 are float32 denormals: flushed to 0 on CPU
 ]
 
 
@@ -455,6 +456,31 @@ def test_momentum_term_scan(backend, case, dtype):
                     ref.momentum_term(alone, eta),
                     ref.momentum_term(alone.double(), eta),
                 )
+
+
+@pytest.mark.parametrize("dtype, eta", [(torch.float32, 0.06), (torch.float64, 0.1)])
+def test_cpu_scan_tables_hold_no_denormals(dtype, eta):
+    """A denormal decay weight changes no sum but slows every CPU matmul it enters many times: the CPU scan's tables
+    hold η's powers where they are normal numbers and 0 elsewhere (η^32 is a float32 denormal for η = 0.06,
+    η^320 a float64 one for η = 0.1)."""
+    from fastattn_icl.ops._torch_backend import _scan_tables
+
+    c, nb = 32, 12
+    within, tail, spread, head = _scan_tables(eta, c, nb, dtype, torch.device("cpu"))
+    r, blocks = torch.arange(c), torch.arange(nb)
+    lag, block_lag = r[:, None] - r[None, :], blocks[:, None] - blocks[None, :] - 1
+    exact = (  # η^e in float64, rounded to dtype; None where the table holds 0 (the strict upper triangle)
+        (within, torch.where(lag > 0, lag, -1)),
+        (tail, c - r),
+        (spread, torch.where(block_lag >= 0, c * block_lag, -1)),
+        (head, r[:, None]),
+    )
+    tiny, denormals = torch.finfo(dtype).tiny, 0
+    for table, exponent in exact:
+        raw = torch.where(exponent >= 0, torch.tensor(eta, dtype=torch.float64) ** exponent.double(), 0.0).to(dtype)
+        denormals += int(((raw != 0) & (raw < tiny)).sum())
+        assert table.dtype == dtype and torch.equal(table, raw.masked_fill(raw < tiny, 0.0))
+    assert denormals > 0, "no power of this case is a denormal: it tests nothing"
 
 
 VALUE_GRAD_CASES = [
