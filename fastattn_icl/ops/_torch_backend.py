@@ -12,8 +12,11 @@ needs. The method features are added on top of it, exactly, at a cost linear in 
   the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
 - anchor re-weighting: ``O = O_flash + Σ_a (w_a − 1) · P[:, a] · v_a`` over the anchor columns ``a`` only, with
   ``P[:, a] = exp(s[:, a] − lse)``; the denominator (``lse``) is the unweighted one, as the method says;
-- isolation: the isolated rows (a few per prompt) are recomputed exactly over query chunks and overwrite the
-  flash rows; in the backward their output gradient is taken out of the flash pass and added by the exact rows.
+- isolation: the isolated rows (a few per prompt) are recomputed and overwrite the flash rows; in the backward their
+  output gradient is taken out of the flash pass and added by the recomputed rows. On a causal call a row isolated
+  at ``p`` sees only its keys ``p .. i`` at their logits (the isolated keys' probability is an exact 0 under the
+  ``exp`` floor), so it is attention over that short window (:class:`_IsolationWindow`); otherwise (long windows,
+  logits near −1e4, rows that see only isolated keys, re-weighting) the exact rows over query chunks.
 
 Every other case (other devices, for ``backend="torch"`` on a GPU; causal ``Tq > Tk``) runs the exact chunked
 computation over query chunks of all rows. Work is in float32 (float64 for float64 inputs): fp16/bf16 inputs
