@@ -29,6 +29,7 @@ One function leaves PyTorch's ops on CPU: :func:`deep_thinking_update_` runs the
 
 from __future__ import annotations
 
+import bisect
 import functools
 import warnings
 
@@ -512,31 +513,38 @@ def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweig
     headroom = _headroom(key_log_weights)
     iso_rows = None if isolation_limit is None else isolation_limit > 0
     width = Tk if dense else cols.numel()
-    for rows_c in _row_chunks(torch.arange(first, Tq, device=qg.device), _rows_per_chunk(B, Hkv * G, Tq, width)):
+    col_list = cols.tolist()
+    step = _rows_per_chunk(B, Hkv * G, Tq, width)
+    for r0 in range(first, Tq, step):  # contiguous rows: slices are views, sums land in place
+        rows = slice(r0, min(Tq, r0 + step))
+        rows_c = torch.arange(rows.start, rows.stop, device=qg.device)
         Tc = _key_limit(rows_c, Tq, Tk, causal)
-        q_c, do_c = qg[:, :, :, rows_c], dog[:, :, :, rows_c]
-        cols_c = cols[cols < Tc]
-        at = slice(None, Tc) if dense else cols_c  # the key columns this chunk computes P at
-        if not dense and cols_c.numel() == 0:
+        n_c = bisect.bisect_left(col_list, Tc)  # the anchor columns this chunk can see (cols ascending)
+        if not dense and n_c == 0:
             continue
+        cols_c = cols[:n_c]
+        q_c, do_c = qg[:, :, :, rows], dog[:, :, :, rows]
+        at = slice(None, Tc) if dense else cols_c  # the key columns this chunk computes P at
         s = torch.matmul(q_c, kf[:, :, :, at].transpose(-1, -2)) * scale
         vis = _visible(rows_c, Tq, Tk, causal, kpm)[..., :Tc] if dense else \
             _visible_at(rows_c, cols_c, Tq, Tk, causal, kpm)
         vis = vis & (rows_c[None, :] >= reweight_from.long()[:, None])[:, None, None, :, None]
         if iso_rows is not None:  # the exact rows carry their own share
-            vis = vis & ~iso_rows[:, rows_c][:, None, None, :, None]
-        p = _exp_floored(s - lse_g[:, :, :, rows_c, None], headroom).masked_fill_(~vis, 0.0)
+            vis = vis & ~iso_rows[:, rows][:, None, None, :, None]
+        p = _exp_floored(s - lse_g[:, :, :, rows, None], headroom).masked_fill_(~vis, 0.0)
         pd = p * torch.matmul(do_c, vf[:, :, :, at].transpose(-1, -2))
-        dlogw[..., at] += (pd * w[..., at]).sum(3)
         if dense:
-            if cols_c.numel() == 0:
+            dlogw[..., :Tc] += (pd * w[..., :Tc]).sum(3)
+            if n_c == 0:
                 continue
             p, pd = p[..., cols_c], pd[..., cols_c]
+        else:
+            dlogw.index_add_(3, cols_c, (pd * w[..., cols_c]).sum(3).to(dlogw.dtype))
         u = torch.expm1(key_log_weights[:, :, cols_c]).reshape(B, Hkv, G, 1, -1)
         ds = pd * u
-        dq[:, :, :, rows_c] += torch.matmul(ds, kf[:, :, :, cols_c]) * scale
-        dk[:, :, cols_c] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2) * scale
-        dv[:, :, cols_c] += torch.matmul((p * u).transpose(-1, -2), do_c).sum(2)
+        dq[:, :, :, rows] += torch.matmul(ds, kf[:, :, :, cols_c]) * scale
+        dk.index_add_(2, cols_c, torch.matmul(ds.transpose(-1, -2), q_c).sum(2), alpha=scale)
+        dv.index_add_(2, cols_c, torch.matmul((p * u).transpose(-1, -2), do_c).sum(2))
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
