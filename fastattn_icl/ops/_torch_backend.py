@@ -197,7 +197,7 @@ def _exact_rows_fwd(qg, kf, vf, rows, Tk, causal, key_padding_mask, scale, key_l
         if prefix is not None:
             out_c = out_c + _prefix_output(p[..., :Tp], prefix[1])
         o[:, :, :, rows_c] = out_c
-        lse[:, :, :, rows_c] = row_lse
+        lse[:, :, :, rows_c] = row_lse.to(lse.dtype)
 
 
 def _flash_ok(q: torch.Tensor, Tq: int, Tk: int, causal: bool) -> bool:
@@ -293,7 +293,8 @@ def _isolated_rows(isolation_limit: torch.Tensor | None) -> torch.Tensor | None:
     return rows if rows.numel() else None
 
 
-_WINDOW_KEYS = 64  # widest key window of an isolated row that the windowed path serves (the exact rows otherwise)
+_WINDOW_KEYS = 16  # widest key window of an isolated row that the windowed path serves (the exact rows otherwise)
+_WINDOW_ELEMENTS = 1 << 22  # most gathered key elements (B·Hkv·R·W·D) it holds at once: 16 MiB of float32 each for K, V
 
 
 class _IsolationWindow:
@@ -320,7 +321,7 @@ class _IsolationWindow:
         stop = rows + (Tk - Tq + 1)  # one past the last key each row sees
         start = torch.where(active, limit, stop - 1)  # an inactive entry: a one-key placeholder, never written
         width = int((stop - start).amax())
-        if width > _WINDOW_KEYS or width < 1:
+        if not 1 <= width <= _WINDOW_KEYS or B * Hkv * rows.numel() * width * D > _WINDOW_ELEMENTS:
             return None
         offsets = torch.arange(width, device=qg.device)
         idx = start[:, :, None] + offsets  # [B, R, W]
@@ -352,7 +353,8 @@ class _IsolationWindow:
         denom = p.sum(-1)
         out = torch.einsum("bhgrw,bhrwd->bhgrd", p / denom.clamp(min=torch.finfo(p.dtype).tiny)[..., None], self.v_w)
         o[:, :, :, self.rows] = torch.where(self.active[..., None], out, o[:, :, :, self.rows])
-        lse[:, :, :, self.rows] = torch.where(self.active, m + torch.log(denom), lse[:, :, :, self.rows])
+        row_lse = (m + torch.log(denom)).to(lse.dtype)
+        lse[:, :, :, self.rows] = torch.where(self.active, row_lse, lse[:, :, :, self.rows])
 
     def backward(self, do_r, o_r, lse_r, dq, dk, dv, scale) -> None:
         """Adds the active rows' share to ``dq [B, Hkv, G, Tq, D]`` (0 there: their output gradient was taken out of
@@ -441,11 +443,16 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, 
     vis = _visible(rows, Tq, Tk, causal, key_padding_mask)[..., :Tc]
     iso, weights, rw = _chunk_features(rows, B, Hkv * G, Hkv, Tc, key_log_weights, reweight_from, isolation_limit,
                                        q_c.device)
-    if iso is not None:
-        s = s.masked_fill(iso, ISOLATION_VALUE)
-    row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
-    p = _exp_floored(s - row_lse[..., None], headroom).masked_fill_(~vis, 0.0)
-    return p, iso, weights, rw
+    if iso is None:
+        row_lse = lse_c.masked_fill(torch.isinf(lse_c), float("inf"))
+        return _exp_floored(s - row_lse[..., None], headroom).masked_fill_(~vis, 0.0), iso, weights, rw
+    # a row that sees only isolated keys has lse = -1e4 + log n, which float32 holds to ±5e-4: such rows are
+    # normalised by their own max and sum, as the forward does, not by the stored lse
+    s = s.masked_fill(iso, ISOLATION_VALUE).masked_fill_(~vis, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), headroom)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p.div_(denom.masked_fill(denom == 0, 1.0)), iso, weights, rw
 
 
 def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding_mask, scale, key_log_weights,
@@ -479,7 +486,7 @@ def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding
 def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
     """``(dq, dk, dv)`` of plain attention by the CPU flash backward, one call per key segment with the merged ``o``
     and ``lse`` (so each recomputes its share of the global ``P``)."""
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows that see no key: every P entry is masked anyway
+    lse = lse.masked_fill(torch.isinf(lse), 0.0).to(q.dtype)  # no key seen: every P entry is masked anyway
     segments = _key_segments(q.shape[2], k.shape[2], causal)
     grads = []
     for start, stop, seg_causal in segments:
@@ -658,18 +665,26 @@ def _powers(eta: float, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return p.masked_fill_(p < torch.finfo(dtype).tiny, 0.0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
+def _block_tables(eta: float, c: int, dtype: torch.dtype, device: torch.device):
+    """The block-sized decay tables of :func:`_decay_scan` (read only, shared between calls; built outside inference
+    mode, so that autograd can save them): within a block ``[c, c]`` (``η^(t − i)`` for ``i < t``, else 0), the
+    carry of each block element to the next block ``[c]``, and from a block's first position on ``[c, 1]``."""
+    with torch.inference_mode(False):
+        r = torch.arange(c, device=device)
+        lag = r[:, None] - r[None, :]
+        within = _powers(eta, lag.clamp(min=1), dtype).masked_fill_(lag <= 0, 0.0)
+        return within, _powers(eta, c - r, dtype), _powers(eta, r, dtype)[:, None]
+
+
 def _scan_tables(eta: float, c: int, nb: int, dtype: torch.dtype, device: torch.device):
-    """The decay tables of :func:`_decay_scan` (read only, shared between calls): within a block ``[c, c]``
-    (``η^(t − i)`` for ``i < t``, else 0), the carry of each block element to the next block ``[c]``, between
-    blocks ``[nb, nb]``, and from a block's first position on ``[c, 1]``."""
-    r = torch.arange(c, device=device)
-    lag = r[:, None] - r[None, :]
-    within = _powers(eta, lag.clamp(min=1), dtype).masked_fill_(lag <= 0, 0.0)
+    """:func:`_block_tables` and the ``[nb, nb]`` carry between blocks (``η^(c·(b − b' − 1))`` for ``b' < b``),
+    in the order ``within, tail, spread, head``."""
+    within, tail, head = _block_tables(eta, c, dtype, device)
     blocks = torch.arange(nb, device=device)
-    block_lag = blocks[:, None] - blocks[None, :] - 1  # carry of block b' into block b: η^(c·(b − b' − 1))
+    block_lag = blocks[:, None] - blocks[None, :] - 1  # carry of block b' into block b
     spread = _powers(eta, c * block_lag.clamp(min=0), dtype).masked_fill_(block_lag < 0, 0.0)
-    return within, _powers(eta, c - r, dtype), spread, _powers(eta, r, dtype)[:, None]
+    return within, tail, spread, head
 
 
 _SCAN_BLOCK = 32  # positions per block of the decay scan: O(T · block · D) work, not O(T²)

@@ -14,6 +14,7 @@ import torch
 
 import fastattn_icl
 from fastattn_icl.ops import _torch_backend
+from fastattn_icl.ops.features import isolation_limit
 from fastattn_icl.reference.anchors import anchor_reweight_attention as reweight_ref
 from fastattn_icl.reference.attention import attention as attention_ref
 from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close
@@ -230,47 +231,83 @@ def isolation_paths(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("window", [0, 3])
-@pytest.mark.parametrize("widest", [64, 0], ids=["window", "exact-rows"])
-def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, window, widest):
+@pytest.mark.parametrize(
+    "window, widest, served_by",
+    [(0, 16, "window"), (3, 16, "window"), (0, 0, "exact"), (3, 0, "exact"), (20, 16, "exact")],
+    ids=["w0", "w3", "w0-exact-rows", "w3-exact-rows", "w20-too-wide"],
+)
+def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, window, widest, served_by):
     """Rows isolated in one batch row and not in another, GQA, left padding: the key windows (forward and backward)
-    agree with the oracle, as do the exact rows they replace (forced by a zero window limit)."""
+    agree with the oracle, as do the exact rows they replace (forced by a zero window limit, or by a window of 21
+    keys, wider than the windowed path takes)."""
     monkeypatch.setattr(_torch_backend, "_WINDOW_KEYS", widest)
     case = (3, 4, 2, 40, 40, 16, True, True)
     (q, k, v), do, kpm = _inputs(case, dtype, seed=11)
-    rows = torch.tensor([[5, 20, -1], [20, -1, -1], [14, 31, 36 - window]])
+    rows = torch.tensor([[5, 15, -1], [15, -1, -1], [12, 14, 39 - window]])
     kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=rows, isolation_window=window)
     _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
              [q, k, v], do, ("dq", "dk", "dv"))
-    used = "window" if widest else "exact"
-    assert isolation_paths[used] == 2 and isolation_paths["exact" if widest else "window"] == 0, isolation_paths
+    assert isolation_paths[served_by] == 2 and sum(isolation_paths.values()) == 2, isolation_paths
 
 
-def test_isolation_windows_step_aside_for_a_row_in_the_padding(isolation_paths):
-    """A row that sees only padded keys besides its isolated ones gives its isolated keys the whole probability: the
-    exact rows serve the call, and it equals the oracle."""
+def test_isolation_windows_cap_the_gathered_keys(isolation_paths, monkeypatch):
+    """The windowed path gathers ``B·Hkv·R·W·D`` key elements at once; past its budget the exact rows (chunked)
+    serve the call."""
+    case = (2, 4, 2, 40, 40, 16, True, True)
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=2)
+    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=torch.tensor([[20, 30], [20, 30]]), isolation_window=3)
+    gathered = 2 * 2 * 8 * 4 * 16  # B · Hkv · (2 positions × 4 rows) · W 4 · D
+    for budget, served_by in ((gathered, "window"), (gathered - 1, "exact")):
+        monkeypatch.setattr(_torch_backend, "_WINDOW_ELEMENTS", budget)
+        isolation_paths.update(window=0, exact=0)
+        _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
+                 [q, k, v], do, ("dq", "dk", "dv"))
+        assert isolation_paths[served_by] == 2 and sum(isolation_paths.values()) == 2, (budget, isolation_paths)
+
+
+@pytest.mark.parametrize("why", ["row-sees-no-key", "row-sees-only-isolated-keys", "logits-at-the-isolation-value"])
+def test_isolation_windows_step_aside(isolation_paths, why):
+    """Where the window does not hold, the exact rows serve the call, forward and backward equal the oracle, and no
+    gradient is NaN: a row whose own keys are all padding (it sees nothing); a row whose own keys are padding but
+    whose isolated keys are visible (they take the whole probability); a row whose own logits are about -1e4, so that
+    its isolated keys keep real probability. The last two have ``lse`` near -1e4, which float32 holds to ±5e-4: the
+    exact backward normalises such rows by their own max and sum (the flash backward once recomputed ``exp(s − lse)``
+    for a row it does not own and gave ``e^10050 · 0``)."""
     case = (2, 2, 2, 12, 12, 8, True, True)
-    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=3)
-    rows = torch.tensor([[6, -1], [1, 6]])  # the last batch row's keys 0 .. 2 are padding: row 1 sees key 0 alone
-    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=rows)
-    _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
-             [q, k, v], do, ("dq", "dk", "dv"))
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=3)  # the last batch row's keys 0 .. 2 are padding
+    rows, scale = torch.tensor([[6, -1], [6, -1]]), 0.5
+    if why == "row-sees-no-key":
+        rows[1, 0] = 1  # keys 0 and 1 are padding: row 1 sees no key at all
+    elif why == "row-sees-only-isolated-keys":
+        kpm = torch.ones(2, 12, dtype=torch.bool)
+        kpm[1, 5:7] = False  # row 6's own key is a hole; keys 0 .. 4, isolated, stay visible
+    else:
+        q[0, :, 6], k[0, :, 6] = torch.tensor([100.0] + [0] * 7), torch.tensor([-200.0] + [0] * 7)  # 100·-200·0.5
+    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=rows, scale=scale)
+    got = _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
+                   [q, k, v], do, ("dq", "dk", "dv"))
     assert isolation_paths == {"window": 0, "exact": 2}
+    assert all(torch.isfinite(g).all() for g in got)
 
 
-def test_isolation_windows_step_aside_for_logits_near_the_isolation_value(isolation_paths):
-    """A row whose own logits are about −1e4 gives its isolated keys real probability: the exact rows serve it, the
-    output equals the oracle, and no gradient is NaN (the flash backward once recomputed ``exp(s − lse)`` for the
-    row it does not own: ``e^10050 · 0``). Gradients are not compared here: an ``lse`` near −1e4 in float32 is off
-    by up to 5e-4, and every lse-based backward (this one, the Triton kernels) inherits that."""
-    case = (2, 2, 2, 12, 12, 8, True, True)
-    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=3)
-    q[0, :, 6], k[0, :, 6] = torch.tensor([100.0] + [0] * 7), torch.tensor([-200.0] + [0] * 7)  # 100·-200·0.5
-    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=torch.tensor([[6, -1], [6, -1]]), scale=0.5)
-    xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = fastattn_icl.attention(*xs, backend="torch", **kw)
-    grads = torch.autograd.grad(out, xs, do)
-    high = attention_ref(q.double(), k.double(), v.double(), **kw)
-    check_close("out", out.detach(), attention_ref(q, k, v, **kw), high, factor=FWD_FACTOR)
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert isolation_paths == {"window": 0, "exact": 2}
+@pytest.mark.parametrize("isolated", [False, True], ids=["plain", "isolated"])
+def test_float64_through_the_backend(isolated):
+    """The public ops take fp16/bf16/fp32; the backend itself runs float64 inputs in float64, with the op's float32
+    ``lse`` (so the backward, which recomputes ``P`` from it, is float32-accurate): forward and backward run, and
+    agree with the float64 oracle within the rule against the float32 oracle."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 4 if i in (0, 3) else 2, 24, 16, generator=g, dtype=torch.float64) for i in range(4))
+    rows = torch.tensor([[6, 15], [9, -1]]) if isolated else None
+    limit = None if rows is None else isolation_limit(rows, 1, 2, 24, 24, q.device)
+    out, lse = _torch_backend.attention_fwd(q, k, v, None, None, None, limit, True, 0.25)
+    grads = _torch_backend.attention_bwd(do, q, k, v, out, lse, None, None, None, limit, True, 0.25)[:3]
+    assert out.dtype == torch.float64 and lse.dtype == torch.float32
+
+    def oracle(dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        want = attention_ref(*leaves, causal=True, scale=0.25, isolation_rows=rows, isolation_window=1)
+        return (want.detach(), *torch.autograd.grad(want, leaves, do.to(dtype)))
+
+    for name, a, same, high in zip(("out", "dq", "dk", "dv"), (out, *grads), oracle(torch.float32),
+                                   oracle(torch.float64)):
+        check_close(name, a, same, high, factor=FWD_FACTOR if name == "out" else GRAD_FACTOR)

@@ -463,10 +463,8 @@ def test_cpu_scan_tables_hold_no_denormals(dtype, eta):
     """A denormal decay weight changes no sum but slows every CPU matmul it enters many times: the CPU scan's tables
     hold η's powers where they are normal numbers and 0 elsewhere (η^32 is a float32 denormal for η = 0.06,
     η^320 a float64 one for η = 0.1)."""
-    from fastattn_icl.ops._torch_backend import _scan_tables
-
     c, nb = 32, 12
-    within, tail, spread, head = _scan_tables(eta, c, nb, dtype, torch.device("cpu"))
+    within, tail, spread, head = torch_impl._scan_tables(eta, c, nb, dtype, torch.device("cpu"))
     r, blocks = torch.arange(c), torch.arange(nb)
     lag, block_lag = r[:, None] - r[None, :], blocks[:, None] - blocks[None, :] - 1
     exact = (  # η^e in float64, rounded to dtype; None where the table holds 0 (the strict upper triangle)
@@ -481,6 +479,23 @@ def test_cpu_scan_tables_hold_no_denormals(dtype, eta):
         denormals += int(((raw != 0) & (raw < tiny)).sum())
         assert table.dtype == dtype and torch.equal(table, raw.masked_fill(raw < tiny, 0.0))
     assert denormals > 0, "no power of this case is a denormal: it tests nothing"
+
+
+def test_cpu_scan_tables_made_in_inference_mode_serve_autograd_later():
+    """The scan's tables are cached across calls: a first call under ``torch.inference_mode`` must not leave inference
+    tensors in the cache, which a later call that autograd records could not save for its backward."""
+    torch_impl._block_tables.cache_clear()
+    with torch.inference_mode():
+        torch_impl.momentum_term(torch.randn(1, 1, 40, 8), 0.5, 0, None)
+    v = torch.randn(1, 1, 40, 8, requires_grad=True)
+    torch_impl.momentum_term(v, 0.5, 0, None).sum().backward()
+
+    def oracle(dtype):
+        leaf = v.detach().to(dtype).requires_grad_(True)
+        ref.momentum_term(leaf, 0.5).sum().backward()
+        return leaf.grad
+
+    check_close("dv", v.grad, oracle(torch.float32), oracle(torch.float64), factor=GRAD_FACTOR)
 
 
 VALUE_GRAD_CASES = [
