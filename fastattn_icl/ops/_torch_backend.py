@@ -434,9 +434,9 @@ def attention_probs(q, k, key_padding_mask, key_log_weights, reweight_from, isol
 
 def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, key_log_weights, reweight_from,
                  isolation_limit, headroom):
-    """The backward's ``P`` of a chunk of query rows over the first ``kf.shape[-2]`` keys, recomputed from ``lse``
-    (``[B, Hkv, G, n, .]``), with the chunk's isolated entries and post-softmax weights (see
-    :func:`_chunk_features`)."""
+    """The backward's ``P`` of a chunk of query rows over the first ``kf.shape[-2]`` keys (``[B, Hkv, G, n, .]``),
+    recomputed from ``lse`` (or, in a chunk with isolated entries, normalised by each row's own max and sum), with the
+    chunk's isolated entries and post-softmax weights (see :func:`_chunk_features`)."""
     B, Hkv, G = q_c.shape[:3]
     Tc = kf.shape[-2]
     s = torch.matmul(q_c, kf.transpose(-1, -2)) * scale

@@ -291,10 +291,16 @@ def test_isolation_windows_step_aside(isolation_paths, why):
 
 
 @pytest.mark.parametrize("isolated", [False, True], ids=["plain", "isolated"])
-def test_float64_through_the_backend(isolated):
+@pytest.mark.parametrize("way", ["flash", "flash-exact-rows", "exact"])
+def test_float64_through_the_backend(monkeypatch, isolated, way):
     """The public ops take fp16/bf16/fp32; the backend itself runs float64 inputs in float64, with the op's float32
     ``lse`` (so the backward, which recomputes ``P`` from it, is float32-accurate): forward and backward run, and
-    agree with the float64 oracle within the rule against the float32 oracle."""
+    agree with the float64 oracle within the rule against the float32 oracle, on the flash path (isolated rows as
+    key windows, or as exact rows) and on the exact path."""
+    if way == "flash-exact-rows":
+        monkeypatch.setattr(_torch_backend, "_WINDOW_KEYS", 0)
+    elif way == "exact":
+        monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
     g = torch.Generator().manual_seed(4)
     q, k, v, do = (torch.randn(2, 4 if i in (0, 3) else 2, 24, 16, generator=g, dtype=torch.float64) for i in range(4))
     rows = torch.tensor([[6, 15], [9, -1]]) if isolated else None
