@@ -72,6 +72,17 @@ def _headroom(key_log_weights: torch.Tensor | None) -> float:
     return max(0.0, float(key_log_weights.detach().max()))
 
 
+def _softmax_floored(s: torch.Tensor, headroom: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, lse)`` of logits ``s [..., n]`` (``-inf`` at hidden keys), normalised by each row's own max and sum (as
+    the kernels' online softmax is), ``exp`` floored (:func:`_exp_floored`): ``p`` 0 and ``lse`` ``-inf`` on a row
+    that sees no key. Relative to the row max, not ``exp(s − lse)``: that would lose digits when every visible logit
+    is huge, e.g. a row that sees only isolated (-1e4) keys."""
+    row_max = s.amax(dim=-1, keepdim=True)
+    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), headroom)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / denom.masked_fill(denom == 0, 1.0), (row_max + torch.log(denom)).squeeze(-1)
+
+
 def _rows_per_chunk(B: int, H: int, Tq: int, Tk: int) -> int:
     return max(1, min(Tq, max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, B * H * Tk))))
 
@@ -168,14 +179,7 @@ def _chunk_softmax(qg_c, kf, rows, Tq, Tk, causal, key_padding_mask, scale, key_
         s = s.masked_fill(iso & vis, ISOLATION_VALUE)
     if prefix_keys is not None:  # every row sees every prefix key
         s = torch.cat([_prefix_scores(qg_c, prefix_keys) * scale, s], dim=-1)
-    # normalise relative to the row max (as the kernel's online softmax does): exp(s - lse) would lose
-    # digits when every visible logit is huge, e.g. a row that sees only isolated (-1e4) keys
-    row_max = s.amax(dim=-1, keepdim=True)
-    # a hidden key's -inf falls below the floor: exactly 0
-    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), headroom)
-    denom = p.sum(dim=-1, keepdim=True)
-    row_lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf on rows that see no key
-    p = p / denom.masked_fill(denom == 0, 1.0)
+    p, row_lse = _softmax_floored(s, headroom)  # a hidden key's -inf falls below the floor: exactly 0
     if weights is not None:  # numerator only: the denominator (lse) stays unweighted
         p = p * weights
     return p, row_lse
@@ -308,8 +312,8 @@ class _IsolationWindow:
     Built by :meth:`of` (None when the window does not apply: then the exact rows serve the call). Fields: ``rows``
     int64 ``[R]`` (isolated in some batch row), ``active`` bool ``[B, 1, 1, R]`` (isolated in this batch row: the
     flash result of the others stands), ``idx`` int64 ``[B, R·W]`` the window's key columns, ``valid`` bool
-    ``[B, 1, 1, R, W]``, ``k_w``/``v_w`` ``[B, Hkv, R, W, D]`` and ``s`` the scaled logits ``[B, Hkv, G, R, W]``
-    (−inf off the window)."""
+    ``[B, 1, 1, R, W]``, ``q_r`` the rows' queries ``[B, Hkv, G, R, D]``, ``k_w``/``v_w`` ``[B, Hkv, R, W, D]`` and
+    ``s`` the scaled logits ``[B, Hkv, G, R, W]`` (−inf off the window)."""
 
     @classmethod
     def of(cls, qg, k, v, isolation_limit, rows, Tk, causal, kpm, scale):
@@ -339,22 +343,17 @@ class _IsolationWindow:
         self.q_r = qg[:, :, :, rows]
         s = torch.einsum("bhgrd,bhrwd->bhgrw", self.q_r, self.k_w) * scale
         self.s = s.masked_fill_(~self.valid, float("-inf"))
-        row_max = self.s.amax(-1)
         # every active row needs a visible key whose logit keeps the isolated keys below the floor
-        if not bool(torch.where(self.active, row_max > ISOLATION_VALUE - _EXP_FLOOR[cd], True).all()):
+        if not bool(torch.where(self.active, self.s.amax(-1) > ISOLATION_VALUE - _EXP_FLOOR[cd], True).all()):
             return None
-        self.row_max = row_max
         return self
 
     def forward(self, o, lse) -> None:
         """Overwrites the active rows of ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]``."""
-        m = self.row_max.masked_fill(torch.isinf(self.row_max), 0.0)  # an inactive placeholder may see no key
-        p = _exp_floored(self.s - m[..., None])
-        denom = p.sum(-1)
-        out = torch.einsum("bhgrw,bhrwd->bhgrd", p / denom.clamp(min=torch.finfo(p.dtype).tiny)[..., None], self.v_w)
+        p, row_lse = _softmax_floored(self.s)  # an inactive placeholder may see no key: 0, never written
+        out = torch.einsum("bhgrw,bhrwd->bhgrd", p, self.v_w)
         o[:, :, :, self.rows] = torch.where(self.active[..., None], out, o[:, :, :, self.rows])
-        row_lse = (m + torch.log(denom)).to(lse.dtype)
-        lse[:, :, :, self.rows] = torch.where(self.active, row_lse, lse[:, :, :, self.rows])
+        lse[:, :, :, self.rows] = torch.where(self.active, row_lse.to(lse.dtype), lse[:, :, :, self.rows])
 
     def backward(self, do_r, o_r, lse_r, dq, dk, dv, scale) -> None:
         """Adds the active rows' share to ``dq [B, Hkv, G, Tq, D]`` (0 there: their output gradient was taken out of
@@ -448,11 +447,8 @@ def _chunk_probs(q_c, kf, lse_c, rows, Tq, Tk, causal, key_padding_mask, scale, 
         return _exp_floored(s - row_lse[..., None], headroom).masked_fill_(~vis, 0.0), iso, weights, rw
     # a row that sees only isolated keys has lse = -1e4 + log n, which float32 holds to ±5e-4: such rows are
     # normalised by their own max and sum, as the forward does, not by the stored lse
-    s = s.masked_fill(iso, ISOLATION_VALUE).masked_fill_(~vis, float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True)
-    p = _exp_floored(s - row_max.masked_fill(torch.isinf(row_max), 0.0), headroom)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p.div_(denom.masked_fill(denom == 0, 1.0)), iso, weights, rw
+    p, _ = _softmax_floored(s.masked_fill(iso, ISOLATION_VALUE).masked_fill_(~vis, float("-inf")), headroom)
+    return p, iso, weights, rw
 
 
 def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding_mask, scale, key_log_weights,
@@ -574,17 +570,13 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         exact = _isolated_rows(isolation_limit)
         window = None if key_log_weights is not None else \
             _IsolationWindow.of(qg, k, v, isolation_limit, exact, Tk, causal, key_padding_mask, scale)
-        do_flash = do.to(cd)
-        if window is not None:  # the window carries the isolated entries' whole share
-            do_flash = do_flash.masked_fill((isolation_limit > 0)[:, None, :, None], 0.0)
-        elif exact is not None:  # the exact rows below carry the isolated rows' whole share
-            do_flash = do_flash.clone()
-            do_flash[:, :, exact] = 0
-        lse_flash = lse
-        if window is not None or exact is not None:  # and no P there: exp(s − lse) of such a row can overflow
-            carried = (isolation_limit > 0) if window is not None else torch.zeros_like(isolation_limit, dtype=bool)
+        do_flash, lse_flash = do.to(cd), lse
+        if exact is not None:  # rows the window (its isolated entries) or the exact rows (every batch row) carry:
+            # no output gradient and no P in the flash pass there (exp(s − lse) of such a row can overflow)
+            carried = isolation_limit > 0
             if window is None:
                 carried[:, exact] = True
+            do_flash = do_flash.masked_fill(carried[:, None, :, None], 0.0)
             lse_flash = lse.masked_fill(carried[:, None], torch.finfo(torch.float32).max)
         dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse_flash, key_padding_mask,
                                 causal, scale)
