@@ -27,6 +27,23 @@ TORCH_LIBRARY(fastattn_icl, m) {
   // One Deep-Thinking step in place: g = X_new - X̂, m = g (first) else β·m + g, X̂ <- X̂ + η·m (docs/methods.md §7).
   // Not named deep_thinking_update_: fastattn_icl/ops/deep_thinking.py defines that op (the backend dispatch).
   m.def("fused_deep_thinking_update_(Tensor(a!) work, Tensor(b!) m, float eta, float beta, bool first) -> ()");
+
+  m.set_python_module("fastattn_icl.ops._cpu_kernels");
+  // The method features of the CPU attention path, per query row, on top of PyTorch's CPU flash kernel; shapes and
+  // semantics in csrc/cpu_features.cpp (q, o, do, dq grouped [B, Hkv, G, Tq, D]; k, v, dk, dv [B, Hkv, Tk, D]).
+  m.def("anchor_correction_(Tensor(a!) o, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor? key_padding_mask, "
+        "Tensor key_log_weights, Tensor reweight_from, Tensor columns, bool causal, float scale) -> ()");
+  m.def("anchor_backward_(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dlogw, Tensor q, Tensor k, "
+        "Tensor v, Tensor grad_out, Tensor lse, Tensor? key_padding_mask, Tensor key_log_weights, "
+        "Tensor reweight_from, Tensor? isolation_limit, Tensor columns, bool causal, float scale) -> ()");
+  m.def("isolation_window_ok(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor isolation_limit, float scale) "
+        "-> Tensor");
+  m.def("isolation_window_fwd_(Tensor(a!) o, Tensor(b!) lse, Tensor q, Tensor k, Tensor v, "
+        "Tensor? key_padding_mask, Tensor isolation_limit, float scale) -> Tensor");
+  m.def("isolation_window_bwd_(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor q, Tensor k, Tensor v, "
+        "Tensor grad_out, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor isolation_limit, float scale) -> ()");
+  // x: [R, T, D] float32/float64 -> y, y[r, t] = Σ_{i<t} η^(t−i) x[r, i] (reverse: over i > t); docs/methods.md §6.
+  m.def("momentum_scan(Tensor x, float eta, bool reverse) -> Tensor");
 }
 
 extern "C" {

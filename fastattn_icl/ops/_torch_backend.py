@@ -6,7 +6,7 @@ rows with no visible key, whose output is 0); the backward recomputes ``P`` from
 
 On CPU tensors the attention leans on PyTorch's own CPU flash kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns the ``lse`` this contract
-needs. The method features are added on top of it, exactly, at a cost linear in ``T`` (docs/methods.md §8):
+needs. The method features are added on top of it, exactly, at a cost linear in ``T`` (docs/methods.md §1):
 
 - bottom-right causal masking with ``Tq < Tk`` (a chunk over a cache, a shared prefix): the keys are split into
   the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
@@ -15,16 +15,21 @@ needs. The method features are added on top of it, exactly, at a cost linear in 
 - isolation: the isolated rows (a few per prompt) are recomputed and overwrite the flash rows; in the backward their
   output gradient is taken out of the flash pass and added by the recomputed rows. On a causal call a row isolated
   at ``p`` sees only its keys ``p .. i`` at their logits (the isolated keys' probability is an exact 0 under the
-  ``exp`` floor), so it is attention over that short window (:class:`_IsolationWindow`); otherwise (long windows,
-  logits near −1e4, rows that see only isolated keys, re-weighting) the exact rows over query chunks.
+  ``exp`` floor), so it is attention over that window (:func:`_window_forward`); otherwise (logits near −1e4, rows
+  that see only isolated keys, re-weighting in the same call, no compiled kernels) the exact rows over query chunks.
+
+On CPU tensors the per-row work of both features (the anchor correction and its backward, the key windows) runs in
+the compiled kernels of ``csrc/cpu_features.cpp`` (:mod:`fastattn_icl.ops._cpu_kernels`): one call each instead of
+tens of small PyTorch ops, a fixed cost that dominated short prompts. Without the extension the anchor terms run as
+eager ops and isolated rows as exact rows, with a warning, once.
 
 Every other case (other devices, for ``backend="torch"`` on a GPU; causal ``Tq > Tk``) runs the exact chunked
 computation over query chunks of all rows. Work is in float32 (float64 for float64 inputs): fp16/bf16 inputs
 accumulate in float32, the caller's tensors are never changed. This is an implementation, not the oracle: tests
 compare it with ``fastattn_icl.reference`` like every other backend.
 
-One function leaves PyTorch's ops on CPU: :func:`deep_thinking_update_` runs the compiled one-pass kernel of
-``fastattn_icl._C`` when it is built (and warns once, then runs eager ops, when it is not).
+:func:`deep_thinking_update_` runs the compiled one-pass kernel of ``fastattn_icl._C`` when it is built (and warns
+once, then runs eager ops, when it is not).
 """
 
 from __future__ import annotations
@@ -266,6 +271,11 @@ def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, rew
     if cols.numel() == 0:  # every weight is 1 (beta = 0): the plain result, bit for bit
         return
     B, Hkv, G, Tq, D = qg.shape
+    if _compiled(qg):
+        torch.ops.fastattn_icl.anchor_correction_(
+            o, _unit_rows(qg), _unit_rows(kf[:, :, 0]), _unit_rows(vf[:, :, 0]), lse, _mask_rows(kpm),
+            key_log_weights.reshape(B, Hkv, G, Tk), reweight_from.contiguous(), cols, causal, scale)
+        return
     first = int(reweight_from.min())
     rows = torch.arange(first, Tq, device=qg.device)
     p = _anchor_probs(qg[:, :, :, first:], kf, lse[:, :, :, first:], rows, cols, Tq, Tk, causal, kpm, scale,
@@ -297,75 +307,53 @@ def _isolated_rows(isolation_limit: torch.Tensor | None) -> torch.Tensor | None:
     return rows if rows.numel() else None
 
 
-_WINDOW_KEYS = 16  # widest key window of an isolated row that the windowed path serves (the exact rows otherwise)
-_WINDOW_ELEMENTS = 1 << 22  # most gathered key elements (B·Hkv·R·W·D) it holds at once: 16 MiB of float32 each for K, V
+def _compiled(x: torch.Tensor) -> bool:
+    """Whether the compiled feature kernels (:mod:`fastattn_icl.ops._cpu_kernels`) serve a call on ``x``: a CPU tensor
+    and the extension built (else a warning, once, and the eager code). Imported here, on first use: importing the
+    ops must not load the extension."""
+    if x.device.type != "cpu":
+        return False
+    from fastattn_icl.ops import _cpu_kernels
+
+    if _cpu_kernels.available():
+        return True
+    _cpu_kernels.warn_missing()
+    return False
 
 
-class _IsolationWindow:
-    """The isolated rows of a causal call as short key windows (docs/methods.md §3): row ``i`` with limit ``L > 0``
-    sees its keys ``j < L`` at the constant ``ISOLATION_VALUE`` and the keys ``L .. i`` at their logits. When one of
-    those is visible and their largest logit ``m`` is above ``ISOLATION_VALUE − _EXP_FLOOR`` (always, unless the
-    logits are near −1e4 themselves), each isolated key's probability ``exp(ISOLATION_VALUE − m)`` is below the
-    floor, i.e. exactly the 0 the exact rows give it, so the row is attention over its window alone: ``O(R · W)``
-    work for ``R`` rows of at most ``W`` keys, instead of ``O(R · Tk)`` over query chunks.
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a contiguous copy when its last dimension is not unit-strided (the compiled kernels read rows)."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
-    Built by :meth:`of` (None when the window does not apply: then the exact rows serve the call). Fields: ``rows``
-    int64 ``[R]`` (isolated in some batch row), ``active`` bool ``[B, 1, 1, R]`` (isolated in this batch row: the
-    flash result of the others stands), ``idx`` int64 ``[B, R·W]`` the window's key columns, ``valid`` bool
-    ``[B, 1, 1, R, W]``, ``q_r`` the rows' queries ``[B, Hkv, G, R, D]``, ``k_w``/``v_w`` ``[B, Hkv, R, W, D]`` and
-    ``s`` the scaled logits ``[B, Hkv, G, R, W]`` (−inf off the window)."""
 
-    @classmethod
-    def of(cls, qg, k, v, isolation_limit, rows, Tk, causal, kpm, scale):
-        B, Hkv, G, Tq, D = qg.shape
-        if not causal or rows is None:
-            return None
-        limit = isolation_limit[:, rows].long()  # [B, R]
-        active = limit > 0
-        stop = rows + (Tk - Tq + 1)  # one past the last key each row sees
-        start = torch.where(active, limit, stop - 1)  # an inactive entry: a one-key placeholder, never written
-        width = int((stop - start).amax())
-        if not 1 <= width <= _WINDOW_KEYS or B * Hkv * rows.numel() * width * D > _WINDOW_ELEMENTS:
-            return None
-        offsets = torch.arange(width, device=qg.device)
-        idx = start[:, :, None] + offsets  # [B, R, W]
-        valid = idx < stop[:, None]
-        idx = idx.clamp(max=Tk - 1)
-        if kpm is not None:
-            valid = valid & torch.gather(kpm, 1, idx.flatten(1)).view_as(idx)
-        self = cls()
-        self.rows, self.active, self.valid = rows, active[:, None, None, :], valid[:, None, None]
-        self.idx = idx.flatten(1)
-        cd = qg.dtype
-        take = self.idx[:, None, :, None].expand(B, Hkv, -1, D)
-        self.k_w = torch.gather(k.to(cd), 2, take).view(B, Hkv, -1, width, D)
-        self.v_w = torch.gather(v.to(cd), 2, take).view(B, Hkv, -1, width, D)
-        self.q_r = qg[:, :, :, rows]
-        s = torch.einsum("bhgrd,bhrwd->bhgrw", self.q_r, self.k_w) * scale
-        self.s = s.masked_fill_(~self.valid, float("-inf"))
-        # every active row needs a visible key whose logit keeps the isolated keys below the floor
-        if not bool(torch.where(self.active, self.s.amax(-1) > ISOLATION_VALUE - _EXP_FLOOR[cd], True).all()):
-            return None
-        return self
+def _mask_rows(kpm: torch.Tensor | None) -> torch.Tensor | None:
+    return None if kpm is None else _unit_rows(kpm)
 
-    def forward(self, o, lse) -> None:
-        """Overwrites the active rows of ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]``."""
-        p, row_lse = _softmax_floored(self.s)  # an inactive placeholder may see no key: 0, never written
-        out = torch.einsum("bhgrw,bhrwd->bhgrd", p, self.v_w)
-        o[:, :, :, self.rows] = torch.where(self.active[..., None], out, o[:, :, :, self.rows])
-        lse[:, :, :, self.rows] = torch.where(self.active, row_lse.to(lse.dtype), lse[:, :, :, self.rows])
 
-    def backward(self, do_r, o_r, lse_r, dq, dk, dv, scale) -> None:
-        """Adds the active rows' share to ``dq [B, Hkv, G, Tq, D]`` (0 there: their output gradient was taken out of
-        the flash pass), ``dk``/``dv`` ``[B, Hkv, Tk, D]``, from the rows' output gradient, output and ``lse``."""
-        B, Hkv = dk.shape[:2]
-        p = _exp_floored(self.s - lse_r.masked_fill(~self.active, float("inf"))[..., None])
-        delta = (do_r * o_r).sum(-1, keepdim=True)
-        ds = p * (torch.einsum("bhgrd,bhrwd->bhgrw", do_r, self.v_w) - delta)
-        dq[:, :, :, self.rows] += torch.einsum("bhgrw,bhrwd->bhgrd", ds, self.k_w) * scale
-        take = self.idx[:, None, :, None].expand(B, Hkv, -1, dk.shape[-1])
-        dk.scatter_add_(2, take, torch.einsum("bhgrw,bhgrd->bhrwd", ds, self.q_r).flatten(2, 3) * scale)
-        dv.scatter_add_(2, take, torch.einsum("bhgrw,bhgrd->bhrwd", p, do_r).flatten(2, 3))
+def _window_forward(qg, k, v, kpm, isolation_limit, scale, o, lse) -> bool:
+    """Overwrites the isolated rows of a causal call in ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]`` by
+    attention over their key windows (docs/methods.md §3: a row isolated at ``p`` sees its keys ``p .. i`` at their
+    logits and its isolated keys at ``exp(-1e4 − max)``, an exact 0 under the floor, when one of its window keys is
+    visible and the window's largest logit is above ``-1e4 − _EXP_FLOOR``; ``csrc/cpu_features.cpp``). Whether it
+    did: it writes nothing when a row fails that test, and then the exact rows serve the call."""
+    if not _compiled(qg):
+        return False
+    return bool(torch.ops.fastattn_icl.isolation_window_fwd_(o, lse, _unit_rows(qg), _unit_rows(k), _unit_rows(v),
+                                                            _mask_rows(kpm), isolation_limit.contiguous(), scale))
+
+
+def _window_serves(qg, k, kpm, isolation_limit, scale) -> bool:
+    """Whether :func:`_window_forward` served (serves) the isolated rows of these inputs."""
+    return _compiled(qg) and bool(torch.ops.fastattn_icl.isolation_window_ok(
+        _unit_rows(qg), _unit_rows(k), _mask_rows(kpm), isolation_limit.contiguous(), scale))
+
+
+def _window_backward(dq, dk, dv, qg, k, v, dog, og, lse_g, kpm, isolation_limit, scale) -> None:
+    """Adds the windowed rows' share to ``dq [B, Hkv, G, Tq, D]`` (0 there: their output gradient was taken out of the
+    flash pass), ``dk``/``dv`` ``[B, Hkv, Tk, D]``, from the rows' output gradient, output and ``lse``."""
+    torch.ops.fastattn_icl.isolation_window_bwd_(dq, dk, dv, _unit_rows(qg), _unit_rows(k), _unit_rows(v),
+                                                 _unit_rows(dog), _unit_rows(og), lse_g, _mask_rows(kpm),
+                                                 isolation_limit.contiguous(), scale)
 
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
@@ -400,10 +388,8 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
                                key_weight_columns)
         exact = _isolated_rows(isolation_limit)
-        window = None if key_log_weights is not None or prefix is not None else \
-            _IsolationWindow.of(qg, k, v, isolation_limit, exact, Tk, causal, key_padding_mask, scale)
-        if window is not None:
-            window.forward(o, lse)
+        if exact is not None and causal and key_log_weights is None and prefix is None \
+                and _window_forward(qg, k.to(cd), v.to(cd), key_padding_mask, isolation_limit, scale, o, lse):
             exact = None
     else:
         o = torch.empty(qg.shape, dtype=cd, device=q.device)
@@ -511,6 +497,12 @@ def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweig
     cols = _anchor_columns(key_log_weights) if dense else columns
     if not dense and cols.numel() == 0:
         return
+    if not dense and _compiled(qg):
+        torch.ops.fastattn_icl.anchor_backward_(
+            dq, dk, dv, dlogw, _unit_rows(qg), _unit_rows(kf[:, :, 0]), _unit_rows(vf[:, :, 0]), _unit_rows(dog), lse_g,
+            _mask_rows(kpm), key_log_weights.reshape(B, Hkv, G, Tk), reweight_from.contiguous(),
+            None if isolation_limit is None else isolation_limit.contiguous(), cols, causal, scale)
+        return
     first = int(reweight_from.min())
     w = key_log_weights.exp().reshape(B, Hkv, G, 1, Tk)
     headroom = _headroom(key_log_weights)
@@ -568,23 +560,22 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
         dlogw = torch.zeros(B, Hkv, H // Hkv, Tk, dtype=torch.float32, device=q.device)
     if _flash_ok(q, Tq, Tk, causal):
         exact = _isolated_rows(isolation_limit)
-        window = None if key_log_weights is not None else \
-            _IsolationWindow.of(qg, k, v, isolation_limit, exact, Tk, causal, key_padding_mask, scale)
+        window = exact is not None and causal and key_log_weights is None and \
+            _window_serves(qg, k.to(cd), key_padding_mask, isolation_limit, scale)
         do_flash, lse_flash = do.to(cd), lse
         if exact is not None:  # rows the window (its isolated entries) or the exact rows (every batch row) carry:
             # no output gradient and no P in the flash pass there (exp(s − lse) of such a row can overflow)
             carried = isolation_limit > 0
-            if window is None:
+            if not window:
                 carried[:, exact] = True
             do_flash = do_flash.masked_fill(carried[:, None, :, None], 0.0)
             lse_flash = lse.masked_fill(carried[:, None], torch.finfo(torch.float32).max)
         dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse_flash, key_padding_mask,
                                 causal, scale)
         dq = dq.reshape(qg.shape)
-        if window is not None:
-            rows = window.rows
-            window.backward(dog[:, :, :, rows], _grouped(o, Hkv)[:, :, :, rows], lse_g[:, :, :, rows], dq, dk, dv,
-                            scale)
+        if window:
+            _window_backward(dq, dk, dv, qg, k.to(cd), v.to(cd), dog, _grouped(o, Hkv), lse_g, key_padding_mask,
+                             isolation_limit, scale)
             exact = None
         if key_log_weights is not None:
             _anchor_bwd(qg, kf, vf, _grouped(do_flash, Hkv), lse_g, Tk, causal, key_padding_mask, key_log_weights,
@@ -682,13 +673,19 @@ def _scan_tables(eta: float, c: int, nb: int, dtype: torch.dtype, device: torch.
 _SCAN_BLOCK = 32  # positions per block of the decay scan: O(T · block · D) work, not O(T²)
 
 
-def _decay_scan(x: torch.Tensor, eta: float) -> torch.Tensor:
-    """``y_t = Σ_{i<t} η^(t−i) x_i`` along dim -2 of ``x [..., T, D]`` (float32 or float64), in blocks of
-    ``_SCAN_BLOCK``: a decay matmul inside each block, and the blocks' sums carried to the later blocks by a second,
-    ``T / block`` times smaller, decay matmul. Decay powers are formed in float64 (docs/methods.md §6)."""
+def _decay_scan(x: torch.Tensor, eta: float, reverse: bool = False) -> torch.Tensor:
+    """``y_t = Σ_{i<t} η^(t−i) x_i`` (``reverse``: ``Σ_{i>t} η^(i−t) x_i``) along dim -2 of ``x [..., T, D]`` (float32
+    or float64). On CPU the compiled recurrence (``fastattn_icl::momentum_scan``: ``O(T · D)``, float64 state) unless
+    autograd records the call (the ops' own backward never does); elsewhere in blocks of ``_SCAN_BLOCK``: a decay
+    matmul inside each block, and the blocks' sums carried to the later blocks by a second, ``T / block`` times
+    smaller, decay matmul. Decay powers are formed in float64 (docs/methods.md §6)."""
     *lead, T, D = x.shape
     if T == 0:
         return x.clone()
+    if not (x.requires_grad and torch.is_grad_enabled()) and _compiled(x):  # the op has no autograd formula
+        return torch.ops.fastattn_icl.momentum_scan(x.reshape(-1, T, D), float(eta), reverse).reshape(x.shape)
+    if reverse:
+        return _decay_scan(x.flip(-2), eta).flip(-2)
     c = min(_SCAN_BLOCK, T)
     nb = -(-T // c)
     xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - T)).reshape(*lead, nb, c, D)
@@ -729,7 +726,7 @@ def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
     B, H, Tq, D = grad_out.shape
     g = grad_out.float().reshape(B, Hkv, H // Hkv, Tq, D).sum(dim=2)
     g = torch.nn.functional.pad(g, (0, 0, Tk - Tq, 0))  # G at every key position, 0 before the query rows
-    out = _decay_scan(g.flip(2), eta).flip(2)  # the scan run backwards: Σ over later positions
+    out = _decay_scan(g, eta, reverse=True)  # Σ over later positions
     if key_padding_mask is not None:
         out = out * key_padding_mask[:, None, :, None]
     return out

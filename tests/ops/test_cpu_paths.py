@@ -13,22 +13,33 @@ import pytest
 import torch
 
 import fastattn_icl
-from fastattn_icl.ops import _torch_backend
+from fastattn_icl.ops import _cpu_kernels, _torch_backend
 from fastattn_icl.ops.features import isolation_limit
 from fastattn_icl.reference.anchors import anchor_reweight_attention as reweight_ref
 from fastattn_icl.reference.attention import attention as attention_ref
 from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close
 
 
-@pytest.fixture(params=["flash", "exact"])
+def _no_compiled_kernels(monkeypatch):
+    """The features' eager code instead of the compiled kernels (what a build without the extension runs)."""
+    monkeypatch.setattr(_torch_backend, "_compiled", lambda x: False)
+
+
+@pytest.fixture(params=["flash", "flash-eager", "exact"])
 def path(request, monkeypatch):
+    """``flash``: the CPU flash kernel with the features' compiled kernels (csrc/cpu_features.cpp); ``flash-eager``:
+    the same with their eager code; ``exact``: the exact chunked computation."""
+    if request.param == "flash" and not _cpu_kernels.available():
+        pytest.fail("fastattn_icl._C is not built with the CPU feature kernels")
+    if request.param == "flash-eager":
+        _no_compiled_kernels(monkeypatch)
     if request.param == "exact":
         monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
     calls = []
     flash = _torch_backend._FLASH_FWD
     monkeypatch.setattr(_torch_backend, "_FLASH_FWD", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
     yield request.param
-    assert bool(calls) == (request.param == "flash"), "the test ran the other path"
+    assert bool(calls) == (request.param != "exact"), "the test ran the other path"
 
 
 CASES = [
@@ -216,31 +227,35 @@ def test_attention_probs_is_differentiable():
 
 @pytest.fixture
 def isolation_paths(monkeypatch):
-    """Counts the calls of the two ways the flash path serves isolated rows: the short key windows and the exact rows
-    over query chunks."""
+    """Counts the calls of the two ways the flash path serves isolated rows: the key windows (the compiled kernels;
+    forwards that served the rows, and backwards) and the exact rows over query chunks."""
     ran = {"window": 0, "exact": 0}
     for name, key in (("_exact_rows_fwd", "exact"), ("_exact_rows_bwd", "exact")):
         fn = getattr(_torch_backend, name)
         monkeypatch.setattr(_torch_backend, name,
                             lambda *a, _fn=fn, _key=key, **kw: ran.__setitem__(_key, ran[_key] + 1) or _fn(*a, **kw))
-    for name in ("forward", "backward"):
-        fn = getattr(_torch_backend._IsolationWindow, name)
-        monkeypatch.setattr(_torch_backend._IsolationWindow, name,
-                            lambda self, *a, _fn=fn: ran.__setitem__("window", ran["window"] + 1) or _fn(self, *a))
+
+    def count(fn):
+        def counted(*args):
+            served = fn(*args)
+            ran["window"] += served is not False
+            return served
+        return counted
+
+    for name in ("_window_forward", "_window_backward"):
+        monkeypatch.setattr(_torch_backend, name, count(getattr(_torch_backend, name)))
     return ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    "window, widest, served_by",
-    [(0, 16, "window"), (3, 16, "window"), (0, 0, "exact"), (3, 0, "exact"), (20, 16, "exact")],
-    ids=["w0", "w3", "w0-exact-rows", "w3-exact-rows", "w20-too-wide"],
-)
-def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, window, widest, served_by):
-    """Rows isolated in one batch row and not in another, GQA, left padding: the key windows (forward and backward)
-    agree with the oracle, as do the exact rows they replace (forced by a zero window limit, or by a window of 21
-    keys, wider than the windowed path takes)."""
-    monkeypatch.setattr(_torch_backend, "_WINDOW_KEYS", widest)
+@pytest.mark.parametrize("window", [0, 3, 20], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("served_by", ["window", "exact"])
+def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, window, served_by):
+    """Rows isolated in one batch row and not in another, GQA, left padding: the key windows (forward and backward;
+    up to 21 keys wide) agree with the oracle, as do the exact rows they replace (what runs without the compiled
+    kernels)."""
+    if served_by == "exact":
+        _no_compiled_kernels(monkeypatch)
     case = (3, 4, 2, 40, 40, 16, True, True)
     (q, k, v), do, kpm = _inputs(case, dtype, seed=11)
     rows = torch.tensor([[5, 15, -1], [15, -1, -1], [12, 14, 39 - window]])
@@ -248,21 +263,6 @@ def test_isolation_windows_per_batch_row(isolation_paths, monkeypatch, dtype, wi
     _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
              [q, k, v], do, ("dq", "dk", "dv"))
     assert isolation_paths[served_by] == 2 and sum(isolation_paths.values()) == 2, isolation_paths
-
-
-def test_isolation_windows_cap_the_gathered_keys(isolation_paths, monkeypatch):
-    """The windowed path gathers ``B·Hkv·R·W·D`` key elements at once; past its budget the exact rows (chunked)
-    serve the call."""
-    case = (2, 4, 2, 40, 40, 16, True, True)
-    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=2)
-    kw = dict(causal=True, key_padding_mask=kpm, isolation_rows=torch.tensor([[20, 30], [20, 30]]), isolation_window=3)
-    gathered = 2 * 2 * 8 * 4 * 16  # B · Hkv · (2 positions × 4 rows) · W 4 · D
-    for budget, served_by in ((gathered, "window"), (gathered - 1, "exact")):
-        monkeypatch.setattr(_torch_backend, "_WINDOW_ELEMENTS", budget)
-        isolation_paths.update(window=0, exact=0)
-        _compare(lambda *t: fastattn_icl.attention(*t, backend="torch", **kw), lambda *t: attention_ref(*t, **kw),
-                 [q, k, v], do, ("dq", "dk", "dv"))
-        assert isolation_paths[served_by] == 2 and sum(isolation_paths.values()) == 2, (budget, isolation_paths)
 
 
 @pytest.mark.parametrize("why", ["row-sees-no-key", "row-sees-only-isolated-keys", "logits-at-the-isolation-value"])
@@ -298,7 +298,7 @@ def test_float64_through_the_backend(monkeypatch, isolated, way):
     agree with the float64 oracle within the rule against the float32 oracle, on the flash path (isolated rows as
     key windows, or as exact rows) and on the exact path."""
     if way == "flash-exact-rows":
-        monkeypatch.setattr(_torch_backend, "_WINDOW_KEYS", 0)
+        _no_compiled_kernels(monkeypatch)
     elif way == "exact":
         monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
     g = torch.Generator().manual_seed(4)
@@ -317,3 +317,23 @@ def test_float64_through_the_backend(monkeypatch, isolated, way):
     for name, a, same, high in zip(("out", "dq", "dk", "dv"), (out, *grads), oracle(torch.float32),
                                    oracle(torch.float64)):
         check_close(name, a, same, high, factor=FWD_FACTOR if name == "out" else GRAD_FACTOR)
+
+
+def test_without_compiled_kernels_warns_once(monkeypatch):
+    """A build without the CPU feature kernels runs their eager code, correct, and says so once per process."""
+    import warnings
+
+    monkeypatch.setattr(_cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(_cpu_kernels, "_warned", False)
+    (q, k, v), do, kpm = _inputs((2, 4, 2, 33, 33, 16, True, True), torch.float32, seed=5)
+    pos, cls = _anchors(2, 33, True)
+    beta = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    kw = dict(causal=True, key_padding_mask=kpm, reweight_from=20)
+    with pytest.warns(RuntimeWarning, match="compiled kernels are missing"):
+        got = fastattn_icl.anchor_reweight_attention(q, k, v, beta, pos, cls, backend="torch", **kw)
+    want = reweight_ref(q, k, v, beta, pos, cls, **kw)
+    check_close("out", got, want, reweight_ref(*(t.double() for t in (q, k, v, beta)), pos, cls, **kw),
+                factor=FWD_FACTOR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastattn_icl.attention(q, k, v, causal=True, isolation_rows=torch.tensor([[20], [25]]), backend="torch")

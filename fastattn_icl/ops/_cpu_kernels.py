@@ -1,0 +1,77 @@
+"""The compiled per-row feature kernels of the CPU attention path (``csrc/cpu_features.cpp``), and their fakes.
+
+The plain-PyTorch backend (:mod:`fastattn_icl.ops._torch_backend`) calls them on CPU tensors when ``fastattn_icl._C``
+is built: the anchor correction and its backward, and the isolated rows of a causal call as short key windows. They
+take the backend's grouped layouts (``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
+``[B, Hkv, G, Tq]`` float32) with any strides but a unit one along ``D``; and the momentum decay scan. Without the
+extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The backend
+imports this module on first use (it loads the extension).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from fastattn_icl import _ext
+
+OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolation_window_fwd_",
+       "isolation_window_bwd_", "momentum_scan")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the extension is built with every op of :data:`OPS` (asked once: a build does not change under a
+    running process)."""
+    return all(_ext.has_op(name) for name in OPS)
+
+
+_warned = False
+
+
+def warn_missing() -> None:
+    """Warn, once per process, that the CPU features run eager ops because the compiled kernels are missing."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    why = _ext.load_error() or "the build has no fastattn_icl::anchor_correction_ (built from older sources)"
+    warnings.warn(
+        "fastattn_icl: the CPU path's anchor re-weighting, isolated rows and momentum scan run eager PyTorch ops (tens "
+        f"of small ops per call) because their compiled kernels are missing: {why}; {_ext.BUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _no_output(*args) -> None:
+    return None
+
+
+def _flag(q, *args) -> torch.Tensor:
+    return torch.empty((), dtype=torch.bool, device=q.device)
+
+
+def _flag_after_outputs(o, lse, q, *args) -> torch.Tensor:
+    return torch.empty((), dtype=torch.bool, device=q.device)
+
+
+def _scan_fake(x, eta, reverse) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _register_fakes() -> bool:
+    if not available():
+        return False
+    # csrc/ops.cpp names this module as the ops' python module: torch checks that their fakes are registered here
+    fakes = {"anchor_correction_": _no_output, "anchor_backward_": _no_output, "isolation_window_ok": _flag,
+             "isolation_window_fwd_": _flag_after_outputs, "isolation_window_bwd_": _no_output,
+             "momentum_scan": _scan_fake}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"fastattn_icl::{name}", fake)
+    return True
+
+
+_registered = _register_fakes()
