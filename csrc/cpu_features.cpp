@@ -1,7 +1,8 @@
 // The method features of the CPU attention path, per query row, on top of PyTorch's CPU flash kernel
 // (fastattn_icl/ops/_torch_backend.py; the math is docs/methods.md §1, §2, §3 and §6).
 //
-// Layouts (every tensor any strides, except a unit stride along D):
+// Layouts (any strides, except unit strides along D, along Tk for the weight tables and the key mask, along Tq for
+// isolation_limit; columns and reweight_from contiguous):
 //   q, o, do, dq: [B, Hkv, G, Tq, D]   (query heads grouped by their kv head)   float32 or float64
 //   k, v, dk, dv: [B, Hkv, Tk, D]                                             the same dtype as q
 //   lse:          [B, Hkv, G, Tq] float32 (the unweighted log-sum-exp of the row; -inf: the row sees no key)
@@ -16,19 +17,21 @@
 // isolation_window_fwd_     a causal row with limit L > 0 is attention over its keys L .. i alone, when one of them is
 //                           visible and the largest of their logits keeps exp(-1e4 − max) under the floor (then the
 //                           isolated keys' probability is the exact 0 the dense rows give it). Checks every row and
-//                           head first and writes nothing unless all pass; returns whether it wrote (bool scalar).
+//                           head first and writes nothing unless all pass; returns whether it wrote (bool scalar). A
+//                           row whose logits hold a NaN, or whose limit is past its own position, fails the check.
 // isolation_window_ok       that check alone (the backward asks before its flash pass).
 // isolation_window_bwd_     the windowed rows' dq, dk, dv from their output gradient, output and lse.
 // momentum_scan             y[r, t] = Σ_{i<t} η^(t−i) x[r, i] over x [R, T, D] (docs/methods.md §6), or over i > t.
 //
-// exp is floored as in the Python backend: an argument below kExpFloor (less the re-weighting's headroom) gives 0, as
-// exp of a number near -87 would be a float32 denormal, a slow path of the vectorised exp and of later matmuls.
-// Work per call is O(rows · A · D) or O(rows · W · D) for W-key windows: at::parallel_for over rows in the forwards;
-// over (b, kv head) in the backwards, so each task owns the dk/dv rows it adds to. An extension is compiled for the
-// baseline ISA (SSE2), so each row body is also compiled with AVX2 + FMA intrinsics for its dot products and
-// multiply-adds and chosen at run time, as in csrc/deep_thinking.cpp. The two bodies differ in rounding only (the
-// order of a dot product's sum, fused or not), within the tolerance rule. The Python wrapper checks shapes and dtypes and gives
-// typed errors; the checks here keep a direct call through torch.ops in bounds.
+// exp is floored as in the Python backend: an argument below exp_floor<T>() (less the re-weighting's headroom) gives
+// 0, as exp of a number near -87 would be a float32 denormal, a slow path of the vectorised exp and of later matmuls;
+// a NaN argument stays NaN. Work per call is O(rows · A · D) or O(rows · W · D) for W-key windows: at::parallel_for
+// over rows in the forwards; over (b, kv head) in the backwards, so each task owns the dk/dv rows it adds to. An
+// extension is compiled for the baseline ISA (SSE2), so each row body is also compiled with AVX2 + FMA intrinsics for
+// its dot products and multiply-adds and chosen at run time, as in csrc/deep_thinking.cpp. The two bodies differ in
+// rounding only (the order of a dot product's sum, fused or not), within the tolerance rule. The Python wrapper gives
+// typed errors for bad input; the checks here (shapes, dtypes, the strides above) keep a direct call through
+// torch.ops in bounds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
@@ -270,6 +273,12 @@ void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, at
               " tensor of shape ", sizes, ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
+// A table read or written as rows indexed by position: a unit stride along its last dimension as well.
+void check_row_table(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes) {
+  check_table(t, name, dtype, sizes);
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along its last dimension");
+}
+
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
   check_rows(t, name, like);
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must have ", like_name, "'s shape ", like.sizes(), ", got ",
@@ -308,7 +317,7 @@ Anchors<T> anchors(const Geometry& g, const at::Tensor& q, const at::Tensor& k, 
                    const at::Tensor& x, const at::Tensor& lse, const at::Tensor& key_log_weights,
                    const at::Tensor& reweight_from, const at::Tensor& columns, double scale) {
   check_table(lse, "lse", at::kFloat, {g.B, g.Hkv, g.G, g.Tq});
-  check_table(key_log_weights, "key_log_weights", at::kFloat, {g.B, g.Hkv, g.G, g.Tk});
+  check_row_table(key_log_weights, "key_log_weights", at::kFloat, {g.B, g.Hkv, g.G, g.Tk});
   check_table(reweight_from, "reweight_from", at::kInt, {g.B});
   TORCH_CHECK(reweight_from.is_contiguous(), "reweight_from must be contiguous");
   check_columns(columns, g.Tk);
@@ -365,7 +374,7 @@ FASTATTN_ICL_INLINE void correction_rows(const Anchors<T>& c, int64_t begin, int
           continue;
         }
         const T x = Ops::dot(qi, c.k.at(b, hk, j), g.D) * c.scale - lse;
-        if (x >= c.floor) {
+        if (!(x < c.floor)) {  // NaN stays NaN
           coef[m] = x;
           term[m] = gain[a];
           rows[m++] = c.v.at(b, hk, j);
@@ -416,7 +425,7 @@ FASTATTN_ICL_INLINE void anchor_grad_rows(const Anchors<T>& c, const Strided<T>&
             continue;
           }
           const T x = Ops::dot(qi, c.k.at(b, hk, j), g.D) * c.scale - lse;
-          if (!(x >= c.floor)) {
+          if (x < c.floor) {
             continue;
           }
           const T p = std::exp(x);
@@ -489,12 +498,11 @@ void anchor_backward_(const at::Tensor& dq, const at::Tensor& dk, const at::Tens
   check_same(grad_out, "grad_out", q, "q");
   check_same(dk, "dk", k, "k");
   check_same(dv, "dv", k, "k");
-  check_table(dlogw, "dlogw", at::kFloat, {g.B, g.Hkv, g.G, g.Tk});
+  check_row_table(dlogw, "dlogw", at::kFloat, {g.B, g.Hkv, g.G, g.Tk});
   const int32_t* iso = nullptr;
   int64_t iso_stride = 0;
   if (isolation_limit.has_value()) {
-    check_table(*isolation_limit, "isolation_limit", at::kInt, {g.B, g.Tq});
-    TORCH_CHECK(g.Tq <= 1 || isolation_limit->stride(1) == 1, "isolation_limit must have a unit stride along Tq");
+    check_row_table(*isolation_limit, "isolation_limit", at::kInt, {g.B, g.Tq});
     iso = isolation_limit->data_ptr<int32_t>();
     iso_stride = isolation_limit->stride(0);
   }
@@ -530,31 +538,26 @@ struct Windows {
 template <typename T>
 Windows<T> windows(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& isolation_limit,
                    double scale) {
-  check_table(isolation_limit, "isolation_limit", at::kInt, {g.B, g.Tq});
-  TORCH_CHECK(g.Tq <= 1 || isolation_limit.stride(1) == 1, "isolation_limit must have a unit stride along Tq");
-  Windows<T> c{g, Strided<T>(q), Strided<T>(k), isolation_limit.data_ptr<int32_t>(), isolation_limit.stride(0),
-               static_cast<T>(scale)};
-  for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t i = 0; i < g.Tq; ++i) {
-      TORCH_CHECK(c.start(b, i) <= i + g.Tk - g.Tq, "isolation_limit[", b, ", ", i, "] = ", c.start(b, i),
-                  " is past the row's own key position ", i + g.Tk - g.Tq);
-    }
-  }
-  return c;
+  check_row_table(isolation_limit, "isolation_limit", at::kInt, {g.B, g.Tq});
+  return Windows<T>{g, Strided<T>(q), Strided<T>(k), isolation_limit.data_ptr<int32_t>(), isolation_limit.stride(0),
+                    static_cast<T>(scale)};
 }
 
 // The scaled logits of row i (query head gi of kv head hk) at its window keys start .. stop - 1 into s (-inf at
-// padding); returns their max (-inf: no window key is visible).
+// padding); returns their max (-inf: no window key is visible; NaN: a logit is NaN).
 template <class Ops, typename T>
 FASTATTN_ICL_INLINE T window_logits(const Windows<T>& c, int64_t b, int64_t hk, int64_t gi, int64_t i, int64_t start,
                                     int64_t stop, T* s) {
   const T* qi = c.q.at(b, hk, gi, i);
   T top = -std::numeric_limits<T>::infinity();
+  bool nan = false;
   for (int64_t j = start; j < stop; ++j) {
-    s[j - start] = c.g.kept(b, j) ? Ops::dot(qi, c.k.at(b, hk, j), c.g.D) * c.scale : -std::numeric_limits<T>::infinity();
-    top = std::max(top, s[j - start]);
+    const T x = c.g.kept(b, j) ? Ops::dot(qi, c.k.at(b, hk, j), c.g.D) * c.scale : -std::numeric_limits<T>::infinity();
+    s[j - start] = x;
+    top = std::max(top, x);
+    nan |= std::isnan(x);
   }
-  return top;
+  return nan ? std::numeric_limits<T>::quiet_NaN() : top;
 }
 
 // Rows (b, i) begin .. end: whether every head of every windowed row has a visible window key whose logit keeps the
@@ -570,6 +573,9 @@ FASTATTN_ICL_INLINE bool window_rows(const Windows<T>& c, const Strided<T>* v, c
     if (start <= 0) {
       continue;
     }
+    if (start >= stop) {  // a limit past the row's own position: no window (the exact rows serve it)
+      return false;
+    }
     s.resize(stop - start);
     for (int64_t h = 0; h < g.Hkv * g.G; ++h) {
       const int64_t hk = h / g.G, gi = h % g.G;
@@ -583,7 +589,7 @@ FASTATTN_ICL_INLINE bool window_rows(const Windows<T>& c, const Strided<T>* v, c
       T sum = T(0);
       for (T& x : s) {
         const T y = x - top;
-        x = y >= exp_floor<T>() ? std::exp(y) : T(0);
+        x = y < exp_floor<T>() ? T(0) : std::exp(y);
         sum += x;
       }
       T* oi = o->at(b, hk, gi, i);
@@ -610,7 +616,7 @@ FASTATTN_ICL_INLINE void window_grad_rows(const Windows<T>& c, const Strided<T>&
     const int64_t b = task / g.Hkv, hk = task % g.Hkv;
     for (int64_t i = 0; i < g.Tq; ++i) {
       const int64_t start = c.start(b, i), stop = g.stop(i);
-      if (start <= 0) {
+      if (start <= 0 || start >= stop) {  // the check (window_rows) failed such a row: never reached
         continue;
       }
       s.resize(stop - start);
@@ -623,7 +629,7 @@ FASTATTN_ICL_INLINE void window_grad_rows(const Windows<T>& c, const Strided<T>&
         T* dqi = dq.at(b, hk, gi, i);
         for (int64_t j = start; j < stop; ++j) {
           const T x = s[j - start] - row_lse;
-          if (!(x >= exp_floor<T>())) {
+          if (x < exp_floor<T>()) {
             continue;
           }
           const T p = std::exp(x);
@@ -731,7 +737,8 @@ void isolation_window_bwd_(const at::Tensor& dq, const at::Tensor& dk, const at:
 
 // y[r, t] = Σ_{i<t} η^(t−i) x[r, i] (reverse: Σ_{i>t} η^(i−t) x[r, i]) by the recurrence acc <- η·(acc + x_t), in
 // float64 whatever the dtype, rounded once per output; values below the output dtype's smallest normal number are
-// stored as 0 (a denormal changes no sum, but slows every later product), and the float64 state is flushed likewise.
+// stored as 0 (a denormal changes no sum, but slows every later product), and a float64 state below 1e-290 is set to
+// 0 (before it becomes a float64 denormal); NaN and infinities propagate.
 template <typename T>
 FASTATTN_ICL_INLINE void scan_rows(const T* x, T* y, int64_t T_len, int64_t D, int64_t d0, int64_t d1, double eta,
                                    bool reverse) {
@@ -745,11 +752,10 @@ FASTATTN_ICL_INLINE void scan_rows(const T* x, T* y, int64_t T_len, int64_t D, i
       const int64_t t = reverse ? T_len - 1 - s : s;
       const T* xt = x + t * D + d;
       T* yt = y + t * D + d;
-      // branch-free (a multiply by the kept flag), so that the loop vectorises
       for (int64_t l = 0; l < n; ++l) {
-        yt[l] = static_cast<T>(acc[l] * static_cast<double>(std::abs(acc[l]) >= out_tiny));
+        yt[l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);  // NaN stays NaN
         const double next = eta * (acc[l] + static_cast<double>(xt[l]));
-        acc[l] = next * static_cast<double>(std::abs(next) >= state_tiny);
+        acc[l] = std::abs(next) < state_tiny ? 0.0 : next;
       }
     }
   }
@@ -774,10 +780,11 @@ FASTATTN_ICL_AVX2_FMA void scan_avx2<float>(const float* x, float* y, int64_t T_
       const float* xt = x + t * D + d;
       float* yt = y + t * D + d;
       for (int l = 0; l < 4; ++l) {
-        const __m256d kept = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_GE_OQ);
-        _mm_storeu_ps(yt + 4 * l, _mm256_cvtpd_ps(_mm256_and_pd(acc[l], kept)));
+        // a mask of the values to flush (|x| < tiny: false for NaN, which stays NaN)
+        const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
+        _mm_storeu_ps(yt + 4 * l, _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l])));
         const __m256d next = _mm256_mul_pd(veta, _mm256_add_pd(acc[l], _mm256_cvtps_pd(_mm_loadu_ps(xt + 4 * l))));
-        acc[l] = _mm256_and_pd(next, _mm256_cmp_pd(_mm256_andnot_pd(sign, next), state_tiny, _CMP_GE_OQ));
+        acc[l] = _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, next), state_tiny, _CMP_LT_OQ), next);
       }
     }
   }

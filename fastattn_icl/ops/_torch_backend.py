@@ -16,7 +16,8 @@ needs. The method features are added on top of it, exactly, at a cost linear in 
   output gradient is taken out of the flash pass and added by the recomputed rows. On a causal call a row isolated
   at ``p`` sees only its keys ``p .. i`` at their logits (the isolated keys' probability is an exact 0 under the
   ``exp`` floor), so it is attention over that window (:func:`_window_forward`); otherwise (logits near −1e4, rows
-  that see only isolated keys, re-weighting in the same call, no compiled kernels) the exact rows over query chunks.
+  that see only isolated keys, re-weighting or a shared prefix in the same call, no compiled kernels) the exact rows
+  over query chunks.
 
 On CPU tensors the per-row work of both features (the anchor correction and its backward, the key windows) runs in
 the compiled kernels of ``csrc/cpu_features.cpp`` (:mod:`fastattn_icl.ops._cpu_kernels`): one call each instead of
@@ -274,7 +275,7 @@ def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, rew
     if _compiled(qg):
         torch.ops.fastattn_icl.anchor_correction_(
             o, _unit_rows(qg), _unit_rows(kf[:, :, 0]), _unit_rows(vf[:, :, 0]), lse, _mask_rows(kpm),
-            key_log_weights.reshape(B, Hkv, G, Tk), reweight_from.contiguous(), cols, causal, scale)
+            _unit_rows(key_log_weights.reshape(B, Hkv, G, Tk)), reweight_from.contiguous(), cols, causal, scale)
         return
     first = int(reweight_from.min())
     rows = torch.arange(first, Tq, device=qg.device)
@@ -500,7 +501,7 @@ def _anchor_bwd(qg, kf, vf, dog, lse_g, Tk, causal, kpm, key_log_weights, reweig
     if not dense and _compiled(qg):
         torch.ops.fastattn_icl.anchor_backward_(
             dq, dk, dv, dlogw, _unit_rows(qg), _unit_rows(kf[:, :, 0]), _unit_rows(vf[:, :, 0]), _unit_rows(dog), lse_g,
-            _mask_rows(kpm), key_log_weights.reshape(B, Hkv, G, Tk), reweight_from.contiguous(),
+            _mask_rows(kpm), _unit_rows(key_log_weights.reshape(B, Hkv, G, Tk)), reweight_from.contiguous(),
             None if isolation_limit is None else isolation_limit.contiguous(), cols, causal, scale)
         return
     first = int(reweight_from.min())

@@ -179,17 +179,52 @@ def test_strided_inputs():
     check_close("o", o_bthd, o_flat, o_flat.double(), factor=FWD_FACTOR)
 
 
-@pytest.mark.parametrize("bad", ["dtype", "shape", "columns-order", "columns-range", "stride", "limit-past-row"])
+@pytest.mark.parametrize("why", ["limit-past-the-row", "nan-logit"])
+def test_isolation_window_declines(why):
+    """A row whose limit is past its own position (no window), or whose window logits hold a NaN, fails the check:
+    nothing is written, and the exact rows (which keep the NaN, as the oracle does) serve the call."""
+    q, k, v, _, kpm, limit = _window_setup()
+    if why == "limit-past-the-row":
+        limit[0, 4] = 9
+    else:
+        k[0, 1, 12, 0] = float("nan")  # a key inside row 13's window (keys 10 .. 13) of batch row 0
+    o, lse = torch.zeros(q.shape), torch.zeros(q.shape[:4])
+    assert not bool(OPS.isolation_window_ok(q, k, kpm, limit, SCALE))
+    assert not bool(OPS.isolation_window_fwd_(o, lse, q, k, v, kpm, limit, SCALE))
+    assert not o.any() and not lse.any()
+
+
+def test_weight_tables_of_any_layout():
+    """The backend hands the kernels a weight table of any layout (transposed, expanded): the result and gradients of a
+    contiguous one; a direct call with a table that is not unit-strided along Tk is refused."""
+    from fastattn_icl.ops.attention import attention_from_tables
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(4))
+    kw = dict(causal=True, scale=None, reweight_from=torch.tensor([0], dtype=torch.int32), backend="torch")
+    table = torch.zeros(1, 8, 2)
+    table[:, 3] = 2.0
+
+    def run(weights):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, _ = attention_from_tables(*leaves, key_log_weights=weights, **kw)
+        return (out.detach(), *torch.autograd.grad(out, leaves, do))
+
+    for layout in (table.transpose(1, 2), torch.full((1, 2, 1), 0.5).expand(1, 2, 8)):
+        for name, got, want in zip(("out", "dq", "dk", "dv"), run(layout), run(layout.contiguous())):
+            check_close(name, got, want, want.double(), factor=FWD_FACTOR if name == "out" else GRAD_FACTOR)
+    qg, kk, vv, _, kpm, logw, rf, cols = _setup()
+    strided = torch.zeros(*logw.shape[:3], 2 * logw.shape[3])[..., ::2]  # stride 2 along Tk
+    with pytest.raises(RuntimeError, match="unit stride along its last dimension"):
+        OPS.anchor_correction_(torch.zeros(qg.shape), qg, kk, vv, _lse(qg, kk, kpm), kpm, strided, rf, cols, True,
+                               SCALE)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape", "columns-order", "columns-range", "stride"])
 def test_bad_input_raises(bad):
     q, k, v, _, kpm, logw, rf, cols = _setup()
     lse = _lse(q, k, kpm)
     o = torch.zeros(q.shape)
-    if bad == "limit-past-row":
-        limit = torch.zeros(q.shape[0], q.shape[3], dtype=torch.int32)
-        limit[0, 4] = 9
-        with pytest.raises(RuntimeError, match="past the row"):
-            OPS.isolation_window_ok(q, k, kpm, limit, SCALE)
-        return
     args = dict(dtype=(o, q.half(), k, v), shape=(o, q, k[:, :1], v), stride=(o, q.transpose(-1, -2), k, v))
     if bad in args:
         match = {"dtype": "float32 or float64", "shape": "k and v", "stride": "unit stride"}[bad]
@@ -222,7 +257,8 @@ def test_opcheck(name):
 
 def test_baseline_bodies():
     """With ``ATEN_CPU_CAPABILITY=default`` the kernels run their baseline (SSE2) bodies: anchors and isolated rows
-    through the public ops agree with the oracle, forward and backward."""
+    (served by the key windows) through the public ops agree with the oracle, forward and backward, and the momentum
+    scan with the sum of powers."""
     script = textwrap.dedent("""
         import torch, fastattn_icl
         from fastattn_icl.ops import _cpu_kernels
@@ -254,6 +290,15 @@ def test_baseline_bodies():
         for name, a, s, h in zip(("out", "dq", "dk", "dv"), run2(ours2, torch.float32), run2(aref, torch.float32),
                                  run2(aref, torch.float64)):
             check_close(name, a, s, h, factor=FWD_FACTOR if name == "out" else GRAD_FACTOR)
+        limit = torch.zeros(2, 33, dtype=torch.int32)
+        limit[0, 25:28], limit[1, 12:15] = 25, 12
+        qg = q.reshape(2, 2, 2, 33, 24)
+        assert bool(torch.ops.fastattn_icl.isolation_window_ok(qg, k, None, limit, 24 ** -0.5)), "window not served"
+        x = torch.randn(3, 40, 37, generator=g)
+        lag = torch.arange(40)[:, None] - torch.arange(40)[None, :]
+        w = torch.where(lag > 0, torch.tensor(0.9, dtype=torch.float64) ** lag.clamp(min=0), 0.0)
+        check_close("scan", torch.ops.fastattn_icl.momentum_scan(x, 0.9, False), (w.float() @ x), w @ x.double(),
+                    factor=FWD_FACTOR)
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=REPO)
@@ -278,6 +323,16 @@ def test_momentum_scan(dtype, reverse, shape):
     high = weights @ x.double()
     check_close("y", y, (weights.to(dtype) @ x).to(dtype), high, factor=FWD_FACTOR)
     assert y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize("columns", [16, 5], ids=["vector-body", "scalar-columns"])
+def test_momentum_scan_propagates_nan_and_inf(columns):
+    """A NaN or an infinity in the values reaches every later position (the flush of tiny values must not clear it)."""
+    x = torch.zeros(1, 8, columns)
+    x[0, 2, 0], x[0, 4, 1] = float("nan"), float("inf")
+    y = OPS.momentum_scan(x, 0.5, False)
+    assert y[0, :3, 0].eq(0).all() and y[0, 3:, 0].isnan().all()
+    assert y[0, :5, 1].eq(0).all() and y[0, 5:, 1].isinf().all()
 
 
 def test_momentum_scan_flushes_denormals():
