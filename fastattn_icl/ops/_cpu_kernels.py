@@ -50,12 +50,9 @@ def _no_output(*args) -> None:
     return None
 
 
-def _flag(q, *args) -> torch.Tensor:
-    return torch.empty((), dtype=torch.bool, device=q.device)
-
-
-def _flag_after_outputs(o, lse, q, *args) -> torch.Tensor:
-    return torch.empty((), dtype=torch.bool, device=q.device)
+def _flag(first, *args) -> torch.Tensor:
+    """Whether the op served the rows: a bool scalar on the device of its first tensor (all share one)."""
+    return torch.empty((), dtype=torch.bool, device=first.device)
 
 
 def _scan_fake(x, eta, reverse) -> torch.Tensor:
@@ -67,7 +64,7 @@ def _register_fakes() -> bool:
         return False
     # csrc/ops.cpp names this module as the ops' python module: torch checks that their fakes are registered here
     fakes = {"anchor_correction_": _no_output, "anchor_backward_": _no_output, "isolation_window_ok": _flag,
-             "isolation_window_fwd_": _flag_after_outputs, "isolation_window_bwd_": _no_output,
+             "isolation_window_fwd_": _flag, "isolation_window_bwd_": _no_output,
              "momentum_scan": _scan_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastattn_icl::{name}", fake)

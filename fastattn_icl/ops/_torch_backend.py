@@ -331,6 +331,13 @@ def _mask_rows(kpm: torch.Tensor | None) -> torch.Tensor | None:
     return None if kpm is None else _unit_rows(kpm)
 
 
+def _window_may_serve(exact, causal: bool, key_log_weights, prefix=None) -> bool:
+    """Whether the key windows may serve a call's isolated rows ``exact`` (None: there are none): on a causal call
+    without re-weighting or a shared prefix, which the windows do not carry. The forward and the backward ask the same
+    question, so that both take the same path."""
+    return exact is not None and causal and key_log_weights is None and prefix is None
+
+
 def _window_forward(qg, k, v, kpm, isolation_limit, scale, o, lse) -> bool:
     """Overwrites the isolated rows of a causal call in ``o [B, Hkv, G, Tq, D]`` and ``lse [B, Hkv, G, Tq]`` by
     attention over their key windows (docs/methods.md §3: a row isolated at ``p`` sees its keys ``p .. i`` at their
@@ -380,17 +387,18 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
     Hkv, Tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
     qg = _grouped(q, Hkv)
-    kf, vf = k.to(cd)[:, :, None], v.to(cd)[:, :, None]
+    kc, vc = k.to(cd), v.to(cd)  # one conversion each, for every pass below
+    kf, vf = kc[:, :, None], vc[:, :, None]
     prefix = _shared_prefix(prefix, cd)
     if _flash_ok(q, Tq, Tk, causal):
-        o, lse = _flash_fwd(q.to(cd), k.to(cd), v.to(cd), key_padding_mask, causal, scale, prefix)
+        o, lse = _flash_fwd(q.to(cd), kc, vc, key_padding_mask, causal, scale, prefix)
         o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
         if key_log_weights is not None:
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
                                key_weight_columns)
         exact = _isolated_rows(isolation_limit)
-        if exact is not None and causal and key_log_weights is None and prefix is None \
-                and _window_forward(qg, k.to(cd), v.to(cd), key_padding_mask, isolation_limit, scale, o, lse):
+        if _window_may_serve(exact, causal, key_log_weights, prefix) \
+                and _window_forward(qg, kc, vc, key_padding_mask, isolation_limit, scale, o, lse):
             exact = None
     else:
         o = torch.empty(qg.shape, dtype=cd, device=q.device)
@@ -554,15 +562,16 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     Hkv, Tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
     qg, dog = _grouped(q, Hkv), _grouped(do, Hkv)
-    kf, vf = k.to(cd)[:, :, None], v.to(cd)[:, :, None]
+    kc, vc = k.to(cd), v.to(cd)  # one conversion each, for every pass below
+    kf, vf = kc[:, :, None], vc[:, :, None]
     lse_g = lse.reshape(B, Hkv, H // Hkv, Tq)
     dlogw = None
     if key_log_weights is not None:
         dlogw = torch.zeros(B, Hkv, H // Hkv, Tk, dtype=torch.float32, device=q.device)
     if _flash_ok(q, Tq, Tk, causal):
         exact = _isolated_rows(isolation_limit)
-        window = exact is not None and causal and key_log_weights is None and \
-            _window_serves(qg, k.to(cd), key_padding_mask, isolation_limit, scale)
+        window = _window_may_serve(exact, causal, key_log_weights) and \
+            _window_serves(qg, kc, key_padding_mask, isolation_limit, scale)
         do_flash, lse_flash = do.to(cd), lse
         if exact is not None:  # rows the window (its isolated entries) or the exact rows (every batch row) carry:
             # no output gradient and no P in the flash pass there (exp(s − lse) of such a row can overflow)
@@ -571,11 +580,11 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
                 carried[:, exact] = True
             do_flash = do_flash.masked_fill(carried[:, None, :, None], 0.0)
             lse_flash = lse.masked_fill(carried[:, None], torch.finfo(torch.float32).max)
-        dq, dk, dv = _flash_bwd(do_flash, q.to(cd), k.to(cd), v.to(cd), o.to(cd), lse_flash, key_padding_mask,
+        dq, dk, dv = _flash_bwd(do_flash, q.to(cd), kc, vc, o.to(cd), lse_flash, key_padding_mask,
                                 causal, scale)
         dq = dq.reshape(qg.shape)
         if window:
-            _window_backward(dq, dk, dv, qg, k.to(cd), v.to(cd), dog, _grouped(o, Hkv), lse_g, key_padding_mask,
+            _window_backward(dq, dk, dv, qg, kc, vc, dog, _grouped(o, Hkv), lse_g, key_padding_mask,
                              isolation_limit, scale)
             exact = None
         if key_log_weights is not None:
