@@ -16,7 +16,7 @@ import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
 from fastattn_icl.ops.backend import kernel, resolve_backend
-from fastattn_icl.ops.features import anchor_columns, anchor_key_log_weights, isolation_limit, reweight_start
+from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
 from fastattn_icl.ops.saliency import Saliency
 from fastattn_icl.ops.saliency import tap as saliency_tap
 
@@ -187,9 +187,8 @@ def _checked(q, k, v, *, causal, scale, key_padding_mask, backend, beta=None, an
     if beta is not None:
         if isinstance(beta, torch.Tensor) and beta.device != q.device:
             raise ValueError(f"beta must be on {q.device} (as q), got {beta.device}")
-        logw = anchor_key_log_weights(beta, anchor_positions, anchor_classes, B, H, Tk)
+        logw, columns = anchor_key_log_weights(beta, anchor_positions, anchor_classes, B, H, Tk)
         row_from = reweight_start(reweight_from, B, Tq, q.device)
-        columns = anchor_columns(anchor_positions, Tk)
     if isolation_rows is not None:
         limit = isolation_limit(isolation_rows, isolation_window, B, Tq, Tk, q.device)
     return _run(q, k, v, causal, scale, key_padding_mask, logw, row_from, limit, saliency, None, backend,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn_icl.ops._validate import any_each, check_index_tensor
+from fastattn_icl.ops._validate import check_index_tensor
 
 ISOLATION_VALUE = -1e4  # docs/methods.md §3: isolated logits are overwritten with this constant (not -inf, not added)
 
@@ -26,8 +26,9 @@ def anchor_key_log_weights(
     B: int,
     H: int,
     Tk: int,
-) -> torch.Tensor:
-    """``[B, H, Tk]`` float32 log-weights: ``beta[b, h, anchor_classes[b, a]]`` at ``anchor_positions[b, a]``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(key_log_weights, columns)``: ``[B, H, Tk]`` float32 log-weights, ``beta[b, h, anchor_classes[b, a]]`` at
+    ``anchor_positions[b, a]``, and the ops' ``key_weight_columns`` (:func:`anchor_columns`: ``None`` off the CPU).
 
     Args:
         beta: ``[H, C]`` or ``[B, H, C]`` floating (one weight per head and class; all occurrences of
@@ -53,25 +54,22 @@ def anchor_key_log_weights(
             f"anchor_positions and anchor_classes must both have shape [B={B}, A], got "
             f"{tuple(pos.shape)} and {tuple(cls.shape)}"
         )
-    used = pos >= 0
-    srt = pos.sort(dim=1).values
-    # every check reduced on the device and read back once: one host sync, not one per check
-    failed = any_each(
-        ~used.any() if pos.shape[1] else torch.ones((), dtype=torch.bool, device=device),
-        (pos < -1) | (pos >= Tk),
-        used & ((cls < 0) | (cls >= C)),
-        (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0),
-    )
-    if failed[0]:
+    # one read of the values to the host (a few ints per prompt; on a GPU one sync), checked there: a dozen small
+    # tensor ops cost more than the attention they guard on a short prompt
+    positions, classes = torch.stack([pos, cls]).tolist()
+    used = [[(p, c) for p, c in zip(*row) if p >= 0] for row in zip(positions, classes)]
+    if not any(used):
         raise ValueError("anchor_positions is empty: give at least one anchor position (use -1 only for padding)")
-    if failed[1]:
-        bad = pos[(pos < -1) | (pos >= Tk)][0].item()
+    bad = next((p for row in positions for p in row if p < -1 or p >= Tk), None)
+    if bad is not None:
         raise ValueError(f"anchor_positions must be key positions in [0, Tk={Tk}) or -1 (unused), got {bad}")
-    if failed[2]:
+    if any(not 0 <= c < C for row in used for _, c in row):
         raise ValueError(f"anchor_classes must be in [0, C={C}) (C = beta.shape[-1]) for every used anchor")
-    if failed[3]:
+    if any(len({p for p, _ in row}) != len(row) for row in used):
         raise ValueError("anchor_positions must not repeat a position within a batch row")
-    return key_log_weight_table(beta, pos, cls, Tk)
+    columns = None if device.type != "cpu" else \
+        torch.tensor(sorted({p for row in used for p, _ in row}), dtype=torch.int64)
+    return key_log_weight_table(beta, pos, cls, Tk), columns
 
 
 def key_log_weight_table(beta: torch.Tensor, positions: torch.Tensor, classes: torch.Tensor, Tk: int) -> torch.Tensor:
@@ -129,11 +127,10 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
     rows = check_index_tensor("isolation_rows", isolation_rows, 2, f"[B={B}, R] (-1 = unused)", device)
     if rows.shape[0] != B:
         raise ValueError(f"isolation_rows must have shape [B={B}, R] (-1 = unused), got {tuple(rows.shape)}")
-    used = rows >= 0
-    out_of_range, past_end = any_each((rows < -1) | (rows >= Tk), used & (rows + window > Tk - 1))
-    if out_of_range:
+    host = [p for row in rows.tolist() for p in row]  # one read, checked on the host (anchor_key_log_weights)
+    if any(p < -1 or p >= Tk for p in host):
         raise ValueError(f"isolation_rows entries must be positions in [0, Tk={Tk}) or -1 (unused)")
-    if past_end:
+    if any(p >= 0 and p + window > Tk - 1 for p in host):
         raise ValueError(
             f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
         )

@@ -210,7 +210,7 @@ def test_every_method_output_element_is_written(causal, nan_empty):
     kpm[1, :6] = False
     pos, cls = _anchors(B, Tk, 2, 3, seed=5)
     beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    logw = anchor_key_log_weights(beta, pos, cls, B, H, Tk)
+    logw = anchor_key_log_weights(beta, pos, cls, B, H, Tk)[0]
     start = reweight_start(20, B, Tq, q.device)
     limit = isolation_limit(pos, 0, B, Tq, Tk, q.device)
     with nan_empty():
@@ -241,6 +241,7 @@ def _small():
     "pos, cls, beta, err, match",
     [
         ([[1, 6], [2, 3]], [[0, 1], [0, 1]], (4, 2), ValueError, r"in \[0, Tk=6\)"),
+        ([[1, 2], [-2, 3]], [[0, 1], [0, 1]], (4, 2), ValueError, r"or -1 \(unused\), got -2"),
         ([[1, 1], [2, 3]], [[0, 1], [0, 1]], (4, 2), ValueError, "must not repeat"),
         ([[1, 2], [2, 3]], [[0, 2], [0, 1]], (4, 2), ValueError, r"in \[0, C=2\)"),
         ([[-1, -1], [-1, -1]], [[0, 0], [0, 0]], (4, 2), ValueError, "empty"),
@@ -262,6 +263,9 @@ def test_bad_reweight_from_and_isolation():
         fastattn_icl.anchor_reweight_attention(q, k, v, torch.zeros(4, 2), pos, cls, reweight_from=6)
     with pytest.raises(ValueError, match="runs past the sequence"):
         fastattn_icl.attention(q, k, v, isolation_rows=torch.tensor([[4], [1]]), isolation_window=2)
+    for rows in ([[6], [1]], [[1], [-2]]):
+        with pytest.raises(ValueError, match=r"positions in \[0, Tk=6\) or -1"):
+            fastattn_icl.attention(q, k, v, isolation_rows=torch.tensor(rows))
     with pytest.raises(ValueError, match=r"\[B=2, R\]"):
         fastattn_icl.attention(q, k, v, isolation_rows=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=">= 0"):

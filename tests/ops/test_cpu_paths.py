@@ -166,6 +166,41 @@ def test_weight_table_with_and_without_columns(path, case, columns, beta_scale):
     assert got[-1].abs().max() > 0
 
 
+FOLD_CASES = {  # the first re-weighted position (None: the last row; "row-0"; else relative to the first anchor, per
+    # batch row for a list) and whether the re-weighting rides in the values
+    "from-the-first-anchor": (0, True),  # the rows before it see keys before the first anchor only
+    "from-row-0": ("row-0", True),
+    "per-batch-row": ([-2, 0], True),
+    "one-row-sees-an-anchor": (1, False),  # the row at the first anchor is not re-weighted and sees it
+    "last-row": (None, False),
+}
+
+
+@pytest.mark.parametrize("case", [CASES[0], (2, 4, 2, 20, 36, 16, True, True)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("name", list(FOLD_CASES))
+def test_anchors_ride_in_the_values(monkeypatch, case, name):
+    """``P̂ V = P (w ⊙ V)`` when no row before ``reweight_from`` sees an anchor: the flash pass over weighted values is
+    the whole forward (and its backward gives dβ); it is taken exactly then, and agrees with the oracle (GQA, padding,
+    a chunk of queries over a cache)."""
+    B, H, Hkv, Tq, Tk = case[:5]
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=9)
+    pos, cls = _anchors(B, Tk, case[7])
+    at, folds = FOLD_CASES[name]
+    first_row = Tk // 2 - (Tk - Tq)  # the query row at the first anchor column
+    start = {None: None, "row-0": torch.zeros(B, dtype=torch.long)}.get(at) if at in (None, "row-0") else \
+        first_row + torch.tensor(at if isinstance(at, list) else [at] * B)
+    assert start is None or 0 <= int(start.min()) <= int(start.max()) < Tq
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(5))
+    folded = []
+    weighted = _torch_backend._weighted_kv
+    monkeypatch.setattr(_torch_backend, "_weighted_kv", lambda *a: folded.append(1) or weighted(*a))
+    kw = dict(reweight_from=start, causal=True, key_padding_mask=kpm)
+    got = _compare(lambda *t: fastattn_icl.anchor_reweight_attention(*t, pos, cls, backend="torch", **kw),
+                   lambda *t: reweight_ref(*t, pos, cls, **kw), [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
+    assert len(folded) == (2 if folds else 0), "forward and backward took different paths, or the wrong one"
+    assert got[-1].abs().max() > 0
+
+
 def test_weight_columns_bad_input():
     from fastattn_icl.ops.attention import attention_from_tables
 
