@@ -45,6 +45,7 @@ import warnings
 import torch
 
 from fastattn_icl import _ext
+from fastattn_icl.ops._validate import output_like
 from fastattn_icl.ops.features import ISOLATION_VALUE
 
 _CHUNK_ELEMENTS = 1 << 20  # scores per query chunk of the exact passes, summed over batch and heads: 4 MiB in float32
@@ -400,12 +401,14 @@ def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, iso
     ``key_weight_columns``: ``None`` or the anchor columns (fastattn_icl.ops.attention's module docstring)."""
     o, lse = _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale,
                             prefix, key_weight_columns)
-    B, H, Tq, D = q.shape
-    if o.dtype == q.dtype and _same_layout(o.transpose(1, 2), q.new_empty(B, Tq, H, D)):  # laid out as promised
-        return o, lse
-    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    out.copy_(o)
-    return out, lse
+    return _as_promised(o, q), lse
+
+
+def _as_promised(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``o`` in the layout and dtype the ops promise (:func:`~fastattn_icl.ops._validate.output_like`); a copy only
+    where the flash kernel (which follows ``q``'s layout) or the exact path wrote another."""
+    out = output_like(q)
+    return o if o.dtype == q.dtype and _same_layout(o, out) else out.copy_(o)
 
 
 def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, prefix,
@@ -805,11 +808,11 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     Hkv = k.shape[1]
     # the sum is formed from the attention part in float32 and rounded once, as the Triton kernel's epilogue does
     o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
-    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = output_like(q)
     grouped = (B, Hkv, H // Hkv, Tq, D)
     torch.add(o_attn.reshape(grouped), momentum[:, :, None], out=out.view(grouped))
     if store_attn:  # the backward's o, in the layout and dtype the op promises
-        o_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2).copy_(o_attn)
+        o_attn = _as_promised(o_attn, q)
     return out, lse, (o_attn if store_attn else q.new_empty(0))
 
 

@@ -8,6 +8,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty output ``[B, H, Tq, D]`` in ``q``'s dtype, laid out as every backend writes it and the fake kernels
+    promise: as ``q`` when ``q`` is contiguous (the usual ``[B, H, T, D]`` call; SDPA does the same), else as
+    ``[B, Tq, H, D]`` memory (a Hugging Face model's ``.transpose(1, 2)`` view, a slice of a fused projection), so
+    that ``out.transpose(1, 2)`` is contiguous there."""
+    B, H, Tq, D = q.shape
+    if q.is_contiguous():
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """Check ``q [B, H, Tq, D]``, ``k``/``v [B, Hkv, Tk, D]``; return ``(B, H, Hkv, Tq, Tk, D)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
+from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale, output_like
 from fastattn_icl.ops.backend import kernel, resolve_backend
 from fastattn_icl.ops.features import anchor_key_log_weights, isolation_limit, reweight_start
 from fastattn_icl.ops.saliency import Saliency
@@ -45,9 +45,7 @@ def attention_fwd(
 def _(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal, scale, backend,
       key_weight_columns=None):
     B, H, Tq, D = q.shape
-    out = q.new_empty(B, Tq, H, D).transpose(1, 2)
-    lse = q.new_empty(B, H, Tq, dtype=torch.float32)
-    return out, lse
+    return output_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn_icl::attention_bwd", mutates_args=())
@@ -248,8 +246,9 @@ def attention(
             see :mod:`fastattn_icl.ops.backend`.
 
     Returns:
-        ``[B, H, Tq, D]`` in the dtype of ``q``, laid out as ``[B, Tq, H, D]`` in memory (so
-        ``out.transpose(1, 2)`` is contiguous). A row with no visible key is 0. fp16/bf16 inputs
+        ``[B, H, Tq, D]`` in the dtype of ``q``, laid out as ``q`` when ``q`` is contiguous (as SDPA), else as
+        ``[B, Tq, H, D]`` in memory (so ``out.transpose(1, 2)`` is contiguous for a Hugging Face model's ``q``;
+        :func:`~fastattn_icl.ops._validate.output_like`). A row with no visible key is 0. fp16/bf16 inputs
         accumulate in fp32. Differentiable w.r.t. ``q``, ``k``, ``v``.
     """
     out, _ = attention_with_lse(

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
+from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale, output_like
 from fastattn_icl.ops.attention import attention, attention_bwd
 from fastattn_icl.ops.backend import kernel, resolve_backend
 
@@ -85,8 +85,8 @@ def _momentum_attention_fwd(
 @_momentum_attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend, m0=None):
     B, H, Tq, D = q.shape
-    out = q.new_empty(B, Tq, H, D).transpose(1, 2)
-    out_attn = q.new_empty(B, Tq, H, D).transpose(1, 2) if store_attn else q.new_empty(0)
+    out = output_like(q)
+    out_attn = output_like(q) if store_attn else q.new_empty(0)
     state = q.new_empty(B, k.shape[1], D, dtype=torch.float32)
     return out, q.new_empty(B, H, Tq, dtype=torch.float32), out_attn, state
 
@@ -153,8 +153,9 @@ def momentum_attention(
         backend: as in :func:`fastattn_icl.attention`.
 
     Returns:
-        ``[B, H, Tq, D]`` in the dtype of ``q`` (laid out as ``[B, Tq, H, D]``); query row ``i`` is at absolute
-        position ``i + Tk - Tq``. Differentiable w.r.t. ``q``, ``k``, ``v``; ``M`` is accumulated in float32.
+        ``[B, H, Tq, D]`` in the dtype of ``q``, laid out as :func:`fastattn_icl.attention`'s output; query row ``i``
+        is at absolute position ``i + Tk - Tq``. Differentiable w.r.t. ``q``, ``k``, ``v``; ``M`` is accumulated in
+        float32.
 
     Raises:
         ValueError: η outside ``[0, 1)``; the shape checks of :func:`fastattn_icl.attention`.

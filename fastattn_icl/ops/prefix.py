@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale
+from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale, output_like
 from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["shared_prefix_attention"]
@@ -43,7 +43,7 @@ def _shared_prefix_attention_fwd(
 @_shared_prefix_attention_fwd.register_fake
 def _(q, prefix_k, prefix_v, k, v, key_padding_mask, causal, scale, backend):
     B, H, Tq, D = q.shape
-    return q.new_empty(B, Tq, H, D).transpose(1, 2), q.new_empty(B, H, Tq, dtype=torch.float32)
+    return output_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 def _check_prefix(prefix_k: torch.Tensor, prefix_v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -92,7 +92,7 @@ def shared_prefix_attention(
         backend: as in :func:`fastattn_icl.attention`.
 
     Returns:
-        ``[B, H, Tq, D]`` in the dtype of ``q`` (laid out as ``[B, Tq, H, D]``): exactly attention over the
+        ``[B, H, Tq, D]`` in the dtype of ``q`` (laid out as :func:`attention`'s): exactly attention over the
         concatenated keys ``[prefix, k]`` with mask ``[ones(Tp), key_padding_mask]``.
 
     Raises:

@@ -105,10 +105,42 @@ def test_bthd_strided_views(backend):
     _check_against_oracle(backend, q, k, v, do, kpm, True, scale=0.3)
 
 
-def test_output_layout_is_bthd():
-    q, k, v, _, _ = _inputs(2, 4, 2, 9, 9, 16, torch.float32)
-    out = fastattn_icl.attention(q, k, v, backend="triton")
-    assert out.shape == (2, 4, 9, 16) and out.transpose(1, 2).is_contiguous()
+def _query(layout: str, B=2, H=4, T=9, D=16):
+    """``q [B, H, T, D]``: contiguous, a ``[B, T, H, D]`` tensor's transpose (a Hugging Face model's), or a slice of
+    a fused q/k/v projection seen that way (GPT-2's ``c_attn``: not dense)."""
+    g = torch.Generator().manual_seed(3)
+    if layout == "bhtd":
+        return torch.randn(B, H, T, D, generator=g)
+    if layout == "bthd":
+        return torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    return torch.randn(B, T, 3 * H * D, generator=g)[..., : H * D].view(B, T, H, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd", "fused"])
+@pytest.mark.parametrize("op", ["attention", "anchors", "momentum", "prefix", "exact-path"])
+def test_output_layout(backend, layout, op):
+    """Every attention op's output is laid out as ``q`` when ``q`` is contiguous (as SDPA's; no copy of the CPU
+    flash kernel's output), else as ``[B, Tq, H, D]`` memory, so that a Hugging Face model's ``out.transpose(1, 2)``
+    is contiguous: the layout the fake kernels promise (``output_like``), on every backend and path."""
+    from fastattn_icl.ops._validate import output_like
+
+    q = _query(layout).to(DEVICE)
+    k, v = (torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (4, 5))
+    kw = dict(backend=backend)
+    if op == "anchors":
+        pos = torch.tensor([[2, 5], [3, -1]], device=DEVICE)
+        out = fastattn_icl.anchor_reweight_attention(q, k, v, torch.ones(4, 2, device=DEVICE), pos,
+                                                     torch.zeros_like(pos), reweight_from=2, **kw)
+    elif op == "momentum":
+        out = fastattn_icl.momentum_attention(q, k, v, eta=0.5, **kw)
+    elif op == "prefix":
+        out = fastattn_icl.shared_prefix_attention(q, k[:1], v[:1], k, v, causal=True, **kw)
+    else:  # causal with more query rows than keys: the CPU backend's exact chunked path
+        out = fastattn_icl.attention(q, k[:, :, :5], v[:, :, :5], causal=op == "exact-path", **kw)
+    want = output_like(q)
+    assert out.shape == q.shape and out.stride() == want.stride(), (out.stride(), want.stride())
+    assert (out.is_contiguous() if layout == "bhtd" else out.transpose(1, 2).is_contiguous())
 
 
 @pytest.mark.parametrize("causal", [True, False])

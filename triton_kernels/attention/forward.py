@@ -168,7 +168,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, LOGW, ROW_FROM, ISO, PK, PV, MOM, OA,
 
 def attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool,
                   scale: float, *, prefix=None, key_weight_columns=None):
-    """Launch the forward. Returns ``o`` (``[B, H, Tq, D]`` view of ``[B, Tq, H, D]`` memory) and
+    """Launch the forward. Returns ``o`` (``[B, H, Tq, D]``, laid out as :func:`_output_like`) and
     ``lse [B, H, Tq]`` float32 (contiguous). Method inputs (``None`` = feature off): see :func:`method_args`;
     ``key_weight_columns`` is not needed here (the kernel reads the weight of every key it loads).
     ``prefix``: ``None`` or the shared prefix ``(pk, pv)``, each ``[B, Hkv, Tp, D]`` with any strides (batch stride 0
@@ -188,14 +188,23 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     return out, lse, (out_attn if store_attn else q.new_empty(0))
 
 
+def _output_like(q):
+    """The layout the ops promise (``fastattn_icl.ops._validate.output_like``, which kernels may not import): ``q``'s
+    when ``q`` is contiguous, else ``[B, Tq, H, D]`` memory."""
+    B, H, Tq, D = q.shape
+    if q.is_contiguous():
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
 def _forward(q, k, v, key_padding_mask, key_log_weights, reweight_from, isolation_limit, causal: bool, scale: float,
              *, prefix=None, momentum=None, store_attn: bool = False):
     # (out, lse, out_attn): out_attn is like out and holds the attention part alone when store_attn, else None
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    out = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = _output_like(q)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    out_attn = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2) if store_attn else None
+    out_attn = _output_like(q) if store_attn else None
     if Tq == 0:
         return out, lse, out_attn
     kpm, s_kpmb, s_kpmn = kpm_args(key_padding_mask, q)
