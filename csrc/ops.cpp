@@ -44,6 +44,10 @@ TORCH_LIBRARY(fastattn_icl, m) {
         "Tensor grad_out, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor isolation_limit, float scale) -> ()");
   // x: [R, T, D] float32/float64 -> y, y[r, t] = Σ_{i<t} η^(t−i) x[r, i] (reverse: over i > t); docs/methods.md §6.
   m.def("momentum_scan(Tensor x, float eta, bool reverse) -> Tensor");
+  // One chunk of query rows of the saliency pass after its two matmuls (csrc/cpu_saliency.cpp; docs/methods.md §4):
+  // p, dp [B, H, n, Tc] -> float64 [B, 1 + H·per_head, 3] sums; writes the chunk's rows of I into rows.
+  m.def("saliency_reduce(Tensor p, Tensor dp, Tensor? key_padding_mask, Tensor label, Tensor target, int row0, "
+        "bool causal, bool per_head, Tensor? row_slot, Tensor(a!)? rows, float p_min) -> Tensor");
 }
 
 extern "C" {

@@ -1,7 +1,8 @@
 """The compiled per-row feature kernels of the CPU attention path (``csrc/cpu_features.cpp``), and their fakes.
 
 The plain-PyTorch backend (:mod:`fastattn_icl.ops._torch_backend`) calls them on CPU tensors when ``fastattn_icl._C``
-is built: the anchor correction and its backward, and the isolated rows of a causal call as short key windows. They
+is built: the anchor correction and its backward, the isolated rows of a causal call as short key windows, and the
+saliency pass's reduction of each chunk of rows (``csrc/cpu_saliency.cpp``). They
 take the backend's grouped layouts (``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
 ``[B, Hkv, G, Tq]`` float32) with any strides but a unit one along ``D``; and the momentum decay scan. Without the
 extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The backend
@@ -18,7 +19,7 @@ import torch
 from fastattn_icl import _ext
 
 OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolation_window_fwd_",
-       "isolation_window_bwd_", "momentum_scan")
+       "isolation_window_bwd_", "momentum_scan", "saliency_reduce")
 
 
 @functools.cache
@@ -39,8 +40,8 @@ def warn_missing() -> None:
     _warned = True
     why = _ext.load_error() or "the build has no fastattn_icl::anchor_correction_ (built from older sources)"
     warnings.warn(
-        "fastattn_icl: the CPU path's anchor re-weighting, isolated rows and momentum scan run eager PyTorch ops (tens "
-        f"of small ops per call) because their compiled kernels are missing: {why}; {_ext.BUILD_HINT}",
+        "fastattn_icl: the CPU path's anchor re-weighting, isolated rows, momentum scan and saliency run eager PyTorch "
+        f"ops (tens of small ops per call) because their compiled kernels are missing: {why}; {_ext.BUILD_HINT}",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -59,13 +60,18 @@ def _scan_fake(x, eta, reverse) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _saliency_fake(p, dp, key_padding_mask, label, target, row0, causal, per_head, row_slot, rows, p_min):
+    B, H = p.shape[:2]
+    return torch.empty(B, 1 + (H if per_head else 0), 3, dtype=torch.float64, device=p.device)
+
+
 def _register_fakes() -> bool:
     if not available():
         return False
     # csrc/ops.cpp names this module as the ops' python module: torch checks that their fakes are registered here
     fakes = {"anchor_correction_": _no_output, "anchor_backward_": _no_output, "isolation_window_ok": _flag,
              "isolation_window_fwd_": _flag, "isolation_window_bwd_": _no_output,
-             "momentum_scan": _scan_fake}
+             "momentum_scan": _scan_fake, "saliency_reduce": _saliency_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastattn_icl::{name}", fake)
     return True

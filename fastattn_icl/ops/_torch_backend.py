@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import warnings
 
 import torch
@@ -687,8 +688,16 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
         return torch.stack([(a_lower * is_label_row).sum(-1), (a_label * is_target_row).sum(-1), a_lower.sum(-1)], -1)
 
     headroom = _headroom(key_log_weights)
+    fused = key_log_weights is None and isolation_limit is None and _compiled(q)
     for rows_ in _row_chunks(torch.arange(T, device=q.device), _rows_per_chunk(B, H, T, T)):
         Tc = _key_limit(rows_, T, T, causal)  # a causal chunk sees no later key: its saliency there is 0
+        if fused:  # the two matmuls here, the rest in one compiled pass (csrc/cpu_saliency.cpp)
+            part = _saliency_chunk(qg, kf, dog, vf, lse_g, rows_, Tc, key_padding_mask, scale, label_mask, target,
+                                   causal, per_head, row_slot, rows)
+            sums += part[:, 0].float()
+            if per_head:
+                head_sums += part[:, 1:].float()
+            continue
         p, _, weights, _ = _chunk_probs(qg[:, :, :, rows_], kf[..., :Tc, :], lse_g[:, :, :, rows_], rows_, T, T,
                                         causal, key_padding_mask, scale, key_log_weights, reweight_from,
                                         isolation_limit, headroom)
@@ -706,6 +715,23 @@ def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, rewe
             rows[b_idx, slot[b_idx, r_idx], :Tc] = sal[b_idx, r_idx].to(rows.dtype)
             rows[b_idx, slot[b_idx, r_idx], Tc:] = 0
     return sums, head_sums
+
+
+def _saliency_chunk(qg, kf, dog, vf, lse_g, rows_, Tc, kpm, scale, label_mask, target, causal, per_head, row_slot,
+                    rows) -> torch.Tensor:
+    """One chunk of :func:`attention_saliency` without method features: ``P = exp(s · scale − lse)`` (floored) and
+    ``dP = dO · vᵀ`` by matmuls, then ``fastattn_icl::saliency_reduce``; its float64 ``[B, 1 + H·per_head, 3]``."""
+    B, Hkv, G = qg.shape[:3]
+    r0, n = int(rows_[0]), rows_.numel()  # ascending consecutive rows: slices, not gathers
+    floor = _EXP_FLOOR[qg.dtype]
+    p = torch.matmul(qg[:, :, :, r0:r0 + n], kf[:, :, :, :Tc].transpose(-1, -2))
+    row_lse = lse_g[:, :, :, r0:r0 + n]
+    row_lse = row_lse.masked_fill(torch.isinf(row_lse), float("inf"))  # a row that sees no key: P = 0
+    p.mul_(scale).sub_(row_lse[..., None].to(p.dtype)).clamp_(min=floor).exp_()
+    dp = torch.matmul(dog[:, :, :, r0:r0 + n], vf[:, :, :, :Tc].transpose(-1, -2))
+    return torch.ops.fastattn_icl.saliency_reduce(
+        p.view(B, Hkv * G, n, Tc), dp.view(B, Hkv * G, n, Tc), _mask_rows(kpm), _unit_rows(label_mask),
+        _unit_rows(target), r0, causal, per_head, row_slot, rows, math.exp(floor))
 
 
 def _powers(eta: float, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

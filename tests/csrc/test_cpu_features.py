@@ -1,5 +1,5 @@
-"""The CPU feature kernels of csrc/cpu_features.cpp, called directly: the anchor correction and its backward, the
-isolation key windows (forward, check, backward).
+"""The CPU feature kernels of csrc/cpu_features.cpp and csrc/cpu_saliency.cpp, called directly: the anchor correction
+and its backward, the isolation key windows (forward, check, backward), the saliency reduction of a chunk of rows.
 
 Each is compared with a dense float64 computation of what it adds (the tolerance rule of ``fastattn_icl.testing``
 against the same computation in float32), on grouped heads, left padding, per-batch-row re-weighting starts, a chunk
@@ -236,12 +236,101 @@ def test_bad_input_raises(bad):
         OPS.anchor_correction_(o, q, k, v, lse, kpm, logw, rf, cols, True, SCALE)
 
 
+def _saliency_setup(B=2, H=3, T=20, n=7, row0=9, Tc=16, seed=0, dtype=torch.float32):
+    """One chunk of the saliency pass: ``p`` (probability-like) and ``dp`` ``[B, H, n, Tc]`` of rows ``row0 ..``, the
+    key mask (the last batch row left-padded), label positions, targets (one inside the chunk), row slots (some rows
+    in the chunk, one outside) and the rows ``[B, R, T]``, filled with a sentinel the op must leave where it writes
+    nothing."""
+    p = _randn(B, H, n, Tc, seed=seed, dtype=dtype).abs()
+    dp = _randn(B, H, n, Tc, seed=seed + 1, dtype=dtype)
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[-1, :3] = False
+    label = torch.zeros(B, T, dtype=torch.uint8)
+    label[:, [2, 5, row0 + 1]] = 1
+    target = torch.tensor([T - 2] + [row0 + 3] * (B - 1), dtype=torch.int32)
+    slot = torch.full((B, T), -1, dtype=torch.int32)
+    slot[:, row0 + 1], slot[:, row0 + 4], slot[0, 1] = 0, 2, 1
+    rows = torch.full((B, 3, T), 7.0)
+    return p, dp, kpm, label, target, slot, rows
+
+
+def _saliency_dense(p, dp, kpm, label, target, row0, causal, per_head, p_min):
+    """What ``saliency_reduce`` computes, as dense tensor ops: ``(sums [B, 1 + H·per_head, 3], I [B, n, Tc])``."""
+    B, H, n, Tc = p.shape
+    i, j = row0 + torch.arange(n), torch.arange(Tc)
+    seen = (j[None] <= i[:, None]) if causal else torch.ones(n, Tc, dtype=torch.bool)
+    seen = seen[None] & kpm[:, None, :Tc]
+    c = torch.where(seen[:, None] & (p > p_min), p * dp, 0.0)
+    I = c.sum(1).abs()  # noqa: E741
+    lower = (j[None, None] < i[None, :, None]) & (i[None, :, None] <= target[:, None, None].long())
+    lab = label[:, :Tc].bool()[:, None, :]
+    label_row, target_row = label[:, i].bool(), i[None] == target[:, None].long()
+
+    def reduce(a):  # [B, ..., n, Tc] -> [B, ..., 3]
+        extra = [1] * (a.dim() - 3)
+        lo = (a * lower.view(B, *extra, n, Tc)).sum(-1)
+        la = (a * lab.view(B, *extra, 1, Tc)).sum(-1)
+        return torch.stack([(lo * label_row.view(B, *extra, n)).sum(-1), (la * target_row.view(B, *extra, n)).sum(-1),
+                            lo.sum(-1)], -1)
+
+    parts = [reduce(I)[:, None]] + ([reduce(c.abs())] if per_head else [])
+    return torch.cat(parts, 1), I
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "sums"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_saliency_reduce(causal, per_head, dtype):
+    """The chunk's sums and rows against the dense computation (float64, and float32 for the rule); the entries the
+    rows do not see hold inf and NaN (the backend never masks them) and are not read; a value at the floor counts 0."""
+    row0, n, T = 9, 7, 20
+    p, dp, kpm, label, target, slot, rows = _saliency_setup(row0=row0, n=n, T=T, dtype=dtype)
+    Tc = p.shape[-1]
+    p_min = 1e-3
+    p[..., 0, 3] = p_min  # at the floor: 0
+    unseen = ~kpm[:, None, None, :Tc] | ((torch.arange(Tc)[None] > row0 + torch.arange(n)[:, None]) if causal else
+                                         torch.zeros(n, Tc, dtype=torch.bool))
+    dense_p = p.clone()
+    p = p.masked_fill(unseen, float("inf"))
+    dp = dp.masked_fill(unseen, float("nan"))
+    got = OPS.saliency_reduce(p, dp, kpm, label, target, row0, causal, per_head, slot, rows, p_min)
+    want = [_saliency_dense(dense_p.to(t), dp.nan_to_num().to(t), kpm, label, target, row0, causal, per_head, p_min)
+            for t in (dtype, torch.float64)]
+    assert got.dtype == torch.float64 and got.shape == (2, 1 + 3 * per_head, 3)
+    check_close("sums", got.to(dtype), want[0][0], want[1][0], factor=FWD_FACTOR)
+    assert (want[1][0] != 0).any(0).all(), "a sum is 0 in every batch row: the case would not test its terms"
+    for b in range(2):
+        for i, s_ in ((row0 + 1, 0), (row0 + 4, 2)):
+            check_close("row", rows[b, s_, :Tc], want[0][1][b, i - row0].float(), want[1][1][b, i - row0],
+                        factor=FWD_FACTOR)  # rows are float32 whatever the compute dtype
+            assert (rows[b, s_, Tc:] == 0).all()
+        assert (rows[b, 1] == 7.0).all(), "a row outside the chunk was written"
+
+
+def test_saliency_reduce_bad_input():
+    p, dp, kpm, label, target, slot, rows = _saliency_setup()
+    ok = (p, dp, kpm, label, target, 9, True, False, slot, rows, 0.0)
+    OPS.saliency_reduce(*ok)
+    cases = {
+        "not contiguous": ((p.transpose(2, 3),), "contiguous CPU float32 or float64"),
+        "dtype": ((p, dp.double()), "like p"),
+        "target": ((p, dp, kpm, label, torch.tensor([20, 3], dtype=torch.int32)), r"target must be a position"),
+        "rows past": ((p, dp, kpm, label, target, 15), "must lie in the 20 positions"),
+        "slot": ((p, dp, kpm, label, target, 9, True, False, slot.masked_fill(slot == 2, 3)), "is past the 3 rows"),
+        "half": ((p, dp, kpm, label, target, 9, True, False, slot, None), "go together"),
+    }
+    for head, match in cases.values():
+        with pytest.raises(RuntimeError, match=match):
+            OPS.saliency_reduce(*head, *ok[len(head):])
+
+
 @pytest.mark.parametrize("name", _cpu_kernels.OPS)
 def test_opcheck(name):
     q, k, v, do, kpm, logw, rf, cols = _setup(B=1, Tq=10, Tk=12, D=8)
     lse = _lse(q, k, kpm)
     limit = torch.zeros(1, 10, dtype=torch.int32)
     limit[0, 6:8] = 8
+    sal = _saliency_setup()
     args = {
         "anchor_correction_": (torch.zeros(q.shape), q, k, v, lse, kpm, logw, rf, cols, True, SCALE),
         "anchor_backward_": (torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape), torch.zeros(logw.shape),
@@ -251,14 +340,15 @@ def test_opcheck(name):
         "isolation_window_bwd_": (torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape), q, k, v, do,
                                   torch.zeros(q.shape), lse, kpm, limit, SCALE),
         "momentum_scan": (_randn(2, 9, 20, seed=1), 0.9, True),
+        "saliency_reduce": (*sal[:5], 9, True, True, *sal[5:], 1e-30),
     }[name]
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
 def test_baseline_bodies():
     """With ``ATEN_CPU_CAPABILITY=default`` the kernels run their baseline (SSE2) bodies: anchors and isolated rows
-    (served by the key windows) through the public ops agree with the oracle, forward and backward, and the momentum
-    scan with the sum of powers."""
+    (served by the key windows) through the public ops agree with the oracle, forward and backward, the momentum
+    scan with the sum of powers, and the saliency reduction with its dense computation."""
     script = textwrap.dedent("""
         import torch, fastattn_icl
         from fastattn_icl.ops import _cpu_kernels
@@ -299,6 +389,12 @@ def test_baseline_bodies():
         w = torch.where(lag > 0, torch.tensor(0.9, dtype=torch.float64) ** lag.clamp(min=0), 0.0)
         check_close("scan", torch.ops.fastattn_icl.momentum_scan(x, 0.9, False), (w.float() @ x), w @ x.double(),
                     factor=FWD_FACTOR)
+        from tests.csrc.test_cpu_features import _saliency_dense, _saliency_setup
+        p, dp, kpm, label, target, slot, rows = _saliency_setup()
+        got = torch.ops.fastattn_icl.saliency_reduce(p, dp, kpm, label, target, 9, True, True, slot, rows, 1e-30)
+        want = [_saliency_dense(p.to(t), dp.to(t), kpm, label, target, 9, True, True, 1e-30)[0]
+                for t in (torch.float32, torch.float64)]
+        check_close("saliency", got.float(), *want, factor=FWD_FACTOR)
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=REPO)

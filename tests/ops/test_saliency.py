@@ -196,6 +196,31 @@ def test_plain_request_matches_probe_oracle(backend, case):
     _check_case(case, torch.float32, backend, per_head=False, rows=None)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("chunk", ["one-chunk", "16-row-chunks"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_reduction_paths(monkeypatch, compiled, chunk, case):
+    """The CPU backend's saliency pass reduces each chunk of rows in one compiled call (csrc/cpu_saliency.cpp), or, in
+    a build without the extension, with eager ops: both match the probe oracle in every field, also when the rows run
+    in several chunks (the rows written, the sums carried across chunks)."""
+    from fastattn_icl.ops import _cpu_kernels, _torch_backend
+
+    if chunk != "one-chunk":
+        monkeypatch.setattr(_torch_backend, "_CHUNK_ELEMENTS", 1)  # _MIN_CHUNK_ROWS rows per chunk
+    calls = []
+    if compiled:
+        assert _cpu_kernels.available(), "fastattn_icl._C is not built with the CPU kernels"
+        chunk_fn = _torch_backend._saliency_chunk
+        monkeypatch.setattr(_torch_backend, "_saliency_chunk", lambda *a: calls.append(int(a[5][0])) or chunk_fn(*a))
+    else:
+        monkeypatch.setattr(_torch_backend, "_compiled", lambda x: False)
+    for per_head, rows in ((True, "labels"), (False, "all")):
+        _check_case(case, torch.float32, "torch", per_head=per_head, rows=rows, device="cpu")
+    assert bool(calls) == compiled
+    if compiled and chunk != "one-chunk":
+        assert len(set(calls)) == -(-case.T // 16), "the rows did not run in 16-row chunks"
+
+
 def _probe_reweighted(q, k, v, w, beta, pos, cls, reweight_from, kpm, iso_rows, dtype):
     """The probe method on the anchor re-weighted weights ``P̂ = W ∘ P`` (docs/methods.md §2), built from the reference
     pieces; also checks that its output is the reference re-weighted attention."""
