@@ -1,8 +1,9 @@
 // The saliency reduction of the CPU attention path (fastattn_icl/ops/_torch_backend.py: attention_saliency; the math
 // is docs/methods.md §4) for one chunk of query rows, after the two matmuls the backend leaves to PyTorch:
 //   p  [B, H, n, Tc]  exp(s · scale − lse) of query rows row0 .. row0 + n − 1 over keys 0 .. Tc − 1, the exp argument
-//                     clamped at the floor (a value at or below p_min = exp(floor) counts as 0, as the exact path's
-//                     floored exp gives 0); entries at keys a row does not see are never read (they may be inf)
+//                     clamped at the floor (a value at or below p_min = exp(floor) counts as 0: the eager path's
+//                     floored exp gives 0 below the floor, so the two differ only at arguments within rounding of it,
+//                     terms under 1e-31 · dP); entries at keys a row does not see are never read (they may be inf)
 //   dp [B, H, n, Tc]  dO · vᵀ of the same rows and keys
 // Both contiguous, float32 or float64. Query row i is key position i (the op is square, Tq == Tk). Over the keys j row
 // i sees (j <= i when causal; kept by the bool key mask [B, Tk]):

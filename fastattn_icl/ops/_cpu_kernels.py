@@ -1,12 +1,13 @@
-"""The compiled per-row feature kernels of the CPU attention path (``csrc/cpu_features.cpp``), and their fakes.
+"""The compiled kernels of the CPU attention path (``csrc/cpu_features.cpp``, ``csrc/cpu_saliency.cpp``), and their
+fakes.
 
 The plain-PyTorch backend (:mod:`fastattn_icl.ops._torch_backend`) calls them on CPU tensors when ``fastattn_icl._C``
-is built: the anchor correction and its backward, the isolated rows of a causal call as short key windows, and the
-saliency pass's reduction of each chunk of rows (``csrc/cpu_saliency.cpp``). They
-take the backend's grouped layouts (``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
-``[B, Hkv, G, Tq]`` float32) with any strides but a unit one along ``D``; and the momentum decay scan. Without the
-extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The backend
-imports this module on first use (it loads the extension).
+is built: the anchor correction and its backward, the isolated rows of a causal call as short key windows (these
+take the backend's grouped layouts, ``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
+``[B, Hkv, G, Tq]`` float32, with any strides but a unit one along ``D``), the momentum decay scan, and the saliency
+pass's reduction of each chunk of rows (contiguous ``[B, H, n, Tc]`` chunks of ``P`` and ``dO Vᵀ``). Without the
+extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The backend imports
+this module on first use (it loads the extension).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def warn_missing() -> None:
     if _warned:
         return
     _warned = True
-    why = _ext.load_error() or "the build has no fastattn_icl::anchor_correction_ (built from older sources)"
+    missing = next((name for name in OPS if not _ext.has_op(name)), OPS[0])
+    why = _ext.load_error() or f"the build has no fastattn_icl::{missing} (built from older sources)"
     warnings.warn(
         "fastattn_icl: the CPU path's anchor re-weighting, isolated rows, momentum scan and saliency run eager PyTorch "
         f"ops (tens of small ops per call) because their compiled kernels are missing: {why}; {_ext.BUILD_HINT}",

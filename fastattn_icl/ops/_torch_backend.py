@@ -11,10 +11,10 @@ needs. The method features are added on top of it, exactly, at a cost linear in 
 - bottom-right causal masking with ``Tq < Tk`` (a chunk over a cache, a shared prefix): the keys are split into
   the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
 - anchor re-weighting: when no row before the first re-weighted one sees an anchor (re-weighting from the first
-  label word on, or from row 0), ``P̂ V = P (w ⊙ V)``: one flash pass over the weighted values, per query head
-  (:func:`_folded_weights`); otherwise ``O = O_flash + Σ_a (w_a − 1) · P[:, a] · v_a`` over the anchor columns ``a``
-  only, with ``P[:, a] = exp(s[:, a] − lse)``. Either way the denominator (``lse``) is the unweighted one, as the
-  method says;
+  label word on, or from row 0), ``P̂ V = P (w ⊙ V)``: one flash pass over the weighted values, where that pays
+  (one kv head per query head, as many re-weighted (row, anchor) pairs as keys: :func:`_folded_weights`);
+  otherwise ``O = O_flash + Σ_a (w_a − 1) · P[:, a] · v_a`` over the anchor columns ``a`` only, with
+  ``P[:, a] = exp(s[:, a] − lse)``. Either way the denominator (``lse``) is the unweighted one, as the method says;
 - isolation: the isolated rows (a few per prompt) are recomputed and overwrite the flash rows; in the backward their
   output gradient is taken out of the flash pass and added by the recomputed rows. On a causal call a row isolated
   at ``p`` sees only its keys ``p .. i`` at their logits (the isolated keys' probability is an exact 0 under the
@@ -269,30 +269,37 @@ def _anchor_columns(key_log_weights: torch.Tensor) -> torch.Tensor:
     return torch.nonzero((key_log_weights != 0).any(1).any(0)).flatten()
 
 
-def _folded_weights(key_log_weights, reweight_from, columns, isolation_limit, causal: bool, Tq: int, Tk: int):
-    """``w [B, H, A]`` at the anchor ``columns`` when the re-weighting can ride in the values, else ``None``.
+def _folded_weights(key_log_weights, reweight_from, columns, isolation_limit, causal: bool, Tq: int, Tk: int,
+                    G: int):
+    """``w [B, H, A]`` at the anchor ``columns`` when the re-weighting rides in the values, else ``None``.
 
     ``P̂ V = P (w ⊙ V)`` on the re-weighted rows (docs/methods.md §2: post-softmax weights, unweighted denominator),
     so when no row before ``reweight_from`` sees an anchor column (every anchor at or after the first re-weighted
-    row, causal), attention over the weighted values ``w_j · v_j`` (per query head) is the whole forward, and its
-    ``lse`` the unweighted one. Asked with the anchor columns only (the dense ``d log w`` of every key needs the
-    re-weighted rows alone) and without isolation, whose rows the weighted values would not see (host reads: CPU)."""
-    if key_log_weights is None or columns is None or columns.numel() == 0 or isolation_limit is not None:
+    row, causal), attention over the weighted values ``w_j · v_j`` is the whole forward, and its ``lse`` the
+    unweighted one. Taken where it pays: one kv head per query head (the CPU flash kernel reads a query head's values
+    from its kv head, so grouped heads would need K and V repeated), and as many re-weighted (row, anchor) pairs as
+    keys, the values' copy against the correction's work (a decode step or a short chunk over a long cache keeps the
+    correction). Asked with the anchor columns only (the dense ``d log w`` of every key needs the re-weighted rows
+    alone), ascending and distinct (else the correction's kernel raises), and without isolation, whose rows the
+    weighted values would not see. Host reads: a CPU call."""
+    if key_log_weights is None or columns is None or isolation_limit is not None or G != 1 \
+            or reweight_from.numel() == 0:
         return None
-    last_plain = int(reweight_from.max()) - 1  # the last row some batch row leaves unweighted
-    if last_plain >= 0 and int(columns[0]) <= (last_plain + Tk - Tq if causal else Tk - 1):
+    cols, starts = columns.tolist(), reweight_from.tolist()
+    if not cols or (Tq - min(starts)) * len(cols) < Tk or cols[0] < 0 or cols[-1] >= Tk \
+            or any(a >= b for a, b in zip(cols, cols[1:])):
+        return None
+    last_plain = max(starts) - 1  # the last row some batch row leaves unweighted
+    if last_plain >= 0 and cols[0] <= (last_plain + Tk - Tq if causal else Tk - 1):
         return None
     return key_log_weights[:, :, columns].exp()
 
 
-def _weighted_kv(k, v, w, columns, G: int):
-    """``(k, w ⊙ v)`` with one head per query head (``[B, H, Tk, D]``; ``k`` repeated when ``G > 1``): the CPU flash
-    kernel reads the value head of a query head's kv head, so per-query-head values need as many key heads."""
-    if G > 1:
-        k = k.repeat_interleave(G, dim=1)
-    vw = v.repeat_interleave(G, dim=1) if G > 1 else v.clone()
+def _weighted_values(v, w, columns):
+    """``w ⊙ v`` (``v [B, H, Tk, D]``, one kv head per query head): ``v`` with its anchor rows scaled."""
+    vw = v.clone()
     vw[:, :, columns] *= w[..., None].to(vw.dtype)
-    return k, vw
+    return vw
 
 
 def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, reweight_from, scale, columns):
@@ -424,9 +431,10 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
     kf, vf = kc[:, :, None], vc[:, :, None]
     prefix = _shared_prefix(prefix, cd)
     if _flash_ok(q, Tq, Tk, causal):
-        w = _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk)
-        kv = (kc, vc) if w is None else _weighted_kv(kc, vc, w, key_weight_columns, H // Hkv)
-        o, lse = _flash_fwd(q.to(cd), *kv, key_padding_mask, causal, scale, prefix)
+        w = _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk,
+                            H // Hkv)
+        vw = vc if w is None else _weighted_values(vc, w, key_weight_columns)
+        o, lse = _flash_fwd(q.to(cd), kc, vw, key_padding_mask, causal, scale, prefix)
         o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
         if key_log_weights is not None and w is None:
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
@@ -598,7 +606,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, key_log_weights, reweig
     cd = _compute_dtype(q)
     kc, vc = k.to(cd), v.to(cd)  # one conversion each, for every pass below
     w = None if not _flash_ok(q, Tq, Tk, causal) else \
-        _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk)
+        _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk, H // Hkv)
     if w is not None:  # the re-weighting rides in the values (the forward's _folded_weights)
         return _folded_bwd(do.to(cd), q.to(cd), kc, vc, o.to(cd), lse, key_padding_mask, causal, scale, w,
                            key_weight_columns, q, k, v)
@@ -653,15 +661,12 @@ def _folded_bwd(do, q, k, v, o, lse, kpm, causal, scale, w, columns, *inputs):
     """The backward of a forward over weighted values (:func:`_folded_weights`): the flash backward over
     ``(k, w ⊙ v)`` gives ``dq``, ``dk`` and ``d(w ⊙ v)``; then ``dv = w ⊙ d(w ⊙ v)`` and, at the anchor columns,
     ``d log w = d(w ⊙ v) · (w ⊙ v)`` (0 at every other key)."""
-    B, Hkv, Tk, D = k.shape
-    H = q.shape[1]
-    kw, vw = _weighted_kv(k, v, w, columns, H // Hkv)
-    dq, dk, dvw = _flash_bwd(do, q, kw, vw, o, lse, kpm, causal, scale)
+    B, H, Tk = k.shape[:3]
+    vw = _weighted_values(v, w, columns)
+    dq, dk, dvw = _flash_bwd(do, q, k, vw, o, lse, kpm, causal, scale)
     dlogw = torch.zeros(B, H, Tk, dtype=torch.float32, device=q.device)
     dlogw[:, :, columns] = (dvw[:, :, columns] * vw[:, :, columns]).sum(-1).to(torch.float32)
     dvw[:, :, columns] *= w[..., None].to(dvw.dtype)
-    if H != Hkv:  # the repeated heads' gradients summed into their kv head
-        dk, dvw = (g.reshape(B, Hkv, H // Hkv, Tk, D).sum(2) for g in (dk, dvw))
     return (*_as_inputs(inputs, (dq, dk, dvw)), dlogw)
 
 

@@ -318,6 +318,9 @@ def test_saliency_reduce_bad_input():
         "rows past": ((p, dp, kpm, label, target, 15), "must lie in the 20 positions"),
         "slot": ((p, dp, kpm, label, target, 9, True, False, slot.masked_fill(slot == 2, 3)), "is past the 3 rows"),
         "half": ((p, dp, kpm, label, target, 9, True, False, slot, None), "go together"),
+        "row0": ((p, dp, kpm, label, target, -1), "must lie in the 20 positions"),
+        "short mask": ((p, dp, kpm[:, :10]), "fewer than the 16 read"),
+        "label dtype": ((p, dp, kpm, label.bool()), "label must be a CPU Byte"),
     }
     for head, match in cases.values():
         with pytest.raises(RuntimeError, match=match):

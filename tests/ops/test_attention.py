@@ -118,22 +118,28 @@ def _query(layout: str, B=2, H=4, T=9, D=16):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("layout", ["bhtd", "bthd", "fused"])
-@pytest.mark.parametrize("op", ["attention", "anchors", "momentum", "prefix", "exact-path"])
+@pytest.mark.parametrize("op", ["attention", "anchors-folded", "anchors-corrected", "momentum", "prefix", "exact-path",
+                                "attention-fp16"])
 def test_output_layout(backend, layout, op):
     """Every attention op's output is laid out as ``q`` when ``q`` is contiguous (as SDPA's; no copy of the CPU
     flash kernel's output), else as ``[B, Tq, H, D]`` memory, so that a Hugging Face model's ``out.transpose(1, 2)``
     is contiguous: the layout the fake kernels promise (``output_like``), on every backend and path."""
     from fastattn_icl.ops._validate import output_like
 
-    q = _query(layout).to(DEVICE)
-    k, v = (torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (4, 5))
+    dtype = torch.float16 if op == "attention-fp16" else torch.float32  # the CPU path computes in float32: a copy
+    q = _query(layout).to(DEVICE, dtype)
+    heads = 4 if op.startswith("anchors") else 2  # the folded re-weighting takes one kv head per query head
+    k, v = (torch.randn(2, heads, 9, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE, dtype) for s in (4, 5))
     kw = dict(backend=backend)
-    if op == "anchors":
+    if op.startswith("anchors"):  # from row 2, before every anchor: folded into the values on CPU; the last row: not
         pos = torch.tensor([[2, 5], [3, -1]], device=DEVICE)
-        out = fastattn_icl.anchor_reweight_attention(q, k, v, torch.ones(4, 2, device=DEVICE), pos,
-                                                     torch.zeros_like(pos), reweight_from=2, **kw)
-    elif op == "momentum":
+        beta, cls = torch.ones(4, 2, device=DEVICE), torch.zeros_like(pos)
+        out = fastattn_icl.anchor_reweight_attention(q, k, v, beta, pos, cls,
+                                                     reweight_from=2 if op == "anchors-folded" else None, **kw)
+    elif op == "momentum":  # with gradients: the attention part is kept for the backward, in the same layout
+        q.requires_grad_(True)
         out = fastattn_icl.momentum_attention(q, k, v, eta=0.5, **kw)
+        out.backward(torch.ones_like(out))
     elif op == "prefix":
         out = fastattn_icl.shared_prefix_attention(q, k[:1], v[:1], k, v, causal=True, **kw)
     else:  # causal with more query rows than keys: the CPU backend's exact chunked path

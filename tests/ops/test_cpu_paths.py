@@ -172,16 +172,25 @@ FOLD_CASES = {  # the first re-weighted position (None: the last row; "row-0"; e
     "from-row-0": ("row-0", True),
     "per-batch-row": ([-2, 0], True),
     "one-row-sees-an-anchor": (1, False),  # the row at the first anchor is not re-weighted and sees it
+    "one-batch-row-sees-an-anchor": ([0, 1], False),  # the latest start decides, not the earliest
     "last-row": (None, False),
 }
 
 
-@pytest.mark.parametrize("case", [CASES[0], (2, 4, 2, 20, 36, 16, True, True)], ids=lambda c: "x".join(map(str, c)))
+def _count_folds(monkeypatch) -> list:
+    folded = []
+    weighted = _torch_backend._weighted_values
+    monkeypatch.setattr(_torch_backend, "_weighted_values", lambda *a: folded.append(1) or weighted(*a))
+    return folded
+
+
+@pytest.mark.parametrize("case", [(2, 4, 4, 33, 33, 16, True, True), (2, 4, 4, 20, 36, 16, True, True)],
+                         ids=["square", "chunk-over-cache"])
 @pytest.mark.parametrize("name", list(FOLD_CASES))
 def test_anchors_ride_in_the_values(monkeypatch, case, name):
     """``P̂ V = P (w ⊙ V)`` when no row before ``reweight_from`` sees an anchor: the flash pass over weighted values is
-    the whole forward (and its backward gives dβ); it is taken exactly then, and agrees with the oracle (GQA, padding,
-    a chunk of queries over a cache)."""
+    the whole forward (and its backward gives dβ); it is taken exactly then, and agrees with the oracle (padding, a
+    chunk of queries over a cache)."""
     B, H, Hkv, Tq, Tk = case[:5]
     (q, k, v), do, kpm = _inputs(case, torch.float32, seed=9)
     pos, cls = _anchors(B, Tk, case[7])
@@ -191,14 +200,50 @@ def test_anchors_ride_in_the_values(monkeypatch, case, name):
         first_row + torch.tensor(at if isinstance(at, list) else [at] * B)
     assert start is None or 0 <= int(start.min()) <= int(start.max()) < Tq
     beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(5))
-    folded = []
-    weighted = _torch_backend._weighted_kv
-    monkeypatch.setattr(_torch_backend, "_weighted_kv", lambda *a: folded.append(1) or weighted(*a))
+    folded = _count_folds(monkeypatch)
     kw = dict(reweight_from=start, causal=True, key_padding_mask=kpm)
     got = _compare(lambda *t: fastattn_icl.anchor_reweight_attention(*t, pos, cls, backend="torch", **kw),
                    lambda *t: reweight_ref(*t, pos, cls, **kw), [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
     assert len(folded) == (2 if folds else 0), "forward and backward took different paths, or the wrong one"
     assert got[-1].abs().max() > 0
+
+
+@pytest.mark.parametrize("why", ["not-causal", "bf16", "grouped-heads", "decode-step", "isolation"])
+def test_anchors_from_row_0_fold_where_it_pays(monkeypatch, why):
+    """Re-weighting from row 0 could always ride in the values; it does without a causal mask and in bf16, and keeps the
+    correction where the values' copy costs more (grouped heads would need K and V repeated per query head; a decode
+    step re-weights one row) or isolated rows need their own pass. Every case agrees with the oracle."""
+    case = {"grouped-heads": (2, 4, 2, 33, 33, 16, True, True), "decode-step": (2, 4, 4, 1, 40, 16, True, True),
+            "not-causal": (2, 4, 4, 20, 31, 16, False, True)}.get(why, (2, 4, 4, 33, 33, 16, True, True))
+    B, H, Hkv, Tq, Tk = case[:5]
+    dtype = torch.bfloat16 if why == "bf16" else torch.float32
+    (q, k, v), do, kpm = _inputs(case, dtype, seed=2)
+    pos, cls = _anchors(B, Tk, case[7])
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(6))
+    folded = _count_folds(monkeypatch)
+    kw = dict(reweight_from=0, causal=case[6], key_padding_mask=kpm)
+    if why == "isolation":
+        kw.update(isolation_rows=_isolated(B, Tq, Tk, 0))
+    _compare(lambda *t: fastattn_icl.anchor_reweight_attention(*t, pos, cls, backend="torch", **kw),
+             lambda *t: reweight_ref(*t, pos, cls, **kw), [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
+    assert len(folded) == (2 if why in ("not-causal", "bf16") else 0), folded
+
+
+def test_unsorted_weight_columns_raise(monkeypatch):
+    """``key_weight_columns`` must be ascending and distinct: the fold does not take a set out of order (it would read
+    the wrong first anchor); the correction's kernel raises, as before the fold existed."""
+    from fastattn_icl.ops.attention import attention_from_tables
+
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    table = torch.zeros(1, 2, 12)
+    table[..., [4, 10]] = 0.7
+    start = torch.zeros(1, dtype=torch.int32)  # from row 0: the sorted set rides in the values
+    kw = dict(causal=True, scale=None, key_log_weights=table, reweight_from=start, backend="torch")
+    folded = _count_folds(monkeypatch)
+    attention_from_tables(q, k, v, key_weight_columns=torch.tensor([4, 10]), **kw)
+    assert folded == [1]
+    with pytest.raises(RuntimeError, match="ascending, distinct"):
+        attention_from_tables(q, k, v, key_weight_columns=torch.tensor([10, 4]), **kw)
 
 
 def test_weight_columns_bad_input():

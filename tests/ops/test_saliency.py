@@ -199,7 +199,8 @@ def test_plain_request_matches_probe_oracle(backend, case):
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 @pytest.mark.parametrize("chunk", ["one-chunk", "16-row-chunks"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cpu_reduction_paths(monkeypatch, compiled, chunk, case):
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_cpu_reduction_paths(monkeypatch, compiled, chunk, case, dtype):
     """The CPU backend's saliency pass reduces each chunk of rows in one compiled call (csrc/cpu_saliency.cpp), or, in
     a build without the extension, with eager ops: both match the probe oracle in every field, also when the rows run
     in several chunks (the rows written, the sums carried across chunks)."""
@@ -215,7 +216,7 @@ def test_cpu_reduction_paths(monkeypatch, compiled, chunk, case):
     else:
         monkeypatch.setattr(_torch_backend, "_compiled", lambda x: False)
     for per_head, rows in ((True, "labels"), (False, "all")):
-        _check_case(case, torch.float32, "torch", per_head=per_head, rows=rows, device="cpu")
+        _check_case(case, dtype, "torch", per_head=per_head, rows=rows, device="cpu")
     assert bool(calls) == compiled
     if compiled and chunk != "one-chunk":
         assert len(set(calls)) == -(-case.T // 16), "the rows did not run in 16-row chunks"
