@@ -37,6 +37,8 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
@@ -102,10 +104,7 @@ struct Plain {
 
 // AVX2 and FMA on this CPU, and torch not told to stay below AVX2 (ATEN_CPU_CAPABILITY=default)
 bool use_avx2() {
-  static const bool yes = [] {
-    const std::string cap = at::get_cpu_capability();
-    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
+  static const bool yes = avx2_usable(/*fma=*/true, /*f16c=*/false);
   return yes;
 }
 

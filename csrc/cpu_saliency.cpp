@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,16 +37,8 @@ namespace {
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define FASTATTN_ICL_SAL_AVX2 __attribute__((target("avx2,fma")))
-bool saliency_avx2() {
-  static const bool yes = [] {
-    const std::string cap = at::get_cpu_capability();
-    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-}
 #else
 #define FASTATTN_ICL_SAL_AVX2
-bool saliency_avx2() { return false; }
 #endif
 
 template <typename T>
@@ -183,7 +177,7 @@ at::Tensor saliency_reduce(const at::Tensor& p, const at::Tensor& dp, const std:
   }
   const int64_t width = 1 + (per_head ? H : 0);
   at::Tensor part = at::zeros({B, n, width, 3}, p.options().dtype(at::kDouble));
-  const bool avx2 = saliency_avx2();
+  static const bool avx2 = avx2_usable(/*fma=*/true, /*f16c=*/false);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "saliency_reduce", [&] {
     const Chunk<scalar_t> c{p.data_ptr<scalar_t>(),
                             dp.data_ptr<scalar_t>(),

@@ -26,6 +26,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <string>
 
@@ -179,10 +181,7 @@ FASTATTN_ICL_AVX2 void update_span_avx2(scalar_t* x_hat, const scalar_t* x_new, 
 
 // AVX2 and F16C on this CPU, and torch not told to stay below AVX2 (ATEN_CPU_CAPABILITY=default)
 bool use_avx2() {
-  static const bool yes = [] {
-    const std::string cap = at::get_cpu_capability();
-    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  }();
+  static const bool yes = avx2_usable(/*fma=*/false, /*f16c=*/true);
   return yes;
 }
 #else
