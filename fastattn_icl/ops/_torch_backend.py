@@ -8,6 +8,9 @@ On CPU tensors the attention leans on PyTorch's own CPU flash kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns the ``lse`` this contract
 needs. The method features are added on top of it, exactly, at a cost linear in ``T`` (docs/methods.md §1):
 
+- key padding: a left-padded batch (each row's masked keys all before its kept ones, as Hugging Face pads a batch)
+  runs unpadded, each run of equally padded rows as attention of the rows that see a kept key over the kept keys, so
+  the kernel neither reads a mask nor computes the padded blocks; any other key mask is an additive one;
 - bottom-right causal masking with ``Tq < Tk`` (a chunk over a cache, a shared prefix): the keys are split into
   the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
 - anchor re-weighting: when no row before the first re-weighted one sees an anchor (re-weighting from the first
@@ -240,9 +243,68 @@ def _segment_mask(kpm, start, stop, causal, Tq, dtype):
     return mask, ~seen
 
 
+def _left_pad_runs(kpm: torch.Tensor, B: int) -> list[tuple[int, int, int]] | None:
+    """``[(b0, b1, p)]``: the maximal runs of batch rows ``b0 .. b1 - 1`` whose key mask ``kpm [B, Tk]`` is ``p``
+    masked keys followed by kept keys only (left padding, the layout of a batched Hugging Face prompt), or ``None``
+    when some row's mask has another pattern. Read on the host: this path serves CPU tensors only."""
+    Tk = kpm.shape[1]
+    kept = kpm.sum(1)
+    lead = torch.where(kept > 0, kpm.to(torch.uint8).argmax(1), Tk)  # the first kept key (Tk: none)
+    if not bool((kept == Tk - lead).all()):
+        return None
+    runs: list[list[int]] = []
+    for b, p in enumerate(lead.tolist()):
+        if runs and runs[-1][2] == p:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1, p])
+    return [(b0, b1, p) for b0, b1, p in runs]
+
+
+def _first_seen_row(p: int, Tq: int, Tk: int, causal: bool) -> int:
+    """The first query row that sees a key at or after ``p`` (``Tq``: none); bottom-right causal when ``causal``."""
+    if p >= Tk:
+        return Tq
+    return min(Tq, max(0, p - (Tk - Tq))) if causal else 0
+
+
+def _unpadded(kpm, B: int, prefix=None):
+    """The left-padding runs (:func:`_left_pad_runs`) when the flash passes take the padded batch rows unpadded,
+    ``None`` when they take the mask. A left-padded row is attention of its rows ``r0 ..`` over its keys ``p ..``,
+    without a mask and with the same bottom-right causal alignment; its rows before ``r0`` see no key. So the kernel
+    neither reads the mask nor computes the padded blocks (a shared prefix, visible to every row, keeps the mask)."""
+    if kpm is None or prefix is not None and prefix[0].shape[2] > 0:
+        return None
+    return _left_pad_runs(kpm, B)
+
+
 def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
-    """``(o [B, H, Tq, D], lse [B, H, Tq])`` of plain attention (no method feature) by the CPU flash kernel, one
-    call per key segment (and one for a shared prefix), merged by their ``lse``."""
+    """``(o [B, H, Tq, D], lse [B, H, Tq])`` of plain attention (no method feature) by the CPU flash kernel: a
+    left-padded batch by runs of equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    runs = _unpadded(kpm, B, prefix)
+    if runs is None:
+        return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix)
+    if runs == [(0, B, 0)]:
+        return _flash_fwd_masked(q, k, v, None, causal, scale, None)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)  # the kernel's lse dtype (float32 or float64)
+    for b0, b1, p in runs:
+        r0 = _first_seen_row(p, Tq, Tk, causal)
+        o[b0:b1, :, :r0] = 0.0
+        lse[b0:b1, :, :r0] = float("-inf")
+        if r0 < Tq:
+            o_r, lse_r = _flash_fwd_masked(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], None, causal, scale,
+                                           None)
+            o[b0:b1, :, r0:] = o_r
+            lse[b0:b1, :, r0:] = lse_r
+    return o, lse
+
+
+def _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix):
+    """:func:`_flash_fwd` with the key mask as an additive one: one call per key segment (and one for a shared
+    prefix), merged by their ``lse``."""
     B, H, Tq, D = q.shape
     parts = []
     if prefix is not None and prefix[0].shape[2] > 0:
@@ -518,8 +580,28 @@ def _exact_rows_bwd(qg, kf, vf, dog, delta, lse_g, rows, Tk, causal, key_padding
 
 
 def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
-    """``(dq, dk, dv)`` of plain attention by the CPU flash backward, one call per key segment with the merged ``o``
-    and ``lse`` (so each recomputes its share of the global ``P``)."""
+    """``(dq, dk, dv)`` of plain attention by the CPU flash backward, a left-padded batch unpadded as in
+    :func:`_flash_fwd` (0 at the rows and keys the padding hides)."""
+    B, H, Tq = q.shape[:3]
+    Tk = k.shape[2]
+    runs = _unpadded(kpm, B)
+    if runs is None:
+        return _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale)
+    if runs == [(0, B, 0)]:
+        return _flash_bwd_masked(do, q, k, v, o, lse, None, causal, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b0, b1, p in runs:
+        r0 = _first_seen_row(p, Tq, Tk, causal)
+        if r0 < Tq:
+            rows, keys = (slice(b0, b1), slice(None), slice(r0, None)), (slice(b0, b1), slice(None), slice(p, None))
+            dq[rows], dk[keys], dv[keys] = _flash_bwd_masked(do[rows], q[rows], k[keys], v[keys], o[rows], lse[rows],
+                                                             None, causal, scale)
+    return dq, dk, dv
+
+
+def _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale):
+    """:func:`_flash_bwd` with the key mask as an additive one: one call per key segment with the merged ``o`` and
+    ``lse`` (so each recomputes its share of the global ``P``)."""
     lse = lse.masked_fill(torch.isinf(lse), 0.0).to(q.dtype)  # no key seen: every P entry is masked anyway
     segments = _key_segments(q.shape[2], k.shape[2], causal)
     grads = []

@@ -417,3 +417,52 @@ def test_without_compiled_kernels_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastattn_icl.attention(q, k, v, causal=True, isolation_rows=torch.tensor([[20], [25]]), backend="torch")
+
+
+def _left_padded(B, Tk, pads):
+    kpm = torch.ones(B, Tk, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        kpm[b, :p] = False
+    return kpm
+
+
+UNPAD_CASES = {  # B, H, Hkv, Tq, Tk, causal, the key mask
+    "runs": (4, 4, 2, 24, 24, True, _left_padded(4, 24, [0, 5, 5, 24])),  # equal pads share a call; a row sees nothing
+    "chunk-over-cache": (2, 2, 1, 8, 30, True, _left_padded(2, 30, [0, 26])),  # the padded row's first 4 rows see none
+    "decode-step": (2, 2, 2, 1, 20, True, _left_padded(2, 20, [3, 0])),
+    "not-causal": (2, 2, 2, 12, 20, False, _left_padded(2, 20, [0, 7])),
+    "right-padding": (2, 2, 2, 16, 16, True, torch.tensor([[True] * 16, [True] * 12 + [False] * 4])),
+    "a-hole": (2, 2, 2, 16, 16, False, torch.tensor([[True] * 16, [True] * 5 + [False] * 2 + [True] * 9])),
+}
+
+
+@pytest.mark.parametrize("name", list(UNPAD_CASES))
+def test_left_padding_runs_unpadded(monkeypatch, name):
+    """A left-padded batch runs through the flash kernel without a mask, the padded rows sliced to their kept keys and
+    the rows that see them (runs of equal padding in one call); any other mask goes to the kernel as an additive one.
+    Both agree with the oracle, forward and every gradient, and rows that see no key give 0."""
+    B, H, Hkv, Tq, Tk, causal, kpm = UNPAD_CASES[name]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, T, 16, generator=g) for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk)))
+    do = torch.randn(B, H, Tq, 16, generator=g)
+    masks = []
+    for fn in ("_flash_fwd_masked", "_flash_bwd_masked"):
+        real = getattr(_torch_backend, fn)
+        monkeypatch.setattr(_torch_backend, fn, lambda *a, _real=real: masks.append(a[6 if len(a) == 9 else 3])
+                            or _real(*a))
+    got = _compare(lambda *t: fastattn_icl.attention(*t, causal=causal, key_padding_mask=kpm, backend="torch"),
+                   lambda *t: attention_ref(*t, causal=causal, key_padding_mask=kpm), [q, k, v], do,
+                   ("dq", "dk", "dv"))
+    left = name not in ("right-padding", "a-hole")
+    assert masks and all((m is None) == left for m in masks), "the left-padded batch took the mask, or the other way"
+    if name == "runs":
+        assert len(masks) == 2 * 2, "one flash call per run of equal padding (the fully padded row needs none)"
+        assert got[0][3].abs().max() == 0 and got[0][1, :, :5].abs().max() == 0
+        assert got[1][3].abs().max() == 0 and got[2][1:3, :, :5].abs().max() == 0
+
+
+def test_left_pad_runs():
+    assert _torch_backend._left_pad_runs(_left_padded(5, 6, [0, 0, 2, 2, 6]), 5) == [(0, 2, 0), (2, 4, 2), (4, 5, 6)]
+    assert _torch_backend._left_pad_runs(_left_padded(2, 6, [1, 0]), 2) == [(0, 1, 1), (1, 2, 0)]
+    assert _torch_backend._left_pad_runs(torch.tensor([[False, True, False]]), 1) is None
+    assert _torch_backend._left_pad_runs(torch.tensor([[True, True, False]]), 1) is None
