@@ -54,6 +54,9 @@ from fastattn_icl.ops.features import ISOLATION_VALUE
 
 _CHUNK_ELEMENTS = 1 << 20  # scores per query chunk of the exact passes, summed over batch and heads: 4 MiB in float32
 _MIN_CHUNK_ROWS = 16  # below this, the chunk's matmuls are too thin to run at speed
+# what one more CPU flash call costs (about 40 us: the call and its slices), in the units of the kernel's work,
+# score x head x head dim (about 0.1 ns each in float32 on one core)
+_CALL_SCORES = 400_000
 _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 # exp of an argument below about -87 (float32) is a denormal or 0, and the CPU's vectorised exp takes a slow path for
@@ -246,14 +249,12 @@ def _segment_mask(kpm, start, stop, causal, Tq, dtype):
 def _left_pad_runs(kpm: torch.Tensor, B: int) -> list[tuple[int, int, int]] | None:
     """``[(b0, b1, p)]``: the maximal runs of batch rows ``b0 .. b1 - 1`` whose key mask ``kpm [B, Tk]`` is ``p``
     masked keys followed by kept keys only (left padding, the layout of a batched Hugging Face prompt), or ``None``
-    when some row's mask has another pattern. Read on the host: this path serves CPU tensors only."""
-    Tk = kpm.shape[1]
-    kept = kpm.sum(1)
-    lead = torch.where(kept > 0, kpm.to(torch.uint8).argmax(1), Tk)  # the first kept key (Tk: none)
-    if not bool((kept == Tk - lead).all()):
+    when some row's mask has another pattern. Read on the host (a CPU tensor's memory, no copy)."""
+    m = kpm.numpy()
+    if m.shape[1] > 1 and (m[:, 1:] < m[:, :-1]).any():  # a kept key before a masked one
         return None
     runs: list[list[int]] = []
-    for b, p in enumerate(lead.tolist()):
+    for b, p in enumerate((m.shape[1] - m.sum(1)).tolist()):
         if runs and runs[-1][2] == p:
             runs[-1][1] = b + 1
         else:
@@ -268,14 +269,27 @@ def _first_seen_row(p: int, Tq: int, Tk: int, causal: bool) -> int:
     return min(Tq, max(0, p - (Tk - Tq))) if causal else 0
 
 
-def _unpadded(kpm, B: int, prefix=None):
+def _unpadded(kpm, q: torch.Tensor, Tk: int, causal: bool, prefix=None):
     """The left-padding runs (:func:`_left_pad_runs`) when the flash passes take the padded batch rows unpadded,
     ``None`` when they take the mask. A left-padded row is attention of its rows ``r0 ..`` over its keys ``p ..``,
     without a mask and with the same bottom-right causal alignment; its rows before ``r0`` see no key. So the kernel
-    neither reads the mask nor computes the padded blocks (a shared prefix, visible to every row, keeps the mask)."""
-    if kpm is None or prefix is not None and prefix[0].shape[2] > 0:
+    neither reads the mask nor computes the padded blocks (a shared prefix, visible to every row, keeps the mask).
+    Each run is a kernel call of its own, so the runs are taken only where the scores they skip outweigh their calls
+    (:data:`_CALL_SCORES` each): a prefill, not a decode step of a batch padded row by row."""
+    B, H, Tq, D = q.shape
+    if kpm is None or prefix is not None and prefix[0].shape[2] > 0 or kpm.device.type != "cpu":
         return None
-    return _left_pad_runs(kpm, B)
+    if B * Tq * Tk * H * D < 2 * _CALL_SCORES and not bool(kpm.all()):  # too little work to pay for a second call
+        return None
+    runs = _left_pad_runs(kpm, B)
+    if runs is None or runs == [(0, B, 0)]:
+        return runs
+    cost = 0
+    for b0, b1, p in runs:
+        r0 = _first_seen_row(p, Tq, Tk, causal)
+        if r0 < Tq:
+            cost += (b1 - b0) * (Tq - r0) * (Tk - p) * H * D + _CALL_SCORES
+    return runs if cost < B * Tq * Tk * H * D else None
 
 
 def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
@@ -283,7 +297,7 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
     left-padded batch by runs of equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    runs = _unpadded(kpm, B, prefix)
+    runs = _unpadded(kpm, q, Tk, causal, prefix)
     if runs is None:
         return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix)
     if runs == [(0, B, 0)]:
@@ -584,7 +598,7 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
     :func:`_flash_fwd` (0 at the rows and keys the padding hides)."""
     B, H, Tq = q.shape[:3]
     Tk = k.shape[2]
-    runs = _unpadded(kpm, B)
+    runs = _unpadded(kpm, q, Tk, causal)
     if runs is None:
         return _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale)
     if runs == [(0, B, 0)]:

@@ -372,7 +372,8 @@ def test_isolation_windows_step_aside(isolation_paths, why):
 
 @pytest.mark.parametrize("isolated", [False, True], ids=["plain", "isolated"])
 @pytest.mark.parametrize("way", ["flash", "flash-exact-rows", "exact"])
-def test_float64_through_the_backend(monkeypatch, isolated, way):
+@pytest.mark.parametrize("padded", [False, True], ids=["", "left-padded"])
+def test_float64_through_the_backend(monkeypatch, isolated, way, padded):
     """The public ops take fp16/bf16/fp32; the backend itself runs float64 inputs in float64, with the op's float32
     ``lse`` (so the backward, which recomputes ``P`` from it, is float32-accurate): forward and backward run, and
     agree with the float64 oracle within the rule against the float32 oracle, on the flash path (isolated rows as
@@ -385,13 +386,16 @@ def test_float64_through_the_backend(monkeypatch, isolated, way):
     q, k, v, do = (torch.randn(2, 4 if i in (0, 3) else 2, 24, 16, generator=g, dtype=torch.float64) for i in range(4))
     rows = torch.tensor([[6, 15], [9, -1]]) if isolated else None
     limit = None if rows is None else isolation_limit(rows, 1, 2, 24, 24, q.device)
-    out, lse = _torch_backend.attention_fwd(q, k, v, None, None, None, limit, True, 0.25)
-    grads = _torch_backend.attention_bwd(do, q, k, v, out, lse, None, None, None, limit, True, 0.25)[:3]
+    kpm = _left_padded(2, 24, [0, 5]) if padded else None
+    monkeypatch.setattr(_torch_backend, "_CALL_SCORES", 0)  # the left-padded rows unpadded at any size
+    out, lse = _torch_backend.attention_fwd(q, k, v, kpm, None, None, limit, True, 0.25)
+    grads = _torch_backend.attention_bwd(do, q, k, v, out, lse, kpm, None, None, limit, True, 0.25)[:3]
     assert out.dtype == torch.float64 and lse.dtype == torch.float32
 
     def oracle(dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
-        want = attention_ref(*leaves, causal=True, scale=0.25, isolation_rows=rows, isolation_window=1)
+        want = attention_ref(*leaves, causal=True, scale=0.25, isolation_rows=rows, isolation_window=1,
+                             key_padding_mask=kpm)
         return (want.detach(), *torch.autograd.grad(want, leaves, do.to(dtype)))
 
     for name, a, same, high in zip(("out", "dq", "dk", "dv"), (out, *grads), oracle(torch.float32),
@@ -436,20 +440,29 @@ UNPAD_CASES = {  # B, H, Hkv, Tq, Tk, causal, the key mask
 }
 
 
-@pytest.mark.parametrize("name", list(UNPAD_CASES))
-def test_left_padding_runs_unpadded(monkeypatch, name):
-    """A left-padded batch runs through the flash kernel without a mask, the padded rows sliced to their kept keys and
-    the rows that see them (runs of equal padding in one call); any other mask goes to the kernel as an additive one.
-    Both agree with the oracle, forward and every gradient, and rows that see no key give 0."""
-    B, H, Hkv, Tq, Tk, causal, kpm = UNPAD_CASES[name]
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(B, h, T, 16, generator=g) for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk)))
-    do = torch.randn(B, H, Tq, 16, generator=g)
+def _spy_masks(monkeypatch) -> list:
+    """The key mask each flash pass of the CPU path is given (``None``: the kernel reads no mask)."""
     masks = []
     for fn in ("_flash_fwd_masked", "_flash_bwd_masked"):
         real = getattr(_torch_backend, fn)
         monkeypatch.setattr(_torch_backend, fn, lambda *a, _real=real: masks.append(a[6 if len(a) == 9 else 3])
                             or _real(*a))
+    return masks
+
+
+@pytest.mark.parametrize("name", list(UNPAD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_left_padding_runs_unpadded(monkeypatch, name, dtype):
+    """A left-padded batch runs through the flash kernel without a mask, the padded rows sliced to their kept keys and
+    the rows that see them (runs of equal padding in one call); any other mask goes to the kernel as an additive one.
+    Both agree with the oracle, forward and every gradient, and rows that see no key give 0 and lse -inf. (Every
+    call is let pay for itself here: when it does is the next test.)"""
+    monkeypatch.setattr(_torch_backend, "_CALL_SCORES", 0)
+    B, H, Hkv, Tq, Tk, causal, kpm = UNPAD_CASES[name]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, T, 16, generator=g, dtype=dtype) for h, T in ((H, Tq), (Hkv, Tk), (Hkv, Tk)))
+    do = torch.randn(B, H, Tq, 16, generator=g, dtype=dtype)
+    masks = _spy_masks(monkeypatch)
     got = _compare(lambda *t: fastattn_icl.attention(*t, causal=causal, key_padding_mask=kpm, backend="torch"),
                    lambda *t: attention_ref(*t, causal=causal, key_padding_mask=kpm), [q, k, v], do,
                    ("dq", "dk", "dv"))
@@ -459,6 +472,37 @@ def test_left_padding_runs_unpadded(monkeypatch, name):
         assert len(masks) == 2 * 2, "one flash call per run of equal padding (the fully padded row needs none)"
         assert got[0][3].abs().max() == 0 and got[0][1, :, :5].abs().max() == 0
         assert got[1][3].abs().max() == 0 and got[2][1:3, :, :5].abs().max() == 0
+        _, lse = fastattn_icl.attention_with_lse(q, k, v, causal=causal, key_padding_mask=kpm, backend="torch")
+        hidden = torch.zeros(B, Tq, dtype=torch.bool)
+        hidden[3], hidden[1:3, :5] = True, True
+        assert torch.isneginf(lse[hidden[:, None].expand(-1, H, -1)]).all()
+        assert torch.isfinite(lse[~hidden[:, None].expand(-1, H, -1)]).all()
+
+
+@pytest.mark.parametrize("shape", ["decode-batch-padded-row-by-row", "tiny", "prefill-one-row-padded"])
+def test_left_padding_unpadded_where_it_pays(monkeypatch, shape):
+    """One kernel call per run of equal padding pays only where the skipped scores outweigh the calls: a prefill, not
+    a decode step of a batch whose rows are padded each to its own length, nor a call too small to split."""
+    B, Tq, Tk, pads = {"decode-batch-padded-row-by-row": (32, 1, 128, [b + 1 for b in range(32)]),
+                       "tiny": (2, 8, 8, [0, 2]), "prefill-one-row-padded": (2, 256, 256, [0, 32])}[shape]
+    kpm = _left_padded(B, Tk, pads)
+    q, k, v = torch.randn(B, 8, Tq, 64), torch.randn(B, 8, Tk, 64), torch.randn(B, 8, Tk, 64)
+    masks = _spy_masks(monkeypatch)
+    out = fastattn_icl.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="torch")
+    check_close("out", out, attention_ref(q, k, v, causal=True, key_padding_mask=kpm),
+                attention_ref(*(t.double() for t in (q, k, v)), causal=True, key_padding_mask=kpm))
+    unpadded = shape == "prefill-one-row-padded"
+    assert masks == [None] * 2 if unpadded else len(masks) == 1 and masks[0] is kpm
+
+
+def test_no_keys_with_a_mask():
+    """``Tk = 0`` (not causal) with a key mask: every row sees no key, output 0 and lse -inf."""
+    q, k = torch.randn(2, 2, 4, 16, requires_grad=True), torch.randn(2, 2, 0, 16, requires_grad=True)
+    kpm = torch.ones(2, 0, dtype=torch.bool)
+    out, lse = fastattn_icl.attention_with_lse(q, k, k, causal=False, key_padding_mask=kpm, backend="torch")
+    assert out.shape == q.shape and out.abs().max() == 0 and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert q.grad.abs().max() == 0
 
 
 def test_left_pad_runs():

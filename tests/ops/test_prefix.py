@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastattn_icl
+from fastattn_icl.ops import _torch_backend
 from fastattn_icl.ops._validate import output_like
 from fastattn_icl.reference.attention import attention as attention_ref
 from fastattn_icl.testing import check_close
@@ -96,13 +97,16 @@ def test_matches_oracle(backend, shape, causal, dtype):
     _check_against_oracle(backend, q, pk, pv, k, v, causal=causal)
 
 
-def _padding_mask(B, Tk, seed):
-    """Row 0 left-padded, row 1 with holes anywhere, row 2 with every own key masked (it sees only the prefix)."""
+def _padding_mask(B, Tk, seed, kind="mixed"):
+    """Row 0 left-padded, row 1 with holes anywhere (``left``: left-padded too), row 2 with every own key masked (it
+    sees only the prefix)."""
     g = torch.Generator().manual_seed(seed)
     kpm = torch.ones(B, Tk, dtype=torch.bool)
     kpm[0, : Tk // 3] = False
     kpm[1] = torch.rand(Tk, generator=g) > 0.4
     kpm[1, -1] = True
+    if kind == "left":
+        kpm[1] = torch.arange(Tk) >= Tk // 2
     kpm[2] = False
     return kpm.to(DEVICE)
 
@@ -112,9 +116,13 @@ def _padding_mask(B, Tk, seed):
 @pytest.mark.parametrize(
     "shape", [(3, 4, 2, 1, 40, 17, 16), (3, 4, 2, 33, 40, 64, 16)], ids=lambda s: "x".join(map(str, s))
 )
-def test_key_padding(backend, causal, shape):
+@pytest.mark.parametrize("kind", ["mixed", "left"])
+def test_key_padding(backend, causal, shape, kind, monkeypatch):
+    """``left``: a batch that is only left-padded, which the CPU path would run unpadded without a prefix (here it
+    must not: the prefix is visible to the rows that see none of their own keys), at any size."""
+    monkeypatch.setattr(_torch_backend, "_CALL_SCORES", 0)
     q, pk, pv, k, v = _inputs(*shape, torch.float32, seed=3)
-    kpm = _padding_mask(shape[0], shape[4], seed=4)
+    kpm = _padding_mask(shape[0], shape[4], seed=4, kind=kind)
     out = _check_against_oracle(backend, q, pk, pv, k, v, causal=causal, kpm=kpm)
     # the row whose own keys are all masked attends to the prefix alone (not 0, not NaN)
     prefix_only = attention_ref(q[2:].double(), pk.double(), pv.double(), causal=False)
