@@ -306,8 +306,9 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
     lse = torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)  # the kernel's lse dtype (float32 or float64)
     for b0, b1, p in runs:
         r0 = _first_seen_row(p, Tq, Tk, causal)
-        o[b0:b1, :, :r0] = 0.0
-        lse[b0:b1, :, :r0] = float("-inf")
+        if r0 > 0:  # rows that see no key
+            o[b0:b1, :, :r0] = 0.0
+            lse[b0:b1, :, :r0] = float("-inf")
         if r0 < Tq:
             o_r, lse_r = _flash_fwd_masked(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], None, causal, scale,
                                            None)
