@@ -599,19 +599,28 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
     :func:`_flash_fwd` (0 at the rows and keys the padding hides)."""
     B, H, Tq = q.shape[:3]
     Tk = k.shape[2]
-    runs = _unpadded(kpm, q, Tk, causal)
+    runs = [(0, B, 0)] if kpm is None else _unpadded(kpm, q, Tk, causal)
     if runs is None:
         return _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale)
     if runs == [(0, B, 0)]:
-        return _flash_bwd_masked(do, q, k, v, o, lse, None, causal, scale)
+        return _flash_bwd_plain(do, q, k, v, o, lse, causal, scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for b0, b1, p in runs:
         r0 = _first_seen_row(p, Tq, Tk, causal)
         if r0 < Tq:
             rows, keys = (slice(b0, b1), slice(None), slice(r0, None)), (slice(b0, b1), slice(None), slice(p, None))
-            dq[rows], dk[keys], dv[keys] = _flash_bwd_masked(do[rows], q[rows], k[keys], v[keys], o[rows], lse[rows],
-                                                             None, causal, scale)
+            dq[rows], dk[keys], dv[keys] = _flash_bwd_plain(do[rows], q[rows], k[keys], v[keys], o[rows], lse[rows],
+                                                            causal, scale)
     return dq, dk, dv
+
+
+def _flash_bwd_plain(do, q, k, v, o, lse, causal, scale):
+    """:func:`_flash_bwd` without a key mask: the compiled backward (``csrc/cpu_flash_bwd.cpp``: the flash blocks with
+    BLAS GEMMs, 1.1-1.5x PyTorch's CPU flash backward: README.md, CPU section), or PyTorch's without the extension."""
+    if _compiled(q):
+        return torch.ops.fastattn_icl.flash_attention_bwd(*map(_unit_rows, (do, q, k, v, o)), lse.to(q.dtype), causal,
+                                                          scale)
+    return _flash_bwd_masked(do, q, k, v, o, lse, None, causal, scale)
 
 
 def _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale):

@@ -441,12 +441,14 @@ UNPAD_CASES = {  # B, H, Hkv, Tq, Tk, causal, the key mask
 
 
 def _spy_masks(monkeypatch) -> list:
-    """The key mask each flash pass of the CPU path is given (``None``: the kernel reads no mask)."""
+    """The key mask each flash pass of the CPU path is given (``None``: the kernel reads no mask; the compiled
+    backward, ``_flash_bwd_plain``, takes none)."""
     masks = []
-    for fn in ("_flash_fwd_masked", "_flash_bwd_masked"):
+    where = {"_flash_fwd_masked": 3, "_flash_bwd_masked": 6, "_flash_bwd_plain": None}
+    for fn, at in where.items():
         real = getattr(_torch_backend, fn)
-        monkeypatch.setattr(_torch_backend, fn, lambda *a, _real=real: masks.append(a[6 if len(a) == 9 else 3])
-                            or _real(*a))
+        monkeypatch.setattr(_torch_backend, fn, lambda *a, _real=real, _at=at: masks.append(
+            None if _at is None else a[_at]) or _real(*a))
     return masks
 
 
