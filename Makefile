@@ -16,8 +16,12 @@ SETUP_MODEL = PY=$$(REAL_MODEL=$${REAL_MODEL:-auto} scripts/setup_env.sh) || { e
 env:
 	@$(SETUP); echo "$$PY"
 
+# one pytest worker per core, a test file per worker, where pytest-xdist is installed (requirements-test.txt);
+# TEST_WORKERS=0 runs serially
 test:
-	@$(SETUP_MODEL); $$PY -m pytest -q tests
+	@$(SETUP_MODEL); workers=$${TEST_WORKERS:-auto}; \
+	xdist=$$([ "$$workers" != 0 ] && $$PY -c 'import xdist' 2>/dev/null && echo "-n $$workers --dist loadfile"); \
+	$$PY -m pytest -q $$xdist tests
 
 bench:
 	@$(SETUP); $$PY -m benchmarks.run

