@@ -46,8 +46,10 @@ TORCH_LIBRARY(fastattn_icl, m) {
   m.def("momentum_scan(Tensor x, float eta, bool reverse) -> Tensor");
   // One chunk of query rows of the saliency pass after its two matmuls (csrc/cpu_saliency.cpp; docs/methods.md §4):
   // p, dp [B, H, n, Tc] -> float64 [B, 1 + H·per_head, 3] sums; writes the chunk's rows of I into rows.
-  // The backward of plain attention without a key mask (csrc/cpu_flash_bwd.cpp): grad_out, q, out [B, H, Tq, D],
-  // k, v [B, Hkv, Tk, D], lse [B, H, Tq], one dtype (float32 or float64) -> dq, dk, dv (contiguous).
+  // Plain attention without a key mask (csrc/cpu_flash.cpp), q [B, H, Tq, D], k, v [B, Hkv, Tk, D], one dtype
+  // (float32 or float64): the forward -> out (laid out as q when q is contiguous, else as [B, Tq, H, D] memory), lse
+  // [B, H, Tq]; the backward from grad_out, out [B, H, Tq, D] and lse -> dq, dk, dv (contiguous).
+  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
   m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
         "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("saliency_reduce(Tensor p, Tensor dp, Tensor? key_padding_mask, Tensor label, Tensor target, int row0, "

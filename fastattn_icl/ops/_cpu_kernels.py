@@ -6,7 +6,7 @@ is built: the anchor correction and its backward, the isolated rows of a causal 
 take the backend's grouped layouts, ``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
 ``[B, Hkv, G, Tq]`` float32, with any strides but a unit one along ``D``), the momentum decay scan, the saliency
 pass's reduction of each chunk of rows (contiguous ``[B, H, n, Tc]`` chunks of ``P`` and ``dO Vᵀ``), and the backward
-of plain attention without a key mask (``csrc/cpu_flash_bwd.cpp``, in place of PyTorch's CPU flash backward).
+of plain attention without a key mask (``csrc/cpu_flash.cpp``, in place of PyTorch's CPU flash backward).
 Without the extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The
 backend imports this module on first use (it loads the extension).
 """
@@ -19,9 +19,10 @@ import warnings
 import torch
 
 from fastattn_icl import _ext
+from fastattn_icl.ops._validate import output_like
 
 OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolation_window_fwd_",
-       "isolation_window_bwd_", "momentum_scan", "saliency_reduce", "flash_attention_bwd")
+       "isolation_window_bwd_", "momentum_scan", "saliency_reduce", "flash_attention_fwd", "flash_attention_bwd")
 
 
 @functools.cache
@@ -69,6 +70,11 @@ def _saliency_fake(p, dp, key_padding_mask, label, target, row0, causal, per_hea
     return torch.empty(B, 1 + (H if per_head else 0), 3, dtype=torch.float64, device=p.device)
 
 
+def _flash_fwd_fake(q, k, v, causal, scale):
+    B, H, Tq, _ = q.shape
+    return output_like(q), torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)
+
+
 def _flash_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=q.dtype, device=q.device))
@@ -80,7 +86,8 @@ def _register_fakes() -> bool:
     # csrc/ops.cpp names this module as the ops' python module: torch checks that their fakes are registered here
     fakes = {"anchor_correction_": _no_output, "anchor_backward_": _no_output, "isolation_window_ok": _flag,
              "isolation_window_fwd_": _flag, "isolation_window_bwd_": _no_output,
-             "momentum_scan": _scan_fake, "saliency_reduce": _saliency_fake, "flash_attention_bwd": _flash_bwd_fake}
+             "momentum_scan": _scan_fake, "saliency_reduce": _saliency_fake,
+             "flash_attention_fwd": _flash_fwd_fake, "flash_attention_bwd": _flash_bwd_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastattn_icl::{name}", fake)
     return True

@@ -297,11 +297,12 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
     left-padded batch by runs of equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    runs = _unpadded(kpm, q, Tk, causal, prefix)
+    no_prefix = prefix is None or prefix[0].shape[2] == 0
+    runs = [(0, B, 0)] if kpm is None and no_prefix else _unpadded(kpm, q, Tk, causal, prefix)
     if runs is None:
         return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix)
     if runs == [(0, B, 0)]:
-        return _flash_fwd_masked(q, k, v, None, causal, scale, None)
+        return _flash_fwd_plain(q, k, v, causal, scale)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)  # the kernel's lse dtype (float32 or float64)
     for b0, b1, p in runs:
@@ -310,11 +311,18 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
             o[b0:b1, :, :r0] = 0.0
             lse[b0:b1, :, :r0] = float("-inf")
         if r0 < Tq:
-            o_r, lse_r = _flash_fwd_masked(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], None, causal, scale,
-                                           None)
+            o_r, lse_r = _flash_fwd_plain(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], causal, scale)
             o[b0:b1, :, r0:] = o_r
             lse[b0:b1, :, r0:] = lse_r
     return o, lse
+
+
+def _flash_fwd_plain(q, k, v, causal, scale):
+    """:func:`_flash_fwd` without a key mask or a shared prefix: the compiled forward (``csrc/cpu_flash.cpp``: the
+    flash blocks with BLAS GEMMs; README.md, CPU section), or PyTorch's CPU flash kernel without the extension."""
+    if _compiled(q):
+        return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale)
+    return _flash_fwd_masked(q, k, v, None, causal, scale, None)
 
 
 def _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix):
@@ -615,7 +623,7 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
 
 
 def _flash_bwd_plain(do, q, k, v, o, lse, causal, scale):
-    """:func:`_flash_bwd` without a key mask: the compiled backward (``csrc/cpu_flash_bwd.cpp``: the flash blocks with
+    """:func:`_flash_bwd` without a key mask: the compiled backward (``csrc/cpu_flash.cpp``: the flash blocks with
     BLAS GEMMs, 1.1-1.5x PyTorch's CPU flash backward: README.md, CPU section), or PyTorch's without the extension."""
     if _compiled(q):
         return torch.ops.fastattn_icl.flash_attention_bwd(*map(_unit_rows, (do, q, k, v, o)), lse.to(q.dtype), causal,

@@ -344,6 +344,7 @@ def test_opcheck(name):
                                   torch.zeros(q.shape), lse, kpm, limit, SCALE),
         "momentum_scan": (_randn(2, 9, 20, seed=1), 0.9, True),
         "saliency_reduce": (*sal[:5], 9, True, True, *sal[5:], 1e-30),
+        "flash_attention_fwd": (q.flatten(1, 2), k, v, True, SCALE),
         "flash_attention_bwd": (do.flatten(1, 2), q.flatten(1, 2), k, v, torch.zeros(q.flatten(1, 2).shape),
                                 lse.flatten(1, 2), True, SCALE),
     }[name]

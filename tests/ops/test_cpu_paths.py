@@ -36,8 +36,8 @@ def path(request, monkeypatch):
     if request.param == "exact":
         monkeypatch.setattr(_torch_backend, "_flash_ok", lambda *args: False)
     calls = []
-    flash = _torch_backend._FLASH_FWD
-    monkeypatch.setattr(_torch_backend, "_FLASH_FWD", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    flash = _torch_backend._flash_fwd
+    monkeypatch.setattr(_torch_backend, "_flash_fwd", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
     yield request.param
     assert bool(calls) == (request.param != "exact"), "the test ran the other path"
 
@@ -442,9 +442,9 @@ UNPAD_CASES = {  # B, H, Hkv, Tq, Tk, causal, the key mask
 
 def _spy_masks(monkeypatch) -> list:
     """The key mask each flash pass of the CPU path is given (``None``: the kernel reads no mask; the compiled
-    backward, ``_flash_bwd_plain``, takes none)."""
+    passes, ``_flash_fwd_plain`` and ``_flash_bwd_plain``, take none)."""
     masks = []
-    where = {"_flash_fwd_masked": 3, "_flash_bwd_masked": 6, "_flash_bwd_plain": None}
+    where = {"_flash_fwd_masked": 3, "_flash_fwd_plain": None, "_flash_bwd_masked": 6, "_flash_bwd_plain": None}
     for fn, at in where.items():
         real = getattr(_torch_backend, fn)
         monkeypatch.setattr(_torch_backend, fn, lambda *a, _real=real, _at=at: masks.append(

@@ -1,23 +1,27 @@
-// The backward of plain attention on CPU without a key mask (fastattn_icl/ops/_torch_backend.py: _flash_bwd; the math
-// is docs/methods.md §1), the fast path next to PyTorch's CPU flash backward:
-//   grad_out, q, out: [B, H, Tq, D]   k, v: [B, Hkv, Tk, D]   lse: [B, H, Tq]   all float32 or all float64, any strides
-//   with a unit one along D; query row i sits at key position i + Tk − Tq (bottom-right causal, Tq <= Tk when causal)
-//   -> dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D], contiguous.
+// Plain attention on CPU without a key mask, forward and backward (fastattn_icl/ops/_torch_backend.py: _flash_fwd,
+// _flash_bwd; the math is docs/methods.md §1), the fast path next to PyTorch's CPU flash kernel:
+//   q: [B, H, Tq, D]   k, v: [B, Hkv, Tk, D]   all float32 or all float64, any strides with a unit one along D; query
+//   row i sits at key position i + Tk − Tq (bottom-right causal, Tq <= Tk when causal)
+//   flash_attention_fwd -> out [B, H, Tq, D] (laid out as q when q is contiguous, else as [B, Tq, H, D] memory, the
+//                          promise of fastattn_icl.ops._validate.output_like), lse [B, H, Tq] (−inf: no key seen)
+//   flash_attention_bwd (grad_out, q, k, v, out, lse) -> dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D], contiguous.
 // With P = exp(scale · q kᵀ − lse) over the keys a row sees, delta = rowsum(dO ⊙ O), dS = P ⊙ (dO vᵀ − delta):
-//   dv = Pᵀ dO,   dq = scale · dS k,   dk = scale · dSᵀ q.
+//   out = P v,   dv = Pᵀ dO,   dq = scale · dS k,   dk = scale · dSᵀ q.
 //
 // Per (batch row, query head), a task of at::parallel_for, over blocks of 64 query rows and at most 512 keys (the keys
-// a causal block sees, no more): S = q kᵀ by a BLAS GEMM, P in place in one pass (exp floored as in the Python backend:
-// an argument below exp_floor gives 0; a row with lse = −inf sees no key and gets P = 0), four more GEMMs (dv += Pᵀ dO,
-// dP = dO vᵀ, dq += dS k, dk += dSᵀ q) with dS formed in one pass. A block's scores stay in cache between the GEMMs,
-// where PyTorch's kernel spends about twice the time on the same work at the short lengths of an ICL prompt (the A/B in
-// README.md, CPU section). The query heads of a kv head (GQA) each add into their own dk/dv scratch, summed at the end,
-// so no two tasks write the same memory.
+// a causal block sees, no more), each block's scores by a BLAS GEMM and kept in cache for the next ones. Forward: the
+// online softmax (a running row max and sum; the block's accumulator rescaled when the max moves), exp and row sum in
+// one pass, out += P v by a GEMM. Backward: P in place in one pass (a row with lse = −inf sees no key and gets P = 0),
+// four more GEMMs (dv += Pᵀ dO, dP = dO vᵀ, dq += dS k, dk += dSᵀ q) with dS formed in one pass. exp is floored as in
+// the Python backend (an argument below exp_floor gives 0). PyTorch's kernel spends up to twice the time on the same
+// work at the short lengths of an ICL prompt (the A/B in README.md, CPU section). The query heads of a kv head (GQA)
+// each add into their own dk/dv scratch, summed at the end, so no two tasks write the same memory.
 //
 // The GEMMs call the BLAS that libtorch_cpu carries (sgemm_/dgemm_, found once with dlsym: MKL in the x86 wheels), or,
-// where it has none or FASTATTN_ICL_CPU_GEMM=aten is set (the tests run both), at::addmm_ on views of the blocks. The
-// exp and dS passes have an AVX2 + FMA body (chosen at run time, cpu_isa.h) next to the baseline one; float64 runs the
-// baseline body (std::exp), float32 on AVX2 a vectorised exp (Cephes' polynomial, within 2 ulp of std::exp).
+// where it has none or FASTATTN_ICL_CPU_GEMM=aten is set (the tests run both), at::addmm_ on views of the blocks; a
+// row stride BLAS cannot take (below D: an expanded gradient) is copied first. The element-wise passes have an AVX2 +
+// FMA body (chosen at run time, cpu_isa.h) next to the baseline one; float64 runs the baseline body (std::exp), float32
+// on AVX2 a vectorised exp (Cephes' polynomial, within 2 ulp of std::exp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -187,7 +191,82 @@ FASTATTN_ICL_FB_AVX2 void ds_row_avx2(double* p, const double* dp, int64_t n, do
     p[j] *= dp[j] - delta;
   }
 }
+
+// The largest of n floats, NaN if one is NaN (max_ps alone would drop it).
+FASTATTN_ICL_FB_AVX2 float max_avx2(const float* s, int64_t n) {
+  __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    acc = _mm256_max_ps(acc, x);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan) != 0) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float out = _mm_cvtss_f32(h);
+  for (; j < n; ++j) {
+    if (std::isnan(s[j])) {
+      return s[j];
+    }
+    out = std::max(out, s[j]);
+  }
+  return out;
+}
+
+// s <- exp(scale · s − m) over the first `seen` keys (0 below the floor), 0 after them; returns their sum.
+FASTATTN_ICL_FB_AVX2 float exp_sum_avx2(float* s, int64_t seen, int64_t n, float scale, float m) {
+  const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(floor_of<float>());
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= seen; j += 8) {
+    const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vm);
+    const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, vf, _CMP_NLT_UQ));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float sum = _mm_cvtss_f32(h);
+  for (; j < seen; ++j) {
+    const float x = std::fma(s[j], scale, -m);
+    s[j] = x < floor_of<float>() ? 0.0f : std::exp(x);
+    sum += s[j];
+  }
+  std::fill(s + std::max<int64_t>(seen, 0), s + n, 0.0f);
+  return sum;
+}
 #endif
+
+template <typename T>
+inline T max_base(const T* s, int64_t n) {  // NaN if one is NaN
+  T out = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(s[j])) {
+      return s[j];
+    }
+    out = std::max(out, s[j]);
+  }
+  return out;
+}
+
+template <typename T>
+inline T exp_sum_base(T* s, int64_t seen, int64_t n, T scale, T m) {
+  const T floor = floor_of<T>();
+  T sum = 0;
+  for (int64_t j = 0; j < seen; ++j) {
+    const T x = s[j] * scale - m;
+    s[j] = x < floor ? T(0) : std::exp(x);
+    sum += s[j];
+  }
+  std::fill(s + std::max<int64_t>(seen, 0), s + n, T(0));
+  return sum;
+}
 
 template <typename T>
 struct Problem {
@@ -268,6 +347,99 @@ void backward_task(const Problem<T>& p, const Gemm<T>& gemm, bool avx2, int64_t 
   }
 }
 
+template <typename T>
+struct FwdProblem {
+  const T *q, *k, *v;
+  int64_t qs[3], ks[3], vs[3], os[3];  // strides along (batch, head, row); os: of out
+  T *o, *lse;                          // lse [B, H, Tq] contiguous
+  int64_t B, H, G, Tq, Tk, D;
+  bool causal;
+  T scale;
+};
+
+// One (batch row, query head): per block of query rows, the online softmax over key blocks (a running row max m and
+// sum l; the block's accumulator rescaled by exp(m_old − m_new) when the max moves), then out = acc / l and
+// lse = m + log l (a row that sees no key: out 0, lse −inf).
+template <typename T>
+void forward_task(const FwdProblem<T>& p, const Gemm<T>& gemm, bool avx2, int64_t bh, std::vector<T>& s_buf,
+                  std::vector<T>& acc_buf, std::vector<T>& m_row, std::vector<T>& l_row) {
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.G, D = p.D;
+  const T* q = p.q + b * p.qs[0] + h * p.qs[1];
+  const T* k = p.k + b * p.ks[0] + hk * p.ks[1];
+  const T* v = p.v + b * p.vs[0] + hk * p.vs[1];
+  T* o = p.o + b * p.os[0] + h * p.os[1];
+  T* lse = p.lse + (b * p.H + h) * p.Tq;
+  const int64_t off = p.Tk - p.Tq;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T* s = s_buf.data();
+  T* acc = acc_buf.data();
+  for (int64_t i0 = 0; i0 < p.Tq; i0 += kBlockQ) {
+    const int64_t m = std::min(kBlockQ, p.Tq - i0);
+    const int64_t kend = p.causal ? std::min(p.Tk, i0 + m + off) : p.Tk;
+    std::fill(m_row.begin(), m_row.begin() + m, neg_inf);
+    std::fill(l_row.begin(), l_row.begin() + m, T(0));
+    std::fill(acc, acc + m * D, T(0));
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, kend - j0);
+      gemm(false, true, m, n, D, T(1), q + i0 * p.qs[2], p.qs[2], k + j0 * p.ks[2], p.ks[2], T(0), s, kBlockK);
+      for (int64_t r = 0; r < m; ++r) {
+        T* row = s + r * kBlockK;
+        const int64_t seen = std::max<int64_t>(0, p.causal ? std::min(n, i0 + r + off + 1 - j0) : n);
+        T block_max = neg_inf;
+#ifdef FASTATTN_ICL_FB_X86
+        if constexpr (std::is_same_v<T, float>) {
+          if (avx2) {
+            block_max = max_avx2(row, seen);
+          } else {
+            block_max = max_base(row, seen);
+          }
+        } else {
+          block_max = max_base(row, seen);
+        }
+#else
+        block_max = max_base(row, seen);
+#endif
+        // a NaN score makes the row's max, sum, output and lse NaN (as PyTorch's kernel gives them)
+        const T m_new = std::isnan(block_max) || std::isnan(m_row[r]) ? std::numeric_limits<T>::quiet_NaN()
+                                                                      : std::max(m_row[r], block_max * p.scale);
+        if (m_new == neg_inf) {  // no key of this row so far
+          std::fill(row, row + n, T(0));
+          continue;
+        }
+        T sum;
+#ifdef FASTATTN_ICL_FB_X86
+        if constexpr (std::is_same_v<T, float>) {
+          sum = avx2 ? exp_sum_avx2(row, seen, n, p.scale, m_new) : exp_sum_base(row, seen, n, p.scale, m_new);
+        } else {
+          sum = exp_sum_base(row, seen, n, p.scale, m_new);
+        }
+#else
+        sum = exp_sum_base(row, seen, n, p.scale, m_new);
+#endif
+        if (!(m_new == m_row[r]) && m_row[r] != neg_inf) {
+          const T alpha = std::exp(m_row[r] - m_new);
+          l_row[r] *= alpha;
+          for (int64_t d = 0; d < D; ++d) {
+            acc[r * D + d] *= alpha;
+          }
+        }
+        m_row[r] = m_new;
+        l_row[r] += sum;
+      }
+      gemm(false, false, m, D, n, T(1), s, kBlockK, v + j0 * p.vs[2], p.vs[2], T(1), acc, D);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      T* orow = o + (i0 + r) * p.os[2];
+      const T l = l_row[r];
+      const T inv = l == T(0) ? T(0) : T(1) / l;  // l = 0: no key seen; NaN stays NaN
+      for (int64_t d = 0; d < D; ++d) {
+        orow[d] = acc[r * D + d] * inv;
+      }
+      lse[i0 + r] = l == T(0) ? neg_inf : m_row[r] + std::log(l);
+    }
+  }
+}
+
 bool aten_gemm_forced() {
   const char* env = std::getenv("FASTATTN_ICL_CPU_GEMM");
   return env != nullptr && std::strcmp(env, "aten") == 0;
@@ -286,10 +458,22 @@ void run_backward(Problem<T>& p) {
   });
 }
 
-void check_rows(const at::Tensor& x, const char* name, int64_t D) {
-  TORCH_CHECK(x.dim() == 4 && x.size(3) == D, "flash_attention_bwd: ", name, " must be [B, heads, T, ", D, "], got ",
-              x.sizes());
-  TORCH_CHECK(D <= 1 || x.stride(3) == 1, "flash_attention_bwd: ", name, " needs a unit stride along D");
+template <typename T>
+void run_forward(FwdProblem<T>& p) {
+  const Gemm<T> gemm{aten_gemm_forced() ? nullptr : blas<T>(),
+                     at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)};
+  const bool avx2 = avx2_usable(/*fma=*/true, /*f16c=*/false);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * p.D), m_row(kBlockQ), l_row(kBlockQ);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      forward_task(p, gemm, avx2, bh, s, acc, m_row, l_row);
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* name, int64_t D, const char* op = "flash_attention_bwd") {
+  TORCH_CHECK(x.dim() == 4 && x.size(3) == D, op, ": ", name, " must be [B, heads, T, ", D, "], got ", x.sizes());
+  TORCH_CHECK(D <= 1 || x.stride(3) == 1, op, ": ", name, " needs a unit stride along D");
 }
 
 // x, or a contiguous copy where its row stride cannot be a BLAS leading dimension (below D, as in an expanded
@@ -325,6 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(const at::Ten
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Tq,
               "flash_attention_bwd: lse must be [B, H, Tq], got ", lse.sizes());
   TORCH_CHECK(!causal || Tq <= Tk, "flash_attention_bwd: causal needs Tq <= Tk, got Tq = ", Tq, ", Tk = ", Tk);
+  TORCH_CHECK(scale > 0, "flash_attention_bwd: scale must be positive, got ", scale);
   TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31) && D < (int64_t(1) << 31),
               "flash_attention_bwd: lengths must fit a BLAS int");
   const int64_t G = H / Hkv;
@@ -373,9 +558,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(const at::Ten
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, bool causal, double scale) {
+  const char* op = "flash_attention_fwd";
+  const int64_t D = q_in.size(-1);
+  check_rows(q_in, "q", D, op);
+  check_rows(k_in, "k", D, op);
+  check_rows(v_in, "v", D, op);
+  const at::Tensor q = blas_rows(q_in, D), k = blas_rows(k_in, D), v = blas_rows(v_in, D);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op, ": float32 or float64 inputs, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype");
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes(), op, ": k and v must be [", B, ", Hkv, Tk, ", D, "]");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": H = ", H, " is not a multiple of Hkv = ", Hkv);
+  TORCH_CHECK(!causal || Tq <= Tk, op, ": causal needs Tq <= Tk, got Tq = ", Tq, ", Tk = ", Tk);
+  TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31) && D < (int64_t(1) << 31), op,
+              ": lengths must fit a BLAS int");
+  // the output laid out as fastattn_icl.ops._validate.output_like promises: as q when q is contiguous, else as
+  // [B, Tq, H, D] memory
+  at::Tensor out = q_in.is_contiguous() ? at::empty(q.sizes(), q.options())
+                                        : at::empty({B, Tq, H, D}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({B, H, Tq}, q.options());
+  if (B * H * Tq == 0) {
+    return {out, lse};
+  }
+  if (Tk == 0 || D == 0) {  // every score 0: lse = log(keys seen), out 0
+    out.zero_();
+    at::Tensor seen = at::full({Tq}, static_cast<double>(Tk), q.options());
+    if (causal) {
+      seen = at::arange(Tk - Tq + 1, Tk + 1, q.options());
+    }
+    lse.copy_(seen.log().expand({B, H, Tq}));
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_fwd", [&] {
+    FwdProblem<scalar_t> p{};
+    p.q = q.data_ptr<scalar_t>();
+    p.k = k.data_ptr<scalar_t>();
+    p.v = v.data_ptr<scalar_t>();
+    p.o = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<scalar_t>();
+    const at::Tensor* xs[] = {&q, &k, &v, &out};
+    int64_t* strides[] = {p.qs, p.ks, p.vs, p.os};
+    for (int i = 0; i < 4; ++i) {
+      for (int d = 0; d < 3; ++d) {
+        strides[i][d] = xs[i]->stride(d);
+      }
+      if (xs[i]->size(2) <= 1) {
+        strides[i][2] = D;  // one row: any leading dimension BLAS accepts
+      }
+    }
+    p.B = B;
+    p.H = H;
+    p.G = H / Hkv;
+    p.Tq = Tq;
+    p.Tk = Tk;
+    p.D = D;
+    p.causal = causal;
+    p.scale = static_cast<scalar_t>(scale);
+    run_forward(p);
+  });
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn_icl, CPU, m) {
+  m.impl("flash_attention_fwd", &flash_attention_fwd);
   m.impl("flash_attention_bwd", &flash_attention_bwd);
 }
 

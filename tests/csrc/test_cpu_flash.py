@@ -1,11 +1,12 @@
-"""The compiled backward of plain attention on CPU (csrc/cpu_flash_bwd.cpp), called directly.
+"""The compiled plain attention on CPU (csrc/cpu_flash.cpp), forward and backward, called directly.
 
-Its dq, dk, dv are held by the tolerance rule of ``fastattn_icl.testing`` to the oracle's gradients (autograd through
-``fastattn_icl.reference.attention``) in float32 and float64, on shapes that cross its blocks (more than 64 query rows,
-more than 512 keys), grouped heads, a chunk of queries over a cache (bottom-right causal), no causal mask, one decode
-row, a head dim off the vector width, strided inputs and float64; through the BLAS the wheel carries and through
-``at::addmm_`` (``FASTATTN_ICL_CPU_GEMM=aten``); with the AVX2 body and, in a subprocess, the baseline one. The backend
-takes it for every mask-free flash backward (tests/ops/test_cpu_paths.py runs that end to end).
+Its out and lse, and its dq, dk, dv, are held by the tolerance rule of ``fastattn_icl.testing`` to the oracle's
+(``fastattn_icl.reference.attention``, gradients by autograd) in float32 and float64, on shapes that cross its blocks
+(more than 64 query rows, more than 512 keys), grouped heads, a chunk of queries over a cache (bottom-right causal), no
+causal mask, one decode row, a head dim off the vector width, strided inputs and float64; through the BLAS the wheel
+carries and through ``at::addmm_`` (``FASTATTN_ICL_CPU_GEMM=aten``); with the AVX2 body and, in a subprocess, the
+baseline one. The backend takes it for every flash pass without a key mask (tests/ops/test_cpu_paths.py runs that end
+to end).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 
 from fastattn_icl.ops import _cpu_kernels
 from fastattn_icl.reference.attention import attention as attention_ref
-from fastattn_icl.testing import GRAD_FACTOR, check_close
+from fastattn_icl.testing import FWD_FACTOR, GRAD_FACTOR, check_close
 
 pytestmark = pytest.mark.skipif(not _cpu_kernels.available(), reason="fastattn_icl._C lacks the CPU kernels")
 OP = torch.ops.fastattn_icl.flash_attention_bwd
+FWD = torch.ops.fastattn_icl.flash_attention_fwd
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = [
@@ -34,6 +36,7 @@ CASES = [
     (2, 2, 2, 33, 530, 20, False),  # not causal, a head dim off the vector width, a partial key block
     (1, 3, 3, 1, 77, 24, True),  # one decode row
     (2, 4, 2, 24, 90, 16, True),  # GQA over a cache, two batch rows
+    (1, 2, 1, 100, 600, 16, True),  # two query blocks over two key blocks: rows that see none of a later block
 ]
 
 
@@ -57,6 +60,103 @@ def _oracle_grads(leaves, causal, dtype):
     q, k, v, do = (t.to(dtype) for t in leaves)
     xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     return torch.autograd.grad(attention_ref(*xs, causal=causal), xs, do)
+
+
+def _check_forward(case, dtype=torch.float32, layout=None, q_mult=1.0):
+    """The forward against the oracle's out and lse (in ``dtype`` and in float64); ``layout`` rearranges q, k, v;
+    ``q_mult`` scales q (and so the logits)."""
+    B, H, Hkv, Tq, Tk, D, causal = case
+    (_, q, k, v, _, _), leaves = _problem(case, dtype)
+    q, leaves = q * q_mult, (leaves[0] * q_mult, *leaves[1:])
+    if layout is not None:
+        q, k, v = layout([q, k, v])
+    out, lse = FWD(q, k, v, causal, D ** -0.5)
+    assert out.dtype == lse.dtype == dtype and lse.shape == (B, H, Tq)
+    if q.is_contiguous():
+        assert out.is_contiguous()
+    else:  # as [B, Tq, H, D] memory (fastattn_icl.ops._validate.output_like)
+        assert out.transpose(1, 2).is_contiguous()
+    wants = []
+    for dt in (dtype, torch.float64):
+        q_, k_, v_ = (x.to(dt) for x in leaves[:3])
+        s = torch.matmul(q_, k_.repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * D ** -0.5
+        if causal:
+            s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool).triu(Tk - Tq + 1), float("-inf"))
+        wants.append((attention_ref(q_, k_, v_, causal=causal), s.logsumexp(-1)))
+    check_close("out", out, wants[0][0], wants[1][0], factor=FWD_FACTOR)
+    check_close("lse", lse, wants[0][1], wants[1][1], factor=FWD_FACTOR)
+
+
+@pytest.mark.parametrize("gemm", ["blas", "aten"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_forward_matches_the_oracle(monkeypatch, case, gemm):
+    if gemm == "aten":
+        monkeypatch.setenv("FASTATTN_ICL_CPU_GEMM", "aten")
+    _check_forward(case)
+
+
+def test_forward_float64_and_strides():
+    """float64; q, k, v in ``[B, T, H, D]`` memory (a transformers projection's) with a padded row stride for k, v;
+    a single query row whose stride is 1 (BLAS could not take it)."""
+    _check_forward(CASES[2], torch.float64)
+
+    def bthd(xs):
+        q, k, v = xs
+        wide = [torch.cat([x, torch.zeros_like(x[..., :3])], -1)[..., : x.shape[-1]] for x in (k, v)]
+        return [q.transpose(1, 2).contiguous().transpose(1, 2), *wide]
+
+    _check_forward(CASES[1], layout=bthd)
+
+    def one_row(xs):
+        q, k, v = xs
+        B, H, _, D = q.shape
+        return [torch.empty_strided(q.shape, (H * D, D, 1, 1), dtype=q.dtype).copy_(q), k, v]
+
+    _check_forward(CASES[4], layout=one_row)
+
+
+def test_forward_wide_logits():
+    """Logits spread over hundreds (q scaled by 30): the running max moves between key blocks, and most terms fall
+    under the exp floor."""
+    _check_forward(CASES[2], q_mult=30.0)
+    _check_forward(CASES[-1], q_mult=30.0)
+
+
+def test_forward_nan_stays_nan():
+    """A NaN key makes out and lse NaN on every row that sees it (PyTorch's kernel does the same), in the first key
+    block of two, in the last column of a block, and on a short row."""
+    for Tk, at in ((600, 511), (600, 3), (8, 7)):
+        q, k, v = torch.randn(1, 1, 4, 16), torch.randn(1, 1, Tk, 16), torch.randn(1, 1, Tk, 16)
+        k[0, 0, at, 0] = float("nan")
+        out, lse = FWD(q, k, v, False, 0.25)
+        assert out.isnan().all() and lse.isnan().all(), (Tk, at)
+
+
+def test_forward_without_keys():
+    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 0, 8)
+    out, lse = FWD(q, k, k, False, 0.3)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_forward_bad_input():
+    (_, q, k, v, _, _), _ = _problem(CASES[1], torch.float32)
+    cases = {
+        "dtype": ((q, k.double()), "share one dtype"),
+        "half": ((q.half(), k.half(), v.half()), "float32 or float64"),
+        "heads": ((q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1)), "not a multiple"),
+        "stride": ((q.transpose(2, 3).contiguous().transpose(2, 3),), "unit stride along D"),
+        "causal": ((q, k[:, :, :10], v[:, :, :10]), "causal needs Tq <= Tk"),
+        "scale": ((q, k, v, True, -1.0), "scale must be positive"),
+    }
+    for head, match in cases.values():
+        with pytest.raises(RuntimeError, match=match):
+            FWD(*head, *(q, k, v, True, 0.25)[len(head):])
+
+
+def test_forward_opcheck():
+    (_, q, k, v, _, _), _ = _problem((1, 2, 1, 9, 12, 8, True), torch.float32)
+    torch.library.opcheck(FWD.default, (q, k, v, True, 0.3))
+    torch.library.opcheck(FWD.default, (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, False, 0.3))
 
 
 def _check(case, dtype=torch.float32, layout=None, expand_grad=False):
@@ -152,14 +252,15 @@ def test_opcheck():
 
 
 def test_baseline_body():
-    """With ``ATEN_CPU_CAPABILITY=default`` the kernel runs its baseline body (std::exp, no AVX2), still within the
-    rule."""
+    """With ``ATEN_CPU_CAPABILITY=default`` the kernels run their baseline bodies (std::exp, no AVX2), still within
+    the rule."""
     script = textwrap.dedent("""
         import torch
-        from tests.csrc import test_cpu_flash_bwd as t
+        from tests.csrc import test_cpu_flash as t
         assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-        for case in t.CASES[:2]:
+        for case in t.CASES[:3]:
             t._check(case)
+            t._check_forward(case)
         print("ok")
     """)
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
