@@ -4,7 +4,7 @@ Both take the same mask-free problem (causal unless stated); the calls of the tw
 machine's drift falls on both alike. Prints a markdown table of median milliseconds and the speed-up per shape, for the
 forward and the backward, at the thread count given.
 
-    python scripts/cpu_flash_ab.py [--threads 1] [--reps 15]
+    python scripts/cpu_flash_ab.py [--threads 1] [--reps 15] > benchmarks/results/cpu-flash-ab-1t.md
 """
 
 from __future__ import annotations
@@ -69,7 +69,13 @@ def main() -> None:
 
     if not _cpu_kernels.available():
         raise SystemExit("fastattn_icl._C is not built with the CPU kernels (pip install --no-build-isolation -e .)")
-    print(f"{args.threads} thread(s), {torch.__version__}, median of {args.reps} interleaved calls\n")
+    from benchmarks.harness import environment
+
+    h = environment(torch.device("cpu"))
+    dirty = " (dirty)" if h["git_dirty"] else ""
+    print(f"# PyTorch's CPU flash kernel against csrc/cpu_flash.cpp, {args.threads} thread(s)\n\n{h['device']}, torch "
+          f"{h['torch']}, commit {h['git_commit']}{dirty}, {h['date']}; `python scripts/cpu_flash_ab.py --threads "
+          f"{args.threads} --reps {args.reps}`: median of {args.reps} interleaved calls per kernel\n")
     print("| shape | fwd: PyTorch ms | fwd: ours ms | fwd speed-up | bwd: PyTorch ms | bwd: ours ms | bwd speed-up |")
     print("|---|---|---|---|---|---|---|")
     for B, H, Hkv, Tq, Tk, D, causal, what in SHAPES:
