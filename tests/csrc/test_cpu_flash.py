@@ -87,12 +87,18 @@ def _check_forward(case, dtype=torch.float32, layout=None, q_mult=1.0):
     check_close("lse", lse, wants[0][1], wants[1][1], factor=FWD_FACTOR)
 
 
-@pytest.mark.parametrize("gemm", ["blas", "aten"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_forward_matches_the_oracle(monkeypatch, case, gemm):
-    if gemm == "aten":
+@pytest.fixture(params=["blas", "aten"])
+def gemm(request, monkeypatch):
+    """The GEMMs through the BLAS libtorch_cpu carries, or through ``at::addmm_``."""
+    if request.param == "aten":
         monkeypatch.setenv("FASTATTN_ICL_CPU_GEMM", "aten")
-    _check_forward(case)
+    return request.param
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_matches_the_oracle(gemm, case, direction):
+    (_check_forward if direction == "fwd" else _check)(case)
 
 
 def test_forward_float64_and_strides():
@@ -176,18 +182,7 @@ def _check(case, dtype=torch.float32, layout=None, expand_grad=False):
         check_close(name, x, s, h, factor=GRAD_FACTOR)
 
 
-@pytest.mark.parametrize("gemm", ["blas", "aten"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_the_oracle(monkeypatch, case, gemm):
-    if gemm == "aten":
-        monkeypatch.setenv("FASTATTN_ICL_CPU_GEMM", "aten")
-    _check(case)
-
-
-@pytest.mark.parametrize("gemm", ["blas", "aten"])
-def test_float64(monkeypatch, gemm):
-    if gemm == "aten":
-        monkeypatch.setenv("FASTATTN_ICL_CPU_GEMM", "aten")
+def test_float64(gemm):
     _check(CASES[2], torch.float64)
 
 
