@@ -45,8 +45,8 @@ def warn_missing() -> None:
     why = _ext.load_error() or f"the build has no fastattn_icl::{missing} (built from older sources)"
     warnings.warn(
         "fastattn_icl: the CPU path's anchor re-weighting, isolated rows, momentum scan and saliency run eager PyTorch "
-        "ops (tens of small ops per call), and its attention backward PyTorch's slower CPU flash backward, because "
-        f"their compiled kernels are missing: {why}; {_ext.BUILD_HINT}",
+        "ops (tens of small ops per call), and its attention PyTorch's slower CPU flash kernel, because their "
+        f"compiled kernels are missing: {why}; {_ext.BUILD_HINT}",
         RuntimeWarning,
         stacklevel=4,
     )

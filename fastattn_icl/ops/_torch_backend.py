@@ -624,7 +624,7 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
 
 def _flash_bwd_plain(do, q, k, v, o, lse, causal, scale):
     """:func:`_flash_bwd` without a key mask: the compiled backward (``csrc/cpu_flash.cpp``: the flash blocks with
-    BLAS GEMMs, 1.1-1.8x PyTorch's CPU flash backward on causal calls and decode steps: README.md, CPU section), or
+    BLAS GEMMs, 1.0-2.0x PyTorch's CPU flash backward on causal calls and decode steps: README.md, CPU section), or
     PyTorch's without the extension, and on a call with several rows and no causal mask, where PyTorch's runs at the
     same GEMM rate and was 4 % faster."""
     if (causal or q.shape[2] == 1) and _compiled(q):
