@@ -1,7 +1,7 @@
 // Plain attention on CPU without a key mask, forward and backward (fastattn_icl/ops/_torch_backend.py: _flash_fwd,
 // _flash_bwd; the math is docs/methods.md §1), the fast path next to PyTorch's CPU flash kernel:
-//   q: [B, H, Tq, D]   k, v: [B, Hkv, Tk, D]   all float32 or all float64, any strides with a unit one along D; query
-//   row i sits at key position i + Tk − Tq (bottom-right causal, Tq <= Tk when causal)
+//   q: [B, H, Tq, D]   k, v: [B, Hkv, Tk, D]   all float32 or all float64, any strides (copied where BLAS cannot read
+//   the rows); query row i sits at key position i + Tk − Tq (bottom-right causal, Tq <= Tk when causal)
 //   flash_attention_fwd -> out [B, H, Tq, D] (laid out as q when q is contiguous, else as [B, Tq, H, D] memory, the
 //                          promise of fastattn_icl.ops._validate.output_like), lse [B, H, Tq] (−inf: no key seen)
 //   flash_attention_bwd (grad_out, q, k, v, out, lse) -> dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D], contiguous.
@@ -268,6 +268,55 @@ inline T exp_sum_base(T* s, int64_t seen, int64_t n, T scale, T m) {
   return sum;
 }
 
+// The row passes for float32 on AVX2, else the baseline bodies (float64 always).
+template <typename T>
+T row_max(bool avx2, const T* s, int64_t n) {
+#ifdef FASTATTN_ICL_FB_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2) {
+      return max_avx2(s, n);
+    }
+  }
+#endif
+  return max_base(s, n);
+}
+
+template <typename T>
+T row_exp_sum(bool avx2, T* s, int64_t seen, int64_t n, T scale, T m) {
+#ifdef FASTATTN_ICL_FB_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2) {
+      return exp_sum_avx2(s, seen, n, scale, m);
+    }
+  }
+#endif
+  return exp_sum_base(s, seen, n, scale, m);
+}
+
+template <typename T>
+void p_row(bool avx2, T* s, int64_t seen, int64_t n, T scale, T lse) {
+#ifdef FASTATTN_ICL_FB_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2) {
+      p_row_avx2(s, seen, n, scale, lse);
+      return;
+    }
+  }
+#endif
+  p_row_base(s, seen, n, scale, lse);
+}
+
+template <typename T>
+void ds_row(bool avx2, T* p, const T* dp, int64_t n, T delta) {
+#ifdef FASTATTN_ICL_FB_X86
+  if (avx2) {
+    ds_row_avx2(p, dp, n, delta);
+    return;
+  }
+#endif
+  ds_row_base(p, dp, n, delta);
+}
+
 template <typename T>
 struct Problem {
   const T *q, *k, *v, *o, *g, *lse;
@@ -320,26 +369,12 @@ void backward_task(const Problem<T>& p, const Gemm<T>& gemm, bool avx2, int64_t 
         if (l == -std::numeric_limits<T>::infinity()) {
           seen = 0;  // the row sees no key
         }
-#ifdef FASTATTN_ICL_FB_X86
-        if constexpr (std::is_same_v<T, float>) {
-          if (avx2) {
-            p_row_avx2(s + r * kBlockK, seen, n, p.scale, l);
-            continue;
-          }
-        }
-#endif
-        p_row_base(s + r * kBlockK, seen, n, p.scale, l);
+        p_row(avx2, s + r * kBlockK, seen, n, p.scale, l);
       }
       gemm(true, false, n, D, m, T(1), s, kBlockK, gi, p.gs[2], T(1), dv + j0 * D, D);
       gemm(false, true, m, n, D, T(1), gi, p.gs[2], vj, p.vs[2], T(0), dp, kBlockK);
       for (int64_t r = 0; r < m; ++r) {
-#ifdef FASTATTN_ICL_FB_X86
-        if (avx2) {
-          ds_row_avx2(s + r * kBlockK, dp + r * kBlockK, n, delta[r]);
-          continue;
-        }
-#endif
-        ds_row_base(s + r * kBlockK, dp + r * kBlockK, n, delta[r]);
+        ds_row(avx2, s + r * kBlockK, dp + r * kBlockK, n, delta[r]);
       }
       gemm(false, false, m, D, n, p.scale, s, kBlockK, kj, p.ks[2], T(1), dq + i0 * D, D);
       gemm(true, false, n, D, m, p.scale, s, kBlockK, qi, p.qs[2], T(1), dk + j0 * D, D);
@@ -385,20 +420,7 @@ void forward_task(const FwdProblem<T>& p, const Gemm<T>& gemm, bool avx2, int64_
       for (int64_t r = 0; r < m; ++r) {
         T* row = s + r * kBlockK;
         const int64_t seen = std::max<int64_t>(0, p.causal ? std::min(n, i0 + r + off + 1 - j0) : n);
-        T block_max = neg_inf;
-#ifdef FASTATTN_ICL_FB_X86
-        if constexpr (std::is_same_v<T, float>) {
-          if (avx2) {
-            block_max = max_avx2(row, seen);
-          } else {
-            block_max = max_base(row, seen);
-          }
-        } else {
-          block_max = max_base(row, seen);
-        }
-#else
-        block_max = max_base(row, seen);
-#endif
+        const T block_max = row_max(avx2, row, seen);
         // a NaN score makes the row's max, sum, output and lse NaN (as PyTorch's kernel gives them)
         const T m_new = std::isnan(block_max) || std::isnan(m_row[r]) ? std::numeric_limits<T>::quiet_NaN()
                                                                       : std::max(m_row[r], block_max * p.scale);
@@ -406,16 +428,7 @@ void forward_task(const FwdProblem<T>& p, const Gemm<T>& gemm, bool avx2, int64_
           std::fill(row, row + n, T(0));
           continue;
         }
-        T sum;
-#ifdef FASTATTN_ICL_FB_X86
-        if constexpr (std::is_same_v<T, float>) {
-          sum = avx2 ? exp_sum_avx2(row, seen, n, p.scale, m_new) : exp_sum_base(row, seen, n, p.scale, m_new);
-        } else {
-          sum = exp_sum_base(row, seen, n, p.scale, m_new);
-        }
-#else
-        sum = exp_sum_base(row, seen, n, p.scale, m_new);
-#endif
+        const T sum = row_exp_sum(avx2, row, seen, n, p.scale, m_new);
         if (!(m_new == m_row[r]) && m_row[r] != neg_inf) {
           const T alpha = std::exp(m_row[r] - m_new);
           l_row[r] *= alpha;
@@ -446,9 +459,13 @@ bool aten_gemm_forced() {
 }
 
 template <typename T>
+Gemm<T> make_gemm() {
+  return {aten_gemm_forced() ? nullptr : blas<T>(), at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)};
+}
+
+template <typename T>
 void run_backward(Problem<T>& p) {
-  const Gemm<T> gemm{aten_gemm_forced() ? nullptr : blas<T>(),
-                     at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)};
+  const Gemm<T> gemm = make_gemm<T>();
   const bool avx2 = avx2_usable(/*fma=*/true, /*f16c=*/false);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), delta(kBlockQ);
@@ -460,8 +477,7 @@ void run_backward(Problem<T>& p) {
 
 template <typename T>
 void run_forward(FwdProblem<T>& p) {
-  const Gemm<T> gemm{aten_gemm_forced() ? nullptr : blas<T>(),
-                     at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)};
+  const Gemm<T> gemm = make_gemm<T>();
   const bool avx2 = avx2_usable(/*fma=*/true, /*f16c=*/false);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * p.D), m_row(kBlockQ), l_row(kBlockQ);
@@ -473,14 +489,25 @@ void run_forward(FwdProblem<T>& p) {
 
 void check_rows(const at::Tensor& x, const char* name, int64_t D, const char* op = "flash_attention_bwd") {
   TORCH_CHECK(x.dim() == 4 && x.size(3) == D, op, ": ", name, " must be [B, heads, T, ", D, "], got ", x.sizes());
-  TORCH_CHECK(D <= 1 || x.stride(3) == 1, op, ": ", name, " needs a unit stride along D");
 }
 
-// x, or a contiguous copy where its row stride cannot be a BLAS leading dimension (below D, as in an expanded
-// gradient, or past a BLAS int); a single row's stride is not read.
+// x, or a contiguous copy where BLAS cannot read its rows: a stride along D other than 1, or a row stride below D (an
+// expanded gradient) or past a BLAS int; a single row's stride is not read.
 at::Tensor blas_rows(const at::Tensor& x, int64_t D) {
   const int64_t ld = x.stride(2);
-  return x.size(2) <= 1 || (ld >= D && ld <= std::numeric_limits<int>::max()) ? x : x.contiguous();
+  const bool rows_ok = x.size(2) <= 1 || (ld >= D && ld <= std::numeric_limits<int>::max());
+  return rows_ok && (D <= 1 || x.stride(3) == 1) ? x : x.contiguous();
+}
+
+// The (batch, head, row) strides of x [B, heads, T, D] as the tasks read them: a single row's row stride as D, which
+// BLAS accepts as a leading dimension whatever x says.
+void row_strides(const at::Tensor& x, int64_t* out, int64_t D) {
+  for (int d = 0; d < 3; ++d) {
+    out[d] = x.stride(d);
+  }
+  if (x.size(2) <= 1) {
+    out[2] = std::max<int64_t>(D, 1);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(const at::Tensor& grad_out_in, const at::Tensor& q_in,
@@ -527,15 +554,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(const at::Ten
     p.o = out.data_ptr<scalar_t>();
     p.g = grad_out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<scalar_t>();
-    const at::Tensor* xs[] = {&q, &k, &v, &out, &grad_out, &lse};
-    int64_t* strides[] = {p.qs, p.ks, p.vs, p.os, p.gs, p.ls};
-    for (int i = 0; i < 6; ++i) {
-      for (int d = 0; d < 3; ++d) {
-        strides[i][d] = xs[i]->stride(d);
-      }
-      if (i < 5 && xs[i]->size(2) <= 1) {
-        strides[i][2] = std::max<int64_t>(D, 1);  // one row: any leading dimension BLAS accepts
-      }
+    row_strides(q, p.qs, D);
+    row_strides(k, p.ks, D);
+    row_strides(v, p.vs, D);
+    row_strides(out, p.os, D);
+    row_strides(grad_out, p.gs, D);
+    for (int d = 0; d < 3; ++d) {
+      p.ls[d] = lse.stride(d);
     }
     p.dq = dq.data_ptr<scalar_t>();
     p.dk = dk.data_ptr<scalar_t>();
@@ -602,16 +627,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q_in, c
     p.v = v.data_ptr<scalar_t>();
     p.o = out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<scalar_t>();
-    const at::Tensor* xs[] = {&q, &k, &v, &out};
-    int64_t* strides[] = {p.qs, p.ks, p.vs, p.os};
-    for (int i = 0; i < 4; ++i) {
-      for (int d = 0; d < 3; ++d) {
-        strides[i][d] = xs[i]->stride(d);
-      }
-      if (xs[i]->size(2) <= 1) {
-        strides[i][2] = D;  // one row: any leading dimension BLAS accepts
-      }
-    }
+    row_strides(q, p.qs, D);
+    row_strides(k, p.ks, D);
+    row_strides(v, p.vs, D);
+    row_strides(out, p.os, D);
     p.B = B;
     p.H = H;
     p.G = H / Hkv;

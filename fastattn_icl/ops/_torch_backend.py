@@ -270,14 +270,19 @@ def _first_seen_row(p: int, Tq: int, Tk: int, causal: bool) -> int:
 
 
 def _unpadded(kpm, q: torch.Tensor, Tk: int, causal: bool, prefix=None):
-    """The left-padding runs (:func:`_left_pad_runs`) when the flash passes take the padded batch rows unpadded,
-    ``None`` when they take the mask. A left-padded row is attention of its rows ``r0 ..`` over its keys ``p ..``,
-    without a mask and with the same bottom-right causal alignment; its rows before ``r0`` see no key. So the kernel
-    neither reads the mask nor computes the padded blocks (a shared prefix, visible to every row, keeps the mask).
+    """The left-padding runs (:func:`_left_pad_runs`) when the flash passes take the padded batch rows unpadded
+    (``[(0, B, 0)]`` without a mask), ``None`` when they take the mask. A left-padded row is attention of its rows
+    ``r0 ..`` over its keys ``p ..``, without a mask and with the same bottom-right causal alignment; its rows before
+    ``r0`` see no key. So the kernel neither reads the mask nor computes the padded blocks (a shared prefix, visible
+    to every row, keeps the mask).
     Each run is a kernel call of its own, so the runs are taken only where the scores they skip outweigh their calls
     (:data:`_CALL_SCORES` each): a prefill, not a decode step of a batch padded row by row."""
     B, H, Tq, D = q.shape
-    if kpm is None or prefix is not None and prefix[0].shape[2] > 0 or kpm.device.type != "cpu":
+    if prefix is not None and prefix[0].shape[2] > 0:
+        return None
+    if kpm is None:
+        return [(0, B, 0)]
+    if kpm.device.type != "cpu":
         return None
     if B * Tq * Tk * H * D < 2 * _CALL_SCORES and not bool(kpm.all()):  # too little work to pay for a second call
         return None
@@ -297,8 +302,7 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
     left-padded batch by runs of equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    no_prefix = prefix is None or prefix[0].shape[2] == 0
-    runs = [(0, B, 0)] if kpm is None and no_prefix else _unpadded(kpm, q, Tk, causal, prefix)
+    runs = _unpadded(kpm, q, Tk, causal, prefix)
     if runs is None:
         return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix)
     if runs == [(0, B, 0)]:
@@ -607,7 +611,7 @@ def _flash_bwd(do, q, k, v, o, lse, kpm, causal, scale):
     :func:`_flash_fwd` (0 at the rows and keys the padding hides)."""
     B, H, Tq = q.shape[:3]
     Tk = k.shape[2]
-    runs = [(0, B, 0)] if kpm is None else _unpadded(kpm, q, Tk, causal)
+    runs = _unpadded(kpm, q, Tk, causal)
     if runs is None:
         return _flash_bwd_masked(do, q, k, v, o, lse, kpm, causal, scale)
     if runs == [(0, B, 0)]:
@@ -628,8 +632,7 @@ def _flash_bwd_plain(do, q, k, v, o, lse, causal, scale):
     PyTorch's without the extension, and on a call with several rows and no causal mask, where PyTorch's runs at the
     same GEMM rate and was 4 % faster."""
     if (causal or q.shape[2] == 1) and _compiled(q):
-        return torch.ops.fastattn_icl.flash_attention_bwd(*map(_unit_rows, (do, q, k, v, o)), lse.to(q.dtype), causal,
-                                                          scale)
+        return torch.ops.fastattn_icl.flash_attention_bwd(do, q, k, v, o, lse.to(q.dtype), causal, scale)
     return _flash_bwd_masked(do, q, k, v, o, lse, None, causal, scale)
 
 
