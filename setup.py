@@ -48,7 +48,10 @@ def _extension():
     # C++20 on recent releases, whose headers compile as C++17 only by compiler leniency).
     # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (clang contracts them by
     # default, and so does GCC outside ISO mode); csrc/deep_thinking.cpp must round both, like the eager oracle.
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -g0: no debug information (Python's own CFLAGS, which setuptools passes first, carry -g): with it every file
+    # also writes the debug information of torch's headers, which more than doubled the build (28 s -> 13 s for
+    # csrc/cpu_features.cpp, and the build runs twice in CI)
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off"]
     # at::parallel_for is a header template that splits work with `#pragma omp parallel` only when the including file is
     # compiled with OpenMP; without -fopenmp every CPU kernel runs on one thread. Linux torch ships its libgomp.so.1,
     # which the extension then shares (same soname, loaded first). Elsewhere (macOS clang: no plain -fopenmp) the
