@@ -19,7 +19,7 @@ import math
 import torch
 
 from fastattn_icl.ops._validate import check_key_padding_mask, check_qkv, check_scale, output_like
-from fastattn_icl.ops.attention import attention, attention_bwd
+from fastattn_icl.ops.attention import attention
 from fastattn_icl.ops.backend import kernel, resolve_backend
 
 __all__ = ["check_eta", "momentum_attention", "momentum_attention_with_state"]
@@ -91,17 +91,33 @@ def _(q, k, v, key_padding_mask, eta, causal, scale, store_attn, backend, m0=Non
     return out, q.new_empty(B, H, Tq, dtype=torch.float32), out_attn, state
 
 
-@torch.library.custom_op("fastattn_icl::momentum_value_grad", mutates_args=())
-def _momentum_value_grad(
-    grad_out: torch.Tensor, eta: float, num_kv_heads: int, Tk: int, key_padding_mask: torch.Tensor | None, backend: str
-) -> torch.Tensor:
-    return kernel(backend, "momentum_value_grad")(grad_out, eta, num_kv_heads, Tk, key_padding_mask)
+@torch.library.custom_op("fastattn_icl::momentum_attention_bwd", mutates_args=())
+def _momentum_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out_attn: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    eta: float,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``: the base attention's backward on the attention part of the output, plus the momentum term's
+    ``dV`` (one op, so a training step pays one dispatch for both)."""
+    dq, dk, dv, _ = kernel(backend, "attention_bwd")(grad_out, q, k, v, out_attn, lse, key_padding_mask, None, None,
+                                                     None, causal, scale)
+    dv_momentum = kernel(backend, "momentum_value_grad")(grad_out, eta, k.shape[1], k.shape[2], key_padding_mask)
+    if dv.dtype == torch.float32:  # dv has v's layout (attention_bwd's contract): the sum lands in it
+        return dq, dk, dv.add_(dv_momentum)
+    return dq, dk, dv.copy_(dv.float() + dv_momentum)  # summed in float32, rounded once
 
 
-@_momentum_value_grad.register_fake
-def _(grad_out, eta, num_kv_heads, Tk, key_padding_mask, backend):
-    B, _, _, D = grad_out.shape
-    return grad_out.new_empty(B, num_kv_heads, Tk, D, dtype=torch.float32)
+@_momentum_attention_bwd.register_fake
+def _(grad_out, q, k, v, out_attn, lse, key_padding_mask, eta, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -116,10 +132,9 @@ def _backward(ctx, grad_out, grad_lse, grad_out_attn, grad_state):
     q, k, v, out_attn, lse, key_padding_mask = ctx.saved_tensors
     if not ctx.store_attn:
         raise RuntimeError("momentum_attention: the forward ran without keeping the attention part for a backward")
-    dq, dk, dv, _ = attention_bwd(grad_out, q, k, v, out_attn, lse, key_padding_mask, None, None, None, ctx.causal,
-                                   ctx.scale, ctx.backend)
-    dv_momentum = _momentum_value_grad(grad_out, ctx.eta, k.shape[1], k.shape[2], key_padding_mask, ctx.backend)
-    return dq, dk, (dv.float() + dv_momentum).to(dv.dtype), None, None, None, None, None, None, None
+    dq, dk, dv = _momentum_attention_bwd(grad_out, q, k, v, out_attn, lse, key_padding_mask, ctx.eta, ctx.causal,
+                                         ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _momentum_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

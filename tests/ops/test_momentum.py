@@ -377,9 +377,13 @@ def test_opcheck_forward(layout):
     )
 
 
-def test_opcheck_value_grad():
-    _, _, _, do, kpm = _inputs(2, 4, 2, 7, 11, 16, torch.float32, pad="holes", seed=16)
-    torch.library.opcheck(torch.ops.fastattn_icl.momentum_value_grad.default, (do, 0.9, 2, 11, kpm, "torch"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_opcheck_backward(layout, dtype):
+    q, k, v, do, kpm = _inputs(2, 4, 2, 7, 11, 16, dtype, pad="holes", layout=layout, seed=16)
+    _, lse, out_attn, _ = torch.ops.fastattn_icl.momentum_attention_fwd(q, k, v, kpm, 0.9, True, 0.25, True, "torch")
+    torch.library.opcheck(torch.ops.fastattn_icl.momentum_attention_bwd.default,
+                          (do, q, k, v, out_attn, lse, kpm, 0.9, True, 0.25, "torch"))
 
 
 def test_opcheck_triton_fake_strides():
