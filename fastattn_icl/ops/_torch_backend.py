@@ -958,9 +958,13 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     Hkv = k.shape[1]
     # the sum is formed from the attention part in float32 and rounded once, as the Triton kernel's epilogue does
     o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
-    out = output_like(q)
     grouped = (B, Hkv, H // Hkv, Tq, D)
-    torch.add(o_attn.reshape(grouped), momentum[:, :, None], out=out.view(grouped))
+    out = output_like(q)
+    if not store_attn and o_attn.dtype == q.dtype and _same_layout(o_attn, out):  # o_attn is ours: add in place
+        out = o_attn
+        out.view(grouped).add_(momentum[:, :, None])
+    else:
+        torch.add(o_attn.reshape(grouped), momentum[:, :, None], out=out.view(grouped))
     if store_attn:  # the backward's o, in the layout and dtype the op promises
         o_attn = _as_promised(o_attn, q)
     return out, lse, (o_attn if store_attn else q.new_empty(0))
