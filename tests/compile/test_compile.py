@@ -30,7 +30,7 @@ _DOT_KINDS = ("fwd", "dkdv", "dq", "saliency")
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Every CI specialization compiled for sm_80 and sm_90 (all cores, fresh Triton cache)."""
+    """Every CI specialization compiled for each target of ``ARCHS`` (all cores, fresh Triton cache)."""
     return S.compile_all(S.ci_specs(), ARCHS)
 
 

@@ -387,13 +387,15 @@ def test_opcheck_backward(layout, dtype):
 
 
 def test_opcheck_triton_fake_strides():
-    """The Triton forward's outputs have the strides the fake kernel promises."""
-    q, k, v, _, kpm = _inputs(1, 4, 2, 7, 11, 16, torch.float32, pad="holes", layout="bthd", seed=17)
-    torch.library.opcheck(
-        torch.ops.fastattn_icl.momentum_attention_fwd.default,
-        (q, k, v, kpm, 0.9, True, 0.25, True, "triton"),
-        test_utils=("test_faketensor",),
-    )
+    """The Triton forward's and backward's outputs have the strides the fake kernels promise (the backward sums the
+    momentum term's dV into the attention backward's dv in place, so dv must have v's layout)."""
+    q, k, v, do, kpm = _inputs(1, 4, 2, 7, 11, 16, torch.float32, pad="holes", layout="bthd", seed=17)
+    fwd_args = (q, k, v, kpm, 0.9, True, 0.25, True, "triton")
+    torch.library.opcheck(torch.ops.fastattn_icl.momentum_attention_fwd.default, fwd_args,
+                          test_utils=("test_faketensor",))
+    _, lse, out_attn, _ = torch.ops.fastattn_icl.momentum_attention_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.fastattn_icl.momentum_attention_bwd.default,
+                          (do, q, k, v, out_attn, lse, kpm, 0.9, True, 0.25, "triton"), test_utils=("test_faketensor",))
 
 
 def test_torch_compile_fullgraph_traces_the_op():
