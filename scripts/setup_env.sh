@@ -47,9 +47,18 @@ if "$PY" "${check[@]}" 2>/dev/null; then
     exit 0
 fi
 "$PY" "${check[@]}" || true  # say what is missing
+# free space (GiB) on the filesystems pip writes to: the environment and the download directory
+free_gib() { df -Pk "$@" 2>/dev/null | awk 'NR > 1 { f = int($4 / 1048576); if (m == "" || f < m) m = f } END { print m + 0 }'; }
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "setup_env.sh: installing torch (${constrained[*]:-unpinned})" >&2
-    "$PY" -m pip install -q "${constrained[@]}" torch >&2 || fail "pip could not install torch"
+    # a CUDA build of torch (no local file of the pinned version: environment (b)'s 2.11.0) with its NVIDIA
+    # libraries is 5 GB installed, 6.5 GB at the peak of its install (measured without a pip cache); the CPU file of
+    # 2.13.0 ~1 GB
+    where=("$("$PY" -c 'import sys; print(sys.prefix)')" "${TMPDIR:-/tmp}")
+    free=$(free_gib "${where[@]}")
+    echo "setup_env.sh: installing torch (${constrained[*]:-unpinned}); ${free} GiB free for ${where[*]}" >&2
+    "$PY" -m pip install -q "${constrained[@]}" torch >&2 || fail "pip could not install torch (${free} GiB \
+were free for ${where[*]}; a CUDA build of torch took 6.5 GB at its peak here, more with pip's cache: \
+PIP_NO_CACHE_DIR=1 saves that)"
 fi
 "$PY" -m pip install -q "${constrained[@]}" -r requirements-dev.txt >&2 \
     || fail "pip could not install requirements-dev.txt (offline? install them by hand, then rerun)"
