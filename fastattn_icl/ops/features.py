@@ -69,14 +69,22 @@ def anchor_key_log_weights(
         raise ValueError("anchor_positions must not repeat a position within a batch row")
     columns = None if device.type != "cpu" else \
         torch.tensor(sorted({p for row in used for p, _ in row}), dtype=torch.int64)
-    return key_log_weight_table(beta, pos, cls, Tk), columns
+    every_slot_used = all(len(row) == len(pos_row) for row, pos_row in zip(used, positions))
+    return key_log_weight_table(beta, pos, cls, Tk, every_slot_used=every_slot_used), columns
 
 
-def key_log_weight_table(beta: torch.Tensor, positions: torch.Tensor, classes: torch.Tensor, Tk: int) -> torch.Tensor:
+def key_log_weight_table(beta: torch.Tensor, positions: torch.Tensor, classes: torch.Tensor, Tk: int, *,
+                         every_slot_used: bool = False) -> torch.Tensor:
     """:func:`anchor_key_log_weights` without its checks (no device-to-host sync), for callers that validated the
     anchors once: ``beta [B, H, C]`` floating, ``positions``/``classes`` int64 ``[B, A]``; a position outside
-    ``[0, Tk)`` is an unused slot, a class is clamped to ``[0, C)``."""
+    ``[0, Tk)`` is an unused slot, a class is clamped to ``[0, C)``. ``every_slot_used``: the caller checked that
+    every position is in ``[0, Tk)`` and every class in ``[0, C)``, so the table is one gather and one scatter (a
+    short prompt's call pays for each small op)."""
     B, H, C = beta.shape
+    if every_slot_used:
+        values = torch.gather(beta.float(), 2, classes[:, None, :].expand(B, H, -1))  # [B, H, A]
+        table = torch.zeros(B, H, Tk, dtype=torch.float32, device=beta.device)
+        return table.scatter_(2, positions[:, None, :].expand(B, H, -1), values)
     used = (positions >= 0) & (positions < Tk)
     # unused slots scatter into an extra column Tk that is dropped
     slot = torch.where(used, positions, Tk)

@@ -166,6 +166,37 @@ def test_weight_table_with_and_without_columns(path, case, columns, beta_scale):
     assert got[-1].abs().max() > 0
 
 
+@pytest.mark.parametrize("unused_slot", [False, True], ids=["every-slot-used", "an-unused-slot"])
+def test_weight_table_fast_path_for_checked_anchors(monkeypatch, unused_slot):
+    """``anchor_key_log_weights`` builds the table with one gather and one scatter when its host check saw every slot
+    used, and the general way (unused slots dropped) otherwise. The tables are compared bit-exactly on purpose: each
+    entry is a copy of one β value either way, no arithmetic; dβ (sums over the slots of a class) by the rule."""
+    from fastattn_icl.ops import features
+    from fastattn_icl.testing import GRAD_FACTOR, check_close
+
+    B, H, C, Tk = 2, 3, 4, 29
+    pos = torch.tensor([[3, 9, 17, 28], [0, 5, 11, 20]])
+    cls = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 1]])
+    if unused_slot:
+        pos[1, 2] = -1
+    beta = torch.randn(B, H, C, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    seen = []
+    table_fn = features.key_log_weight_table
+    monkeypatch.setattr(features, "key_log_weight_table", lambda *a, **kw: seen.append(kw) or table_fn(*a, **kw))
+    table, _ = features.anchor_key_log_weights(beta, pos, cls, B, H, Tk)
+    assert seen == [{"every_slot_used": not unused_slot}]
+    general = table_fn(beta, pos, cls, Tk)
+    torch.testing.assert_close(table, general, rtol=0, atol=0)
+    assert int((table != 0).sum()) == H * int((pos >= 0).sum())
+    w = torch.randn(B, H, Tk, generator=torch.Generator().manual_seed(3))
+    (g_fast,) = torch.autograd.grad((table * w).sum(), beta)
+    (g_general,) = torch.autograd.grad((general * w).sum(), beta)
+    beta64 = beta.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad((table_fn(beta64, pos, cls, Tk) * w.double()).sum(), beta64)
+    check_close("dbeta", g_fast, g_general, g64, factor=GRAD_FACTOR)
+    assert g_fast.abs().sum() > 0
+
+
 FOLD_CASES = {  # the first re-weighted position (None: the last row; "row-0"; else relative to the first anchor, per
     # batch row for a list) and whether the re-weighting rides in the values
     "from-the-first-anchor": (0, True),  # the rows before it see keys before the first anchor only
