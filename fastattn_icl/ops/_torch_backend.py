@@ -360,7 +360,8 @@ def _anchor_columns(key_log_weights: torch.Tensor) -> torch.Tensor:
 
 def _folded_weights(key_log_weights, reweight_from, columns, isolation_limit, causal: bool, Tq: int, Tk: int,
                     G: int):
-    """``w [B, H, A]`` at the anchor ``columns`` when the re-weighting rides in the values, else ``None``.
+    """``w [B, H, Tk]``, every key's weight (1 off the anchor ``columns``), when the re-weighting rides in the values,
+    else ``None``.
 
     ``P̂ V = P (w ⊙ V)`` on the re-weighted rows (docs/methods.md §2: post-softmax weights, unweighted denominator),
     so when no row before ``reweight_from`` sees an anchor column (every anchor at or after the first re-weighted
@@ -381,14 +382,13 @@ def _folded_weights(key_log_weights, reweight_from, columns, isolation_limit, ca
     last_plain = max(starts) - 1  # the last row some batch row leaves unweighted
     if last_plain >= 0 and cols[0] <= (last_plain + Tk - Tq if causal else Tk - 1):
         return None
-    return key_log_weights[:, :, columns].exp()
+    return key_log_weights.exp()  # exp(0) = 1 exactly: the product leaves the other keys' values as they are
 
 
-def _weighted_values(v, w, columns):
-    """``w ⊙ v`` (``v [B, H, Tk, D]``, one kv head per query head): ``v`` with its anchor rows scaled."""
-    vw = v.clone()
-    vw[:, :, columns] *= w[..., None].to(vw.dtype)
-    return vw
+def _weighted_values(v, w):
+    """``w ⊙ v`` (``v [B, H, Tk, D]``, one kv head per query head, ``w [B, H, Tk]``): one product, where scaling the
+    anchor rows of a copy of ``v`` in place took four ops (clone, index, multiply, index_put) for the same values."""
+    return v * w[..., None].to(v.dtype)
 
 
 def _anchor_correction(qg, kf, vf, o, lse, Tk, causal, kpm, key_log_weights, reweight_from, scale, columns):
@@ -522,7 +522,7 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
     if _flash_ok(q, Tq, Tk, causal):
         w = _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk,
                             H // Hkv)
-        vw = vc if w is None else _weighted_values(vc, w, key_weight_columns)
+        vw = vc if w is None else _weighted_values(vc, w)
         o, lse = _flash_fwd(q.to(cd), kc, vw, key_padding_mask, causal, scale, prefix)
         o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
         if key_log_weights is not None and w is None:
@@ -781,12 +781,11 @@ def _folded_bwd(do, q, k, v, o, lse, kpm, causal, scale, w, columns, *inputs):
     ``(k, w ⊙ v)`` gives ``dq``, ``dk`` and ``d(w ⊙ v)``; then ``dv = w ⊙ d(w ⊙ v)`` and, at the anchor columns,
     ``d log w = d(w ⊙ v) · (w ⊙ v)`` (0 at every other key)."""
     B, H, Tk = k.shape[:3]
-    vw = _weighted_values(v, w, columns)
+    vw = _weighted_values(v, w)
     dq, dk, dvw = _flash_bwd(do, q, k, vw, o, lse, kpm, causal, scale)
     dlogw = torch.zeros(B, H, Tk, dtype=torch.float32, device=q.device)
     dlogw[:, :, columns] = (dvw[:, :, columns] * vw[:, :, columns]).sum(-1).to(torch.float32)
-    dvw[:, :, columns] *= w[..., None].to(dvw.dtype)
-    return (*_as_inputs(inputs, (dq, dk, dvw)), dlogw)
+    return (*_as_inputs(inputs, (dq, dk, dvw * w[..., None].to(dvw.dtype))), dlogw)
 
 
 def attention_saliency(do, q, k, v, lse, key_padding_mask, key_log_weights, reweight_from, isolation_limit,
