@@ -142,7 +142,30 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
         raise ValueError(
             f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
         )
+    if device.type == "cpu" and (window + 1) * sum(p >= 0 for p in host) <= HOST_LIMIT_PAIRS:
+        return _isolation_limit_from_host(rows.tolist(), window, Tq, Tk)
     return isolation_limit_table(rows, window, Tq, Tk)
+
+
+HOST_LIMIT_PAIRS = 4096  # (row, isolated position) pairs up to which the CPU limit table is built from the host list
+
+
+def _isolation_limit_from_host(host_rows: list[list[int]], window: int, Tq: int, Tk: int) -> torch.Tensor:
+    """:func:`isolation_limit_table` from the checked host copy of the rows: the few covered (batch row, query row)
+    entries are set by one index_put, where the tensor path takes a dozen small ops over ``[B, Tq, R]``."""
+    best: dict[tuple[int, int], int] = {}
+    for b, row in enumerate(host_rows):
+        for p in row:
+            if p <= 0:  # -1: an unused slot; 0: no key before it to hide
+                continue
+            for i in range(max(p - (Tk - Tq), 0), min(p + window - (Tk - Tq) + 1, Tq)):
+                if best.get((b, i), 0) < p:
+                    best[(b, i)] = p
+    limit = torch.zeros(len(host_rows), Tq, dtype=torch.int32)
+    if best:
+        index = torch.tensor(list(best), dtype=torch.int64)
+        limit[index[:, 0], index[:, 1]] = torch.tensor(list(best.values()), dtype=torch.int32)
+    return limit
 
 
 def isolation_limit_table(rows: torch.Tensor, window: int, Tq: int, Tk: int) -> torch.Tensor:

@@ -543,3 +543,28 @@ def test_left_pad_runs():
     assert _torch_backend._left_pad_runs(_left_padded(2, 6, [1, 0]), 2) == [(0, 1, 1), (1, 2, 0)]
     assert _torch_backend._left_pad_runs(torch.tensor([[False, True, False]]), 1) is None
     assert _torch_backend._left_pad_runs(torch.tensor([[True, True, False]]), 1) is None
+
+
+@pytest.mark.parametrize("window", [0, 1, 3])
+@pytest.mark.parametrize("Tq", [23, 9, 1], ids=lambda t: f"Tq{t}")
+def test_isolation_limit_from_the_host_list(monkeypatch, window, Tq):
+    """A CPU call builds the isolation limit table from its checked host copy of the rows when few pairs are covered;
+    it equals the tensor path's (integers, so exactly) with unused slots, position 0, overlapping windows, rows
+    repeated across the batch and a chunk of queries over a longer cache; past ``HOST_LIMIT_PAIRS`` the tensor path
+    serves."""
+    from fastattn_icl.ops import features
+
+    B, Tk = 3, 23
+    rows = torch.tensor([[4, 6, -1, 19], [0, 11, 9, -1], [-1, -1, -1, -1]])  # row 1 unsorted: the largest wins
+    rows[0, 3] = Tk - 1 - window
+    expected = features.isolation_limit_table(rows, window, Tq, Tk)
+    got = features.isolation_limit(rows, window, B, Tq, Tk, torch.device("cpu"))
+    assert got.dtype == expected.dtype == torch.int32 and got.shape == (B, Tq)
+    assert torch.equal(got, expected)
+    assert Tq < 4 or int(got.count_nonzero()) > 0
+    monkeypatch.setattr(features, "HOST_LIMIT_PAIRS", 0)
+    tensor_path = []
+    table = features.isolation_limit_table
+    monkeypatch.setattr(features, "isolation_limit_table", lambda *a: tensor_path.append(1) or table(*a))
+    assert torch.equal(features.isolation_limit(rows, window, B, Tq, Tk, torch.device("cpu")), expected)
+    assert tensor_path == [1]
