@@ -22,6 +22,9 @@
 // isolation_window_ok       that check alone (the backward asks before its flash pass).
 // isolation_window_bwd_     the windowed rows' dq, dk, dv from their output gradient, output and lse.
 // momentum_scan             y[r, t] = Σ_{i<t} η^(t−i) x[r, i] over x [R, T, D] (docs/methods.md §6), or over i > t.
+// momentum_add_             that scan over v [B, Hkv, Tk, D] (padded keys as zero values) added into the last Tq
+//                           positions' rows of o [B, Hkv, G, Tq, D] in place, without forming M; returns the state
+//                           after the last key, [B, Hkv, D] (the momentum forward with no carried state).
 //
 // exp is floored as in the Python backend: an argument below exp_floor<T>() (less the re-weighting's headroom) gives
 // 0, as exp of a number near -87 would be a float32 denormal, a slow path of the vectorised exp and of later matmuls;
@@ -827,6 +830,155 @@ at::Tensor momentum_scan(const at::Tensor& x, double eta, bool reverse) {
   return y;
 }
 
+// out[b, h, g, t − first] += M_t for every query head g of kv head h and every position t >= first = Tk − Tq, with
+// M_t = Σ_{i<t} η^(t−i) v_i·keep_i formed as momentum_scan forms it (float64 state, M rounded once and flushed below
+// the dtype's smallest normal number), then added in the output's dtype, as the separate scan and add rounded it;
+// returns the state after the last position, η (M_(Tk−1) + v_(Tk−1)·keep), rounded once. v·keep is the product in
+// the dtype (a NaN value at a padded key stays NaN, as in the Python term).
+template <typename T>
+FASTATTN_ICL_INLINE void scan_add_rows(const T* v, int64_t v_t, const bool* keep, T* out, int64_t G, int64_t out_g,
+                                       int64_t out_t, int64_t T_len, int64_t first, int64_t d0, int64_t d1, double eta,
+                                       T* state) {
+  constexpr int64_t kBlock = 64;
+  double acc[kBlock];
+  T m[kBlock];
+  const double out_tiny = std::numeric_limits<T>::min(), state_tiny = 1e-290;
+  for (int64_t d = d0; d < d1; d += kBlock) {
+    const int64_t n = std::min(kBlock, d1 - d);
+    std::fill(acc, acc + n, 0.0);
+    for (int64_t t = 0; t < T_len; ++t) {
+      if (t >= first) {
+        for (int64_t l = 0; l < n; ++l) {
+          m[l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);  // NaN stays NaN
+        }
+        T* ot = out + (t - first) * out_t + d;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t l = 0; l < n; ++l) {
+            ot[g * out_g + l] += m[l];
+          }
+        }
+      }
+      const T kept = keep == nullptr || keep[t] ? T(1) : T(0);
+      const T* xt = v + t * v_t + d;
+      for (int64_t l = 0; l < n; ++l) {
+        const double next = eta * (acc[l] + static_cast<double>(xt[l] * kept));
+        acc[l] = std::abs(next) < state_tiny ? 0.0 : next;
+      }
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      state[d + l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);
+    }
+  }
+}
+template <typename T>
+FASTATTN_ICL_AVX2_FMA void scan_add_avx2(const T* v, int64_t v_t, const bool* keep, T* out, int64_t G, int64_t out_g,
+                                         int64_t out_t, int64_t T_len, int64_t first, int64_t d0, int64_t d1,
+                                         double eta, T* state) {
+  scan_add_rows(v, v_t, keep, out, G, out_g, out_t, T_len, first, d0, d1, eta, state);
+}
+#if FASTATTN_ICL_X86
+// float32: 16 columns at a time in four float64 vectors (the same operations as scan_add_rows, in vector registers)
+template <>
+FASTATTN_ICL_AVX2_FMA void scan_add_avx2<float>(const float* v, int64_t v_t, const bool* keep, float* out, int64_t G,
+                                                int64_t out_g, int64_t out_t, int64_t T_len, int64_t first, int64_t d0,
+                                                int64_t d1, double eta, float* state) {
+  const __m256d veta = _mm256_set1_pd(eta), sign = _mm256_set1_pd(-0.0);
+  const __m256d out_tiny = _mm256_set1_pd(std::numeric_limits<float>::min()), state_tiny = _mm256_set1_pd(1e-290);
+  int64_t d = d0;
+  for (; d + 16 <= d1; d += 16) {
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (int64_t t = 0; t < T_len; ++t) {
+      if (t >= first) {
+        float* ot = out + (t - first) * out_t + d;
+        for (int l = 0; l < 4; ++l) {
+          const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
+          const __m128 m = _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l]));
+          for (int64_t g = 0; g < G; ++g) {
+            float* og = ot + g * out_g + 4 * l;
+            _mm_storeu_ps(og, _mm_add_ps(_mm_loadu_ps(og), m));
+          }
+        }
+      }
+      const __m128 kept = _mm_set1_ps(keep == nullptr || keep[t] ? 1.0f : 0.0f);
+      const float* xt = v + t * v_t + d;
+      for (int l = 0; l < 4; ++l) {
+        const __m256d x = _mm256_cvtps_pd(_mm_mul_ps(_mm_loadu_ps(xt + 4 * l), kept));
+        const __m256d next = _mm256_mul_pd(veta, _mm256_add_pd(acc[l], x));
+        acc[l] = _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, next), state_tiny, _CMP_LT_OQ), next);
+      }
+    }
+    for (int l = 0; l < 4; ++l) {
+      const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
+      _mm_storeu_ps(state + d + 4 * l, _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l])));
+    }
+  }
+  if (d < d1) {
+    scan_add_rows(v, v_t, keep, out, G, out_g, out_t, T_len, first, d, d1, eta, state);
+  }
+}
+#endif
+template <typename T>
+void scan_add_plain(const T* v, int64_t v_t, const bool* keep, T* out, int64_t G, int64_t out_g, int64_t out_t,
+                    int64_t T_len, int64_t first, int64_t d0, int64_t d1, double eta, T* state) {
+  scan_add_rows(v, v_t, keep, out, G, out_g, out_t, T_len, first, d0, d1, eta, state);
+}
+
+at::Tensor momentum_add_(at::Tensor& out, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+                         double eta) {
+  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble) &&
+                  out.dim() == 5 && (out.size(4) <= 1 || out.stride(4) == 1),
+              "out must be a CPU float32 or float64 tensor [B, Hkv, G, Tq, D] with a unit stride along D, got ",
+              out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == out.scalar_type() && v.dim() == 4 &&
+                  (v.size(3) <= 1 || v.stride(3) == 1),
+              "v must be a CPU tensor [B, Hkv, Tk, D] of out's dtype with a unit stride along D, got ", v.scalar_type(),
+              " ", v.sizes());
+  const int64_t B = out.size(0), Hkv = out.size(1), G = out.size(2), Tq = out.size(3), D = out.size(4);
+  const int64_t Tk = v.size(2);
+  TORCH_CHECK(v.size(0) == B && v.size(1) == Hkv && v.size(3) == D && Tq <= Tk,
+              "v must be [B, Hkv, Tk, D] with Tk >= Tq for out ", out.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(std::isfinite(eta), "eta must be finite, got ", eta);
+  const bool* keep = nullptr;
+  int64_t keep_b = 0;
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& kpm = *key_padding_mask;
+    TORCH_CHECK(kpm.device().is_cpu() && kpm.scalar_type() == at::kBool && kpm.dim() == 2 && kpm.size(0) == B &&
+                    kpm.size(1) == Tk && (Tk <= 1 || kpm.stride(1) == 1),
+                "key_padding_mask must be a CPU bool tensor [B, Tk] with a unit stride along Tk");
+    keep = kpm.data_ptr<bool>();
+    keep_b = kpm.stride(0);
+  }
+  at::Tensor state = at::empty({B, Hkv, D}, v.options());
+  if (state.numel() == 0) {
+    return state;
+  }
+  constexpr int64_t kColumns = 64;  // columns per task, as momentum_scan
+  const int64_t blocks = (D + kColumns - 1) / kColumns;
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "momentum_add_", [&] {
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* sp = state.data_ptr<scalar_t>();
+    at::parallel_for(
+        0, B * Hkv * blocks, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, Tk * kColumns * (1 + G))),
+        [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t bh = task / blocks, b = bh / Hkv, h = bh % Hkv, d0 = (task % blocks) * kColumns;
+            const int64_t d1 = std::min(D, d0 + kColumns);
+            const scalar_t* vr = vp + b * v.stride(0) + h * v.stride(1);
+            scalar_t* orow = op + b * out.stride(0) + h * out.stride(1);
+            const bool* kr = keep == nullptr ? nullptr : keep + b * keep_b;
+            scalar_t* st = sp + bh * D;
+            avx2 ? scan_add_avx2(vr, v.stride(2), kr, orow, G, out.stride(2), out.stride(3), Tk, Tk - Tq, d0, d1, eta,
+                                 st)
+                 : scan_add_plain(vr, v.stride(2), kr, orow, G, out.stride(2), out.stride(3), Tk, Tk - Tq, d0, d1, eta,
+                                  st);
+          }
+        });
+  });
+  return state;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn_icl, CPU, m) {
@@ -836,6 +988,7 @@ TORCH_LIBRARY_IMPL(fastattn_icl, CPU, m) {
   m.impl("isolation_window_fwd_", &isolation_window_fwd_);
   m.impl("isolation_window_bwd_", &isolation_window_bwd_);
   m.impl("momentum_scan", &momentum_scan);
+  m.impl("momentum_add_", &momentum_add_);
 }
 
 }  // namespace fastattn_icl

@@ -44,6 +44,9 @@ TORCH_LIBRARY(fastattn_icl, m) {
         "Tensor grad_out, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor isolation_limit, float scale) -> ()");
   // x: [R, T, D] float32/float64 -> y, y[r, t] = Σ_{i<t} η^(t−i) x[r, i] (reverse: over i > t); docs/methods.md §6.
   m.def("momentum_scan(Tensor x, float eta, bool reverse) -> Tensor");
+  // o: [B, Hkv, G, Tq, D] += M of v [B, Hkv, Tk, D] at the last Tq positions (padded keys count as zero values), in
+  // place; returns the state after the last key [B, Hkv, D] (csrc/cpu_features.cpp; docs/methods.md §6).
+  m.def("momentum_add_(Tensor(a!) o, Tensor v, Tensor? key_padding_mask, float eta) -> Tensor");
   // One chunk of query rows of the saliency pass after its two matmuls (csrc/cpu_saliency.cpp; docs/methods.md §4):
   // p, dp [B, H, n, Tc] -> float64 [B, 1 + H·per_head, 3] sums; writes the chunk's rows of I into rows.
   // Plain attention without a key mask (csrc/cpu_flash.cpp), q [B, H, Tq, D], k, v [B, Hkv, Tk, D], one dtype

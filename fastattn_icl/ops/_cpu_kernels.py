@@ -22,7 +22,8 @@ from fastattn_icl import _ext
 from fastattn_icl.ops._validate import output_like
 
 OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolation_window_fwd_",
-       "isolation_window_bwd_", "momentum_scan", "saliency_reduce", "flash_attention_fwd", "flash_attention_bwd")
+       "isolation_window_bwd_", "momentum_scan", "momentum_add_", "saliency_reduce", "flash_attention_fwd",
+       "flash_attention_bwd")
 
 
 @functools.cache
@@ -65,6 +66,10 @@ def _scan_fake(x, eta, reverse) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _momentum_add_fake(o, v, key_padding_mask, eta) -> torch.Tensor:
+    return torch.empty(v.shape[0], v.shape[1], v.shape[3], dtype=v.dtype, device=v.device)
+
+
 def _saliency_fake(p, dp, key_padding_mask, label, target, row0, causal, per_head, row_slot, rows, p_min):
     B, H = p.shape[:2]
     return torch.empty(B, 1 + (H if per_head else 0), 3, dtype=torch.float64, device=p.device)
@@ -86,7 +91,7 @@ def _register_fakes() -> bool:
     # csrc/ops.cpp names this module as the ops' python module: torch checks that their fakes are registered here
     fakes = {"anchor_correction_": _no_output, "anchor_backward_": _no_output, "isolation_window_ok": _flag,
              "isolation_window_fwd_": _flag, "isolation_window_bwd_": _no_output,
-             "momentum_scan": _scan_fake, "saliency_reduce": _saliency_fake,
+             "momentum_scan": _scan_fake, "momentum_add_": _momentum_add_fake, "saliency_reduce": _saliency_fake,
              "flash_attention_fwd": _flash_fwd_fake, "flash_attention_bwd": _flash_bwd_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastattn_icl::{name}", fake)

@@ -969,6 +969,31 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     return out, lse, (o_attn if store_attn else q.new_empty(0))
 
 
+def momentum_attention_fwd_fused(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float,
+                                 store_attn: bool):
+    """``(out, lse, out_attn, state)`` of the momentum forward with no carried state, its term formed from ``v``
+    inside the add (``fastattn_icl::momentum_add_``: one pass, no ``M`` tensor, and the state from the same scan),
+    or ``None`` where that kernel does not serve (not a float32 CPU call with the extension built, or ``Tq > Tk``):
+    then the caller forms ``M`` with :func:`momentum_term` and calls :func:`momentum_attention_fwd`. The values are
+    those of that pair: ``M`` rounded once and added in float32; the state rounded once from its float64 sum."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Tq > Tk or q.dtype != torch.float32 or v.dtype != torch.float32 or not _compiled(q):
+        return None
+    o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
+    out = output_like(q)
+    if store_attn:
+        o_attn = _as_promised(o_attn, q)  # the backward's o, in the layout the op promises
+        out.copy_(o_attn)
+    elif _same_layout(o_attn, out):  # o_attn is ours: the term lands in it
+        out = o_attn
+    else:
+        out.copy_(o_attn)
+    state = torch.ops.fastattn_icl.momentum_add_(out.view(B, Hkv, H // Hkv, Tq, D), _unit_rows(v),
+                                                 _mask_rows(key_padding_mask), float(eta))
+    return out, lse, (o_attn if store_attn else q.new_empty(0)), state
+
+
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:
     """The Deep-Thinking update of ``work [R, 2, C]`` and ``m [R, C]`` in place (docs/methods.md §7); the contract of
     the Triton launcher of the same name. Each product and sum is rounded as the per-tensor reference rounds it

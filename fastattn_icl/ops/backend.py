@@ -39,6 +39,9 @@ _TRITON_MODULE = {
     "momentum_value_grad": "momentum",
     "deep_thinking_update_": "deep_thinking",
 }
+# fusions only the plain-PyTorch backend has (the Triton kernels fuse the same work in their epilogues): kernel()
+# gives None for them on the Triton backend, and the op runs its general composition
+_TORCH_ONLY = ("momentum_attention_fwd_fused",)
 
 
 def _check_name(name: str) -> str:
@@ -87,14 +90,17 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     )
 
 
-def kernel(backend: str, name: str) -> Callable:
-    """The function ``name`` (a key of ``_TRITON_MODULE``) of a resolved backend, ``"triton"`` or ``"torch"``.
+def kernel(backend: str, name: str) -> Callable | None:
+    """The function ``name`` (a key of ``_TRITON_MODULE``) of a resolved backend, ``"triton"`` or ``"torch"``; for a
+    name of ``_TORCH_ONLY``, ``None`` on the Triton backend.
 
     Modules are imported on first use, so importing fastattn_icl never imports Triton. Called inside the
     ``torch.library`` ops, which ``torch.compile`` does not trace into.
     """
-    if name not in _TRITON_MODULE:
-        raise ValueError(f"no kernel named {name!r}; the kernels are {sorted(_TRITON_MODULE)}")
+    if name not in _TRITON_MODULE and name not in _TORCH_ONLY:
+        raise ValueError(f"no kernel named {name!r}; the kernels are {sorted([*_TRITON_MODULE, *_TORCH_ONLY])}")
+    if backend == "triton" and name in _TORCH_ONLY:
+        return None
     if backend == "triton":
         module = importlib.import_module(f"fastattn_icl._triton.{_TRITON_MODULE[name]}")
     elif backend == "torch":

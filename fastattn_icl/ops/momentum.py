@@ -76,6 +76,10 @@ def _momentum_attention_fwd(
     backend: str,
     m0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fused = kernel(backend, "momentum_attention_fwd_fused") if m0 is None else None
+    served = None if fused is None else fused(q, k, v, key_padding_mask, causal, scale, eta, store_attn)
+    if served is not None:
+        return served
     term, carry_on = kernel(backend, "momentum_term"), kernel(backend, "momentum_continue")
     mom, state = _momentum_rows(v, eta, q.shape[2], key_padding_mask, m0, term, carry_on)
     fwd = kernel(backend, "momentum_attention_fwd")

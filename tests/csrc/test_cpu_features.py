@@ -343,6 +343,7 @@ def test_opcheck(name):
         "isolation_window_bwd_": (torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape), q, k, v, do,
                                   torch.zeros(q.shape), lse, kpm, limit, SCALE),
         "momentum_scan": (_randn(2, 9, 20, seed=1), 0.9, True),
+        "momentum_add_": (torch.zeros(q.shape), v, kpm, 0.9),
         "saliency_reduce": (*sal[:5], 9, True, True, *sal[5:], 1e-30),
         "flash_attention_fwd": (q.flatten(1, 2), k, v, True, SCALE),
         "flash_attention_bwd": (do.flatten(1, 2), q.flatten(1, 2), k, v, torch.zeros(q.flatten(1, 2).shape),
@@ -395,6 +396,9 @@ def test_baseline_bodies():
         w = torch.where(lag > 0, torch.tensor(0.9, dtype=torch.float64) ** lag.clamp(min=0), 0.0)
         check_close("scan", torch.ops.fastattn_icl.momentum_scan(x, 0.9, False), (w.float() @ x), w @ x.double(),
                     factor=FWD_FACTOR)
+        o = torch.zeros(3, 1, 1, 40, 37)
+        torch.ops.fastattn_icl.momentum_add_(o, x[:, None], None, 0.9)
+        check_close("scan-add", o[:, 0, 0], (w.float() @ x), w @ x.double(), factor=FWD_FACTOR)
         from tests.csrc.test_cpu_features import _saliency_dense, _saliency_setup
         p, dp, kpm, label, target, slot, rows = _saliency_setup()
         got = torch.ops.fastattn_icl.saliency_reduce(p, dp, kpm, label, target, 9, True, True, slot, rows, 1e-30)
@@ -425,6 +429,71 @@ def test_momentum_scan(dtype, reverse, shape):
     high = weights @ x.double()
     check_close("y", y, (weights.to(dtype) @ x).to(dtype), high, factor=FWD_FACTOR)
     assert y.dtype == dtype and y.shape == x.shape
+
+
+def _momentum_add_oracle(o, v, kpm, eta, dtype):
+    """``o + M`` at the last ``Tq`` positions for every query head, and the state after the last key, in ``dtype``
+    (float64: the oracle): the sum of powers over ``v`` with padded keys as zero values."""
+    B, Hkv, G, Tq, D = o.shape
+    Tk = v.shape[2]
+    lag = torch.arange(Tk + 1)[:, None] - torch.arange(Tk)[None, :]  # rows: positions 0 .. Tk (the state)
+    w = torch.where(lag > 0, torch.tensor(eta, dtype=torch.float64) ** lag.clamp(min=0), 0.0).to(dtype)
+    vk = v.to(dtype) if kpm is None else v.to(dtype) * kpm[:, None, :, None]
+    m = w @ vk  # [B, Hkv, Tk + 1, D]
+    return o.to(dtype) + m[:, :, None, Tk - Tq : Tk], m[:, :, Tk]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("geometry", [(2, 2, 3, 30, 41, 37, True), (1, 3, 1, 40, 40, 16, False),
+                                      (2, 1, 2, 1, 9, 5, True), (1, 2, 1, 0, 6, 16, False)],
+                         ids=["gqa-chunk-padded-37cols", "square-16cols", "decode-row-5cols", "no-rows"])
+def test_momentum_add(dtype, geometry):
+    """``o += M`` of ``v`` at the last ``Tq`` positions for every query head of a kv head, and the state after the
+    last key, against the float64 sum of powers: GQA, a chunk of rows over a longer cache, padded keys (zero values),
+    column counts on and off the 16-column vector body, an ``o`` that is a strided view (``[B, Tq, H, D]`` memory)."""
+    B, Hkv, G, Tq, Tk, D, padded = geometry
+    v = _randn(B, Hkv, Tk, D, seed=Tk, dtype=dtype)
+    o0 = _randn(B, Tq, Hkv * G, D, seed=D, dtype=dtype)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, Tk, dtype=torch.bool)
+        kpm[-1, :3] = False
+        kpm[0, Tk // 2] = False
+    o = o0.clone().transpose(1, 2).reshape(B, Hkv, G, Tq, D) if Tq else torch.zeros(B, Hkv, G, 0, D, dtype=dtype)
+    start = o.clone()
+    state = OPS.momentum_add_(o, v, kpm, 0.9)
+    want, want_state = _momentum_add_oracle(start, v, kpm, 0.9, dtype)
+    high, high_state = _momentum_add_oracle(start, v, kpm, 0.9, torch.float64)
+    check_close("o", o, want, high, factor=FWD_FACTOR)
+    check_close("state", state, want_state, high_state, factor=FWD_FACTOR)
+    assert state.shape == (B, Hkv, D) and state.dtype == dtype
+    assert state.abs().sum() > 0
+
+
+def test_momentum_add_bad_input():
+    v = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="Tk >= Tq"):
+        OPS.momentum_add_(torch.zeros(1, 2, 1, 6, 16), v, None, 0.5)
+    with pytest.raises(RuntimeError, match="out's dtype"):
+        OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16), v.double(), None, 0.5)
+    with pytest.raises(RuntimeError, match="unit stride along D"):
+        OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16).transpose(3, 4).contiguous().transpose(3, 4), v, None, 0.5)
+    with pytest.raises(RuntimeError, match="key_padding_mask"):
+        OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16), v, torch.ones(1, 4, dtype=torch.bool), 0.5)
+
+
+@pytest.mark.parametrize("columns", [16, 5], ids=["vector-body", "scalar-columns"])
+def test_momentum_add_propagates_nan(columns):
+    """A NaN value reaches every later position's output and the state, also at a padded key (its value times 0 is
+    NaN, as in the Python term)."""
+    v = torch.zeros(1, 1, 8, columns)
+    v[0, 0, 2, 0] = float("nan")
+    kpm = torch.ones(1, 8, dtype=torch.bool)
+    kpm[0, 2] = False
+    o = torch.zeros(1, 1, 1, 8, columns)
+    state = OPS.momentum_add_(o, v, kpm, 0.5)
+    assert o[0, 0, 0, :3, 0].eq(0).all() and o[0, 0, 0, 3:, 0].isnan().all() and state[0, 0, 0].isnan()
+    assert not o[..., 1:].isnan().any()
 
 
 @pytest.mark.parametrize("columns", [16, 5], ids=["vector-body", "scalar-columns"])

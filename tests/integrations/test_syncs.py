@@ -88,7 +88,7 @@ def sync_counter(monkeypatch):
     AttentionMaskInterface.register(COUNTING, fastattn_icl_mask)
     for name in _HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counter.wrap(name)[1])
-    for name in backend._TRITON_MODULE:  # the functions ops.backend.kernel() hands out, looked up at each call
+    for name in (*backend._TRITON_MODULE, *backend._TORCH_ONLY):  # what ops.backend.kernel() hands out, at each call
         monkeypatch.setattr(_torch_backend, name, counter.uncounted(getattr(_torch_backend, name)))
     return counter
 

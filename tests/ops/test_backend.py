@@ -9,7 +9,7 @@ import pytest
 
 import fastattn_icl.ops
 from fastattn_icl.ops import _torch_backend
-from fastattn_icl.ops.backend import _TRITON_MODULE, kernel
+from fastattn_icl.ops.backend import _TORCH_ONLY, _TRITON_MODULE, kernel
 
 OPS = pathlib.Path(fastattn_icl.ops.__file__).parent
 
@@ -50,6 +50,13 @@ def test_ops_modules_import_each_other_without_a_cycle():
 def test_every_kernel_exists_in_both_backends(name):
     assert kernel("torch", name) is getattr(_torch_backend, name)
     assert callable(kernel("triton", name))
+
+
+@pytest.mark.parametrize("name", sorted(_TORCH_ONLY))
+def test_torch_only_fusions_are_none_on_triton(name):
+    assert kernel("torch", name) is getattr(_torch_backend, name)
+    assert kernel("triton", name) is None
+    assert name not in _TRITON_MODULE
 
 
 def test_kernel_refuses_unknown_names_and_unresolved_backends():

@@ -732,3 +732,47 @@ def test_state_after_a_call_with_no_query_rows():
             _, state = momentum_attention_with_state(torch.randn(1, 2, 0, 16), k, v, 0.5, causal=False,
                                                      backend=backend)
         check_close(f"state, {backend}", state, same, want)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_cpu_forward_adds_the_term_in_one_pass(monkeypatch, grad, layout):
+    """A float32 CPU call with no carried state forms ``M`` inside the add (``fastattn_icl::momentum_add_``), with and
+    without a gradient; its output, gradients and state agree with the general term-then-add path (forced here) and
+    both with the float64 oracle. bf16, a carried state and ``Tq > Tk`` take the general path."""
+    from fastattn_icl.ops import _cpu_kernels
+    from fastattn_icl.ops.momentum import momentum_attention_with_state
+
+    if not _cpu_kernels.available():
+        pytest.skip("the compiled extension is not built")
+    fused = torch_impl.momentum_attention_fwd_fused
+    served = []
+    monkeypatch.setattr(torch_impl, "momentum_attention_fwd_fused",
+                        lambda *a: (lambda r: served.append(r is not None) or r)(fused(*a)))
+    q, k, v, do, kpm = _inputs(2, 4, 2, 21, 33, 16, torch.float32, pad="left", seed=5, layout=layout)
+    want = _oracle_grads(q, k, v, do, kpm, 0.9, True, dtype=torch.float64)
+    same = _oracle_grads(q, k, v, do, kpm, 0.9, True)
+    run = (lambda: _grads(_ours("torch", 0.9, True, kpm), q, k, v, do)) if grad else \
+        (lambda: (fastattn_icl.momentum_attention(q, k, v, 0.9, key_padding_mask=kpm, backend="torch"),))
+    got = run()
+    assert served == [True]
+    monkeypatch.setattr(torch_impl, "momentum_attention_fwd_fused", lambda *a: served.append(None))
+    general = run()
+    assert served == [True, None]
+    for name, a, b, s, h in zip(("out", "dq", "dk", "dv"), got, general, same, want):
+        check_close(f"{name} fused", a, s, h, factor=2.0 if name == "out" else GRAD_FACTOR)
+        check_close(f"{name} general", b, s, h, factor=2.0 if name == "out" else GRAD_FACTOR)
+    assert got[0].stride() == output_like(q).stride()
+    _, state_want = ref.momentum_recurrent((v.double() * kpm[:, None, :, None]), 0.9, return_state=True)
+    _, state_same = ref.momentum_recurrent(v * kpm[:, None, :, None], 0.9, return_state=True)
+    monkeypatch.setattr(torch_impl, "momentum_attention_fwd_fused", fused)
+    with torch.no_grad():
+        _, state = momentum_attention_with_state(q, k, v, 0.9, key_padding_mask=kpm, backend="torch")
+    check_close("state", state, state_same, state_want)
+    calls = []
+    monkeypatch.setattr(torch_impl, "momentum_attention_fwd_fused", lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        momentum_attention_with_state(q[:, :, -1:], k, v, 0.9, state, key_padding_mask=kpm, backend="torch")
+        assert fused(*(t.bfloat16() for t in (q, k, v)), kpm, True, 0.25, 0.9, False) is None
+        assert fused(q, k[:, :, :5], v[:, :, :5], None, True, 0.25, 0.9, False) is None  # Tq > Tk
+    assert calls == []
