@@ -742,11 +742,18 @@ void isolation_window_bwd_(const at::Tensor& dq, const at::Tensor& dk, const at:
 // stored as 0 (a denormal changes no sum, but slows every later product), and a float64 state below 1e-290 is set to
 // 0 (before it becomes a float64 denormal); NaN and infinities propagate.
 template <typename T>
+FASTATTN_ICL_INLINE T scan_output(double acc) {  // the sum rounded once, below the dtype's smallest normal 0
+  return std::abs(acc) < static_cast<double>(std::numeric_limits<T>::min()) ? T(0) : static_cast<T>(acc);  // NaN stays
+}
+FASTATTN_ICL_INLINE double scan_step(double acc, double x, double eta) {  // acc <- η·(acc + x), flushed near 1e-290
+  const double next = eta * (acc + x);
+  return std::abs(next) < 1e-290 ? 0.0 : next;
+}
+template <typename T>
 FASTATTN_ICL_INLINE void scan_rows(const T* x, T* y, int64_t T_len, int64_t D, int64_t d0, int64_t d1, double eta,
                                    bool reverse) {
   constexpr int64_t kBlock = 64;
   double acc[kBlock];
-  const double out_tiny = std::numeric_limits<T>::min(), state_tiny = 1e-290;
   for (int64_t d = d0; d < d1; d += kBlock) {
     const int64_t n = std::min(kBlock, d1 - d);
     std::fill(acc, acc + n, 0.0);
@@ -755,9 +762,8 @@ FASTATTN_ICL_INLINE void scan_rows(const T* x, T* y, int64_t T_len, int64_t D, i
       const T* xt = x + t * D + d;
       T* yt = y + t * D + d;
       for (int64_t l = 0; l < n; ++l) {
-        yt[l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);  // NaN stays NaN
-        const double next = eta * (acc[l] + static_cast<double>(xt[l]));
-        acc[l] = std::abs(next) < state_tiny ? 0.0 : next;
+        yt[l] = scan_output<T>(acc[l]);
+        acc[l] = scan_step(acc[l], static_cast<double>(xt[l]), eta);
       }
     }
   }
@@ -768,12 +774,22 @@ FASTATTN_ICL_AVX2_FMA void scan_avx2(const T* x, T* y, int64_t T_len, int64_t D,
   scan_rows(x, y, T_len, D, d0, d1, eta, reverse);
 }
 #if FASTATTN_ICL_X86
+// scan_output<float> and scan_step on four columns (a mask of the values to flush, |x| < tiny: false for NaN)
+FASTATTN_ICL_AVX2_FMA inline __m128 scan_output_ps(__m256d acc) {
+  const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(_mm256_set1_pd(-0.0), acc),
+                                        _mm256_set1_pd(std::numeric_limits<float>::min()), _CMP_LT_OQ);
+  return _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc));
+}
+FASTATTN_ICL_AVX2_FMA inline __m256d scan_step_pd(__m256d acc, __m256d x, __m256d eta) {
+  const __m256d next = _mm256_mul_pd(eta, _mm256_add_pd(acc, x));
+  const __m256d tiny = _mm256_cmp_pd(_mm256_andnot_pd(_mm256_set1_pd(-0.0), next), _mm256_set1_pd(1e-290), _CMP_LT_OQ);
+  return _mm256_andnot_pd(tiny, next);
+}
 // float32: 16 columns at a time in four float64 vectors (the same operations as scan_rows, in vector registers)
 template <>
 FASTATTN_ICL_AVX2_FMA void scan_avx2<float>(const float* x, float* y, int64_t T_len, int64_t D, int64_t d0, int64_t d1,
                                             double eta, bool reverse) {
-  const __m256d veta = _mm256_set1_pd(eta), sign = _mm256_set1_pd(-0.0);
-  const __m256d out_tiny = _mm256_set1_pd(std::numeric_limits<float>::min()), state_tiny = _mm256_set1_pd(1e-290);
+  const __m256d veta = _mm256_set1_pd(eta);
   int64_t d = d0;
   for (; d + 16 <= d1; d += 16) {
     __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
@@ -782,11 +798,8 @@ FASTATTN_ICL_AVX2_FMA void scan_avx2<float>(const float* x, float* y, int64_t T_
       const float* xt = x + t * D + d;
       float* yt = y + t * D + d;
       for (int l = 0; l < 4; ++l) {
-        // a mask of the values to flush (|x| < tiny: false for NaN, which stays NaN)
-        const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
-        _mm_storeu_ps(yt + 4 * l, _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l])));
-        const __m256d next = _mm256_mul_pd(veta, _mm256_add_pd(acc[l], _mm256_cvtps_pd(_mm_loadu_ps(xt + 4 * l))));
-        acc[l] = _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, next), state_tiny, _CMP_LT_OQ), next);
+        _mm_storeu_ps(yt + 4 * l, scan_output_ps(acc[l]));
+        acc[l] = scan_step_pd(acc[l], _mm256_cvtps_pd(_mm_loadu_ps(xt + 4 * l)), veta);
       }
     }
   }
@@ -842,14 +855,13 @@ FASTATTN_ICL_INLINE void scan_add_rows(const T* v, int64_t v_t, const bool* keep
   constexpr int64_t kBlock = 64;
   double acc[kBlock];
   T m[kBlock];
-  const double out_tiny = std::numeric_limits<T>::min(), state_tiny = 1e-290;
   for (int64_t d = d0; d < d1; d += kBlock) {
     const int64_t n = std::min(kBlock, d1 - d);
     std::fill(acc, acc + n, 0.0);
     for (int64_t t = 0; t < T_len; ++t) {
       if (t >= first) {
         for (int64_t l = 0; l < n; ++l) {
-          m[l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);  // NaN stays NaN
+          m[l] = scan_output<T>(acc[l]);
         }
         T* ot = out + (t - first) * out_t + d;
         for (int64_t g = 0; g < G; ++g) {
@@ -861,12 +873,11 @@ FASTATTN_ICL_INLINE void scan_add_rows(const T* v, int64_t v_t, const bool* keep
       const T kept = keep == nullptr || keep[t] ? T(1) : T(0);
       const T* xt = v + t * v_t + d;
       for (int64_t l = 0; l < n; ++l) {
-        const double next = eta * (acc[l] + static_cast<double>(xt[l] * kept));
-        acc[l] = std::abs(next) < state_tiny ? 0.0 : next;
+        acc[l] = scan_step(acc[l], static_cast<double>(xt[l] * kept), eta);
       }
     }
     for (int64_t l = 0; l < n; ++l) {
-      state[d + l] = std::abs(acc[l]) < out_tiny ? T(0) : static_cast<T>(acc[l]);
+      state[d + l] = scan_output<T>(acc[l]);
     }
   }
 }
@@ -882,8 +893,7 @@ template <>
 FASTATTN_ICL_AVX2_FMA void scan_add_avx2<float>(const float* v, int64_t v_t, const bool* keep, float* out, int64_t G,
                                                 int64_t out_g, int64_t out_t, int64_t T_len, int64_t first, int64_t d0,
                                                 int64_t d1, double eta, float* state) {
-  const __m256d veta = _mm256_set1_pd(eta), sign = _mm256_set1_pd(-0.0);
-  const __m256d out_tiny = _mm256_set1_pd(std::numeric_limits<float>::min()), state_tiny = _mm256_set1_pd(1e-290);
+  const __m256d veta = _mm256_set1_pd(eta);
   int64_t d = d0;
   for (; d + 16 <= d1; d += 16) {
     __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
@@ -891,8 +901,7 @@ FASTATTN_ICL_AVX2_FMA void scan_add_avx2<float>(const float* v, int64_t v_t, con
       if (t >= first) {
         float* ot = out + (t - first) * out_t + d;
         for (int l = 0; l < 4; ++l) {
-          const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
-          const __m128 m = _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l]));
+          const __m128 m = scan_output_ps(acc[l]);
           for (int64_t g = 0; g < G; ++g) {
             float* og = ot + g * out_g + 4 * l;
             _mm_storeu_ps(og, _mm_add_ps(_mm_loadu_ps(og), m));
@@ -902,14 +911,11 @@ FASTATTN_ICL_AVX2_FMA void scan_add_avx2<float>(const float* v, int64_t v_t, con
       const __m128 kept = _mm_set1_ps(keep == nullptr || keep[t] ? 1.0f : 0.0f);
       const float* xt = v + t * v_t + d;
       for (int l = 0; l < 4; ++l) {
-        const __m256d x = _mm256_cvtps_pd(_mm_mul_ps(_mm_loadu_ps(xt + 4 * l), kept));
-        const __m256d next = _mm256_mul_pd(veta, _mm256_add_pd(acc[l], x));
-        acc[l] = _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, next), state_tiny, _CMP_LT_OQ), next);
+        acc[l] = scan_step_pd(acc[l], _mm256_cvtps_pd(_mm_mul_ps(_mm_loadu_ps(xt + 4 * l), kept)), veta);
       }
     }
     for (int l = 0; l < 4; ++l) {
-      const __m256d flushed = _mm256_cmp_pd(_mm256_andnot_pd(sign, acc[l]), out_tiny, _CMP_LT_OQ);
-      _mm_storeu_ps(state + d + 4 * l, _mm256_cvtpd_ps(_mm256_andnot_pd(flushed, acc[l])));
+      _mm_storeu_ps(state + d + 4 * l, scan_output_ps(acc[l]));
     }
   }
   if (d < d1) {
