@@ -38,6 +38,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "cpu_isa.h"
@@ -939,6 +940,7 @@ at::Tensor momentum_add_(at::Tensor& out, const at::Tensor& v, const std::option
                   (v.size(3) <= 1 || v.stride(3) == 1),
               "v must be a CPU tensor [B, Hkv, Tk, D] of out's dtype with a unit stride along D, got ", v.scalar_type(),
               " ", v.sizes());
+  at::assert_no_internal_overlap(out);  // an expanded o would add one row's term several times (and race)
   const int64_t B = out.size(0), Hkv = out.size(1), G = out.size(2), Tq = out.size(3), D = out.size(4);
   const int64_t Tk = v.size(2);
   TORCH_CHECK(v.size(0) == B && v.size(1) == Hkv && v.size(3) == D && Tq <= Tk,

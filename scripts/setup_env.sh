@@ -47,8 +47,9 @@ if "$PY" "${check[@]}" 2>/dev/null; then
     exit 0
 fi
 "$PY" "${check[@]}" || true  # say what is missing
-# free space (GiB) on the filesystems pip writes to: the environment and the download directory
-free_gib() { df -Pk "$@" 2>/dev/null | awk 'NR > 1 { f = int($4 / 1048576); if (m == "" || f < m) m = f } END { print m + 0 }'; }
+# free space (GiB) on the filesystems pip writes to: the environment and the download directory (0 when df cannot
+# tell; never fails, as the install goes ahead either way)
+free_gib() { { df -Pk "$@" 2>/dev/null || true; } | awk 'NR > 1 { f = int($4 / 1048576); if (m == "" || f < m) m = f } END { print m + 0 }'; }
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     # a CUDA build of torch (no local file of the pinned version: environment (b)'s 2.11.0) with its NVIDIA
     # libraries is 5 GB installed, 6.5 GB at the peak of its install (measured without a pip cache); the CPU file of

@@ -4,7 +4,8 @@ fakes.
 The plain-PyTorch backend (:mod:`fastattn_icl.ops._torch_backend`) calls them on CPU tensors when ``fastattn_icl._C``
 is built: the anchor correction and its backward, the isolated rows of a causal call as short key windows (these
 take the backend's grouped layouts, ``q`` ``[B, Hkv, G, Tq, D]``, ``k``/``v`` ``[B, Hkv, Tk, D]``, ``lse``
-``[B, Hkv, G, Tq]`` float32, with any strides but a unit one along ``D``), the momentum decay scan, the saliency
+``[B, Hkv, G, Tq]`` float32, with any strides but a unit one along ``D``), the momentum decay scan and the scan
+added into the attention output (``momentum_add_``), the saliency
 pass's reduction of each chunk of rows (contiguous ``[B, H, n, Tc]`` chunks of ``P`` and ``dO Vᵀ``), and the backward
 of plain attention without a key mask (``csrc/cpu_flash.cpp``, in place of PyTorch's CPU flash backward).
 Without the extension the backend runs its eager code for the same math and warns once (:func:`warn_missing`). The

@@ -360,8 +360,8 @@ def _anchor_columns(key_log_weights: torch.Tensor) -> torch.Tensor:
 
 def _folded_weights(key_log_weights, reweight_from, columns, isolation_limit, causal: bool, Tq: int, Tk: int,
                     G: int):
-    """``w [B, H, Tk]``, every key's weight (1 off the anchor ``columns``), when the re-weighting rides in the values,
-    else ``None``.
+    """``w [B, H, Tk]``, every key's weight, when the re-weighting rides in the values, else ``None``. The ops'
+    contract for ``key_weight_columns`` (every key with a weight other than 1) makes ``w`` exactly 1 off ``columns``.
 
     ``P̂ V = P (w ⊙ V)`` on the re-weighted rows (docs/methods.md §2: post-softmax weights, unweighted denominator),
     so when no row before ``reweight_from`` sees an anchor column (every anchor at or after the first re-weighted
@@ -974,8 +974,9 @@ def momentum_attention_fwd_fused(q, k, v, key_padding_mask, causal: bool, scale:
     """``(out, lse, out_attn, state)`` of the momentum forward with no carried state, its term formed from ``v``
     inside the add (``fastattn_icl::momentum_add_``: one pass, no ``M`` tensor, and the state from the same scan),
     or ``None`` where that kernel does not serve (not a float32 CPU call with the extension built, or ``Tq > Tk``):
-    then the caller forms ``M`` with :func:`momentum_term` and calls :func:`momentum_attention_fwd`. The values are
-    those of that pair: ``M`` rounded once and added in float32; the state rounded once from its float64 sum."""
+    then the caller forms ``M`` with :func:`momentum_term` and calls :func:`momentum_attention_fwd`. ``out`` is that
+    pair's, bit for bit (``M`` rounded once and added in float32); the state is rounded once from the float64 sum,
+    where the pair forms ``η (M + v)`` in float32 (the two differ by about an ulp; this one is the closer)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if Tq > Tk or q.dtype != torch.float32 or v.dtype != torch.float32 or not _compiled(q):

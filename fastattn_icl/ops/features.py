@@ -68,7 +68,7 @@ def anchor_key_log_weights(
     if any(len({p for p, _ in row}) != len(row) for row in used):
         raise ValueError("anchor_positions must not repeat a position within a batch row")
     columns = None if device.type != "cpu" else \
-        torch.tensor(sorted({p for row in used for p, _ in row}), dtype=torch.int64)
+        torch.tensor(sorted({p for row in used for p, _ in row}), dtype=torch.int64, device="cpu")
     every_slot_used = all(len(row) == len(pos_row) for row, pos_row in zip(used, positions))
     return key_log_weight_table(beta, pos, cls, Tk, every_slot_used=every_slot_used), columns
 
@@ -161,10 +161,10 @@ def _isolation_limit_from_host(host_rows: list[list[int]], window: int, Tq: int,
             for i in range(max(p - (Tk - Tq), 0), min(p + window - (Tk - Tq) + 1, Tq)):
                 if best.get((b, i), 0) < p:
                     best[(b, i)] = p
-    limit = torch.zeros(len(host_rows), Tq, dtype=torch.int32)
+    limit = torch.zeros(len(host_rows), Tq, dtype=torch.int32, device="cpu")
     if best:
-        index = torch.tensor(list(best), dtype=torch.int64)
-        limit[index[:, 0], index[:, 1]] = torch.tensor(list(best.values()), dtype=torch.int32)
+        index = torch.tensor(list(best), dtype=torch.int64, device="cpu")
+        limit[index[:, 0], index[:, 1]] = torch.tensor(list(best.values()), dtype=torch.int32, device="cpu")
     return limit
 
 

@@ -480,6 +480,8 @@ def test_momentum_add_bad_input():
         OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16).transpose(3, 4).contiguous().transpose(3, 4), v, None, 0.5)
     with pytest.raises(RuntimeError, match="key_padding_mask"):
         OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16), v, torch.ones(1, 4, dtype=torch.bool), 0.5)
+    with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
+        OPS.momentum_add_(torch.zeros(1, 2, 1, 5, 16).expand(1, 2, 3, 5, 16), v, None, 0.5)
 
 
 @pytest.mark.parametrize("columns", [16, 5], ids=["vector-body", "scalar-columns"])
