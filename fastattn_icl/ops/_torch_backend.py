@@ -958,15 +958,22 @@ def momentum_attention_fwd(q, k, v, key_padding_mask, causal: bool, scale: float
     # the sum is formed from the attention part in float32 and rounded once, as the Triton kernel's epilogue does
     o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
     grouped = (B, Hkv, H // Hkv, Tq, D)
-    out = output_like(q)
-    if not store_attn and o_attn.dtype == q.dtype and _same_layout(o_attn, out):  # o_attn is ours: add in place
-        out = o_attn
+    out, kept = _momentum_output(o_attn, q, store_attn)
+    if out is o_attn:
         out.view(grouped).add_(momentum[:, :, None])
     else:
         torch.add(o_attn.reshape(grouped), momentum[:, :, None], out=out.view(grouped))
-    if store_attn:  # the backward's o, in the layout and dtype the op promises
-        o_attn = _as_promised(o_attn, q)
-    return out, lse, (o_attn if store_attn else q.new_empty(0))
+    return out, lse, kept
+
+
+def _momentum_output(o_attn: torch.Tensor, q: torch.Tensor, store_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, kept)`` for a momentum forward: ``out`` where ``o_attn + M`` goes, ``o_attn`` itself when nothing else
+    reads it and it already has the layout and dtype the op promises (the term is then added in place), else a new
+    output; ``kept`` the backward's ``o`` in the promised layout (``store_attn``), else an empty tensor."""
+    out = output_like(q)
+    if store_attn:
+        return out, _as_promised(o_attn, q)
+    return (o_attn if o_attn.dtype == q.dtype and _same_layout(o_attn, out) else out), q.new_empty(0)
 
 
 def momentum_attention_fwd_fused(q, k, v, key_padding_mask, causal: bool, scale: float, eta: float,
@@ -982,17 +989,12 @@ def momentum_attention_fwd_fused(q, k, v, key_padding_mask, causal: bool, scale:
     if Tq > Tk or q.dtype != torch.float32 or v.dtype != torch.float32 or not _compiled(q):
         return None
     o_attn, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, None, causal, scale, None, None)
-    out = output_like(q)
-    if store_attn:
-        o_attn = _as_promised(o_attn, q)  # the backward's o, in the layout the op promises
-        out.copy_(o_attn)
-    elif _same_layout(o_attn, out):  # o_attn is ours: the term lands in it
-        out = o_attn
-    else:
+    out, kept = _momentum_output(o_attn, q, store_attn)
+    if out is not o_attn:
         out.copy_(o_attn)
     state = torch.ops.fastattn_icl.momentum_add_(out.view(B, Hkv, H // Hkv, Tq, D), _unit_rows(v),
                                                  _mask_rows(key_padding_mask), float(eta))
-    return out, lse, (o_attn if store_attn else q.new_empty(0)), state
+    return out, lse, kept, state
 
 
 def deep_thinking_update_(work: torch.Tensor, m: torch.Tensor, eta: float, beta: float, first: bool) -> None:

@@ -135,7 +135,8 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
     rows = check_index_tensor("isolation_rows", isolation_rows, 2, f"[B={B}, R] (-1 = unused)", device)
     if rows.shape[0] != B:
         raise ValueError(f"isolation_rows must have shape [B={B}, R] (-1 = unused), got {tuple(rows.shape)}")
-    host = [p for row in rows.tolist() for p in row]  # one read, checked on the host (anchor_key_log_weights)
+    nested = rows.tolist()  # one read, checked on the host (anchor_key_log_weights)
+    host = [p for row in nested for p in row]
     if any(p < -1 or p >= Tk for p in host):
         raise ValueError(f"isolation_rows entries must be positions in [0, Tk={Tk}) or -1 (unused)")
     if any(p >= 0 and p + window > Tk - 1 for p in host):
@@ -143,7 +144,7 @@ def isolation_limit(isolation_rows, window: int, B: int, Tq: int, Tk: int, devic
             f"isolation window runs past the sequence: position + window ({window}) must be <= {Tk - 1}"
         )
     if device.type == "cpu" and (window + 1) * sum(p >= 0 for p in host) <= HOST_LIMIT_PAIRS:
-        return _isolation_limit_from_host(rows.tolist(), window, Tq, Tk)
+        return _isolation_limit_from_host(nested, window, Tq, Tk)
     return isolation_limit_table(rows, window, Tq, Tk)
 
 
