@@ -5,6 +5,9 @@
 //   flash_attention_fwd -> out [B, H, Tq, D] (laid out as q when q is contiguous, else as [B, Tq, H, D] memory, the
 //                          promise of fastattn_icl.ops._validate.output_like), lse [B, H, Tq] (−inf: no key seen)
 //   flash_attention_bwd (grad_out, q, k, v, out, lse) -> dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D], contiguous.
+//   The forward's optional key_weights w [B, H, Tk] (q's dtype) scale P's columns in the values' product, not its
+//   sum: out = (P ⊙ w) v with P and lse unweighted (the anchor re-weighting of docs/methods.md §2 on rows that all
+//   take it, where the Python backend otherwise multiplies a copy of v by w).
 // With P = exp(scale · q kᵀ − lse) over the keys a row sees, delta = rowsum(dO ⊙ O), dS = P ⊙ (dO vᵀ − delta):
 //   out = P v,   dv = Pᵀ dO,   dq = scale · dS k,   dk = scale · dSᵀ q.
 //
@@ -218,15 +221,16 @@ FASTATTN_ICL_FB_AVX2 float max_avx2(const float* s, int64_t n) {
   return out;
 }
 
-// s <- exp(scale · s − m) over the first `seen` keys (0 below the floor), 0 after them; returns their sum.
-FASTATTN_ICL_FB_AVX2 float exp_sum_avx2(float* s, int64_t seen, int64_t n, float scale, float m) {
+// s <- exp(scale · s − m) over the first `seen` keys (0 below the floor), 0 after them; returns their sum. With w
+// (not null), s then holds exp(..) · w[j] and the sum stays unweighted.
+FASTATTN_ICL_FB_AVX2 float exp_sum_avx2(float* s, int64_t seen, int64_t n, float scale, float m, const float* w) {
   const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(floor_of<float>());
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= seen; j += 8) {
     const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vm);
     const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, vf, _CMP_NLT_UQ));
-    _mm256_storeu_ps(s + j, e);
+    _mm256_storeu_ps(s + j, w == nullptr ? e : _mm256_mul_ps(e, _mm256_loadu_ps(w + j)));
     acc = _mm256_add_ps(acc, e);
   }
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -235,8 +239,9 @@ FASTATTN_ICL_FB_AVX2 float exp_sum_avx2(float* s, int64_t seen, int64_t n, float
   float sum = _mm_cvtss_f32(h);
   for (; j < seen; ++j) {
     const float x = std::fma(s[j], scale, -m);
-    s[j] = x < floor_of<float>() ? 0.0f : std::exp(x);
-    sum += s[j];
+    const float e = x < floor_of<float>() ? 0.0f : std::exp(x);
+    s[j] = w == nullptr ? e : e * w[j];
+    sum += e;
   }
   std::fill(s + std::max<int64_t>(seen, 0), s + n, 0.0f);
   return sum;
@@ -256,13 +261,14 @@ inline T max_base(const T* s, int64_t n) {  // NaN if one is NaN
 }
 
 template <typename T>
-inline T exp_sum_base(T* s, int64_t seen, int64_t n, T scale, T m) {
+inline T exp_sum_base(T* s, int64_t seen, int64_t n, T scale, T m, const T* w) {
   const T floor = floor_of<T>();
   T sum = 0;
   for (int64_t j = 0; j < seen; ++j) {
     const T x = s[j] * scale - m;
-    s[j] = x < floor ? T(0) : std::exp(x);
-    sum += s[j];
+    const T e = x < floor ? T(0) : std::exp(x);
+    s[j] = w == nullptr ? e : e * w[j];
+    sum += e;
   }
   std::fill(s + std::max<int64_t>(seen, 0), s + n, T(0));
   return sum;
@@ -282,15 +288,15 @@ T row_max(bool avx2, const T* s, int64_t n) {
 }
 
 template <typename T>
-T row_exp_sum(bool avx2, T* s, int64_t seen, int64_t n, T scale, T m) {
+T row_exp_sum(bool avx2, T* s, int64_t seen, int64_t n, T scale, T m, const T* w) {
 #ifdef FASTATTN_ICL_FB_X86
   if constexpr (std::is_same_v<T, float>) {
     if (avx2) {
-      return exp_sum_avx2(s, seen, n, scale, m);
+      return exp_sum_avx2(s, seen, n, scale, m, w);
     }
   }
 #endif
-  return exp_sum_base(s, seen, n, scale, m);
+  return exp_sum_base(s, seen, n, scale, m, w);
 }
 
 template <typename T>
@@ -385,6 +391,7 @@ void backward_task(const Problem<T>& p, const Gemm<T>& gemm, bool avx2, int64_t 
 template <typename T>
 struct FwdProblem {
   const T *q, *k, *v;
+  const T* w;                          // key weights [B, H, Tk] contiguous, or null
   int64_t qs[3], ks[3], vs[3], os[3];  // strides along (batch, head, row); os: of out
   T *o, *lse;                          // lse [B, H, Tq] contiguous
   int64_t B, H, G, Tq, Tk, D;
@@ -404,6 +411,7 @@ void forward_task(const FwdProblem<T>& p, const Gemm<T>& gemm, bool avx2, int64_
   const T* v = p.v + b * p.vs[0] + hk * p.vs[1];
   T* o = p.o + b * p.os[0] + h * p.os[1];
   T* lse = p.lse + (b * p.H + h) * p.Tq;
+  const T* w = p.w == nullptr ? nullptr : p.w + (b * p.H + h) * p.Tk;
   const int64_t off = p.Tk - p.Tq;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T* s = s_buf.data();
@@ -428,7 +436,7 @@ void forward_task(const FwdProblem<T>& p, const Gemm<T>& gemm, bool avx2, int64_
           std::fill(row, row + n, T(0));
           continue;
         }
-        const T sum = row_exp_sum(avx2, row, seen, n, p.scale, m_new);
+        const T sum = row_exp_sum(avx2, row, seen, n, p.scale, m_new, w == nullptr ? nullptr : w + j0);
         if (!(m_new == m_row[r]) && m_row[r] != neg_inf) {
           const T alpha = std::exp(m_row[r] - m_new);
           l_row[r] *= alpha;
@@ -584,7 +592,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                       const at::Tensor& v_in, bool causal, double scale) {
+                                                       const at::Tensor& v_in, bool causal, double scale,
+                                                       const std::optional<at::Tensor>& key_weights) {
   const char* op = "flash_attention_fwd";
   const int64_t D = q_in.size(-1);
   check_rows(q_in, "q", D, op);
@@ -603,6 +612,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q_in, c
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31) && D < (int64_t(1) << 31), op,
               ": lengths must fit a BLAS int");
+  at::Tensor w;
+  if (key_weights.has_value()) {
+    TORCH_CHECK(key_weights->scalar_type() == q.scalar_type() && key_weights->device().is_cpu() &&
+                    key_weights->sizes() == at::IntArrayRef({B, H, Tk}),
+                op, ": key_weights must be a CPU tensor [", B, ", ", H, ", ", Tk, "] of q's dtype, got ",
+                key_weights->sizes(), " ", key_weights->scalar_type());
+    w = key_weights->contiguous();
+  }
   // the output laid out as fastattn_icl.ops._validate.output_like promises: as q when q is contiguous, else as
   // [B, Tq, H, D] memory
   at::Tensor out = q_in.is_contiguous() ? at::empty(q.sizes(), q.options())
@@ -625,6 +642,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q_in, c
     p.q = q.data_ptr<scalar_t>();
     p.k = k.data_ptr<scalar_t>();
     p.v = v.data_ptr<scalar_t>();
+    p.w = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     p.o = out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<scalar_t>();
     row_strides(q, p.qs, D);

@@ -52,7 +52,9 @@ TORCH_LIBRARY(fastattn_icl, m) {
   // Plain attention without a key mask (csrc/cpu_flash.cpp), q [B, H, Tq, D], k, v [B, Hkv, Tk, D], one dtype
   // (float32 or float64): the forward -> out (laid out as q when q is contiguous, else as [B, Tq, H, D] memory), lse
   // [B, H, Tq]; the backward from grad_out, out [B, H, Tq, D] and lse -> dq, dk, dv (contiguous).
-  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  // The forward's key_weights [B, H, Tk] (q's dtype) scale P's columns in P v, not in its sum: out = (P ⊙ w) v.
+  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? key_weights=None) -> "
+        "(Tensor, Tensor)");
   m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
         "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("saliency_reduce(Tensor p, Tensor dp, Tensor? key_padding_mask, Tensor label, Tensor target, int row0, "

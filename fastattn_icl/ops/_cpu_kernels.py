@@ -76,7 +76,7 @@ def _saliency_fake(p, dp, key_padding_mask, label, target, row0, causal, per_hea
     return torch.empty(B, 1 + (H if per_head else 0), 3, dtype=torch.float64, device=p.device)
 
 
-def _flash_fwd_fake(q, k, v, causal, scale):
+def _flash_fwd_fake(q, k, v, causal, scale, key_weights=None):
     B, H, Tq, _ = q.shape
     return output_like(q), torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)
 

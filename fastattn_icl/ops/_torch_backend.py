@@ -297,16 +297,19 @@ def _unpadded(kpm, q: torch.Tensor, Tk: int, causal: bool, prefix=None):
     return runs if cost < B * Tq * Tk * H * D else None
 
 
-def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
-    """``(o [B, H, Tq, D], lse [B, H, Tq])`` of plain attention (no method feature) by the CPU flash kernel: a
-    left-padded batch by runs of equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one."""
+def _flash_fwd(q, k, v, kpm, causal, scale, prefix, w=None):
+    """``(o [B, H, Tq, D], lse [B, H, Tq])`` of plain attention by the CPU flash kernel: a left-padded batch by runs of
+    equal padding, unpadded (:func:`_unpadded`); any other mask as an additive one. ``w``: ``None`` or the folded
+    re-weighting's key weights ``[B, H, Tk]`` (:func:`_folded_weights`): ``o = (P ⊙ w) V`` on every row, ``lse``
+    unweighted; the compiled kernel scales ``P``'s columns, PyTorch's kernel takes the weighted values
+    (:func:`_weighted_values`)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     runs = _unpadded(kpm, q, Tk, causal, prefix)
     if runs is None:
-        return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix)
+        return _flash_fwd_masked(q, k, v if w is None else _weighted_values(v, w), kpm, causal, scale, prefix)
     if runs == [(0, B, 0)]:
-        return _flash_fwd_plain(q, k, v, causal, scale)
+        return _flash_fwd_plain(q, k, v, causal, scale, w)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, dtype=q.dtype, device=q.device)  # the kernel's lse dtype (float32 or float64)
     for b0, b1, p in runs:
@@ -315,18 +318,19 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix):
             o[b0:b1, :, :r0] = 0.0
             lse[b0:b1, :, :r0] = float("-inf")
         if r0 < Tq:
-            o_r, lse_r = _flash_fwd_plain(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], causal, scale)
+            o_r, lse_r = _flash_fwd_plain(q[b0:b1, :, r0:], k[b0:b1, :, p:], v[b0:b1, :, p:], causal, scale,
+                                          None if w is None else w[b0:b1, :, p:])
             o[b0:b1, :, r0:] = o_r
             lse[b0:b1, :, r0:] = lse_r
     return o, lse
 
 
-def _flash_fwd_plain(q, k, v, causal, scale):
+def _flash_fwd_plain(q, k, v, causal, scale, w=None):
     """:func:`_flash_fwd` without a key mask or a shared prefix: the compiled forward (``csrc/cpu_flash.cpp``: the
     flash blocks with BLAS GEMMs; README.md, CPU section), or PyTorch's CPU flash kernel without the extension."""
     if _compiled(q):
-        return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale)
-    return _flash_fwd_masked(q, k, v, None, causal, scale, None)
+        return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale, None if w is None else w.to(q.dtype))
+    return _flash_fwd_masked(q, k, v if w is None else _weighted_values(v, w), None, causal, scale, None)
 
 
 def _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix):
@@ -522,8 +526,7 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
     if _flash_ok(q, Tq, Tk, causal):
         w = _folded_weights(key_log_weights, reweight_from, key_weight_columns, isolation_limit, causal, Tq, Tk,
                             H // Hkv)
-        vw = vc if w is None else _weighted_values(vc, w)
-        o, lse = _flash_fwd(q.to(cd), kc, vw, key_padding_mask, causal, scale, prefix)
+        o, lse = _flash_fwd(q.to(cd), kc, vc, key_padding_mask, causal, scale, prefix, w)
         o, lse = o.reshape(qg.shape), lse.to(torch.float32).reshape(B, Hkv, H // Hkv, Tq)
         if key_log_weights is not None and w is None:
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,

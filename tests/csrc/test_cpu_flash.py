@@ -62,15 +62,18 @@ def _oracle_grads(leaves, causal, dtype):
     return torch.autograd.grad(attention_ref(*xs, causal=causal), xs, do)
 
 
-def _check_forward(case, dtype=torch.float32, layout=None, q_mult=1.0):
+def _check_forward(case, dtype=torch.float32, layout=None, q_mult=1.0, weighted=False):
     """The forward against the oracle's out and lse (in ``dtype`` and in float64); ``layout`` rearranges q, k, v;
-    ``q_mult`` scales q (and so the logits)."""
+    ``q_mult`` scales q (and so the logits); ``weighted``: with key weights ``w [B, H, Tk]`` (around 1, some keys far
+    from it), whose oracle is ``(P ⊙ w) v`` with the unweighted ``P`` and ``lse``."""
     B, H, Hkv, Tq, Tk, D, causal = case
     (_, q, k, v, _, _), leaves = _problem(case, dtype)
     q, leaves = q * q_mult, (leaves[0] * q_mult, *leaves[1:])
+    w = torch.randn(B, H, Tk, generator=torch.Generator().manual_seed(Tk), dtype=torch.float64).mul(1.5).exp() \
+        if weighted else None
     if layout is not None:
         q, k, v = layout([q, k, v])
-    out, lse = FWD(q, k, v, causal, D ** -0.5)
+    out, lse = FWD(q, k, v, causal, D ** -0.5, None if w is None else w.to(dtype))
     assert out.dtype == lse.dtype == dtype and lse.shape == (B, H, Tq)
     if q.is_contiguous():
         assert out.is_contiguous()
@@ -82,7 +85,11 @@ def _check_forward(case, dtype=torch.float32, layout=None, q_mult=1.0):
         s = torch.matmul(q_, k_.repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * D ** -0.5
         if causal:
             s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool).triu(Tk - Tq + 1), float("-inf"))
-        wants.append((attention_ref(q_, k_, v_, causal=causal), s.logsumexp(-1)))
+        if w is None:
+            wants.append((attention_ref(q_, k_, v_, causal=causal), s.logsumexp(-1)))
+        else:
+            p_hat = torch.softmax(s, -1) * w.to(dt)[:, :, None, :]
+            wants.append((torch.matmul(p_hat, v_.repeat_interleave(H // Hkv, 1)), s.logsumexp(-1)))
     check_close("out", out, wants[0][0], wants[1][0], factor=FWD_FACTOR)
     check_close("lse", lse, wants[0][1], wants[1][1], factor=FWD_FACTOR)
 
@@ -99,6 +106,23 @@ def gemm(request, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_matches_the_oracle(gemm, case, direction):
     (_check_forward if direction == "fwd" else _check)(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_key_weights_scale_the_values_product_only(gemm, case):
+    """``out = (P ⊙ w) v`` with ``P`` and ``lse`` unweighted (the folded anchor re-weighting), float32 and float64;
+    and on a q whose logits spread wide (the running max moves; the accumulator is rescaled with the weights in it)."""
+    _check_forward(case, weighted=True)
+    _check_forward(case, torch.float64, weighted=True)
+    _check_forward(case, q_mult=30.0, weighted=True)
+
+
+def test_unit_key_weights_are_bit_for_bit_no_weights():
+    (_, q, k, v, _, _), _ = _problem(CASES[2], torch.float32)
+    plain = FWD(q, k, v, True, 0.25)
+    ones = FWD(q, k, v, True, 0.25, torch.ones(1, 2, 600))
+    # bit-exact on purpose: the same kernel and code path, the product by 1.0 is exact
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
 
 
 def test_forward_float64_and_strides():
@@ -152,6 +176,8 @@ def test_forward_bad_input():
         "heads": ((q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1)), "not a multiple"),
         "causal": ((q, k[:, :, :10], v[:, :, :10]), "causal needs Tq <= Tk"),
         "scale": ((q, k, v, True, -1.0), "scale must be positive"),
+        "weights shape": ((q, k, v, True, 0.25, torch.ones(2, 4, 69)), "key_weights must be a CPU tensor"),
+        "weights dtype": ((q, k, v, True, 0.25, torch.ones(2, 4, 70, dtype=torch.float64)), "of q's dtype"),
     }
     for head, match in cases.values():
         with pytest.raises(RuntimeError, match=match):
@@ -162,6 +188,7 @@ def test_forward_opcheck():
     (_, q, k, v, _, _), _ = _problem((1, 2, 1, 9, 12, 8, True), torch.float32)
     torch.library.opcheck(FWD.default, (q, k, v, True, 0.3))
     torch.library.opcheck(FWD.default, (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, False, 0.3))
+    torch.library.opcheck(FWD.default, (q, k, v, True, 0.3, torch.rand(1, 2, 12) + 0.5))
 
 
 def _check(case, dtype=torch.float32, layout=None, expand_grad=False):
@@ -264,6 +291,7 @@ def test_baseline_body():
         for case in t.CASES[:3]:
             t._check(case)
             t._check_forward(case)
+            t._check_forward(case, weighted=True)
         print("ok")
     """)
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}

@@ -209,9 +209,18 @@ FOLD_CASES = {  # the first re-weighted position (None: the last row; "row-0"; e
 
 
 def _count_folds(monkeypatch) -> list:
+    """One entry per forward or backward that folds the re-weighting into its flash pass (its key weights or weighted
+    values: :func:`_torch_backend._folded_weights` gave weights)."""
     folded = []
-    weighted = _torch_backend._weighted_values
-    monkeypatch.setattr(_torch_backend, "_weighted_values", lambda *a: folded.append(1) or weighted(*a))
+    weights = _torch_backend._folded_weights
+
+    def spy(*a):
+        w = weights(*a)
+        if w is not None:
+            folded.append(1)
+        return w
+
+    monkeypatch.setattr(_torch_backend, "_folded_weights", spy)
     return folded
 
 
@@ -236,6 +245,32 @@ def test_anchors_ride_in_the_values(monkeypatch, case, name):
     got = _compare(lambda *t: fastattn_icl.anchor_reweight_attention(*t, pos, cls, backend="torch", **kw),
                    lambda *t: reweight_ref(*t, pos, cls, **kw), [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
     assert len(folded) == (2 if folds else 0), "forward and backward took different paths, or the wrong one"
+    assert got[-1].abs().max() > 0
+
+
+@pytest.mark.parametrize("case", [(2, 4, 4, 33, 33, 16, True, False), (2, 4, 4, 20, 36, 16, True, False),
+                                  (2, 4, 4, 128, 128, 32, True, True)],
+                         ids=["square", "chunk-over-cache", "left-padded-runs"])
+def test_folded_weights_scale_p_in_the_compiled_kernel(monkeypatch, case):
+    """Without a key mask, and for a left-padded batch taken run by run, the folded re-weighting reaches the compiled
+    flash forward as key weights (its ``P``'s columns scaled in ``P V``; no weighted copy of ``V``), each run with its
+    rows' and keys' share of them; the forward and backward agree with the oracle."""
+    if not _cpu_kernels.available():
+        pytest.skip("fastattn_icl._C lacks the CPU kernels")
+    B, H, Hkv, Tq, Tk = case[:5]
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=4)
+    pos, cls = _anchors(B, Tk, case[7])
+    beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(8))
+    calls = []
+    plain = _torch_backend._flash_fwd_plain
+    monkeypatch.setattr(_torch_backend, "_flash_fwd_plain",
+                        lambda q_, k_, v_, c, s, w=None: calls.append(None if w is None else tuple(w.shape))
+                        or plain(q_, k_, v_, c, s, w))
+    kw = dict(reweight_from=0, causal=True, key_padding_mask=kpm)
+    got = _compare(lambda *t: fastattn_icl.anchor_reweight_attention(*t, pos, cls, backend="torch", **kw),
+                   lambda *t: reweight_ref(*t, pos, cls, **kw), [q, k, v, beta], do, ("dq", "dk", "dv", "dbeta"))
+    pad = Tk // 4
+    assert calls == ([(B, H, Tk)] if kpm is None else [(1, H, Tk), (1, H, Tk - pad)]), calls
     assert got[-1].abs().max() > 0
 
 
