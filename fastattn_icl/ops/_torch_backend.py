@@ -531,10 +531,13 @@ def _attention_fwd(q, k, v, key_padding_mask, key_log_weights, reweight_from, is
         if key_log_weights is not None and w is None:
             _anchor_correction(qg, kf, vf, o, lse, Tk, causal, key_padding_mask, key_log_weights, reweight_from, scale,
                                key_weight_columns)
-        exact = _isolated_rows(isolation_limit)
-        if _window_may_serve(exact, causal, key_log_weights, prefix) \
-                and _window_forward(qg, kc, vc, key_padding_mask, isolation_limit, scale, o, lse):
-            exact = None
+        exact = None
+        # the isolated rows are looked for only when the windows did not serve them (a table without one: nothing
+        # to serve, and no rows either way)
+        if isolation_limit is not None and not (
+                _window_may_serve(True, causal, key_log_weights, prefix)
+                and _window_forward(qg, kc, vc, key_padding_mask, isolation_limit, scale, o, lse)):
+            exact = _isolated_rows(isolation_limit)
     else:
         o = torch.empty(qg.shape, dtype=cd, device=q.device)
         lse = torch.empty(B, Hkv, H // Hkv, Tq, dtype=torch.float32, device=q.device)
