@@ -77,6 +77,8 @@ fi
 # package folder), where flock exists
 lock=()
 if command -v flock >/dev/null 2>&1; then mkdir -p build && lock=(flock build/.setup.lock); fi
-"${lock[@]}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 || fail "building fastattn_icl failed (see above)"
+# ${lock[@]+...}: an empty array is "unbound" under set -u in bash before 4.4 (macOS's /bin/bash, where flock is absent)
+${lock[@]+"${lock[@]}"} "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2 \
+    || fail "building fastattn_icl failed (see above)"
 "$PY" "${check[@]}" || fail "the environment is still incomplete after installing (see above)"
 echo "$PY"

@@ -27,11 +27,27 @@ OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolati
        "flash_attention_bwd")
 
 
+ARGS = (("flash_attention_fwd", "key_weights"),)  # (op, argument): an older build's op of that name lacks it
+
+
+def _has_arg(op: str, arg: str) -> bool:
+    schema = torch._C._dispatch_find_schema_or_throw(f"fastattn_icl::{op}", "").schema()  # the op exists
+    return any(a.name == arg for a in schema.arguments)
+
+
+def _missing() -> str | None:
+    """The first op of :data:`OPS` (or argument of :data:`ARGS`) the build lacks, or ``None``."""
+    op = next((name for name in OPS if not _ext.has_op(name)), None)
+    if op is not None:
+        return f"fastattn_icl::{op}"
+    return next((f"the argument {arg} of fastattn_icl::{op}" for op, arg in ARGS if not _has_arg(op, arg)), None)
+
+
 @functools.cache
 def available() -> bool:
-    """Whether the extension is built with every op of :data:`OPS` (asked once: a build does not change under a
-    running process)."""
-    return all(_ext.has_op(name) for name in OPS)
+    """Whether the extension is built with every op of :data:`OPS`, with the arguments of :data:`ARGS` (asked once: a
+    build does not change under a running process)."""
+    return _missing() is None
 
 
 _warned = False
@@ -43,8 +59,7 @@ def warn_missing() -> None:
     if _warned:
         return
     _warned = True
-    missing = next((name for name in OPS if not _ext.has_op(name)), OPS[0])
-    why = _ext.load_error() or f"the build has no fastattn_icl::{missing} (built from older sources)"
+    why = _ext.load_error() or f"the build has no {_missing() or 'fastattn_icl::' + OPS[0]} (built from older sources)"
     warnings.warn(
         "fastattn_icl: the CPU path's anchor re-weighting, isolated rows, momentum scan and saliency run eager PyTorch "
         "ops (tens of small ops per call), and its attention PyTorch's slower CPU flash kernel, because their "

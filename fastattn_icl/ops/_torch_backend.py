@@ -14,8 +14,9 @@ needs. The method features are added on top of it, exactly, at a cost linear in 
 - bottom-right causal masking with ``Tq < Tk`` (a chunk over a cache, a shared prefix): the keys are split into
   the part every row sees (no mask) and the causal square, and the two flash results are merged by their ``lse``;
 - anchor re-weighting: when no row before the first re-weighted one sees an anchor (re-weighting from the first
-  label word on, or from row 0), ``P̂ V = P (w ⊙ V)``: one flash pass over the weighted values, where that pays
-  (one kv head per query head, as many re-weighted (row, anchor) pairs as keys: :func:`_folded_weights`);
+  label word on, or from row 0), ``P̂ V = (P ⊙ w) V = P (w ⊙ V)``: one flash pass, where that pays (one kv head
+  per query head, as many re-weighted (row, anchor) pairs as keys: :func:`_folded_weights`); the compiled forward
+  scales ``P``'s columns, PyTorch's kernel (an additive mask) and the backward take the weighted values;
   otherwise ``O = O_flash + Σ_a (w_a − 1) · P[:, a] · v_a`` over the anchor columns ``a`` only, with
   ``P[:, a] = exp(s[:, a] − lse)``. Either way the denominator (``lse``) is the unweighted one, as the method says;
 - isolation: the isolated rows (a few per prompt) are recomputed and overwrite the flash rows; in the backward their
@@ -329,7 +330,9 @@ def _flash_fwd_plain(q, k, v, causal, scale, w=None):
     """:func:`_flash_fwd` without a key mask or a shared prefix: the compiled forward (``csrc/cpu_flash.cpp``: the
     flash blocks with BLAS GEMMs; README.md, CPU section), or PyTorch's CPU flash kernel without the extension."""
     if _compiled(q):
-        return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale, None if w is None else w.to(q.dtype))
+        if w is None:
+            return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale)
+        return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale, w.to(q.dtype))
     return _flash_fwd_masked(q, k, v if w is None else _weighted_values(v, w), None, causal, scale, None)
 
 
@@ -463,7 +466,8 @@ def _mask_rows(kpm: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _window_may_serve(exact, causal: bool, key_log_weights, prefix=None) -> bool:
-    """Whether the key windows may serve a call's isolated rows ``exact`` (None: there are none): on a causal call
+    """Whether the key windows may serve a call's isolated rows ``exact`` (None: there are none; the forward passes
+    ``True`` before it looks for them, as a table without isolated rows is served either way): on a causal call
     without re-weighting or a shared prefix, which the windows do not carry. The forward and the backward ask the same
     question, so that both take the same path."""
     return exact is not None and causal and key_log_weights is None and prefix is None

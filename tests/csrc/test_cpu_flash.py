@@ -298,3 +298,12 @@ def test_baseline_body():
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_a_build_without_key_weights_counts_as_missing(monkeypatch):
+    """A build from older sources has ``flash_attention_fwd`` without ``key_weights``: the kernels then count as
+    missing (the backend runs its eager code, with the warning naming the argument), so no call passes it."""
+    assert _cpu_kernels._missing() is None
+    monkeypatch.setattr(_cpu_kernels, "ARGS", (("flash_attention_fwd", "no_such_argument"),))
+    assert _cpu_kernels._missing() == "the argument no_such_argument of fastattn_icl::flash_attention_fwd"
+    assert not _cpu_kernels.available.__wrapped__()

@@ -261,6 +261,7 @@ def test_folded_weights_scale_p_in_the_compiled_kernel(monkeypatch, case):
     (q, k, v), do, kpm = _inputs(case, torch.float32, seed=4)
     pos, cls = _anchors(B, Tk, case[7])
     beta = torch.randn(H, 2, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(_torch_backend, "_CALL_SCORES", 0)  # the left-padded rows unpadded at any size
     calls = []
     plain = _torch_backend._flash_fwd_plain
     monkeypatch.setattr(_torch_backend, "_flash_fwd_plain",
@@ -272,6 +273,22 @@ def test_folded_weights_scale_p_in_the_compiled_kernel(monkeypatch, case):
     pad = Tk // 4
     assert calls == ([(B, H, Tk)] if kpm is None else [(1, H, Tk), (1, H, Tk - pad)]), calls
     assert got[-1].abs().max() > 0
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_isolation_table_without_isolated_rows_is_plain_attention(padded):
+    """An isolation table of zeros (no row isolated): the forward hands it to the key windows, which serve nothing,
+    and the backward takes the plain pass; both equal plain attention's oracle."""
+    from fastattn_icl.ops.attention import attention_from_tables
+
+    case = (2, 4, 2, 33, 33, 16, True, padded)
+    (q, k, v), do, kpm = _inputs(case, torch.float32, seed=12)
+    limit = torch.zeros(2, 33, dtype=torch.int32)
+    got = _compare(lambda *t: attention_from_tables(*t, causal=True, scale=None, key_padding_mask=kpm,
+                                                    isolation_limit=limit, backend="torch")[0],
+                   lambda *t: attention_ref(*t, causal=True, key_padding_mask=kpm), [q, k, v], do,
+                   ("dq", "dk", "dv"))
+    assert got[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("why", ["not-causal", "bf16", "grouped-heads", "decode-step", "isolation"])
