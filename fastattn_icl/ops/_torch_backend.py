@@ -951,8 +951,11 @@ def momentum_value_grad(grad_out: torch.Tensor, eta: float, Hkv: int, Tk: int,
     """``dV [B, Hkv, Tk, D]`` float32 of the momentum term: ``Σ_{i>j} η^(i-j) G_i``, ``G`` the output gradient summed
     over each kv head's query heads (query rows at positions ``Tk - Tq ..``); 0 at padded keys."""
     B, H, Tq, D = grad_out.shape
-    g = grad_out.float().reshape(B, Hkv, H // Hkv, Tq, D).sum(dim=2)
-    g = torch.nn.functional.pad(g, (0, 0, Tk - Tq, 0))  # G at every key position, 0 before the query rows
+    g = grad_out.float()
+    if H != Hkv:  # (one query head per kv head: G itself, no copy)
+        g = g.reshape(B, Hkv, H // Hkv, Tq, D).sum(dim=2)
+    if Tk != Tq:  # G at every key position, 0 before the query rows
+        g = torch.nn.functional.pad(g, (0, 0, Tk - Tq, 0))
     out = _decay_scan(g, eta, reverse=True)  # Σ over later positions
     if key_padding_mask is not None:
         out = out * key_padding_mask[:, None, :, None]
