@@ -63,18 +63,20 @@ def has_cuda_kernels() -> bool:
     return bool(getattr(module, "WITH_CUDA", False)) if module is not None else False
 
 
-def has_op(op_name: str) -> bool:
-    """Whether ``torch.ops.fastattn_icl.<op_name>`` has a schema (loads the extension first)."""
+def has_op(op_name: str, argument: str | None = None) -> bool:
+    """Whether ``torch.ops.fastattn_icl.<op_name>`` has a schema (loads the extension first), with an argument named
+    ``argument`` when one is given (a build from older sources has the op without a newer argument)."""
     load()
-    return _schema_exists(op_name)
+    schema = _schema(op_name)
+    return schema is not None and (argument is None or any(a.name == argument for a in schema.arguments))
 
 
-def _schema_exists(op_name: str) -> bool:
+def _schema(op_name: str):
+    """The op's ``FunctionSchema``, or ``None`` when it is not registered."""
     try:
-        torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{op_name}", "")
+        return torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{op_name}", "").schema()
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
 def require(op_name: str, device: torch.device | str) -> None:
@@ -90,7 +92,7 @@ def require(op_name: str, device: torch.device | str) -> None:
             f"{qualname} needs the compiled extension fastattn_icl._C, which could not be imported "
             f"({load_error()}); {BUILD_HINT}"
         )
-    if not _schema_exists(op_name):
+    if _schema(op_name) is None:
         raise RuntimeError(
             f"the installed fastattn_icl._C has no op {qualname} (it was built from older sources); "
             f"rebuild it: {BUILD_HINT}"

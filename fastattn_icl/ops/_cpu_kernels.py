@@ -30,17 +30,12 @@ OPS = ("anchor_correction_", "anchor_backward_", "isolation_window_ok", "isolati
 ARGS = (("flash_attention_fwd", "key_weights"),)  # (op, argument): an older build's op of that name lacks it
 
 
-def _has_arg(op: str, arg: str) -> bool:
-    schema = torch._C._dispatch_find_schema_or_throw(f"fastattn_icl::{op}", "").schema()  # the op exists
-    return any(a.name == arg for a in schema.arguments)
-
-
 def _missing() -> str | None:
     """The first op of :data:`OPS` (or argument of :data:`ARGS`) the build lacks, or ``None``."""
     op = next((name for name in OPS if not _ext.has_op(name)), None)
     if op is not None:
         return f"fastattn_icl::{op}"
-    return next((f"the argument {arg} of fastattn_icl::{op}" for op, arg in ARGS if not _has_arg(op, arg)), None)
+    return next((f"the argument {arg} of fastattn_icl::{op}" for op, arg in ARGS if not _ext.has_op(op, arg)), None)
 
 
 @functools.cache

@@ -308,7 +308,7 @@ def _flash_fwd(q, k, v, kpm, causal, scale, prefix, w=None):
     Tk = k.shape[2]
     runs = _unpadded(kpm, q, Tk, causal, prefix)
     if runs is None:
-        return _flash_fwd_masked(q, k, v if w is None else _weighted_values(v, w), kpm, causal, scale, prefix)
+        return _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix, w)
     if runs == [(0, B, 0)]:
         return _flash_fwd_plain(q, k, v, causal, scale, w)
     o = torch.empty_like(q)
@@ -333,13 +333,15 @@ def _flash_fwd_plain(q, k, v, causal, scale, w=None):
         if w is None:
             return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale)
         return torch.ops.fastattn_icl.flash_attention_fwd(q, k, v, causal, scale, w.to(q.dtype))
-    return _flash_fwd_masked(q, k, v if w is None else _weighted_values(v, w), None, causal, scale, None)
+    return _flash_fwd_masked(q, k, v, None, causal, scale, None, w)
 
 
-def _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix):
+def _flash_fwd_masked(q, k, v, kpm, causal, scale, prefix, w=None):
     """:func:`_flash_fwd` with the key mask as an additive one: one call per key segment (and one for a shared
-    prefix), merged by their ``lse``."""
+    prefix), merged by their ``lse``; PyTorch's kernel takes the key weights ``w`` as weighted values."""
     B, H, Tq, D = q.shape
+    if w is not None:
+        v = _weighted_values(v, w)
     parts = []
     if prefix is not None and prefix[0].shape[2] > 0:
         pk, pv = prefix
